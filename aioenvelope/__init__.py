@@ -1,0 +1,35 @@
+"""aioenvelope: async envelope encryption, byte-compatible with the AWS Encryption SDK.
+
+The public surface is what ``__all__`` lists (plus :mod:`aioenvelope.errors`);
+every other module is private and may change.
+"""
+
+from . import errors
+from .client import DecryptResult, EnvelopeClient
+from .format.header import EncryptedDataKey, MessageHeader
+from .format.suites import AlgorithmSuite, CommitmentPolicy
+from .keyrings import (
+    DecryptionMaterials,
+    EncryptionMaterials,
+    Keyring,
+    MultiKeyring,
+    RawAesKeyring,
+    RawRsaKeyring,
+)
+
+__all__ = [
+    "AlgorithmSuite",
+    "CommitmentPolicy",
+    "DecryptResult",
+    "DecryptionMaterials",
+    "EncryptedDataKey",
+    "EncryptionMaterials",
+    "EnvelopeClient",
+    "Keyring",
+    "MessageHeader",
+    "MultiKeyring",
+    "RawAesKeyring",
+    "RawRsaKeyring",
+    "errors",
+]
+__version__ = "0.1.0"

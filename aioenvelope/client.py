@@ -1,0 +1,193 @@
+"""``EnvelopeClient``: the one door. It owns the keyring's resources for its lifetime."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import anyio.to_thread
+
+from .errors import ConfigurationError
+from .format.decryptor import MessageDecryptor
+from .format.encryptor import MessageEncryptor
+from .format.header import MAX_FRAME_LENGTH, MessageHeader
+from .format.suites import AlgorithmSuite, CommitmentPolicy
+from .keyrings.base import Keyring
+from .materials import DefaultMaterialsManager
+
+__all__ = ["DEFAULT_FRAME_LENGTH", "DEFAULT_MAX_ENCRYPTED_DATA_KEYS", "DecryptResult", "EnvelopeClient"]
+
+DEFAULT_FRAME_LENGTH = 65536
+DEFAULT_MAX_ENCRYPTED_DATA_KEYS = 10
+# Above this size the AES work moves to a worker thread (cryptography releases the GIL),
+# so one large message never holds the event loop for more than a fraction of a ms.
+OFFLOAD_THRESHOLD = 1 << 20
+
+_BytesLike = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class DecryptResult:
+    """Plaintext together with the header it was read from."""
+
+    plaintext: bytes = field(repr=False)
+    header: MessageHeader
+
+
+def _check_bytes(value: object, name: str) -> None:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise ConfigurationError(f"{name} must be bytes-like, not {type(value).__name__}")
+
+
+def _check_frame_length(frame_length: int) -> None:
+    if isinstance(frame_length, bool) or not isinstance(frame_length, int) or not (
+        1 <= frame_length <= MAX_FRAME_LENGTH
+    ):
+        raise ConfigurationError(
+            f"frame_length must be an int from 1 to {MAX_FRAME_LENGTH}; got {frame_length!r}"
+        )
+
+
+class EnvelopeClient:
+    """Encrypts and decrypts ESDK-format messages with data keys from a keyring.
+
+    Use it as an async context manager and keep it for the life of the application::
+
+        async with EnvelopeClient(keyring) as client:
+            blob = await client.encrypt(b"...", encryption_context={"tenant": "t1"})
+            data = await client.decrypt(blob, encryption_context={"tenant": "t1"})
+    """
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        *,
+        commitment_policy: CommitmentPolicy = CommitmentPolicy.REQUIRE_ENCRYPT_REQUIRE_DECRYPT,
+        algorithm_suite: AlgorithmSuite | None = None,
+        frame_length: int = DEFAULT_FRAME_LENGTH,
+        max_encrypted_data_keys: int = DEFAULT_MAX_ENCRYPTED_DATA_KEYS,
+    ) -> None:
+        if not isinstance(keyring, Keyring):
+            raise ConfigurationError(f"keyring must be a Keyring, not {type(keyring).__name__}")
+        if not isinstance(commitment_policy, CommitmentPolicy):
+            raise ConfigurationError("commitment_policy must be a CommitmentPolicy member")
+        if (
+            isinstance(max_encrypted_data_keys, bool)
+            or not isinstance(max_encrypted_data_keys, int)
+            or not 1 <= max_encrypted_data_keys <= 0xFFFF
+        ):
+            raise ConfigurationError("max_encrypted_data_keys must be an int from 1 to 65535")
+        _check_frame_length(frame_length)
+        self.keyring = keyring
+        self.commitment_policy = commitment_policy
+        self.frame_length = frame_length
+        self.max_encrypted_data_keys = max_encrypted_data_keys
+        self._materials = DefaultMaterialsManager(
+            keyring,
+            commitment_policy=commitment_policy,
+            max_encrypted_data_keys=max_encrypted_data_keys,
+        )
+        self.algorithm_suite = self._materials.choose_suite(algorithm_suite) if (
+            commitment_policy is not CommitmentPolicy.FORBID_ENCRYPT_ALLOW_DECRYPT
+        ) else None
+        self._state = "new"
+
+    def __repr__(self) -> str:
+        return (
+            f"EnvelopeClient({self.keyring!r}, commitment_policy={self.commitment_policy.name}, "
+            f"state={self._state})"
+        )
+
+    async def __aenter__(self) -> EnvelopeClient:
+        if self._state != "new":
+            raise ConfigurationError("an EnvelopeClient can be entered only once")
+        await self.keyring.open()
+        self._state = "open"
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._state = "closed"
+        await self.keyring.close()
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise ConfigurationError(
+                "the EnvelopeClient is not open: use `async with EnvelopeClient(...) as client`"
+                if self._state == "new"
+                else "the EnvelopeClient is closed"
+            )
+
+    async def encrypt(
+        self,
+        plaintext: _BytesLike,
+        *,
+        encryption_context: Mapping[str, str] | None = None,
+        algorithm_suite: AlgorithmSuite | None = None,
+        frame_length: int | None = None,
+        required_encryption_context_keys: Collection[str] = (),
+    ) -> bytes:
+        """Encrypt ``plaintext`` into one message.
+
+        ``required_encryption_context_keys`` names context pairs to authenticate but not
+        store: the reader must supply them again to ``decrypt``.
+        """
+        self._require_open()
+        _check_bytes(plaintext, "plaintext")
+        frame_length = self.frame_length if frame_length is None else frame_length
+        _check_frame_length(frame_length)
+        plan = await self._materials.encryption_plan(
+            encryption_context=encryption_context or {},
+            algorithm_suite=algorithm_suite or self.algorithm_suite,
+            required_encryption_context_keys=frozenset(required_encryption_context_keys),
+        )
+        assert plan.materials.plaintext_data_key is not None
+        encryptor = MessageEncryptor(
+            algorithm_suite=plan.materials.algorithm_suite,
+            data_key=plan.materials.plaintext_data_key,
+            message_id=os.urandom(32),
+            encrypted_data_keys=plan.materials.encrypted_data_keys,
+            encryption_context=plan.stored_context,
+            required_encryption_context=plan.required_context,
+            frame_length=frame_length,
+            signer=plan.signer,
+        )
+        if len(plaintext) >= OFFLOAD_THRESHOLD:
+            return await anyio.to_thread.run_sync(encryptor.encrypt_all, plaintext)
+        return encryptor.encrypt_all(plaintext)
+
+    async def decrypt(
+        self, ciphertext: _BytesLike, *, encryption_context: Mapping[str, str] | None = None
+    ) -> bytes:
+        """Decrypt one whole message; every pair in ``encryption_context`` must match it."""
+        result = await self.decrypt_with_header(ciphertext, encryption_context=encryption_context)
+        return result.plaintext
+
+    async def decrypt_with_header(
+        self, ciphertext: _BytesLike, *, encryption_context: Mapping[str, str] | None = None
+    ) -> DecryptResult:
+        """Like :meth:`decrypt`, and also return the parsed header."""
+        self._require_open()
+        _check_bytes(ciphertext, "ciphertext")
+        decryptor = MessageDecryptor(max_encrypted_data_keys=self.max_encrypted_data_keys)
+        decryptor.receive_data(ciphertext)
+        decryptor.receive_eof()
+        parsed = decryptor.read_header()
+        assert parsed is not None  # at EOF an incomplete header raises instead
+        plan = await self._materials.decryption_plan(parsed.header, encryption_context)
+        decryptor.begin_body(
+            plan.data_key,
+            required_encryption_context=plan.required_context,
+            verifier=plan.verifier,
+        )
+        if len(ciphertext) >= OFFLOAD_THRESHOLD:
+            plaintext = await anyio.to_thread.run_sync(decryptor.read_all)
+        else:
+            plaintext = decryptor.read_all()
+        return DecryptResult(plaintext, parsed.header)

@@ -1,0 +1,71 @@
+"""One exception hierarchy, rooted at :class:`EnvelopeError`.
+
+The split follows h11: "the message is bad" (:class:`MalformedMessageError`,
+:class:`AuthenticationError`) is the peer's fault, "you called it wrong"
+(:class:`ConfigurationError`) is the caller's. Messages say what was wrong and
+what to do, and never carry key material.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationError",
+    "CommitmentPolicyError",
+    "ConfigurationError",
+    "EncryptionContextError",
+    "EncryptionContextMismatchError",
+    "EnvelopeError",
+    "KeyringError",
+    "MalformedMessageError",
+    "MessageLimitError",
+    "NoUsableKeyError",
+    "TruncatedMessageError",
+]
+
+
+class EnvelopeError(Exception):
+    """Root of every error this library raises on purpose."""
+
+
+class ConfigurationError(EnvelopeError, ValueError):
+    """The caller misused the API: a bad argument, key or option."""
+
+
+class EncryptionContextError(ConfigurationError):
+    """An encryption context given to encrypt is not valid (reserved key, size, type)."""
+
+
+class MalformedMessageError(EnvelopeError):
+    """The bytes are not a well-formed message: wrong field, bad length, unknown suite."""
+
+
+class TruncatedMessageError(MalformedMessageError):
+    """The message ended before it was complete (or, when streaming, the source did)."""
+
+
+class MessageLimitError(MalformedMessageError):
+    """The message exceeds a limit this client enforces against hostile input."""
+
+
+class AuthenticationError(EnvelopeError):
+    """The message failed authentication: a tag, the key commitment or the signature.
+
+    One type for every check, like ``cryptography``'s ``InvalidTag``, so that the
+    error is no oracle for which byte was changed.
+    """
+
+
+class CommitmentPolicyError(EnvelopeError):
+    """The algorithm suite is not allowed by the client's commitment policy."""
+
+
+class EncryptionContextMismatchError(EnvelopeError):
+    """The encryption context given to decrypt does not match the message's."""
+
+
+class KeyringError(EnvelopeError):
+    """A keyring could not produce or recover a data key."""
+
+
+class NoUsableKeyError(KeyringError):
+    """None of the message's encrypted data keys could be decrypted by this keyring."""

@@ -1,0 +1,33 @@
+"""Body framing: frame IVs, the body AAD, and frame layouts (ESDK format section 2)."""
+
+from __future__ import annotations
+
+import struct
+
+__all__ = [
+    "FINAL_FRAME_AAD",
+    "FRAME_AAD",
+    "SEQUENCE_NUMBER_END",
+    "SINGLE_BLOCK_AAD",
+    "body_aad",
+    "frame_iv",
+]
+
+FRAME_AAD = b"AWSKMSEncryptionClient Frame"
+FINAL_FRAME_AAD = b"AWSKMSEncryptionClient Final Frame"
+SINGLE_BLOCK_AAD = b"AWSKMSEncryptionClient Single Block"
+SEQUENCE_NUMBER_END = 0xFFFFFFFF
+MAX_FRAMES = 0xFFFFFFFF
+MAX_NON_FRAMED_LENGTH = 2**36 - 32
+
+_IV = struct.Struct(">8xI")
+_AAD_TAIL = struct.Struct(">IQ")
+
+
+def frame_iv(sequence_number: int) -> bytes:
+    """Eight zero bytes then the big-endian sequence number."""
+    return _IV.pack(sequence_number)
+
+
+def body_aad(message_id: bytes, content: bytes, sequence_number: int, length: int) -> bytes:
+    return message_id + content + _AAD_TAIL.pack(sequence_number, length)

@@ -1,0 +1,44 @@
+"""Data-key derivation and key commitment (ESDK format section 4.1/4.2)."""
+
+from __future__ import annotations
+
+import hmac
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
+
+from ..errors import AuthenticationError
+from .suites import AlgorithmSuite
+
+__all__ = ["check_commitment", "derive_keys"]
+
+_DERIVE_LABEL = b"DERIVEKEY"
+_COMMIT_LABEL = b"COMMITKEY"
+
+
+def derive_keys(
+    suite: AlgorithmSuite, data_key: bytes, message_id: bytes
+) -> tuple[bytes, bytes]:
+    """Return (encryption key, commitment); the commitment is b"" for non-committing suites."""
+    info = suite.info
+    if len(data_key) != info.key_length:
+        raise AuthenticationError("the data key has the wrong length for the message's suite")
+    if info.kdf_hash is None:
+        return bytes(data_key), b""
+    suite_id = suite.suite_id.to_bytes(2, "big")
+    if info.committing:
+        # Extract once, expand twice, as the specification recommends.
+        prk = HKDF.extract(hashes.SHA512(), message_id, data_key)
+        key = HKDFExpand(hashes.SHA512(), info.key_length, suite_id + _DERIVE_LABEL).derive(prk)
+        commitment = HKDFExpand(hashes.SHA512(), 32, _COMMIT_LABEL).derive(prk)
+        return key, commitment
+    hkdf = HKDF(info.kdf_hash(), info.key_length, salt=None, info=suite_id + message_id)
+    return hkdf.derive(data_key), b""
+
+
+def check_commitment(expected: bytes, found: bytes) -> None:
+    if not hmac.compare_digest(expected, found):
+        raise AuthenticationError(
+            "key commitment does not match: the data key is not the one this message was "
+            "written with"
+        )

@@ -1,0 +1,102 @@
+"""Encryption context: validation and the ESDK's byte-exact serialization.
+
+Entries are sorted by the UTF-8 bytes of their keys; lengths count UTF-8 bytes.
+An empty context serializes to zero bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..errors import EncryptionContextError, MalformedMessageError
+from ._cursor import Cursor, NeedMoreData
+
+__all__ = [
+    "RESERVED_PREFIX",
+    "PUBLIC_KEY_FIELD",
+    "deserialize_encryption_context",
+    "serialize_encryption_context",
+    "validate_user_context",
+]
+
+RESERVED_PREFIX = "aws-crypto-"
+PUBLIC_KEY_FIELD = "aws-crypto-public-key"
+MAX_SERIALIZED_SIZE = 0xFFFF
+
+
+def _encode(context: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    pairs = []
+    for key, value in context.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise EncryptionContextError(
+                "encryption context keys and values must be str; "
+                f"got {type(key).__name__} -> {type(value).__name__}"
+            )
+        try:
+            pairs.append((key.encode("utf-8"), value.encode("utf-8")))
+        except UnicodeEncodeError:
+            raise EncryptionContextError(
+                f"encryption context entry {key!r} is not encodable as UTF-8"
+            ) from None
+    pairs.sort()
+    return pairs
+
+
+def serialize_encryption_context(context: Mapping[str, str]) -> bytes:
+    """Serialize as the ESDK does; raise EncryptionContextError when it cannot fit."""
+    if not context:
+        return b""
+    pairs = _encode(context)
+    if len(pairs) > 0xFFFF:
+        raise EncryptionContextError("encryption context has more than 65535 entries")
+    out = bytearray(len(pairs).to_bytes(2, "big"))
+    for key, value in pairs:
+        if len(key) > 0xFFFF or len(value) > 0xFFFF:
+            raise EncryptionContextError(
+                f"encryption context entry {key[:40]!r}... is longer than 65535 bytes"
+            )
+        out += len(key).to_bytes(2, "big") + key + len(value).to_bytes(2, "big") + value
+    if len(out) > MAX_SERIALIZED_SIZE:
+        raise EncryptionContextError(
+            f"encryption context serializes to {len(out)} bytes; the message format "
+            f"allows at most {MAX_SERIALIZED_SIZE}. Store large values elsewhere."
+        )
+    return bytes(out)
+
+
+def deserialize_encryption_context(data: bytes) -> dict[str, str]:
+    """Parse a serialized context, refusing duplicate keys.
+
+    Order is not enforced on read: the header tag authenticates the bytes as written,
+    and some implementations sorted by UTF-16 code units rather than UTF-8 bytes.
+    """
+    if not data:
+        return {}
+    cursor = Cursor(data)
+    try:
+        count = cursor.u16()
+        if count == 0:
+            raise MalformedMessageError("encryption context has a count of 0 but is not empty")
+        context: dict[str, str] = {}
+        for _ in range(count):
+            key = cursor.utf8(cursor.u16(), "an encryption context key")
+            value = cursor.utf8(cursor.u16(), "an encryption context value")
+            if key in context:
+                raise MalformedMessageError("encryption context has a duplicated key")
+            context[key] = value
+    except NeedMoreData as exc:
+        raise MalformedMessageError("encryption context is shorter than its fields say") from exc
+    if cursor.pos != len(data):
+        raise MalformedMessageError("encryption context has bytes after its last entry")
+    return context
+
+
+def validate_user_context(context: Mapping[str, str]) -> None:
+    """Refuse reserved keys in a caller's context (encrypt side)."""
+    for key in context:
+        if isinstance(key, str) and key.startswith(RESERVED_PREFIX):
+            raise EncryptionContextError(
+                f"encryption context key {key!r} uses the reserved prefix {RESERVED_PREFIX!r}; "
+                "choose another key name"
+            )
+

@@ -1,0 +1,203 @@
+"""The sans-I/O message writer.
+
+Feed it plaintext, take bytes out: ``header`` first, then whatever ``update`` returns,
+then ``finalize()``. ``encrypt_all`` is the one-shot fast path and produces the same
+bytes for the same inputs. No I/O, no clock: the caller supplies the message ID, the
+data key and the EDKs, which is also the seam that makes output reproducible in tests.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ..errors import ConfigurationError
+from .body import (
+    FINAL_FRAME_AAD,
+    FRAME_AAD,
+    MAX_FRAMES,
+    SEQUENCE_NUMBER_END,
+    body_aad,
+    frame_iv,
+)
+from .derivation import derive_keys
+from .encryption_context import serialize_encryption_context
+from .header import (
+    MAX_FRAME_LENGTH,
+    ContentType,
+    EncryptedDataKey,
+    MessageHeader,
+    serialize_header_auth,
+    serialize_header_body,
+)
+from .signing import Signer
+from .suites import AlgorithmSuite
+
+__all__ = ["MessageEncryptor"]
+
+_TAG = 16
+_REGULAR_OVERHEAD = 4 + 12 + _TAG
+_FINAL_OVERHEAD = 4 + 4 + 12 + 4 + _TAG
+_MAX_SIGNATURE = 2 + 2 + 2 * 72  # footer length field plus the longest P-384 DER
+_FINAL_PREFIX = struct.Struct(">II12sI")
+_REGULAR_PREFIX = struct.Struct(">I12s")
+
+
+class MessageEncryptor:
+    """Writes one message. Not reusable: make one per message."""
+
+    def __init__(
+        self,
+        *,
+        algorithm_suite: AlgorithmSuite,
+        data_key: bytes | bytearray,
+        message_id: bytes,
+        encrypted_data_keys: Sequence[EncryptedDataKey],
+        encryption_context: Mapping[str, str],
+        required_encryption_context: Mapping[str, str] | None = None,
+        frame_length: int,
+        signer: Signer | None = None,
+    ) -> None:
+        if not 1 <= frame_length <= MAX_FRAME_LENGTH:
+            raise ConfigurationError(
+                f"frame_length must be between 1 and {MAX_FRAME_LENGTH}; got {frame_length}"
+            )
+        if algorithm_suite.signing != (signer is not None):
+            raise ConfigurationError("a signer must be given exactly for signing suites")
+        version = algorithm_suite.message_version
+        if len(message_id) != (32 if version == 2 else 16):
+            raise ConfigurationError("message_id has the wrong length for the suite's version")
+        if not encrypted_data_keys:
+            raise ConfigurationError("a message needs at least one encrypted data key")
+        key, commitment = derive_keys(algorithm_suite, bytes(data_key), message_id)
+        self.header_value = MessageHeader(
+            version=version,
+            algorithm_suite=algorithm_suite,
+            message_id=message_id,
+            encryption_context=encryption_context,
+            encrypted_data_keys=tuple(encrypted_data_keys),
+            content_type=ContentType.FRAMED,
+            frame_length=frame_length,
+            suite_data=commitment,
+        )
+        self._aead = AESGCM(key)
+        body = serialize_header_body(self.header_value)
+        required = serialize_encryption_context(required_encryption_context or {})
+        tag = self._aead.encrypt(b"\x00" * 12, b"", body + required)
+        self.header = body + serialize_header_auth(version, tag)
+        self._message_id = message_id
+        self._frame_length = frame_length
+        self._signer = signer
+        if signer is not None:
+            signer.update(self.header)
+        self._pending = bytearray()
+        self._sequence = 1
+        self._finalized = False
+
+    # -- streaming -----------------------------------------------------------------
+
+    def update(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Take plaintext; return the frames it completed (possibly b"").
+
+        The last ``frame_length`` bytes are always held back, because the final frame
+        must carry the message's last 1..frame_length bytes.
+        """
+        if self._finalized:
+            raise ConfigurationError("update() after finalize()")
+        self._pending += data
+        f = self._frame_length
+        count = (len(self._pending) - 1) // f if self._pending else 0
+        if count == 0:
+            return b""
+        self._check_frame_budget(self._sequence + count)
+        out = bytearray(count * (f + _REGULAR_OVERHEAD))
+        view, src = memoryview(out), memoryview(self._pending)
+        pos = 0
+        for i in range(count):
+            pos = self._seal_regular(view, pos, src[i * f : (i + 1) * f])
+        del view, src
+        del self._pending[: count * f]
+        if self._signer is not None:
+            self._signer.update(out)
+        return bytes(out)
+
+    def finalize(self) -> bytes:
+        """Return the final frame and, for signing suites, the footer."""
+        if self._finalized:
+            raise ConfigurationError("finalize() called twice")
+        self._finalized = True
+        self._check_frame_budget(self._sequence)
+        out = bytearray(_FINAL_OVERHEAD + len(self._pending) + _MAX_SIGNATURE)
+        end = self._seal_final(memoryview(out), 0, memoryview(self._pending))
+        self._pending = bytearray()
+        return self._finish(out, 0, end)
+
+    # -- one shot ------------------------------------------------------------------
+
+    def encrypt_all(self, plaintext: bytes | bytearray | memoryview) -> bytes:
+        """The whole message for ``plaintext``, sealed straight into one buffer."""
+        if self._finalized or self._pending or self._sequence != 1:
+            raise ConfigurationError("encrypt_all() needs a fresh encryptor")
+        self._finalized = True
+        src = memoryview(plaintext).cast("B")
+        f, n = self._frame_length, len(src)
+        regular = (n - 1) // f if n else 0
+        self._check_frame_budget(regular + 1)
+        final_len = n - regular * f
+        header_len = len(self.header)
+        size = header_len + regular * (f + _REGULAR_OVERHEAD) + _FINAL_OVERHEAD + final_len
+        out = bytearray(size + (_MAX_SIGNATURE if self._signer else 0))
+        view = memoryview(out)
+        view[:header_len] = self.header
+        pos = header_len
+        for i in range(regular):
+            pos = self._seal_regular(view, pos, src[i * f : (i + 1) * f])
+        pos = self._seal_final(view, pos, src[regular * f :])
+        view.release()
+        return self._finish(out, header_len, pos)
+
+    # -- internals -----------------------------------------------------------------
+
+    def _check_frame_budget(self, frames: int) -> None:
+        if frames > MAX_FRAMES:
+            raise ConfigurationError(
+                "the plaintext needs more than 2^32-1 frames; use a larger frame_length"
+            )
+
+    def _seal_regular(self, out: memoryview, pos: int, chunk: memoryview) -> int:
+        seq = self._sequence
+        iv = frame_iv(seq)
+        out[pos : pos + 16] = _REGULAR_PREFIX.pack(seq, iv)
+        pos += 16
+        end = pos + len(chunk) + _TAG
+        aad = body_aad(self._message_id, FRAME_AAD, seq, len(chunk))
+        self._aead.encrypt_into(iv, chunk, aad, out[pos:end])
+        self._sequence = seq + 1
+        return end
+
+    def _seal_final(self, out: memoryview, pos: int, chunk: memoryview) -> int:
+        seq = self._sequence
+        iv = frame_iv(seq)
+        out[pos : pos + 24] = _FINAL_PREFIX.pack(SEQUENCE_NUMBER_END, seq, iv, len(chunk))
+        pos += 24
+        end = pos + len(chunk) + _TAG
+        aad = body_aad(self._message_id, FINAL_FRAME_AAD, seq, len(chunk))
+        self._aead.encrypt_into(iv, chunk, aad, out[pos:end])
+        self._sequence = seq + 1
+        return end
+
+    def _finish(self, out: bytearray, unsigned_from: int, end: int) -> bytes:
+        """Sign ``out[unsigned_from:end]``, append the footer, return the message bytes."""
+        view = memoryview(out)
+        try:
+            if self._signer is not None:
+                self._signer.update(view[unsigned_from:end])
+                signature = self._signer.finalize()
+                footer = len(signature).to_bytes(2, "big") + signature
+                view[end : end + len(footer)] = footer
+                end += len(footer)
+            return bytes(view[:end])
+        finally:
+            view.release()

@@ -1,0 +1,93 @@
+"""The keyring interface: small enough that a user can write their own.
+
+A keyring gets materials and returns new materials: on encrypt it generates a data key
+(if none yet) and/or adds an encrypted data key; on decrypt it tries to recover the data
+key from the message's EDKs. Materials are immutable; a keyring returns a copy.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+from ..format.header import EncryptedDataKey
+from ..format.suites import AlgorithmSuite
+
+__all__ = ["DecryptionMaterials", "EncryptionMaterials", "Keyring"]
+
+
+def _frozen(context: Mapping[str, str]) -> Mapping[str, str]:
+    return MappingProxyType(dict(context))
+
+
+@dataclass(frozen=True)
+class EncryptionMaterials:
+    """What a message is encrypted with. ``plaintext_data_key`` never shows in a repr."""
+
+    algorithm_suite: AlgorithmSuite
+    encryption_context: Mapping[str, str]
+    encrypted_data_keys: tuple[EncryptedDataKey, ...] = ()
+    plaintext_data_key: bytes | None = field(default=None, repr=False)
+    required_encryption_context_keys: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "encryption_context", _frozen(self.encryption_context))
+
+    def with_data_key(self, data_key: bytes) -> EncryptionMaterials:
+        if self.plaintext_data_key is not None:
+            raise ValueError("these materials already have a data key")
+        if len(data_key) != self.algorithm_suite.key_length:
+            raise ValueError("data key length does not match the algorithm suite")
+        return replace(self, plaintext_data_key=bytes(data_key))
+
+    def with_encrypted_data_key(self, edk: EncryptedDataKey) -> EncryptionMaterials:
+        return replace(self, encrypted_data_keys=(*self.encrypted_data_keys, edk))
+
+    def generate_data_key(self) -> EncryptionMaterials:
+        """Materials with a fresh random data key of the suite's length."""
+        return self.with_data_key(os.urandom(self.algorithm_suite.key_length))
+
+
+@dataclass(frozen=True)
+class DecryptionMaterials:
+    """What a keyring needs to decrypt, and the data key once a keyring found it."""
+
+    algorithm_suite: AlgorithmSuite
+    encryption_context: Mapping[str, str]
+    plaintext_data_key: bytes | None = field(default=None, repr=False)
+    required_encryption_context_keys: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "encryption_context", _frozen(self.encryption_context))
+
+    def with_data_key(self, data_key: bytes) -> DecryptionMaterials:
+        if self.plaintext_data_key is not None:
+            raise ValueError("these materials already have a data key")
+        if len(data_key) != self.algorithm_suite.key_length:
+            raise ValueError("data key length does not match the algorithm suite")
+        return replace(self, plaintext_data_key=bytes(data_key))
+
+
+class Keyring:
+    """Base class for keyrings. Override :meth:`on_encrypt` and :meth:`on_decrypt`.
+
+    ``open``/``close`` bracket the keyring's life inside an ``EnvelopeClient``; keyrings
+    that hold resources (KMS clients) use them, local ones need not.
+    """
+
+    async def on_encrypt(self, materials: EncryptionMaterials) -> EncryptionMaterials:
+        raise NotImplementedError
+
+    async def on_decrypt(
+        self, materials: DecryptionMaterials, encrypted_data_keys: Sequence[EncryptedDataKey]
+    ) -> DecryptionMaterials:
+        """Return materials with the data key, or raise a ``KeyringError`` explaining why not."""
+        raise NotImplementedError
+
+    async def open(self) -> None:
+        """Acquire resources; called when the owning client is entered."""
+
+    async def close(self) -> None:
+        """Release resources; called when the owning client exits."""

@@ -1,0 +1,84 @@
+"""Multi-keyring: one generator plus children that wrap the same data key."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anyio
+
+from ..errors import ConfigurationError, KeyringError, NoUsableKeyError
+from ..format.header import EncryptedDataKey
+from .base import DecryptionMaterials, EncryptionMaterials, Keyring
+
+__all__ = ["MultiKeyring"]
+
+
+class MultiKeyring(Keyring):
+    """Encrypt: the generator makes the data key, every child wraps it too (concurrently).
+    Decrypt: try the generator, then each child, until one recovers the key."""
+
+    def __init__(self, generator: Keyring | None = None, children: Sequence[Keyring] = ()) -> None:
+        if generator is None and not children:
+            raise ConfigurationError("MultiKeyring needs a generator, children, or both")
+        for keyring in (generator, *children):
+            if keyring is not None and not isinstance(keyring, Keyring):
+                raise ConfigurationError(f"{keyring!r} is not a Keyring")
+        self.generator = generator
+        self.children = tuple(children)
+
+    def __repr__(self) -> str:
+        return f"MultiKeyring(generator={self.generator!r}, children={list(self.children)!r})"
+
+    @property
+    def _all(self) -> tuple[Keyring, ...]:
+        return ((self.generator,) if self.generator else ()) + self.children
+
+    async def open(self) -> None:
+        for keyring in self._all:
+            await keyring.open()
+
+    async def close(self) -> None:
+        for keyring in reversed(self._all):
+            await keyring.close()
+
+    async def on_encrypt(self, materials: EncryptionMaterials) -> EncryptionMaterials:
+        if self.generator is not None:
+            materials = await self.generator.on_encrypt(materials)
+        if materials.plaintext_data_key is None:
+            raise KeyringError(
+                "MultiKeyring has no generator and no data key was supplied; give it a generator"
+            )
+        if not self.children:
+            return materials
+        base = materials
+        added: list[tuple[EncryptedDataKey, ...]] = [()] * len(self.children)
+
+        async def wrap(index: int, child: Keyring) -> None:
+            result = await child.on_encrypt(base)
+            added[index] = result.encrypted_data_keys[len(base.encrypted_data_keys) :]
+
+        async with anyio.create_task_group() as tg:
+            for index, child in enumerate(self.children):
+                tg.start_soon(wrap, index, child)
+        for edks in added:
+            for edk in edks:
+                materials = materials.with_encrypted_data_key(edk)
+        return materials
+
+    async def on_decrypt(
+        self, materials: DecryptionMaterials, encrypted_data_keys: Sequence[EncryptedDataKey]
+    ) -> DecryptionMaterials:
+        if materials.plaintext_data_key is not None:
+            return materials
+        reasons: list[str] = []
+        for keyring in self._all:
+            try:
+                result = await keyring.on_decrypt(materials, encrypted_data_keys)
+            except KeyringError as exc:
+                reasons.append(str(exc))
+                continue
+            if result.plaintext_data_key is not None:
+                return result
+        raise NoUsableKeyError(
+            "no keyring in the MultiKeyring could decrypt the message: " + "; ".join(reasons)
+        )

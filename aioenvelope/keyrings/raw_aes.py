@@ -1,0 +1,93 @@
+"""Raw AES keyring: wraps data keys locally with AES-GCM, ESDK-compatible."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ..errors import ConfigurationError, NoUsableKeyError
+from ..format.encryption_context import serialize_encryption_context
+from ..format.header import EncryptedDataKey
+from ._naming import check_raw_names
+from .base import DecryptionMaterials, EncryptionMaterials, Keyring
+
+__all__ = ["RawAesKeyring"]
+
+_TAG_BITS = 128
+_IV_LENGTH = 12
+
+
+class RawAesKeyring(Keyring):
+    """Wraps with a local AES-128/192/256 key; the encryption context is the GCM AAD.
+
+    The EDK's provider ID is ``key_namespace``; its provider info is the key name,
+    the tag length in bits, the IV length and the IV, exactly as the ESDK writes it.
+    """
+
+    def __init__(self, key_namespace: str, key_name: str, wrapping_key: bytes) -> None:
+        check_raw_names(key_namespace, key_name)
+        if not isinstance(wrapping_key, (bytes, bytearray)) or len(wrapping_key) not in (
+            16,
+            24,
+            32,
+        ):
+            raise ConfigurationError("wrapping_key must be 16, 24 or 32 bytes (AES-128/192/256)")
+        self.key_namespace = key_namespace
+        self.key_name = key_name
+        self._bits = len(wrapping_key) * 8
+        self._aead = AESGCM(bytes(wrapping_key))
+        self._info_prefix = (
+            key_name.encode("utf-8")
+            + _TAG_BITS.to_bytes(4, "big")
+            + _IV_LENGTH.to_bytes(4, "big")
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"RawAesKeyring(key_namespace={self.key_namespace!r}, key_name={self.key_name!r}, "
+            f"wrapping_key=<AES-{self._bits}>)"
+        )
+
+    async def on_encrypt(self, materials: EncryptionMaterials) -> EncryptionMaterials:
+        if materials.plaintext_data_key is None:
+            materials = materials.generate_data_key()
+        assert materials.plaintext_data_key is not None
+        iv = os.urandom(_IV_LENGTH)
+        aad = serialize_encryption_context(materials.encryption_context)
+        wrapped = self._aead.encrypt(iv, materials.plaintext_data_key, aad)
+        edk = EncryptedDataKey(self.key_namespace, self._info_prefix + iv, wrapped)
+        return materials.with_encrypted_data_key(edk)
+
+    async def on_decrypt(
+        self, materials: DecryptionMaterials, encrypted_data_keys: Sequence[EncryptedDataKey]
+    ) -> DecryptionMaterials:
+        if materials.plaintext_data_key is not None:
+            return materials
+        key_length = materials.algorithm_suite.key_length
+        aad: bytes | None = None
+        matched = 0
+        for edk in encrypted_data_keys:
+            info = edk.provider_info
+            if (
+                edk.provider_id != self.key_namespace
+                or len(info) != len(self._info_prefix) + _IV_LENGTH
+                or not info.startswith(self._info_prefix)
+                or len(edk.ciphertext) != key_length + 16
+            ):
+                continue
+            matched += 1
+            if aad is None:
+                aad = serialize_encryption_context(materials.encryption_context)
+            try:
+                data_key = self._aead.decrypt(info[-_IV_LENGTH:], edk.ciphertext, aad)
+            except InvalidTag:
+                continue
+            return materials.with_data_key(data_key)
+        raise NoUsableKeyError(
+            f"{self!r} could not decrypt any of the message's {len(encrypted_data_keys)} "
+            f"encrypted data keys ({matched} named this key): wrong key, or the encryption "
+            "context differs from the one used to encrypt"
+        )

@@ -1,0 +1,183 @@
+"""The default materials manager: the ESDK default CMM's rules around a keyring.
+
+It chooses and polices the suite, adds the signing key for signing suites, handles the
+reproduced/required encryption context, and checks what keyrings return. The key
+manager of a later issue (caching, coalescing, limits) wraps this same interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Set
+from dataclasses import dataclass
+
+from .errors import (
+    CommitmentPolicyError,
+    ConfigurationError,
+    EncryptionContextError,
+    EncryptionContextMismatchError,
+    KeyringError,
+    MalformedMessageError,
+    MessageLimitError,
+)
+from .format.encryption_context import PUBLIC_KEY_FIELD, validate_user_context
+from .format.header import MessageHeader
+from .format.signing import Signer, Verifier
+from .format.suites import AlgorithmSuite, CommitmentPolicy
+from .keyrings.base import DecryptionMaterials, EncryptionMaterials, Keyring
+
+__all__ = ["DefaultMaterialsManager", "EncryptionPlan", "DecryptionPlan", "WRITABLE_SUITES"]
+
+WRITABLE_SUITES = frozenset(
+    {
+        AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY,
+        AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384,
+    }
+)
+DEFAULT_SUITE = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
+
+
+@dataclass(frozen=True)
+class EncryptionPlan:
+    materials: EncryptionMaterials
+    signer: Signer | None
+
+    @property
+    def stored_context(self) -> dict[str, str]:
+        required = self.materials.required_encryption_context_keys
+        return {k: v for k, v in self.materials.encryption_context.items() if k not in required}
+
+    @property
+    def required_context(self) -> dict[str, str]:
+        required = self.materials.required_encryption_context_keys
+        return {k: v for k, v in self.materials.encryption_context.items() if k in required}
+
+
+@dataclass(frozen=True)
+class DecryptionPlan:
+    materials: DecryptionMaterials
+    verifier: Verifier | None
+
+    @property
+    def data_key(self) -> bytes:
+        assert self.materials.plaintext_data_key is not None
+        return self.materials.plaintext_data_key
+
+    @property
+    def required_context(self) -> dict[str, str]:
+        required = self.materials.required_encryption_context_keys
+        return {k: v for k, v in self.materials.encryption_context.items() if k in required}
+
+
+class DefaultMaterialsManager:
+    def __init__(
+        self,
+        keyring: Keyring,
+        *,
+        commitment_policy: CommitmentPolicy,
+        max_encrypted_data_keys: int,
+    ) -> None:
+        self.keyring = keyring
+        self.commitment_policy = commitment_policy
+        self.max_encrypted_data_keys = max_encrypted_data_keys
+
+    def choose_suite(self, requested: AlgorithmSuite | None) -> AlgorithmSuite:
+        if self.commitment_policy is CommitmentPolicy.FORBID_ENCRYPT_ALLOW_DECRYPT:
+            raise CommitmentPolicyError(
+                "this client's policy FORBID_ENCRYPT_ALLOW_DECRYPT forbids key-committing "
+                "suites, and aioenvelope writes only those: use it to read legacy messages, "
+                "and REQUIRE_ENCRYPT_ALLOW_DECRYPT to write"
+            )
+        suite = requested or DEFAULT_SUITE
+        if not isinstance(suite, AlgorithmSuite):
+            raise ConfigurationError(f"algorithm_suite must be an AlgorithmSuite, not {suite!r}")
+        if suite not in WRITABLE_SUITES:
+            raise ConfigurationError(
+                f"{suite.name} is readable but not writable: aioenvelope writes only "
+                "AES_256_GCM_HKDF_SHA512_COMMIT_KEY and "
+                "AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384"
+            )
+        return suite
+
+    async def encryption_plan(
+        self,
+        *,
+        encryption_context: Mapping[str, str],
+        algorithm_suite: AlgorithmSuite | None,
+        required_encryption_context_keys: Set[str] = frozenset(),
+    ) -> EncryptionPlan:
+        validate_user_context(encryption_context)
+        missing = set(required_encryption_context_keys) - set(encryption_context)
+        if missing:
+            raise EncryptionContextError(
+                f"required encryption context keys {sorted(missing)!r} are not in the "
+                "encryption context"
+            )
+        suite = self.choose_suite(algorithm_suite)
+        context = dict(encryption_context)
+        signer = None
+        if suite.signing:
+            signer = Signer(suite)
+            context[PUBLIC_KEY_FIELD] = signer.encoded_public_key
+        materials = EncryptionMaterials(
+            algorithm_suite=suite,
+            encryption_context=context,
+            required_encryption_context_keys=frozenset(required_encryption_context_keys),
+        )
+        result = await self.keyring.on_encrypt(materials)
+        if result.plaintext_data_key is None or not result.encrypted_data_keys:
+            raise KeyringError(
+                f"{self.keyring!r} returned no data key or no encrypted data key on encrypt"
+            )
+        if result.algorithm_suite is not suite or dict(result.encryption_context) != context:
+            raise KeyringError(f"{self.keyring!r} changed the suite or encryption context")
+        if len(result.encrypted_data_keys) > self.max_encrypted_data_keys:
+            raise MessageLimitError(
+                f"the keyring produced {len(result.encrypted_data_keys)} encrypted data keys, "
+                f"more than max_encrypted_data_keys={self.max_encrypted_data_keys}"
+            )
+        return EncryptionPlan(result, signer)
+
+    async def decryption_plan(
+        self, header: MessageHeader, reproduced_context: Mapping[str, str] | None
+    ) -> DecryptionPlan:
+        suite = header.algorithm_suite
+        if not self.commitment_policy.allows_decrypt(suite):
+            raise CommitmentPolicyError(
+                f"the message uses {suite.name}, which does not commit to its key; this "
+                f"client's policy {self.commitment_policy.name} refuses it. To read legacy "
+                "messages, use CommitmentPolicy.REQUIRE_ENCRYPT_ALLOW_DECRYPT"
+            )
+        stored = header.encryption_context
+        context = dict(stored)
+        required: set[str] = set()
+        for key, value in (reproduced_context or {}).items():
+            if key in stored:
+                if stored[key] != value:
+                    raise EncryptionContextMismatchError(
+                        f"encryption context value for key {key!r} does not match the message"
+                    )
+            else:
+                # Not stored: it must have been authenticated through the header tag.
+                context[key] = value
+                required.add(key)
+        verifier = None
+        public_key = context.get(PUBLIC_KEY_FIELD)
+        if suite.signing:
+            if public_key is None:
+                raise MalformedMessageError(
+                    f"signing suite {suite.name} but no {PUBLIC_KEY_FIELD} in the context"
+                )
+            verifier = Verifier(suite, public_key)
+        elif public_key is not None:
+            raise MalformedMessageError(
+                f"{PUBLIC_KEY_FIELD} in the context of a message whose suite does not sign"
+            )
+        materials = DecryptionMaterials(
+            algorithm_suite=suite,
+            encryption_context=context,
+            required_encryption_context_keys=frozenset(required),
+        )
+        result = await self.keyring.on_decrypt(materials, header.encrypted_data_keys)
+        if result.plaintext_data_key is None:
+            raise KeyringError(f"{self.keyring!r} returned no data key on decrypt")
+        return DecryptionPlan(result, verifier)

@@ -17,7 +17,12 @@ from .format.suites import AlgorithmSuite, CommitmentPolicy
 from .keyrings.base import Keyring
 from .materials import DefaultMaterialsManager
 
-__all__ = ["DEFAULT_FRAME_LENGTH", "DEFAULT_MAX_ENCRYPTED_DATA_KEYS", "DecryptResult", "EnvelopeClient"]
+__all__ = [
+    "DEFAULT_FRAME_LENGTH",
+    "DEFAULT_MAX_ENCRYPTED_DATA_KEYS",
+    "DecryptResult",
+    "EnvelopeClient",
+]
 
 DEFAULT_FRAME_LENGTH = 65536
 DEFAULT_MAX_ENCRYPTED_DATA_KEYS = 10
@@ -42,8 +47,10 @@ def _check_bytes(value: object, name: str) -> None:
 
 
 def _check_frame_length(frame_length: int) -> None:
-    if isinstance(frame_length, bool) or not isinstance(frame_length, int) or not (
-        1 <= frame_length <= MAX_FRAME_LENGTH
+    if (
+        isinstance(frame_length, bool)
+        or not isinstance(frame_length, int)
+        or not (1 <= frame_length <= MAX_FRAME_LENGTH)
     ):
         raise ConfigurationError(
             f"frame_length must be an int from 1 to {MAX_FRAME_LENGTH}; got {frame_length!r}"
@@ -89,9 +96,11 @@ class EnvelopeClient:
             commitment_policy=commitment_policy,
             max_encrypted_data_keys=max_encrypted_data_keys,
         )
-        self.algorithm_suite = self._materials.choose_suite(algorithm_suite) if (
-            commitment_policy is not CommitmentPolicy.FORBID_ENCRYPT_ALLOW_DECRYPT
-        ) else None
+        self.algorithm_suite = (
+            self._materials.choose_suite(algorithm_suite)
+            if (commitment_policy is not CommitmentPolicy.FORBID_ENCRYPT_ALLOW_DECRYPT)
+            else None
+        )
         self._state = "new"
 
     def __repr__(self) -> str:

@@ -25,7 +25,7 @@ from .format.signing import Signer, Verifier
 from .format.suites import AlgorithmSuite, CommitmentPolicy
 from .keyrings.base import DecryptionMaterials, EncryptionMaterials, Keyring
 
-__all__ = ["DefaultMaterialsManager", "EncryptionPlan", "DecryptionPlan", "WRITABLE_SUITES"]
+__all__ = ["WRITABLE_SUITES", "DecryptionPlan", "DefaultMaterialsManager", "EncryptionPlan"]
 
 WRITABLE_SUITES = frozenset(
     {

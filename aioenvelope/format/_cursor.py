@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..errors import MalformedMessageError
 
 
-class NeedMoreData(Exception):  # noqa: N818 - a signal, not an error
+class NeedMoreData(Exception):
     """The buffer ends before the structure being read."""
 
 

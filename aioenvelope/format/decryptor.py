@@ -128,7 +128,8 @@ class MessageDecryptor:
                 memoryview(self._buf)[self._pos :], max_encrypted_data_keys=self._max_edks
             )
         except NeedMoreData:
-            return self._short("the message header")
+            self._short("the message header")
+            return None
         self._pos += parsed.length
         self._parsed = parsed
         self._state = _State.AWAIT_KEY
@@ -227,12 +228,12 @@ class MessageDecryptor:
     # -- internals -------------------------------------------------------------------
 
     def _short(self, what: str) -> None:
+        """Out of input: at EOF that is a truncation; otherwise the caller waits."""
         if self._eof:
             raise TruncatedMessageError(
                 f"the message is truncated: it ends inside {what}. Check that the whole "
                 "ciphertext was stored and read back"
             )
-        return None
 
     def _view(self) -> Cursor:
         return Cursor(self._buf, self._pos)
@@ -277,7 +278,8 @@ class MessageDecryptor:
             if end > len(self._buf):
                 raise NeedMoreData
         except NeedMoreData:
-            return self._short(f"frame {self._sequence}")
+            self._short(f"frame {self._sequence}")
+            return None
         sealed = memoryview(self._buf)[c.pos : end]
         aad = body_aad(header.message_id, FINAL_FRAME_AAD if final else FRAME_AAD, seq, length)
         plaintext = self._open(iv, sealed, aad, f"frame {seq}")
@@ -303,7 +305,8 @@ class MessageDecryptor:
             if end > len(self._buf):
                 raise NeedMoreData
         except NeedMoreData:
-            return self._short("the non-framed content")
+            self._short("the non-framed content")
+            return None
         sealed = memoryview(self._buf)[c.pos : end]
         aad = body_aad(header.message_id, SINGLE_BLOCK_AAD, 1, length)
         plaintext = self._open(iv, sealed, aad, "the message body")

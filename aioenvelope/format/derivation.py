@@ -16,9 +16,7 @@ _DERIVE_LABEL = b"DERIVEKEY"
 _COMMIT_LABEL = b"COMMITKEY"
 
 
-def derive_keys(
-    suite: AlgorithmSuite, data_key: bytes, message_id: bytes
-) -> tuple[bytes, bytes]:
+def derive_keys(suite: AlgorithmSuite, data_key: bytes, message_id: bytes) -> tuple[bytes, bytes]:
     """Return (encryption key, commitment); the commitment is b"" for non-committing suites."""
     info = suite.info
     if len(data_key) != info.key_length:

@@ -12,8 +12,8 @@ from ..errors import EncryptionContextError, MalformedMessageError
 from ._cursor import Cursor, NeedMoreData
 
 __all__ = [
-    "RESERVED_PREFIX",
     "PUBLIC_KEY_FIELD",
+    "RESERVED_PREFIX",
     "deserialize_encryption_context",
     "serialize_encryption_context",
     "validate_user_context",
@@ -99,4 +99,3 @@ def validate_user_context(context: Mapping[str, str]) -> None:
                 f"encryption context key {key!r} uses the reserved prefix {RESERVED_PREFIX!r}; "
                 "choose another key name"
             )
-

@@ -106,7 +106,9 @@ def serialize_header_auth(version: int, tag: bytes) -> bytes:
     return (b"\x00" * 12 + tag) if version == 1 else tag
 
 
-def parse_header(buf: bytes | bytearray | memoryview, *, max_encrypted_data_keys: int) -> ParsedHeader:
+def parse_header(
+    buf: bytes | bytearray | memoryview, *, max_encrypted_data_keys: int
+) -> ParsedHeader:
     """Parse a header from the start of ``buf``.
 
     Raises ``NeedMoreData`` when ``buf`` ends first, :class:`MalformedMessageError`

@@ -77,7 +77,9 @@ _INFO: dict[AlgorithmSuite, SuiteInfo] = {
     AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384: SuiteInfo(
         2, 32, _SHA512, True, _P384, _SHA384, 32
     ),
-    AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY: SuiteInfo(2, 32, _SHA512, True, None, None, 32),
+    AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY: SuiteInfo(
+        2, 32, _SHA512, True, None, None, 32
+    ),
     AlgorithmSuite.AES_256_GCM_IV12_TAG16_HKDF_SHA384_ECDSA_P384: SuiteInfo(
         1, 32, _SHA384, False, _P384, _SHA384, 0
     ),
@@ -87,9 +89,15 @@ _INFO: dict[AlgorithmSuite, SuiteInfo] = {
     AlgorithmSuite.AES_128_GCM_IV12_TAG16_HKDF_SHA256_ECDSA_P256: SuiteInfo(
         1, 16, _SHA256, False, _P256, _SHA256, 0
     ),
-    AlgorithmSuite.AES_256_GCM_IV12_TAG16_HKDF_SHA256: SuiteInfo(1, 32, _SHA256, False, None, None, 0),
-    AlgorithmSuite.AES_192_GCM_IV12_TAG16_HKDF_SHA256: SuiteInfo(1, 24, _SHA256, False, None, None, 0),
-    AlgorithmSuite.AES_128_GCM_IV12_TAG16_HKDF_SHA256: SuiteInfo(1, 16, _SHA256, False, None, None, 0),
+    AlgorithmSuite.AES_256_GCM_IV12_TAG16_HKDF_SHA256: SuiteInfo(
+        1, 32, _SHA256, False, None, None, 0
+    ),
+    AlgorithmSuite.AES_192_GCM_IV12_TAG16_HKDF_SHA256: SuiteInfo(
+        1, 24, _SHA256, False, None, None, 0
+    ),
+    AlgorithmSuite.AES_128_GCM_IV12_TAG16_HKDF_SHA256: SuiteInfo(
+        1, 16, _SHA256, False, None, None, 0
+    ),
     AlgorithmSuite.AES_256_GCM_IV12_TAG16_NO_KDF: SuiteInfo(1, 32, None, False, None, None, 0),
     AlgorithmSuite.AES_192_GCM_IV12_TAG16_NO_KDF: SuiteInfo(1, 24, None, False, None, None, 0),
     AlgorithmSuite.AES_128_GCM_IV12_TAG16_NO_KDF: SuiteInfo(1, 16, None, False, None, None, 0),

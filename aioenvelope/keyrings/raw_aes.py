@@ -40,9 +40,7 @@ class RawAesKeyring(Keyring):
         self._bits = len(wrapping_key) * 8
         self._aead = AESGCM(bytes(wrapping_key))
         self._info_prefix = (
-            key_name.encode("utf-8")
-            + _TAG_BITS.to_bytes(4, "big")
-            + _IV_LENGTH.to_bytes(4, "big")
+            key_name.encode("utf-8") + _TAG_BITS.to_bytes(4, "big") + _IV_LENGTH.to_bytes(4, "big")
         )
 
     def __repr__(self) -> str:

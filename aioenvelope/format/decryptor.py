@@ -243,7 +243,10 @@ class MessageDecryptor:
         try:
             return self._aead.decrypt(iv, sealed, aad)
         except InvalidTag:
-            raise AuthenticationError(f"{what} failed authentication") from None
+            raise AuthenticationError(
+                f"{what} failed authentication: the message was changed or corrupted after "
+                "it was written"
+            ) from None
 
     def _read_frame(self) -> bytes | None:
         assert self._parsed is not None

@@ -1,0 +1,82 @@
+"""Encryption-context serialization, byte for byte (spec: framework/structures.md)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from messages import encryption_contexts
+
+from aioenvelope.errors import EncryptionContextError, MalformedMessageError
+from aioenvelope.format.encryption_context import (
+    deserialize_encryption_context,
+    serialize_encryption_context,
+    validate_user_context,
+)
+
+
+def test_empty_context_serializes_to_zero_bytes() -> None:
+    assert serialize_encryption_context({}) == b""
+    assert deserialize_encryption_context(b"") == {}
+
+
+def test_serialization_matches_the_specified_layout() -> None:
+    data = serialize_encryption_context({"b": "2", "a": "xy"})
+    assert data == bytes.fromhex("0002" "0001" "61" "0002" "7879" "0001" "62" "0001" "32")
+
+
+def test_entries_sort_by_utf8_bytes_not_utf16_units() -> None:
+    # U+FFFF is EF BF BF in UTF-8 and sorts before U+10002 (F0 ...), while in UTF-16
+    # the surrogate D800 would sort first. The spec orders by UTF-8 bytes.
+    data = serialize_encryption_context({"\U00010002": "x", "\uffff": "y"})
+    assert data.index("\uffff".encode()) < data.index("\U00010002".encode())
+
+
+def test_lengths_count_utf8_bytes() -> None:
+    data = serialize_encryption_context({"é": "日本"})
+    assert data == bytes.fromhex("0001" "0002") + "é".encode() + bytes.fromhex("0006") + "日本".encode()
+
+
+@given(encryption_contexts)
+def test_serialization_round_trips(context: dict[str, str]) -> None:
+    assert deserialize_encryption_context(serialize_encryption_context(context)) == context
+
+
+def test_context_too_large_for_the_header_is_refused() -> None:
+    with pytest.raises(EncryptionContextError, match="at most 65535"):
+        serialize_encryption_context({"k": "v" * 65530})
+
+
+def test_non_string_entries_are_refused() -> None:
+    with pytest.raises(EncryptionContextError, match="must be str"):
+        serialize_encryption_context({"k": 1})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("key", ["aws-crypto-public-key", "aws-crypto-anything"])
+def test_reserved_prefix_is_refused_on_encrypt(key: str) -> None:
+    with pytest.raises(EncryptionContextError, match="reserved prefix"):
+        validate_user_context({key: "v"})
+
+
+def test_duplicate_keys_are_refused_on_read() -> None:
+    entry = bytes.fromhex("0001" "61" "0001" "31")
+    with pytest.raises(MalformedMessageError, match="duplicated"):
+        deserialize_encryption_context(bytes.fromhex("0002") + entry + entry)
+
+
+def test_zero_count_with_bytes_is_refused() -> None:
+    with pytest.raises(MalformedMessageError):
+        deserialize_encryption_context(bytes.fromhex("0000"))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        bytes.fromhex("0001" "0005" "61"),  # key length beyond the end
+        bytes.fromhex("0002" "0001" "61" "0001" "31"),  # second entry missing
+        bytes.fromhex("0001" "0001" "61" "0001" "31" "00"),  # trailing byte
+        bytes.fromhex("0001" "0001" "ff" "0001" "31"),  # invalid UTF-8
+    ],
+)
+def test_malformed_context_raises_library_error(data: bytes) -> None:
+    with pytest.raises(MalformedMessageError):
+        deserialize_encryption_context(data)

@@ -29,7 +29,9 @@ async def main() -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             source = Path(tmp) / "report.csv"
-            source.write_bytes(b"id,amount\n" + b"".join(b"%d,%d\n" % (i, i * 7) for i in range(50_000)))
+            source.write_bytes(
+                b"id,amount\n" + b"".join(b"%d,%d\n" % (i, i * 7) for i in range(50_000))
+            )
             target = source.with_suffix(".csv.encrypted")
             target.write_bytes(
                 await client.encrypt(source.read_bytes(), encryption_context={"file": source.name})
@@ -42,10 +44,10 @@ async def main() -> None:
                 f"{len(result.header.encrypted_data_keys)} encrypted data key)"
             )
 
-        blob = bytearray(sealed["user-0"])
-        blob[-20] ^= 0x01
+        tampered = bytearray(sealed["user-0"])
+        tampered[-20] ^= 0x01
         try:
-            await client.decrypt(bytes(blob))
+            await client.decrypt(bytes(tampered))
         except errors.AuthenticationError as exc:
             print(f"tampered record refused: {exc}")
         try:

@@ -45,6 +45,6 @@ def build_encryptor(
 
 
 context_text = st.text(
-    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12
+    alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12
 ).filter(lambda s: not s.startswith("aws-crypto-"))
 encryption_contexts = st.dictionaries(context_text, context_text, max_size=5)

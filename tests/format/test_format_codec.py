@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -82,9 +83,9 @@ def test_v2_header_has_the_specified_layout() -> None:
     assert header[1:3] == b"\x04\x78"
     assert header[3:35] == message_id
     assert header[35:37] == b"\x00\x08"  # EC length: count 2, then 2+1 and 2+1
-    assert header[37:45] == bytes.fromhex("0001" "0001" "61" "0001" "62")
+    assert header[37:45] == bytes.fromhex("0001000161000162")
     assert header[45:47] == b"\x00\x01"  # one EDK
-    assert header[47:56] == bytes.fromhex("0001" "70" "0001" "69" "0001" "63")
+    assert header[47:56] == bytes.fromhex("000170000169000163")
     assert header[56] == ContentType.FRAMED
     assert header[57:61] == (16).to_bytes(4, "big")
     assert len(header) == 61 + 32 + 16  # commitment, then the tag alone
@@ -128,7 +129,9 @@ def test_too_many_encrypted_data_keys_is_refused_before_reading_them() -> None:
         (2, 0x78, None),  # 0x0478 -> 0x0078 is a v1 suite in a v2 header
     ],
 )
-def test_bad_leading_fields_are_refused_at_once(offset: int, value: int, message: str | None) -> None:
+def test_bad_leading_fields_are_refused_at_once(
+    offset: int, value: int, message: str | None
+) -> None:
     header = bytearray(build_encryptor().header)
     header[offset] = value if offset != 2 else header[offset]
     if offset == 2:
@@ -200,7 +203,7 @@ def test_streaming_writer_matches_one_shot_bytes(
     whole = one.encrypt_all(plaintext)
     bounds = sorted({0, len(plaintext), *(c for c in cuts if c <= len(plaintext))})
     pieces = [two.header]
-    pieces += [two.update(plaintext[a:b]) for a, b in zip(bounds, bounds[1:])]
+    pieces += [two.update(plaintext[a:b]) for a, b in itertools.pairwise(bounds)]
     pieces.append(two.finalize())
     streamed = b"".join(pieces)
     if suite.signing:

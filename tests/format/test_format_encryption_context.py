@@ -21,7 +21,7 @@ def test_empty_context_serializes_to_zero_bytes() -> None:
 
 def test_serialization_matches_the_specified_layout() -> None:
     data = serialize_encryption_context({"b": "2", "a": "xy"})
-    assert data == bytes.fromhex("0002" "0001" "61" "0002" "7879" "0001" "62" "0001" "32")
+    assert data == bytes.fromhex("000200016100027879000162000132")
 
 
 def test_entries_sort_by_utf8_bytes_not_utf16_units() -> None:
@@ -33,7 +33,9 @@ def test_entries_sort_by_utf8_bytes_not_utf16_units() -> None:
 
 def test_lengths_count_utf8_bytes() -> None:
     data = serialize_encryption_context({"é": "日本"})
-    assert data == bytes.fromhex("0001" "0002") + "é".encode() + bytes.fromhex("0006") + "日本".encode()
+    assert (
+        data == bytes.fromhex("00010002") + "é".encode() + bytes.fromhex("0006") + "日本".encode()
+    )
 
 
 @given(encryption_contexts)
@@ -58,7 +60,7 @@ def test_reserved_prefix_is_refused_on_encrypt(key: str) -> None:
 
 
 def test_duplicate_keys_are_refused_on_read() -> None:
-    entry = bytes.fromhex("0001" "61" "0001" "31")
+    entry = bytes.fromhex("000161000131")
     with pytest.raises(MalformedMessageError, match="duplicated"):
         deserialize_encryption_context(bytes.fromhex("0002") + entry + entry)
 
@@ -71,10 +73,10 @@ def test_zero_count_with_bytes_is_refused() -> None:
 @pytest.mark.parametrize(
     "data",
     [
-        bytes.fromhex("0001" "0005" "61"),  # key length beyond the end
-        bytes.fromhex("0002" "0001" "61" "0001" "31"),  # second entry missing
-        bytes.fromhex("0001" "0001" "61" "0001" "31" "00"),  # trailing byte
-        bytes.fromhex("0001" "0001" "ff" "0001" "31"),  # invalid UTF-8
+        bytes.fromhex("0001000561"),  # key length beyond the end
+        bytes.fromhex("0002000161000131"),  # second entry missing
+        bytes.fromhex("000100016100013100"),  # trailing byte
+        bytes.fromhex("00010001ff000131"),  # invalid UTF-8
     ],
 )
 def test_malformed_context_raises_library_error(data: bytes) -> None:

@@ -1,0 +1,387 @@
+"""EnvelopeClient behaviour through the public API."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from messages import build_encryptor
+
+import aioenvelope
+from aioenvelope import (
+    AlgorithmSuite,
+    CommitmentPolicy,
+    EncryptionMaterials,
+    EnvelopeClient,
+    Keyring,
+    MultiKeyring,
+    RawAesKeyring,
+    RawRsaKeyring,
+    errors,
+)
+from aioenvelope.format import EncryptedDataKey
+
+COMMIT = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
+COMMIT_SIGN = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384
+
+
+def test_public_api_names_are_exported() -> None:
+    for name in (
+        "EnvelopeClient",
+        "RawAesKeyring",
+        "RawRsaKeyring",
+        "MultiKeyring",
+        "AlgorithmSuite",
+        "CommitmentPolicy",
+        "errors",
+    ):
+        assert name in aioenvelope.__all__
+    assert AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY.value == 0x0478
+    assert AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384.value == 0x0578
+    assert len(AlgorithmSuite) == 11
+    assert {p.name for p in CommitmentPolicy} == {
+        "FORBID_ENCRYPT_ALLOW_DECRYPT",
+        "REQUIRE_ENCRYPT_ALLOW_DECRYPT",
+        "REQUIRE_ENCRYPT_REQUIRE_DECRYPT",
+    }
+
+
+def test_every_error_derives_from_envelope_error() -> None:
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), errors.EnvelopeError)
+
+
+# -- lifecycle ---------------------------------------------------------------------------
+
+
+async def test_client_must_be_entered_before_use(aes_keyring: RawAesKeyring) -> None:
+    client = EnvelopeClient(aes_keyring)
+    with pytest.raises(errors.ConfigurationError, match="async with"):
+        await client.encrypt(b"x")
+
+
+async def test_closed_client_refuses_work(aes_keyring: RawAesKeyring) -> None:
+    async with EnvelopeClient(aes_keyring) as client:
+        pass
+    with pytest.raises(errors.ConfigurationError, match="closed"):
+        await client.decrypt(b"x")
+
+
+async def test_keyring_is_opened_and_closed_with_the_client() -> None:
+    events: list[str] = []
+
+    class Recording(RawAesKeyring):
+        async def open(self) -> None:
+            events.append("open")
+
+        async def close(self) -> None:
+            events.append("close")
+
+    keyring = Recording("ns", "k", os.urandom(32))
+    async with EnvelopeClient(MultiKeyring(generator=keyring)) as client:
+        assert events == ["open"]
+        await client.encrypt(b"x")
+    assert events == ["open", "close"]
+
+
+# -- defaults and policy -----------------------------------------------------------------
+
+
+async def test_default_suite_is_committing_without_signature(client: EnvelopeClient) -> None:
+    result = await client.decrypt_with_header(await client.encrypt(b"data"))
+    assert result.header.algorithm_suite is COMMIT
+    assert result.header.version == 2
+    assert result.plaintext == b"data"
+
+
+async def test_default_frame_length_is_64_kib(aes_keyring: RawAesKeyring) -> None:
+    async with EnvelopeClient(aes_keyring) as client:
+        result = await client.decrypt_with_header(await client.encrypt(b"data"))
+    assert result.header.frame_length == 65536
+
+
+async def test_signing_suite_adds_the_public_key_to_the_context(client: EnvelopeClient) -> None:
+    message = await client.encrypt(b"d", encryption_context={"a": "b"}, algorithm_suite=COMMIT_SIGN)
+    header = (await client.decrypt_with_header(message)).header
+    assert set(header.encryption_context) == {"a", "aws-crypto-public-key"}
+    assert len(header.encryption_context["aws-crypto-public-key"]) == 68
+
+
+@pytest.mark.parametrize("suite", [s for s in AlgorithmSuite if s.message_version == 1])
+async def test_legacy_suites_are_readable_but_not_writable(
+    client: EnvelopeClient, suite: AlgorithmSuite
+) -> None:
+    with pytest.raises(errors.ConfigurationError, match="not writable"):
+        await client.encrypt(b"x", algorithm_suite=suite)
+
+
+async def test_default_policy_refuses_non_committing_messages(aes_keyring: RawAesKeyring) -> None:
+    legacy = await legacy_message(aes_keyring, AlgorithmSuite.AES_256_GCM_IV12_TAG16_HKDF_SHA256)
+    async with EnvelopeClient(aes_keyring) as client:
+        with pytest.raises(errors.CommitmentPolicyError, match="REQUIRE_ENCRYPT_ALLOW_DECRYPT"):
+            await client.decrypt(legacy)
+
+
+@pytest.mark.parametrize("suite", [s for s in AlgorithmSuite if not s.committing])
+async def test_allow_decrypt_policy_reads_every_legacy_suite(
+    legacy_client: EnvelopeClient, aes_keyring: RawAesKeyring, suite: AlgorithmSuite
+) -> None:
+    message = await legacy_message(aes_keyring, suite, b"legacy data")
+    assert await legacy_client.decrypt(message) == b"legacy data"
+
+
+async def test_forbid_policy_is_read_only(aes_keyring: RawAesKeyring) -> None:
+    legacy = await legacy_message(aes_keyring, AlgorithmSuite.AES_128_GCM_IV12_TAG16_NO_KDF, b"old")
+    async with EnvelopeClient(
+        aes_keyring, commitment_policy=CommitmentPolicy.FORBID_ENCRYPT_ALLOW_DECRYPT
+    ) as client:
+        assert await client.decrypt(legacy) == b"old"
+        with pytest.raises(errors.CommitmentPolicyError, match="FORBID_ENCRYPT_ALLOW_DECRYPT"):
+            await client.encrypt(b"new")
+
+
+async def legacy_message(keyring: Keyring, suite: AlgorithmSuite, plaintext: bytes = b"x") -> bytes:
+    """A v1 message wrapped by ``keyring``, written through the sans-I/O writer."""
+    from aioenvelope.format.encryption_context import PUBLIC_KEY_FIELD
+    from aioenvelope.format.signing import Signer
+
+    signer = Signer(suite) if suite.signing else None
+    context = {PUBLIC_KEY_FIELD: signer.encoded_public_key} if signer else {}
+    materials = await keyring.on_encrypt(
+        EncryptionMaterials(algorithm_suite=suite, encryption_context=context)
+    )
+    assert materials.plaintext_data_key is not None
+    return build_encryptor(
+        suite,
+        data_key=materials.plaintext_data_key,
+        edks=materials.encrypted_data_keys,
+        signer=signer,
+    ).encrypt_all(plaintext)
+
+
+# -- encryption context ------------------------------------------------------------------
+
+
+async def test_reserved_context_prefix_is_refused(client: EnvelopeClient) -> None:
+    with pytest.raises(errors.EncryptionContextError, match="reserved prefix"):
+        await client.encrypt(b"x", encryption_context={"aws-crypto-public-key": "mine"})
+
+
+async def test_decrypt_accepts_a_subset_of_the_stored_context(client: EnvelopeClient) -> None:
+    message = await client.encrypt(b"x", encryption_context={"a": "1", "b": "2"})
+    assert await client.decrypt(message, encryption_context={"a": "1"}) == b"x"
+    assert await client.decrypt(message) == b"x"
+
+
+async def test_required_context_is_authenticated_but_not_stored(client: EnvelopeClient) -> None:
+    message = await client.encrypt(
+        b"secret",
+        encryption_context={"tenant": "t1", "kind": "note"},
+        required_encryption_context_keys={"tenant"},
+    )
+    assert b"t1" not in message
+    with pytest.raises(errors.EnvelopeError):
+        await client.decrypt(message)
+    with pytest.raises(errors.EnvelopeError):
+        await client.decrypt(message, encryption_context={"tenant": "t2"})
+    result = await client.decrypt_with_header(message, encryption_context={"tenant": "t1"})
+    assert result.plaintext == b"secret"
+    assert dict(result.header.encryption_context) == {"kind": "note"}
+
+
+async def test_required_keys_must_be_in_the_context(client: EnvelopeClient) -> None:
+    with pytest.raises(errors.EncryptionContextError, match="tenant"):
+        await client.encrypt(b"x", required_encryption_context_keys={"tenant"})
+
+
+async def test_non_ascii_context_round_trips(client: EnvelopeClient) -> None:
+    context = {"租户": "𐀂値", "ключ": "é"}
+    message = await client.encrypt(b"x", encryption_context=context)
+    assert (
+        dict(
+            (
+                await client.decrypt_with_header(message, encryption_context=context)
+            ).header.encryption_context
+        )
+        == context
+    )
+
+
+# -- limits and arguments ----------------------------------------------------------------
+
+
+async def test_decrypt_refuses_more_edks_than_configured() -> None:
+    keys = [RawAesKeyring("ns", f"k{i}", os.urandom(32)) for i in range(3)]
+    multi = MultiKeyring(generator=keys[0], children=keys[1:])
+    async with EnvelopeClient(multi) as writer:
+        message = await writer.encrypt(b"x")
+    async with EnvelopeClient(keys[0], max_encrypted_data_keys=2) as reader:
+        with pytest.raises(errors.MessageLimitError, match="at most 2"):
+            await reader.decrypt(message)
+    async with EnvelopeClient(multi, max_encrypted_data_keys=2) as writer:
+        with pytest.raises(errors.MessageLimitError, match="max_encrypted_data_keys=2"):
+            await writer.encrypt(b"x")
+
+
+@pytest.mark.parametrize("frame_length", [0, -1, 2**31, 1.5, True])
+def test_bad_frame_length_is_a_configuration_error(
+    aes_keyring: RawAesKeyring, frame_length: object
+) -> None:
+    with pytest.raises(errors.ConfigurationError, match="frame_length"):
+        EnvelopeClient(aes_keyring, frame_length=frame_length)  # type: ignore[arg-type]
+
+
+async def test_frame_length_extremes_work(client: EnvelopeClient) -> None:
+    for frame_length in (1, 2**31 - 1):
+        message = await client.encrypt(b"abc", frame_length=frame_length)
+        assert await client.decrypt(message) == b"abc"
+
+
+async def test_non_bytes_plaintext_is_refused(client: EnvelopeClient) -> None:
+    with pytest.raises(errors.ConfigurationError, match="bytes-like"):
+        await client.encrypt("text")  # type: ignore[arg-type]
+
+
+async def test_bytearray_and_memoryview_inputs_work(client: EnvelopeClient) -> None:
+    message = await client.encrypt(bytearray(b"abc"))
+    assert await client.decrypt(memoryview(message)) == b"abc"
+
+
+async def test_large_message_round_trips_through_a_worker_thread(client: EnvelopeClient) -> None:
+    data = os.urandom(3 << 20)
+    assert await client.decrypt(await client.encrypt(data, frame_length=65536)) == data
+
+
+# -- keyrings ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [16, 24, 32])
+async def test_raw_aes_keyring_accepts_aes_128_192_256(size: int) -> None:
+    async with EnvelopeClient(RawAesKeyring("ns", "k", os.urandom(size))) as client:
+        assert await client.decrypt(await client.encrypt(b"x")) == b"x"
+
+
+@pytest.mark.parametrize(
+    ("ns", "key"), [("aws-kms", b"\0" * 32), ("ns", b"\0" * 20), ("", b"\0" * 16)]
+)
+def test_raw_aes_keyring_refuses_bad_configuration(ns: str, key: bytes) -> None:
+    with pytest.raises(errors.ConfigurationError):
+        RawAesKeyring(ns, "k", key)
+
+
+@pytest.mark.parametrize(
+    "pad",
+    [
+        padding.PKCS1v15(),
+        padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None),
+        padding.OAEP(padding.MGF1(hashes.SHA384()), hashes.SHA384(), None),
+        padding.OAEP(padding.MGF1(hashes.SHA512()), hashes.SHA512(), None),
+    ],
+    ids=["pkcs1", "oaep-sha1", "oaep-sha384", "oaep-sha512"],
+)
+async def test_raw_rsa_keyring_paddings_round_trip(
+    rsa_private_key: rsa.RSAPrivateKey, pad: padding.AsymmetricPadding
+) -> None:
+    keyring = RawRsaKeyring("ns", "rsa", private_key=rsa_private_key, padding=pad)
+    async with EnvelopeClient(keyring) as client:
+        assert await client.decrypt(await client.encrypt(b"x")) == b"x"
+
+
+def test_raw_rsa_keyring_refuses_mismatched_oaep_hashes(rsa_private_key: rsa.RSAPrivateKey) -> None:
+    bad = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA256(), None)
+    with pytest.raises(errors.ConfigurationError, match="OAEP"):
+        RawRsaKeyring("ns", "rsa", private_key=rsa_private_key, padding=bad)
+
+
+async def test_public_only_rsa_keyring_encrypts_but_cannot_decrypt(
+    rsa_private_key: rsa.RSAPrivateKey,
+) -> None:
+    public = RawRsaKeyring("ns", "rsa", public_key=rsa_private_key.public_key())
+    private = RawRsaKeyring("ns", "rsa", private_key=rsa_private_key)
+    async with EnvelopeClient(public) as writer, EnvelopeClient(private) as reader:
+        message = await writer.encrypt(b"for the key holder")
+        assert await reader.decrypt(message) == b"for the key holder"
+        with pytest.raises(errors.NoUsableKeyError, match="no private key"):
+            await writer.decrypt(message)
+
+
+async def test_multi_keyring_message_opens_with_any_one_member(
+    rsa_private_key: rsa.RSAPrivateKey,
+) -> None:
+    aes = RawAesKeyring("ns", "aes", os.urandom(32))
+    rsa_ring = RawRsaKeyring("ns", "rsa", private_key=rsa_private_key)
+    async with EnvelopeClient(MultiKeyring(generator=aes, children=[rsa_ring])) as writer:
+        message = await writer.encrypt(b"shared")
+        header = (await writer.decrypt_with_header(message)).header
+    assert [edk.provider_info[:3] for edk in header.encrypted_data_keys] == [b"aes", b"rsa"]
+    for alone in (aes, rsa_ring):
+        async with EnvelopeClient(alone) as reader:
+            assert await reader.decrypt(message) == b"shared"
+
+
+async def test_multi_keyring_without_generator_explains_itself() -> None:
+    keyring = MultiKeyring(children=[RawAesKeyring("ns", "k", os.urandom(32))])
+    async with EnvelopeClient(keyring) as client:
+        with pytest.raises(errors.KeyringError, match="generator"):
+            await client.encrypt(b"x")
+
+
+async def test_multi_keyring_failure_names_every_member() -> None:
+    members = [RawAesKeyring("ns", f"k{i}", os.urandom(32)) for i in range(2)]
+    async with EnvelopeClient(RawAesKeyring("ns", "other", os.urandom(32))) as writer:
+        message = await writer.encrypt(b"x")
+    async with EnvelopeClient(MultiKeyring(children=members)) as reader:
+        with pytest.raises(errors.NoUsableKeyError, match=r"k0.*k1"):
+            await reader.decrypt(message)
+
+
+async def test_a_user_written_keyring_works() -> None:
+    """The interface is small enough to implement: a toy keyring that XORs (tests only)."""
+
+    class XorKeyring(Keyring):
+        async def on_encrypt(self, materials: EncryptionMaterials) -> EncryptionMaterials:
+            materials = materials.generate_data_key()
+            assert materials.plaintext_data_key is not None
+            wrapped = bytes(b ^ 0x5A for b in materials.plaintext_data_key)
+            return materials.with_encrypted_data_key(EncryptedDataKey("xor", b"", wrapped))
+
+        async def on_decrypt(self, materials, encrypted_data_keys):  # type: ignore[no-untyped-def]
+            for edk in encrypted_data_keys:
+                if edk.provider_id == "xor":
+                    return materials.with_data_key(bytes(b ^ 0x5A for b in edk.ciphertext))
+            raise errors.NoUsableKeyError("no xor key")
+
+    async with EnvelopeClient(XorKeyring()) as client:
+        assert await client.decrypt(await client.encrypt(b"mine")) == b"mine"
+
+
+# -- secrets stay secret -----------------------------------------------------------------
+
+
+async def test_no_key_material_in_reprs_or_error_messages(
+    rsa_private_key: rsa.RSAPrivateKey,
+) -> None:
+    wrapping_key = bytes(range(32))
+    keyring = RawAesKeyring("ns", "k", wrapping_key)
+    texts = [repr(keyring), repr(RawRsaKeyring("ns", "r", private_key=rsa_private_key))]
+    async with EnvelopeClient(keyring) as client:
+        texts.append(repr(client))
+        message = await client.encrypt(b"plaintext-marker")
+        result = await client.decrypt_with_header(message)
+        texts += [repr(result), repr(result.header)]
+        for bad in (message[:-1], message[:40], message + b"!", b"\x01" + message[1:]):
+            with pytest.raises(errors.EnvelopeError) as info:
+                await client.decrypt(bad)
+            texts.append(str(info.value))
+    materials = await keyring.on_encrypt(
+        EncryptionMaterials(algorithm_suite=COMMIT, encryption_context={})
+    )
+    texts.append(repr(materials))
+    assert materials.plaintext_data_key is not None
+    for text in texts:
+        for secret in (wrapping_key, materials.plaintext_data_key):
+            assert secret.hex() not in text
+            assert repr(secret)[2:-1] not in text
+        assert "plaintext-marker" not in text

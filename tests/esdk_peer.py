@@ -62,13 +62,13 @@ class RsaWrapping(enum.Enum):
         """The ``cryptography`` padding our ``RawRsaKeyring`` takes."""
         if self is RsaWrapping.PKCS1:
             return padding.PKCS1v15()
-        hash_type: type[hashes.HashAlgorithm] = {
-            RsaWrapping.OAEP_SHA1: hashes.SHA1,
-            RsaWrapping.OAEP_SHA256: hashes.SHA256,
-            RsaWrapping.OAEP_SHA384: hashes.SHA384,
-            RsaWrapping.OAEP_SHA512: hashes.SHA512,
+        hash_algorithm: hashes.HashAlgorithm = {
+            RsaWrapping.OAEP_SHA1: hashes.SHA1(),
+            RsaWrapping.OAEP_SHA256: hashes.SHA256(),
+            RsaWrapping.OAEP_SHA384: hashes.SHA384(),
+            RsaWrapping.OAEP_SHA512: hashes.SHA512(),
         }[self]
-        return padding.OAEP(mgf=padding.MGF1(hash_type()), algorithm=hash_type(), label=None)
+        return padding.OAEP(mgf=padding.MGF1(hash_algorithm), algorithm=hash_algorithm, label=None)
 
 
 _AES_WRAPPING = {

@@ -166,6 +166,7 @@ class EnvelopeClient:
             required_encryption_context=plan.required_context,
             frame_length=frame_length,
             signer=plan.signer,
+            serialized_encryption_context=plan.serialized_stored_context,
         )
         if len(plaintext) >= OFFLOAD_THRESHOLD:
             return await anyio.to_thread.run_sync(encryptor.encrypt_all, plaintext)

@@ -42,14 +42,26 @@ class EncryptionPlan:
     signer: Signer | None
 
     @property
-    def stored_context(self) -> dict[str, str]:
+    def stored_context(self) -> Mapping[str, str]:
+        """The pairs written into the header: all but the required-only ones."""
+        context = self.materials.encryption_context
         required = self.materials.required_encryption_context_keys
-        return {k: v for k, v in self.materials.encryption_context.items() if k not in required}
+        if not required:
+            return context
+        return {k: v for k, v in context.items() if k not in required}
 
     @property
-    def required_context(self) -> dict[str, str]:
+    def required_context(self) -> Mapping[str, str]:
+        """The pairs authenticated through the header tag but not stored."""
         required = self.materials.required_encryption_context_keys
         return {k: v for k, v in self.materials.encryption_context.items() if k in required}
+
+    @property
+    def serialized_stored_context(self) -> bytes | None:
+        """The stored context's serialization when it is already known."""
+        if self.materials.required_encryption_context_keys:
+            return None
+        return self.materials.serialized_encryption_context
 
 
 @dataclass(frozen=True)
@@ -128,7 +140,10 @@ class DefaultMaterialsManager:
             raise KeyringError(
                 f"{self.keyring!r} returned no data key or no encrypted data key on encrypt"
             )
-        if result.algorithm_suite is not suite or dict(result.encryption_context) != context:
+        if result.algorithm_suite is not suite or (
+            result.encryption_context is not materials.encryption_context
+            and dict(result.encryption_context) != context
+        ):
             raise KeyringError(f"{self.keyring!r} changed the suite or encryption context")
         if len(result.encrypted_data_keys) > self.max_encrypted_data_keys:
             raise MessageLimitError(

@@ -125,7 +125,7 @@ class MessageDecryptor:
             return self._parsed
         try:
             parsed = parse_header(
-                memoryview(self._buf)[self._pos :], max_encrypted_data_keys=self._max_edks
+                self._buf, max_encrypted_data_keys=self._max_edks, start=self._pos
             )
         except NeedMoreData:
             self._short("the message header")

@@ -12,6 +12,8 @@ from .suites import AlgorithmSuite
 
 __all__ = ["check_commitment", "derive_keys"]
 
+# Hash objects are stateless descriptions; one instance serves every call.
+_SHA512 = hashes.SHA512()
 _DERIVE_LABEL = b"DERIVEKEY"
 _COMMIT_LABEL = b"COMMITKEY"
 
@@ -26,9 +28,9 @@ def derive_keys(suite: AlgorithmSuite, data_key: bytes, message_id: bytes) -> tu
     suite_id = suite.suite_id.to_bytes(2, "big")
     if info.committing:
         # Extract once, expand twice, as the specification recommends.
-        prk = HKDF.extract(hashes.SHA512(), message_id, data_key)
-        key = HKDFExpand(hashes.SHA512(), info.key_length, suite_id + _DERIVE_LABEL).derive(prk)
-        commitment = HKDFExpand(hashes.SHA512(), 32, _COMMIT_LABEL).derive(prk)
+        prk = HKDF.extract(_SHA512, message_id, data_key)
+        key = HKDFExpand(_SHA512, info.key_length, suite_id + _DERIVE_LABEL).derive(prk)
+        commitment = HKDFExpand(_SHA512, 32, _COMMIT_LABEL).derive(prk)
         return key, commitment
     hkdf = HKDF(info.kdf_hash(), info.key_length, salt=None, info=suite_id + message_id)
     return hkdf.derive(data_key), b""

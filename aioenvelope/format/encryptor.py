@@ -59,7 +59,10 @@ class MessageEncryptor:
         required_encryption_context: Mapping[str, str] | None = None,
         frame_length: int,
         signer: Signer | None = None,
+        serialized_encryption_context: bytes | None = None,
     ) -> None:
+        """``serialized_encryption_context``, when given, must be the serialization of
+        ``encryption_context`` (it saves serializing it again per message)."""
         if not 1 <= frame_length <= MAX_FRAME_LENGTH:
             raise ConfigurationError(
                 f"frame_length must be between 1 and {MAX_FRAME_LENGTH}; got {frame_length}"
@@ -83,7 +86,7 @@ class MessageEncryptor:
             suite_data=commitment,
         )
         self._aead = AESGCM(key)
-        body = serialize_header_body(self.header_value)
+        body = serialize_header_body(self.header_value, serialized_encryption_context)
         required = serialize_encryption_context(required_encryption_context or {})
         tag = self._aead.encrypt(b"\x00" * 12, b"", body + required)
         self.header = body + serialize_header_auth(version, tag)

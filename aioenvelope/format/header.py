@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from ..errors import MalformedMessageError, MessageLimitError
+from ..errors import ConfigurationError, MalformedMessageError, MessageLimitError
 from ._cursor import Cursor
 from .encryption_context import deserialize_encryption_context, serialize_encryption_context
 from .suites import AlgorithmSuite
@@ -23,6 +24,11 @@ __all__ = [
 ]
 
 _V1_TYPE = 0x80
+_U16 = struct.Struct(">H")
+_V1_LEAD = struct.Struct(">BBH")
+_V2_LEAD = struct.Struct(">BH")
+_V1_TAIL = struct.Struct(">BIBI")
+_V2_TAIL = struct.Struct(">BI")
 MAX_FRAME_LENGTH = 2**31 - 1  # the ESDK's own bound (Python); fits every implementation
 
 
@@ -41,15 +47,13 @@ class EncryptedDataKey:
 
     def serialize(self) -> bytes:
         pid = self.provider_id.encode("utf-8")
-        return b"".join(
-            (
-                len(pid).to_bytes(2, "big"),
-                pid,
-                len(self.provider_info).to_bytes(2, "big"),
-                self.provider_info,
-                len(self.ciphertext).to_bytes(2, "big"),
-                self.ciphertext,
+        info, blob = self.provider_info, self.ciphertext
+        if max(len(pid), len(info), len(blob)) > 0xFFFF:
+            raise ConfigurationError(
+                "an encrypted data key field is longer than the format's 65535 bytes"
             )
+        return b"".join(
+            (_U16.pack(len(pid)), pid, _U16.pack(len(info)), info, _U16.pack(len(blob)), blob)
         )
 
 
@@ -83,22 +87,32 @@ class ParsedHeader:
     length: int  # bytes consumed, header body plus authentication
 
 
-def serialize_header_body(header: MessageHeader) -> bytes:
+def serialize_header_body(header: MessageHeader, serialized_context: bytes | None = None) -> bytes:
+    """The header body bytes; ``serialized_context`` saves re-serializing a known context."""
     suite = header.algorithm_suite
-    ec = serialize_encryption_context(header.encryption_context)
-    parts = [header.version.to_bytes(1, "big")]
+    ec = (
+        serialize_encryption_context(header.encryption_context)
+        if serialized_context is None
+        else serialized_context
+    )
+    edks = header.encrypted_data_keys
     if header.version == 1:
-        parts.append(_V1_TYPE.to_bytes(1, "big"))
-    parts += [suite.suite_id.to_bytes(2, "big"), header.message_id, len(ec).to_bytes(2, "big"), ec]
-    parts.append(len(header.encrypted_data_keys).to_bytes(2, "big"))
-    parts += [edk.serialize() for edk in header.encrypted_data_keys]
-    parts.append(int(header.content_type).to_bytes(1, "big"))
-    if header.version == 1:
-        parts += [b"\x00" * 4, suite.info.iv_length.to_bytes(1, "big")]
-    parts.append(header.frame_length.to_bytes(4, "big"))
-    if header.version == 2:
-        parts.append(header.suite_data)
-    return b"".join(parts)
+        lead = _V1_LEAD.pack(1, _V1_TYPE, suite.suite_id)
+        tail = _V1_TAIL.pack(int(header.content_type), 0, suite.info.iv_length, header.frame_length)
+    else:
+        lead = _V2_LEAD.pack(2, suite.suite_id)
+        tail = _V2_TAIL.pack(int(header.content_type), header.frame_length) + header.suite_data
+    return b"".join(
+        (
+            lead,
+            header.message_id,
+            _U16.pack(len(ec)),
+            ec,
+            _U16.pack(len(edks)),
+            *(edk.serialize() for edk in edks),
+            tail,
+        )
+    )
 
 
 def serialize_header_auth(version: int, tag: bytes) -> bytes:
@@ -107,14 +121,14 @@ def serialize_header_auth(version: int, tag: bytes) -> bytes:
 
 
 def parse_header(
-    buf: bytes | bytearray | memoryview, *, max_encrypted_data_keys: int
+    buf: bytes | bytearray | memoryview, *, max_encrypted_data_keys: int, start: int = 0
 ) -> ParsedHeader:
-    """Parse a header from the start of ``buf``.
+    """Parse a header from ``buf[start:]``.
 
     Raises ``NeedMoreData`` when ``buf`` ends first, :class:`MalformedMessageError`
     as soon as a field is wrong (so garbage is refused at its first bad byte).
     """
-    c = Cursor(buf)
+    c = Cursor(buf, start)
     version = c.u8()
     if version not in (1, 2):
         raise MalformedMessageError(
@@ -175,4 +189,4 @@ def parse_header(
         frame_length=frame_length,
         suite_data=suite_data,
     )
-    return ParsedHeader(header, bytes(memoryview(buf)[:body_end]), auth_iv, auth_tag, c.pos)
+    return ParsedHeader(header, bytes(buf[start:body_end]), auth_iv, auth_tag, c.pos - start)

@@ -44,29 +44,14 @@ class AlgorithmSuite(enum.Enum):
     AES_192_GCM_IV12_TAG16_NO_KDF = 0x0046
     AES_128_GCM_IV12_TAG16_NO_KDF = 0x0014
 
-    @property
-    def suite_id(self) -> int:
-        return int(self.value)
-
-    @property
-    def info(self) -> SuiteInfo:
-        return _INFO[self]
-
-    @property
-    def committing(self) -> bool:
-        return _INFO[self].committing
-
-    @property
-    def signing(self) -> bool:
-        return _INFO[self].signature_curve is not None
-
-    @property
-    def message_version(self) -> int:
-        return _INFO[self].message_version
-
-    @property
-    def key_length(self) -> int:
-        return _INFO[self].key_length
+    # Set once per member below. Read as plain attributes because ``Enum.__hash__`` is
+    # Python code, and dict lookups keyed by members cost ~10 hashes a message.
+    info: SuiteInfo
+    suite_id: int
+    committing: bool
+    signing: bool
+    message_version: int
+    key_length: int
 
     @classmethod
     def from_id(cls, suite_id: int) -> AlgorithmSuite | None:
@@ -102,6 +87,16 @@ _INFO: dict[AlgorithmSuite, SuiteInfo] = {
     AlgorithmSuite.AES_192_GCM_IV12_TAG16_NO_KDF: SuiteInfo(1, 24, None, False, None, None, 0),
     AlgorithmSuite.AES_128_GCM_IV12_TAG16_NO_KDF: SuiteInfo(1, 16, None, False, None, None, 0),
 }
+for _suite, _info in _INFO.items():
+    for _name, _value in (
+        ("info", _info),
+        ("suite_id", int(_suite.value)),
+        ("committing", _info.committing),
+        ("signing", _info.signature_curve is not None),
+        ("message_version", _info.message_version),
+        ("key_length", _info.key_length),
+    ):
+        object.__setattr__(_suite, _name, _value)
 _BY_ID = {suite.suite_id: suite for suite in AlgorithmSuite}
 
 

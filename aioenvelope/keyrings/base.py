@@ -9,17 +9,38 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
+from typing import Any, TypeVar
 
+from ..format.encryption_context import serialize_encryption_context
 from ..format.header import EncryptedDataKey
 from ..format.suites import AlgorithmSuite
 
 __all__ = ["DecryptionMaterials", "EncryptionMaterials", "Keyring"]
 
 
+_M = TypeVar("_M", "EncryptionMaterials", "DecryptionMaterials")
+
+
 def _frozen(context: Mapping[str, str]) -> Mapping[str, str]:
-    return MappingProxyType(dict(context))
+    # A read-only view over a private copy; an existing view is already that.
+    return context if isinstance(context, MappingProxyType) else MappingProxyType(dict(context))
+
+
+def _evolve(materials: _M, **changes: Any) -> _M:
+    """A copy with some fields changed. ``dataclasses.replace`` re-runs ``__init__`` and
+    costs microseconds per call on the per-message path; the fields here are already
+    validated, so a shallow copy is enough (and keeps the cached serialized context)."""
+    new = object.__new__(type(materials))
+    new.__dict__.update(materials.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
+def _serialized(materials: EncryptionMaterials | DecryptionMaterials) -> bytes:
+    return serialize_encryption_context(materials.encryption_context)
 
 
 @dataclass(frozen=True)
@@ -35,15 +56,22 @@ class EncryptionMaterials:
     def __post_init__(self) -> None:
         object.__setattr__(self, "encryption_context", _frozen(self.encryption_context))
 
+    @cached_property
+    def serialized_encryption_context(self) -> bytes:
+        """The context as the message format serializes it (the raw AES keyring's AAD)."""
+        return _serialized(self)
+
     def with_data_key(self, data_key: bytes) -> EncryptionMaterials:
         if self.plaintext_data_key is not None:
             raise ValueError("these materials already have a data key")
         if len(data_key) != self.algorithm_suite.key_length:
             raise ValueError("data key length does not match the algorithm suite")
-        return replace(self, plaintext_data_key=bytes(data_key))
+        return _evolve(self, plaintext_data_key=bytes(data_key))
 
     def with_encrypted_data_key(self, edk: EncryptedDataKey) -> EncryptionMaterials:
-        return replace(self, encrypted_data_keys=(*self.encrypted_data_keys, edk))
+        if not isinstance(edk, EncryptedDataKey):
+            raise TypeError("edk must be an EncryptedDataKey")
+        return _evolve(self, encrypted_data_keys=(*self.encrypted_data_keys, edk))
 
     def generate_data_key(self) -> EncryptionMaterials:
         """Materials with a fresh random data key of the suite's length."""
@@ -62,12 +90,17 @@ class DecryptionMaterials:
     def __post_init__(self) -> None:
         object.__setattr__(self, "encryption_context", _frozen(self.encryption_context))
 
+    @cached_property
+    def serialized_encryption_context(self) -> bytes:
+        """The context as the message format serializes it (the raw AES keyring's AAD)."""
+        return _serialized(self)
+
     def with_data_key(self, data_key: bytes) -> DecryptionMaterials:
         if self.plaintext_data_key is not None:
             raise ValueError("these materials already have a data key")
         if len(data_key) != self.algorithm_suite.key_length:
             raise ValueError("data key length does not match the algorithm suite")
-        return replace(self, plaintext_data_key=bytes(data_key))
+        return _evolve(self, plaintext_data_key=bytes(data_key))
 
 
 class Keyring:

@@ -9,7 +9,6 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import ConfigurationError, NoUsableKeyError
-from ..format.encryption_context import serialize_encryption_context
 from ..format.header import EncryptedDataKey
 from ._naming import check_raw_names
 from .base import DecryptionMaterials, EncryptionMaterials, Keyring
@@ -54,8 +53,9 @@ class RawAesKeyring(Keyring):
             materials = materials.generate_data_key()
         assert materials.plaintext_data_key is not None
         iv = os.urandom(_IV_LENGTH)
-        aad = serialize_encryption_context(materials.encryption_context)
-        wrapped = self._aead.encrypt(iv, materials.plaintext_data_key, aad)
+        wrapped = self._aead.encrypt(
+            iv, materials.plaintext_data_key, materials.serialized_encryption_context
+        )
         edk = EncryptedDataKey(self.key_namespace, self._info_prefix + iv, wrapped)
         return materials.with_encrypted_data_key(edk)
 
@@ -65,7 +65,6 @@ class RawAesKeyring(Keyring):
         if materials.plaintext_data_key is not None:
             return materials
         key_length = materials.algorithm_suite.key_length
-        aad: bytes | None = None
         matched = 0
         for edk in encrypted_data_keys:
             info = edk.provider_info
@@ -77,8 +76,7 @@ class RawAesKeyring(Keyring):
             ):
                 continue
             matched += 1
-            if aad is None:
-                aad = serialize_encryption_context(materials.encryption_context)
+            aad = materials.serialized_encryption_context
             try:
                 data_key = self._aead.decrypt(info[-_IV_LENGTH:], edk.ciphertext, aad)
             except InvalidTag:

@@ -15,6 +15,9 @@ __all__ = [
     "EncryptionContextError",
     "EncryptionContextMismatchError",
     "EnvelopeError",
+    "KMSError",
+    "KMSKeyCheckError",
+    "KMSTimeoutError",
     "KeyringError",
     "MalformedMessageError",
     "MessageLimitError",
@@ -69,3 +72,33 @@ class KeyringError(EnvelopeError):
 
 class NoUsableKeyError(KeyringError):
     """None of the message's encrypted data keys could be decrypted by this keyring."""
+
+
+class KMSError(KeyringError):
+    """A call to AWS KMS failed. ``operation``, ``key_id`` and ``error_code`` say which
+    and why; the botocore exception is chained. ``transient`` is true for failures that
+    say nothing about the request (throttling after retries, 5xx, timeouts, network)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str,
+        key_id: str | None,
+        error_code: str,
+        transient: bool,
+    ) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.key_id = key_id
+        self.error_code = error_code
+        self.transient = transient
+
+
+class KMSTimeoutError(KMSError):
+    """A KMS call did not finish within its deadline (retries included)."""
+
+
+class KMSKeyCheckError(ConfigurationError):
+    """A configured KMS key failed the start-up check (missing, disabled, wrong kind, or
+    the caller may not describe it)."""

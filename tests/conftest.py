@@ -1,12 +1,13 @@
-"""Shared fixtures: keys and clients for the tests (servers join here in later issues)."""
+"""Shared fixtures: keys, clients, and a real moto KMS server."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from kms_server import KmsKey, MotoKms, dummy_credentials, running_moto
 
 from aioenvelope import CommitmentPolicy, EnvelopeClient, RawAesKeyring
 
@@ -37,3 +38,20 @@ async def legacy_client(aes_keyring: RawAesKeyring) -> AsyncIterator[EnvelopeCli
         commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_ALLOW_DECRYPT,
     ) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def moto_kms() -> Iterator[MotoKms]:
+    """One real moto KMS server (127.0.0.1, port 0) for the session, dummy credentials."""
+    with dummy_credentials(), running_moto() as kms:
+        yield kms
+
+
+@pytest.fixture(scope="session")
+def kms_key(moto_kms: MotoKms) -> KmsKey:
+    return moto_kms.create_key("primary")
+
+
+@pytest.fixture(scope="session")
+def kms_key_2(moto_kms: MotoKms) -> KmsKey:
+    return moto_kms.create_key("secondary")

@@ -1,21 +1,27 @@
-"""Quickstart: encrypt records and a file, decrypt them, and see a tampered one refused.
+"""Quickstart: records and a file under an AWS KMS key, end to end.
 
-Runs with a locally generated AES-256 wrapping key. (The KMS keyring replaces it once it
-lands; the calls below stay the same.)
+With no KMS key configured it starts an embedded KMS (moto, on 127.0.0.1) and says so.
+To use real AWS KMS, give a key and have credentials configured as usual
+(``AWS_PROFILE``, environment, SSO, instance role):
+
+    AIOENVELOPE_KMS_KEY_ID=arn:aws:kms:eu-west-1:111122223333:key/... python examples/quickstart.py
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import os
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from aioenvelope import EnvelopeClient, RawAesKeyring, errors
+from aioenvelope import EnvelopeClient, KmsKeyring, errors
+from aioenvelope._embedded_kms import embedded_kms
 
 
-async def main() -> None:
-    keyring = RawAesKeyring("quickstart", "demo-key", os.urandom(32))
+async def run(keyring: KmsKeyring) -> None:
     async with EnvelopeClient(keyring) as client:
         records = {f"user-{i}": f"card ending {1000 + i}".encode() for i in range(5)}
         sealed = {
@@ -38,10 +44,11 @@ async def main() -> None:
             )
             result = await client.decrypt_with_header(target.read_bytes())
             assert result.plaintext == source.read_bytes()
+            edk = result.header.encrypted_data_keys[0]
             print(
                 f"file: {source.stat().st_size} bytes -> {target.stat().st_size} bytes "
-                f"({result.header.algorithm_suite.name}, "
-                f"{len(result.header.encrypted_data_keys)} encrypted data key)"
+                f"({result.header.algorithm_suite.name}, data key wrapped by "
+                f"{edk.provider_info.decode()})"
             )
 
         tampered = bytearray(sealed["user-0"])
@@ -54,6 +61,39 @@ async def main() -> None:
             await client.decrypt(sealed["user-1"], encryption_context={"tenant": "t2"})
         except errors.EncryptionContextMismatchError as exc:
             print(f"wrong tenant refused: {exc}")
+    calls = ", ".join(f"{op} {n}" for op, n in sorted(keyring.kms_calls.items()))
+    print(f"KMS calls made: {sum(keyring.kms_calls.values())} ({calls})")
+
+
+@contextlib.asynccontextmanager
+async def keyring_from(args: argparse.Namespace) -> AsyncIterator[KmsKeyring]:
+    if args.key_id:
+        print(f"using AWS KMS key {args.key_id}")
+        yield KmsKeyring(args.key_id, region_name=args.region, endpoint_url=args.endpoint_url)
+        return
+    with embedded_kms() as kms:
+        print(
+            f"no KMS key configured (set AIOENVELOPE_KMS_KEY_ID for real AWS KMS): "
+            f"started an embedded KMS (moto) at {kms.endpoint_url}"
+        )
+        key_arn = await kms.create_key("aioenvelope-quickstart")
+        print(f"created key {key_arn}")
+        yield KmsKeyring(
+            "alias/aioenvelope-quickstart",
+            session=kms.session(),
+            region_name=kms.region,
+            endpoint_url=kms.endpoint_url,
+        )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--key-id", default=os.environ.get("AIOENVELOPE_KMS_KEY_ID"))
+    parser.add_argument("--region", default=os.environ.get("AWS_REGION"))
+    parser.add_argument("--endpoint-url", default=os.environ.get("AIOENVELOPE_KMS_ENDPOINT_URL"))
+    args = parser.parse_args()
+    async with keyring_from(args) as keyring:
+        await run(keyring)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""The examples run end to end as a user runs them: a subprocess, no AWS configured."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_example(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AIOENVELOPE_"))}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+
+
+def test_quickstart_runs_against_the_embedded_kms_when_no_key_is_configured() -> None:
+    result = run_example("quickstart.py")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "started an embedded KMS (moto) at http://127.0.0.1:" in out
+    assert "encrypted and decrypted 5 records" in out
+    assert "data key wrapped by arn:aws:kms:" in out
+    assert "tampered record refused" in out
+    assert "wrong tenant refused" in out
+    assert "KMS calls made: 14 (Decrypt 7, DescribeKey 1, GenerateDataKey 6)" in out

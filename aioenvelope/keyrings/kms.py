@@ -333,10 +333,11 @@ class KmsKeyring(_KmsKeyringBase):
         known = self._arns.get(key_id)
         if known is not None:
             return mrk_match(known, str(edk_arn)) if self.mrk_aware else known == str(edk_arn)
-        # Not resolved (check_keys=False and not an ARN): a bare key ID matches by its
-        # resource ID; an alias cannot be compared here, so KMS decides (it refuses a
-        # blob made under another key) and the answer's ARN is checked.
-        if key_id.startswith("alias/") or (parse_arn(key_id) or edk_arn).resource_type == "alias":
+        # Not resolved (check_keys=False and not a key ARN). A bare key ID matches by its
+        # resource ID. An alias cannot be compared here: KMS decides (it refuses a blob
+        # made under another key) and the ARN in its answer is checked.
+        arn = parse_arn(key_id)
+        if key_id.startswith("alias/") or (arn is not None and arn.resource_type == "alias"):
             return True
         return edk_arn.resource_id == key_id
 

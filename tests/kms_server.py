@@ -7,14 +7,14 @@ moto's in-process ``mock_aws`` does not work with aiobotocore, so tests talk HTT
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import boto3
-from moto.server import ThreadedMotoServer
+
+from aioenvelope._embedded_kms import embedded_kms
 
 REGION = "us-west-2"
 DUMMY_CREDENTIALS = {
@@ -76,11 +76,6 @@ def dummy_credentials() -> Iterator[None]:
 
 @contextlib.contextmanager
 def running_moto() -> Iterator[MotoKms]:
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield MotoKms(f"http://{host}:{port}")
-    finally:
-        server.stop()
+    """The library's embedded KMS (moto's threaded server on 127.0.0.1, a free port)."""
+    with embedded_kms(REGION) as kms:
+        yield MotoKms(kms.endpoint_url)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import aioboto3
-import anyio
 
+from .._concurrency import gather_in_order
 from ..errors import (
     ConfigurationError,
     KeyringError,
@@ -235,9 +236,7 @@ class KmsKeyring(_KmsKeyringBase):
             for key in self.key_ids:
                 self._region(key)  # fail now on a key with no region
             if self.check_keys:
-                async with anyio.create_task_group() as tg:
-                    for key in self.key_ids:
-                        tg.start_soon(self._check_key, key)
+                await gather_in_order([partial(self._check_key, key) for key in self.key_ids])
         except BaseException:
             await super().close()
             raise
@@ -301,9 +300,8 @@ class KmsKeyring(_KmsKeyringBase):
             wrap_keys = self.key_ids
         assert materials.plaintext_data_key is not None
         data_key = materials.plaintext_data_key
-        edks: list[EncryptedDataKey | None] = [None] * len(wrap_keys)
 
-        async def wrap(index: int, key: str) -> None:
+        async def wrap(key: str) -> EncryptedDataKey:
             response = await self._clients.call(
                 "Encrypt",
                 self._region(key),
@@ -316,16 +314,12 @@ class KmsKeyring(_KmsKeyringBase):
                 },
             )
             arn = _check_response_key(response, "Encrypt", key)
-            edks[index] = EncryptedDataKey(
+            return EncryptedDataKey(
                 PROVIDER_ID, arn.encode("utf-8"), bytes(response["CiphertextBlob"])
             )
 
-        if wrap_keys:
-            async with anyio.create_task_group() as tg:  # in parallel, not one after another
-                for index, key in enumerate(wrap_keys):
-                    tg.start_soon(wrap, index, key)
-        for edk in edks:
-            assert edk is not None
+        # In parallel, not one after another: each is a KMS round trip.
+        for edk in await gather_in_order([partial(wrap, key) for key in wrap_keys]):
             materials = materials.with_encrypted_data_key(edk)
         return materials
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
-import anyio
-
+from .._concurrency import gather_in_order
 from ..errors import ConfigurationError, KeyringError, NoUsableKeyError
 from ..format.header import EncryptedDataKey
 from .base import DecryptionMaterials, EncryptionMaterials, Keyring
@@ -51,17 +51,12 @@ class MultiKeyring(Keyring):
         if not self.children:
             return materials
         base = materials
-        added: list[tuple[EncryptedDataKey, ...]] = [()] * len(self.children)
-
-        async def wrap(index: int, child: Keyring) -> None:
-            result = await child.on_encrypt(base)
-            added[index] = result.encrypted_data_keys[len(base.encrypted_data_keys) :]
-
-        async with anyio.create_task_group() as tg:
-            for index, child in enumerate(self.children):
-                tg.start_soon(wrap, index, child)
-        for edks in added:
-            for edk in edks:
+        # Children wrap the same data key concurrently (KMS children are round trips).
+        results = await gather_in_order(
+            [partial(child.on_encrypt, base) for child in self.children]
+        )
+        for result in results:
+            for edk in result.encrypted_data_keys[len(base.encrypted_data_keys) :]:
                 materials = materials.with_encrypted_data_key(edk)
         return materials
 

@@ -250,6 +250,8 @@ class KmsKeyring(_KmsKeyringBase):
                 {"KeyId": key_id, "GrantTokens": self._grant_tokens},
             )
         except KMSError as exc:
+            if exc.transient:
+                raise  # KMS is unreachable or throttling: an outage, not a misconfiguration
             what = {
                 "AccessDeniedException": "the caller lacks kms:DescribeKey on it",
                 "NotFoundException": "it does not exist in this account and region",

@@ -150,7 +150,8 @@ class KmsClients:
                 config = Config(
                     retries={
                         "mode": self.settings.retry_mode,
-                        "max_attempts": self.settings.max_attempts,
+                        # botocore's "max_attempts" counts retries; this counts attempts.
+                        "total_max_attempts": self.settings.max_attempts,
                     },
                     connect_timeout=self.settings.deadline,
                     read_timeout=self.settings.deadline,

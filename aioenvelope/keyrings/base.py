@@ -21,7 +21,7 @@ from ..format.suites import AlgorithmSuite
 __all__ = ["DecryptionMaterials", "EncryptionMaterials", "Keyring"]
 
 
-_M = TypeVar("_M", "EncryptionMaterials", "DecryptionMaterials")
+_M = TypeVar("_M", bound="_Materials")
 
 
 def _frozen(context: Mapping[str, str]) -> Mapping[str, str]:
@@ -39,19 +39,13 @@ def _evolve(materials: _M, **changes: Any) -> _M:
     return new
 
 
-def _serialized(materials: EncryptionMaterials | DecryptionMaterials) -> bytes:
-    return serialize_encryption_context(materials.encryption_context)
-
-
-@dataclass(frozen=True)
-class EncryptionMaterials:
-    """What a message is encrypted with. ``plaintext_data_key`` never shows in a repr."""
+class _Materials:
+    """What both kinds of materials share: a frozen context, its serialization, and
+    the data key slot that a keyring fills exactly once."""
 
     algorithm_suite: AlgorithmSuite
     encryption_context: Mapping[str, str]
-    encrypted_data_keys: tuple[EncryptedDataKey, ...] = ()
-    plaintext_data_key: bytes | None = field(default=None, repr=False)
-    required_encryption_context_keys: frozenset[str] = frozenset()
+    plaintext_data_key: bytes | None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "encryption_context", _frozen(self.encryption_context))
@@ -59,14 +53,25 @@ class EncryptionMaterials:
     @cached_property
     def serialized_encryption_context(self) -> bytes:
         """The context as the message format serializes it (the raw AES keyring's AAD)."""
-        return _serialized(self)
+        return serialize_encryption_context(self.encryption_context)
 
-    def with_data_key(self, data_key: bytes) -> EncryptionMaterials:
+    def with_data_key(self: _M, data_key: bytes) -> _M:
         if self.plaintext_data_key is not None:
             raise ValueError("these materials already have a data key")
         if len(data_key) != self.algorithm_suite.key_length:
             raise ValueError("data key length does not match the algorithm suite")
         return _evolve(self, plaintext_data_key=bytes(data_key))
+
+
+@dataclass(frozen=True)
+class EncryptionMaterials(_Materials):
+    """What a message is encrypted with. ``plaintext_data_key`` never shows in a repr."""
+
+    algorithm_suite: AlgorithmSuite
+    encryption_context: Mapping[str, str]
+    encrypted_data_keys: tuple[EncryptedDataKey, ...] = ()
+    plaintext_data_key: bytes | None = field(default=None, repr=False)
+    required_encryption_context_keys: frozenset[str] = frozenset()
 
     def with_encrypted_data_key(self, edk: EncryptedDataKey) -> EncryptionMaterials:
         if not isinstance(edk, EncryptedDataKey):
@@ -79,28 +84,13 @@ class EncryptionMaterials:
 
 
 @dataclass(frozen=True)
-class DecryptionMaterials:
+class DecryptionMaterials(_Materials):
     """What a keyring needs to decrypt, and the data key once a keyring found it."""
 
     algorithm_suite: AlgorithmSuite
     encryption_context: Mapping[str, str]
     plaintext_data_key: bytes | None = field(default=None, repr=False)
     required_encryption_context_keys: frozenset[str] = frozenset()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "encryption_context", _frozen(self.encryption_context))
-
-    @cached_property
-    def serialized_encryption_context(self) -> bytes:
-        """The context as the message format serializes it (the raw AES keyring's AAD)."""
-        return _serialized(self)
-
-    def with_data_key(self, data_key: bytes) -> DecryptionMaterials:
-        if self.plaintext_data_key is not None:
-            raise ValueError("these materials already have a data key")
-        if len(data_key) != self.algorithm_suite.key_length:
-            raise ValueError("data key length does not match the algorithm suite")
-        return _evolve(self, plaintext_data_key=bytes(data_key))
 
 
 class Keyring:

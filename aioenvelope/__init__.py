@@ -6,6 +6,7 @@ every other module is private and may change.
 
 from . import errors
 from .client import DecryptResult, EnvelopeClient
+from .config import CacheConfig, CircuitBreakerConfig, RateLimit
 from .format.header import EncryptedDataKey, MessageHeader
 from .format.suites import AlgorithmSuite, CommitmentPolicy
 from .keyrings import (
@@ -19,9 +20,13 @@ from .keyrings import (
     RawAesKeyring,
     RawRsaKeyring,
 )
+from .stats import ClientStats
 
 __all__ = [
     "AlgorithmSuite",
+    "CacheConfig",
+    "CircuitBreakerConfig",
+    "ClientStats",
     "CommitmentPolicy",
     "DecryptResult",
     "DecryptionMaterials",
@@ -34,6 +39,7 @@ __all__ = [
     "KmsKeyring",
     "MessageHeader",
     "MultiKeyring",
+    "RateLimit",
     "RawAesKeyring",
     "RawRsaKeyring",
     "errors",

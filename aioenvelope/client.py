@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Mapping
+import time
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 
 import anyio.to_thread
 
+from .coalesce import Coalescer
+from .config import CacheConfig, CircuitBreakerConfig, RateLimit
 from .errors import ConfigurationError
 from .format.decryptor import MessageDecryptor
 from .format.encryptor import MessageEncryptor
 from .format.header import MAX_FRAME_LENGTH, MessageHeader
 from .format.suites import AlgorithmSuite, CommitmentPolicy
+from .key_manager import KeyManager
 from .keyrings.base import Keyring
 from .materials import DefaultMaterialsManager
+from .rate_limit import TokenBucket
+from .runtime import Runtime
+from .stats import ClientStats, StatsRecorder
 
 __all__ = [
     "DEFAULT_FRAME_LENGTH",
@@ -75,7 +82,13 @@ class EnvelopeClient:
         algorithm_suite: AlgorithmSuite | None = None,
         frame_length: int = DEFAULT_FRAME_LENGTH,
         max_encrypted_data_keys: int = DEFAULT_MAX_ENCRYPTED_DATA_KEYS,
+        cache: CacheConfig | None = CacheConfig(),  # noqa: B008 - frozen, so sharing is safe
+        decrypt_rate_limit: RateLimit | None = None,
+        circuit_breaker: CircuitBreakerConfig | None = CircuitBreakerConfig(),  # noqa: B008
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``cache``, ``decrypt_rate_limit`` and ``circuit_breaker`` configure the key
+        manager (``None`` switches one off); ``clock`` drives their timing (tests)."""
         if not isinstance(keyring, Keyring):
             raise ConfigurationError(f"keyring must be a Keyring, not {type(keyring).__name__}")
         if not isinstance(commitment_policy, CommitmentPolicy):
@@ -91,10 +104,29 @@ class EnvelopeClient:
         self.commitment_policy = commitment_policy
         self.frame_length = frame_length
         self.max_encrypted_data_keys = max_encrypted_data_keys
-        self._materials = DefaultMaterialsManager(
-            keyring,
-            commitment_policy=commitment_policy,
-            max_encrypted_data_keys=max_encrypted_data_keys,
+        for value, kind, name in (
+            (cache, CacheConfig, "cache"),
+            (decrypt_rate_limit, RateLimit, "decrypt_rate_limit"),
+            (circuit_breaker, CircuitBreakerConfig, "circuit_breaker"),
+        ):
+            if value is not None and not isinstance(value, kind):
+                raise ConfigurationError(f"{name} must be a {kind.__name__} or None")
+        self._stats = StatsRecorder()
+        self._runtime = Runtime(clock=clock, stats=self._stats, breaker_config=circuit_breaker)
+        limiter = (
+            TokenBucket(decrypt_rate_limit, clock, self._stats) if decrypt_rate_limit else None
+        )
+        self._materials = KeyManager(
+            DefaultMaterialsManager(
+                keyring,
+                commitment_policy=commitment_policy,
+                max_encrypted_data_keys=max_encrypted_data_keys,
+            ),
+            cache=cache,
+            limiter=limiter,
+            coalescer=Coalescer(self._stats),
+            clock=clock,
+            stats=self._stats,
         )
         self.algorithm_suite = (
             self._materials.choose_suite(algorithm_suite)
@@ -112,6 +144,7 @@ class EnvelopeClient:
     async def __aenter__(self) -> EnvelopeClient:
         if self._state != "new":
             raise ConfigurationError("an EnvelopeClient can be entered only once")
+        self.keyring.attach(self._runtime)
         await self.keyring.open()
         self._state = "open"
         return self
@@ -123,7 +156,16 @@ class EnvelopeClient:
         tb: TracebackType | None,
     ) -> None:
         self._state = "closed"
-        await self.keyring.close()
+        try:
+            await self.keyring.close()
+        finally:
+            self._materials.close()  # zero the cached data keys
+
+    @property
+    def stats(self) -> ClientStats:
+        """A snapshot of the counters: KMS calls, cache hits and misses, coalesced waits,
+        rate-limited requests, circuit breaker states and transitions."""
+        return self._stats.snapshot()
 
     def _require_open(self) -> None:
         if self._state != "open":
@@ -155,6 +197,7 @@ class EnvelopeClient:
             encryption_context=encryption_context or {},
             algorithm_suite=algorithm_suite or self.algorithm_suite,
             required_encryption_context_keys=frozenset(required_encryption_context_keys),
+            plaintext_length=memoryview(plaintext).nbytes,
         )
         assert plan.materials.plaintext_data_key is not None
         encryptor = MessageEncryptor(

@@ -102,3 +102,22 @@ class KMSTimeoutError(KMSError):
 class KMSKeyCheckError(ConfigurationError):
     """A configured KMS key failed the start-up check (missing, disabled, wrong kind, or
     the caller may not describe it)."""
+
+
+class KMSDecryptRateLimited(EnvelopeError):
+    """Too many cache-miss decryptions: the token bucket is empty. Map it to HTTP 429
+    with ``Retry-After: retry_after``."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class CircuitOpenError(EnvelopeError):
+    """KMS in ``region`` failed repeatedly, so calls fail fast without touching the
+    network until a probe succeeds. Map it to HTTP 503 with ``Retry-After``."""
+
+    def __init__(self, message: str, *, region: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.region = region
+        self.retry_after = retry_after

@@ -152,9 +152,7 @@ class DefaultMaterialsManager:
             )
         return EncryptionPlan(result, signer)
 
-    async def decryption_plan(
-        self, header: MessageHeader, reproduced_context: Mapping[str, str] | None
-    ) -> DecryptionPlan:
+    def check_policy(self, header: MessageHeader) -> None:
         suite = header.algorithm_suite
         if not self.commitment_policy.allows_decrypt(suite):
             raise CommitmentPolicyError(
@@ -162,37 +160,63 @@ class DefaultMaterialsManager:
                 f"client's policy {self.commitment_policy.name} refuses it. To read legacy "
                 "messages, use CommitmentPolicy.REQUIRE_ENCRYPT_ALLOW_DECRYPT"
             )
-        stored = header.encryption_context
-        context = dict(stored)
-        required: set[str] = set()
-        for key, value in (reproduced_context or {}).items():
-            if key in stored:
-                if stored[key] != value:
-                    raise EncryptionContextMismatchError(
-                        f"encryption context value for key {key!r} does not match the message"
-                    )
-            else:
-                # Not stored: it must have been authenticated through the header tag.
-                context[key] = value
-                required.add(key)
-        verifier = None
-        public_key = context.get(PUBLIC_KEY_FIELD)
-        if suite.signing:
-            if public_key is None:
-                raise MalformedMessageError(
-                    f"signing suite {suite.name} but no {PUBLIC_KEY_FIELD} in the context"
-                )
-            verifier = Verifier(suite, public_key)
-        elif public_key is not None:
-            raise MalformedMessageError(
-                f"{PUBLIC_KEY_FIELD} in the context of a message whose suite does not sign"
-            )
+
+    async def decryption_materials(
+        self, header: MessageHeader, context: Mapping[str, str], required: frozenset[str]
+    ) -> DecryptionMaterials:
+        """Ask the keyring for the data key (the part worth caching)."""
         materials = DecryptionMaterials(
-            algorithm_suite=suite,
+            algorithm_suite=header.algorithm_suite,
             encryption_context=context,
-            required_encryption_context_keys=frozenset(required),
+            required_encryption_context_keys=required,
         )
         result = await self.keyring.on_decrypt(materials, header.encrypted_data_keys)
         if result.plaintext_data_key is None:
             raise KeyringError(f"{self.keyring!r} returned no data key on decrypt")
-        return DecryptionPlan(result, verifier)
+        return result
+
+    async def decryption_plan(
+        self, header: MessageHeader, reproduced_context: Mapping[str, str] | None
+    ) -> DecryptionPlan:
+        self.check_policy(header)
+        context, required = merge_reproduced_context(header, reproduced_context)
+        verifier = verifier_for(header, context)
+        materials = await self.decryption_materials(header, context, required)
+        return DecryptionPlan(materials, verifier)
+
+
+def merge_reproduced_context(
+    header: MessageHeader, reproduced: Mapping[str, str] | None
+) -> tuple[dict[str, str], frozenset[str]]:
+    """The decryption context: the stored pairs, plus reproduced pairs the header does not
+    store (those are required context, authenticated through the header tag)."""
+    stored = header.encryption_context
+    context = dict(stored)
+    required: set[str] = set()
+    for key, value in (reproduced or {}).items():
+        if key in stored:
+            if stored[key] != value:
+                raise EncryptionContextMismatchError(
+                    f"encryption context value for key {key!r} does not match the message"
+                )
+        else:
+            context[key] = value
+            required.add(key)
+    return context, frozenset(required)
+
+
+def verifier_for(header: MessageHeader, context: Mapping[str, str]) -> Verifier | None:
+    """The signature verifier of a signing suite (from ``aws-crypto-public-key``)."""
+    suite = header.algorithm_suite
+    public_key = context.get(PUBLIC_KEY_FIELD)
+    if suite.signing:
+        if public_key is None:
+            raise MalformedMessageError(
+                f"signing suite {suite.name} but no {PUBLIC_KEY_FIELD} in the context"
+            )
+        return Verifier(suite, public_key)
+    if public_key is not None:
+        raise MalformedMessageError(
+            f"{PUBLIC_KEY_FIELD} in the context of a message whose suite does not sign"
+        )
+    return None

@@ -23,14 +23,16 @@ from aioenvelope._embedded_kms import embedded_kms
 
 async def run(keyring: KmsKeyring) -> None:
     async with EnvelopeClient(keyring) as client:
-        records = {f"user-{i}": f"card ending {1000 + i}".encode() for i in range(5)}
+        # 1,000 records of one table: the key manager reuses one data key for all of them
+        # (each message still derives its own key), and caches it for decryption.
+        context = {"tenant": "t1", "table": "cards"}
+        records = {f"user-{i}": f"card ending {1000 + i}".encode() for i in range(1000)}
         sealed = {
-            rid: await client.encrypt(data, encryption_context={"tenant": "t1", "record": rid})
+            rid: await client.encrypt(data, encryption_context=context)
             for rid, data in records.items()
         }
         for rid, blob in sealed.items():
-            plain = await client.decrypt(blob, encryption_context={"tenant": "t1", "record": rid})
-            assert plain == records[rid]
+            assert await client.decrypt(blob, encryption_context=context) == records[rid]
         print(f"encrypted and decrypted {len(records)} records")
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -61,8 +63,13 @@ async def run(keyring: KmsKeyring) -> None:
             await client.decrypt(sealed["user-1"], encryption_context={"tenant": "t2"})
         except errors.EncryptionContextMismatchError as exc:
             print(f"wrong tenant refused: {exc}")
-    calls = ", ".join(f"{op} {n}" for op, n in sorted(keyring.kms_calls.items()))
-    print(f"KMS calls made: {sum(keyring.kms_calls.values())} ({calls})")
+        stats = client.stats
+    calls = ", ".join(f"{op} {n}" for op, n in sorted(stats.kms_calls.items()))
+    print(f"KMS calls made: {sum(stats.kms_calls.values())} ({calls})")
+    print(
+        f"data keys reused for {stats.encrypt_cache_hits} encryptions, "
+        f"cached for {stats.decrypt_cache_hits} decryptions"
+    )
 
 
 @contextlib.asynccontextmanager

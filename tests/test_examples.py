@@ -27,8 +27,10 @@ def test_quickstart_runs_against_the_embedded_kms_when_no_key_is_configured() ->
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "started an embedded KMS (moto) at http://127.0.0.1:" in out
-    assert "encrypted and decrypted 5 records" in out
+    assert "encrypted and decrypted 1000 records" in out
     assert "data key wrapped by arn:aws:kms:" in out
     assert "tampered record refused" in out
     assert "wrong tenant refused" in out
-    assert "KMS calls made: 14 (Decrypt 7, DescribeKey 1, GenerateDataKey 6)" in out
+    # 1,000 records under one context share one data key; the file has its own.
+    assert "KMS calls made: 5 (Decrypt 2, DescribeKey 1, GenerateDataKey 2)" in out
+    assert "data keys reused for 999 encryptions, cached for 1000 decryptions" in out

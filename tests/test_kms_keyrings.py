@@ -690,7 +690,8 @@ async def test_one_client_per_region_reused_and_closed_on_exit(
     )
     n = 12
     blobs: list[bytes] = [b""] * n
-    async with EnvelopeClient(keyring) as client:
+    # No cache: every message must make its own calls, all through the same clients.
+    async with EnvelopeClient(keyring, cache=None) as client:
 
         async def round_trip(i: int) -> None:
             blobs[i] = await client.encrypt(PLAINTEXT + bytes([i]), encryption_context=CONTEXT)

@@ -28,15 +28,23 @@ def _algorithms(suite: AlgorithmSuite) -> tuple[ec.EllipticCurve, hashes.HashAlg
 
 
 class Signer:
-    __slots__ = ("_hash", "_hash_alg", "_key")
+    __slots__ = ("_hash", "_hash_alg", "_key", "_suite")
 
-    def __init__(self, suite: AlgorithmSuite) -> None:
+    def __init__(
+        self, suite: AlgorithmSuite, key: ec.EllipticCurvePrivateKey | None = None
+    ) -> None:
         curve, self._hash_alg = _algorithms(suite)
-        self._key = ec.generate_private_key(curve)
+        self._suite = suite
+        self._key = key if key is not None else ec.generate_private_key(curve)
         self._hash = hashes.Hash(self._hash_alg)
 
     def __repr__(self) -> str:
         return f"Signer(curve={self._key.curve.name})"
+
+    def fork(self) -> Signer:
+        """A signer with the same key and a fresh hash, for the next message that reuses
+        these materials (the key is in their encryption context)."""
+        return Signer(self._suite, self._key)
 
     @property
     def encoded_public_key(self) -> str:

@@ -12,11 +12,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..format.encryption_context import serialize_encryption_context
 from ..format.header import EncryptedDataKey
 from ..format.suites import AlgorithmSuite
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
 
 __all__ = ["DecryptionMaterials", "EncryptionMaterials", "Keyring"]
 
@@ -108,6 +111,10 @@ class Keyring:
     ) -> DecryptionMaterials:
         """Return materials with the data key, or raise a ``KeyringError`` explaining why not."""
         raise NotImplementedError
+
+    def attach(self, runtime: Runtime) -> None:
+        """Receive the owning client's clock, counters and circuit breakers (before
+        :meth:`open`). Keyrings that call remote services use them; others need not."""
 
     async def open(self) -> None:
         """Acquire resources; called when the owning client is entered."""

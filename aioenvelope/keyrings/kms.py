@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aioboto3
 
@@ -26,6 +26,9 @@ from ..format.header import EncryptedDataKey
 from .base import DecryptionMaterials, EncryptionMaterials, Keyring
 from .kms_arn import KmsArn, mrk_match, parse_arn
 from .kms_clients import KmsClients, KmsSettings
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
 
 __all__ = ["DiscoveryFilter", "KmsDiscoveryKeyring", "KmsKeyring"]
 
@@ -99,6 +102,9 @@ class _KmsKeyringBase(Keyring):
     def kms_calls(self) -> Mapping[str, int]:
         """KMS calls made so far, by operation (attempts as seen by us, not retries)."""
         return dict(self._clients.calls)
+
+    def attach(self, runtime: Runtime) -> None:
+        self._clients.runtime = runtime
 
     async def open(self) -> None:
         await self._clients.open()

@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aioboto3
 import anyio
@@ -21,6 +21,9 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ..errors import ConfigurationError, KMSError, KMSTimeoutError
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
 
 __all__ = ["KmsClients", "KmsSettings"]
 
@@ -101,6 +104,7 @@ class KmsClients:
     def __init__(self, settings: KmsSettings) -> None:
         self.settings = settings
         self.calls: collections.Counter[str] = collections.Counter()
+        self.runtime: Runtime | None = None
         self._clients: dict[str, Any] = {}
         self._gates: dict[str, anyio.Semaphore] = {}
         self._stack: AsyncExitStack | None = None
@@ -173,10 +177,35 @@ class KmsClients:
         self, operation: str, region: str, key_id: str, params: Mapping[str, Any]
     ) -> dict[str, Any]:
         """Call ``operation`` and return its response, or raise a :class:`KMSError`."""
+        breaker = self.runtime.breaker(region) if self.runtime is not None else None
+        if breaker is not None:
+            breaker.before_call()  # fails fast, with no I/O, while KMS is down
+        try:
+            response = await self._call(operation, region, key_id, params)
+        except KMSError as exc:
+            if breaker is not None:
+                if exc.transient:
+                    breaker.record_failure()
+                else:
+                    breaker.record_success()  # KMS answered (with an error): it is up
+            raise
+        except BaseException:
+            if breaker is not None:
+                breaker.record_abandoned()  # cancelled before an answer
+            raise
+        if breaker is not None:
+            breaker.record_success()
+        return response
+
+    async def _call(
+        self, operation: str, region: str, key_id: str, params: Mapping[str, Any]
+    ) -> dict[str, Any]:
         client, gate = await self._client(region)
         method = getattr(client, _METHODS[operation])
         async with gate:
             self.calls[operation] += 1
+            if self.runtime is not None:
+                self.runtime.stats.kms_calls[operation] += 1
             try:
                 with anyio.fail_after(self.settings.deadline):
                     response: dict[str, Any] = await method(**params)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 from .._concurrency import gather_in_order
 from ..errors import ConfigurationError, KeyringError, NoUsableKeyError
 from ..format.header import EncryptedDataKey
 from .base import DecryptionMaterials, EncryptionMaterials, Keyring
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
 
 __all__ = ["MultiKeyring"]
 
@@ -32,6 +36,10 @@ class MultiKeyring(Keyring):
     @property
     def _all(self) -> tuple[Keyring, ...]:
         return ((self.generator,) if self.generator else ()) + self.children
+
+    def attach(self, runtime: Runtime) -> None:
+        for keyring in self._all:
+            keyring.attach(runtime)
 
     async def open(self) -> None:
         for keyring in self._all:

@@ -1,0 +1,240 @@
+"""The key manager: as few KMS calls as is safe, and fail fast when KMS is down.
+
+Wraps the default materials manager with data-key reuse for encryption, a TTL cache of
+data keys for decryption, coalescing of identical concurrent misses, and the decrypt
+rate limit. (The circuit breaker sits lower, on the KMS call path: see ``breaker.py``.)
+
+On wiping: cached data keys are held in ``bytearray``s and zeroed when evicted, expired or
+cleared. Python still makes transient ``bytes`` copies (each message's materials, the
+KMS response) that it cannot zero; this narrows exposure, it does not guarantee erasure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Mapping, Set
+from dataclasses import dataclass
+from typing import Any
+
+from cachetools import TTLCache
+
+from .coalesce import Coalescer
+from .config import CacheConfig
+from .format.encryption_context import serialize_encryption_context, validate_user_context
+from .format.header import MessageHeader
+from .format.suites import AlgorithmSuite
+from .keyrings.base import DecryptionMaterials, _evolve
+from .materials import (
+    DecryptionPlan,
+    DefaultMaterialsManager,
+    EncryptionPlan,
+    merge_reproduced_context,
+    verifier_for,
+)
+from .rate_limit import TokenBucket
+from .stats import StatsRecorder
+
+__all__ = ["KeyManager"]
+
+
+class _WipingTTLCache(TTLCache[bytes, Any]):
+    """A TTL cache that zeroes the key bytes of whatever leaves it."""
+
+    def popitem(self) -> tuple[bytes, Any]:
+        key, value = super().popitem()
+        value.wipe()
+        return key, value
+
+    def expire(self, time: float | None = None) -> Any:
+        expired = super().expire(time)
+        for _, value in expired:
+            value.wipe()
+        return expired
+
+    def wipe_all(self) -> None:
+        for value in self.values():
+            value.wipe()
+        self.clear()
+
+
+class _DecryptEntry:
+    __slots__ = ("data_key", "materials")
+
+    def __init__(self, materials: DecryptionMaterials) -> None:
+        assert materials.plaintext_data_key is not None
+        self.data_key = bytearray(materials.plaintext_data_key)
+        self.materials = _evolve(materials, plaintext_data_key=None)
+
+    def use(self) -> DecryptionMaterials:
+        return _evolve(self.materials, plaintext_data_key=bytes(self.data_key))
+
+    def wipe(self) -> None:
+        self.data_key[:] = bytes(len(self.data_key))
+
+
+@dataclass
+class _EncryptEntry:
+    plan: EncryptionPlan
+    data_key: bytearray
+    created: float
+    messages: int = 0
+    bytes: int = 0
+
+    def try_use(self, now: float, size: int, config: CacheConfig) -> bool:
+        if (
+            now - self.created >= config.max_age
+            or self.messages + 1 > config.max_messages
+            or self.bytes + size > config.max_bytes
+        ):
+            return False
+        self.messages += 1
+        self.bytes += size
+        return True
+
+    def plan_for_message(self) -> EncryptionPlan:
+        signer = self.plan.signer.fork() if self.plan.signer is not None else None
+        return EncryptionPlan(self.plan.materials, signer)
+
+    def wipe(self) -> None:
+        self.data_key[:] = bytes(len(self.data_key))
+
+
+def _digest(*parts: bytes) -> bytes:
+    h = hashlib.sha384()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "big"))  # length-prefixed: no ambiguous joins
+        h.update(part)
+    return h.digest()
+
+
+class KeyManager:
+    """Caching, coalescing and rate limiting around :class:`DefaultMaterialsManager`."""
+
+    def __init__(
+        self,
+        inner: DefaultMaterialsManager,
+        *,
+        cache: CacheConfig | None,
+        limiter: TokenBucket | None,
+        coalescer: Coalescer,
+        clock: Callable[[], float],
+        stats: StatsRecorder,
+    ) -> None:
+        self.inner = inner
+        self._config = cache
+        self._limiter = limiter
+        self._coalescer = coalescer
+        self._clock = clock
+        self._stats = stats
+        partition = (cache.partition if cache else None) or os.urandom(16).hex()
+        self._partition = partition.encode("utf-8")
+        self._encrypt: _WipingTTLCache | None = None
+        self._decrypt: _WipingTTLCache | None = None
+        if cache is not None:
+            if cache.reuse_data_keys:
+                self._encrypt = _WipingTTLCache(cache.encrypt_entries, cache.max_age, timer=clock)
+            self._decrypt = _WipingTTLCache(cache.decrypt_entries, cache.decrypt_ttl, timer=clock)
+
+    def choose_suite(self, requested: AlgorithmSuite | None) -> AlgorithmSuite:
+        return self.inner.choose_suite(requested)
+
+    def close(self) -> None:
+        for cache in (self._encrypt, self._decrypt):
+            if cache is not None:
+                cache.wipe_all()
+
+    # -- encryption --------------------------------------------------------------------
+
+    async def encryption_plan(
+        self,
+        *,
+        encryption_context: Mapping[str, str],
+        algorithm_suite: AlgorithmSuite | None,
+        required_encryption_context_keys: Set[str],
+        plaintext_length: int | None,
+    ) -> EncryptionPlan:
+        def fresh() -> Any:
+            return self.inner.encryption_plan(
+                encryption_context=encryption_context,
+                algorithm_suite=algorithm_suite,
+                required_encryption_context_keys=required_encryption_context_keys,
+            )
+
+        cache, config = self._encrypt, self._config
+        suite = self.inner.choose_suite(algorithm_suite)
+        if (
+            cache is None
+            or config is None
+            or plaintext_length is None
+            or plaintext_length > config.max_bytes
+            or suite.info.kdf_hash is None  # never reuse a key that is used directly
+        ):
+            return await fresh()  # type: ignore[no-any-return]
+        validate_user_context(encryption_context)
+        key = _digest(
+            self._partition,
+            b"encrypt",
+            suite.suite_id.to_bytes(2, "big"),
+            serialize_encryption_context(encryption_context),
+            "\x00".join(sorted(required_encryption_context_keys)).encode("utf-8"),
+        )
+        waited = False
+        while True:
+            entry: _EncryptEntry | None = cache.get(key)
+            if entry is not None and entry.try_use(self._clock(), plaintext_length, config):
+                if not waited:
+                    self._stats.encrypt_cache_hits += 1
+                return entry.plan_for_message()
+            if not waited:
+                self._stats.encrypt_cache_misses += 1
+
+            async def refill(key: bytes = key) -> None:
+                plan = await fresh()
+                assert plan.materials.plaintext_data_key is not None
+                old = cache.pop(key, None)
+                if old is not None:
+                    old.wipe()
+                cache[key] = _EncryptEntry(
+                    plan, bytearray(plan.materials.plaintext_data_key), self._clock()
+                )
+
+            await self._coalescer.run(("encrypt", key), refill)
+            waited = True  # a refill happened (ours or one we joined): look again
+
+    # -- decryption --------------------------------------------------------------------
+
+    async def decryption_plan(
+        self, header: MessageHeader, reproduced_context: Mapping[str, str] | None
+    ) -> DecryptionPlan:
+        inner = self.inner
+        inner.check_policy(header)
+        context, required = merge_reproduced_context(header, reproduced_context)
+        verifier = verifier_for(header, context)
+        suite = header.algorithm_suite
+        cache = self._decrypt if suite.info.kdf_hash is not None else None
+        key = _digest(
+            self._partition,
+            b"decrypt",
+            suite.suite_id.to_bytes(2, "big"),
+            *sorted(edk.serialize() for edk in header.encrypted_data_keys),
+            b"context",
+            serialize_encryption_context(context),
+        )
+        if cache is not None:
+            entry: _DecryptEntry | None = cache.get(key)
+            if entry is not None:
+                self._stats.decrypt_cache_hits += 1
+                return DecryptionPlan(entry.use(), verifier)
+            self._stats.decrypt_cache_misses += 1
+
+        async def fetch() -> DecryptionMaterials:
+            if self._limiter is not None:
+                await self._limiter.take()
+            materials = await inner.decryption_materials(header, context, required)
+            if cache is not None:
+                cache[key] = _DecryptEntry(materials)
+            return materials
+
+        materials = await self._coalescer.run(("decrypt", key), fetch)
+        return DecryptionPlan(materials, verifier)

@@ -1,0 +1,53 @@
+"""A token bucket for cache-miss decryptions: the denial-of-wallet defence.
+
+Every cache miss costs a KMS call (billed, and counted against the account's quota), and
+a caller controls what it asks us to decrypt; this bounds what it can make us spend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anyio
+
+from .config import RateLimit
+from .errors import KMSDecryptRateLimited
+from .stats import StatsRecorder
+
+__all__ = ["TokenBucket"]
+
+
+class TokenBucket:
+    def __init__(self, config: RateLimit, clock: Callable[[], float], stats: StatsRecorder) -> None:
+        self._config = config
+        self._clock = clock
+        self._stats = stats
+        self._tokens = float(config.burst)
+        self._last = clock()
+
+    def _try_take(self) -> float:
+        """Take a token and return 0, or return how long until one is there."""
+        now = self._clock()
+        rate, burst = self._config.rate, self._config.burst
+        self._tokens = min(float(burst), self._tokens + max(now - self._last, 0.0) * rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / rate
+
+    async def take(self) -> None:
+        delay = self._try_take()
+        if delay == 0.0:
+            return
+        self._stats.rate_limited += 1
+        if not self._config.wait:
+            raise KMSDecryptRateLimited(
+                "too many decryptions that miss the cache: the decrypt rate limit "
+                f"({self._config.rate:g}/s, burst {self._config.burst}) is spent. "
+                f"Retry after {delay:.2f} s (HTTP 429)",
+                retry_after=delay,
+            )
+        while delay > 0.0:
+            await anyio.sleep(delay)
+            delay = self._try_take()

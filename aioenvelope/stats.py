@@ -1,0 +1,53 @@
+"""Counters a user can read: ``client.stats`` returns a :class:`ClientStats` snapshot."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+__all__ = ["ClientStats", "StatsRecorder"]
+
+
+@dataclass(frozen=True)
+class ClientStats:
+    """A snapshot of one client's counters since it was created."""
+
+    kms_calls: Mapping[str, int]
+    encrypt_cache_hits: int
+    encrypt_cache_misses: int
+    decrypt_cache_hits: int
+    decrypt_cache_misses: int
+    coalesced_waits: int
+    rate_limited: int
+    breaker_states: Mapping[str, str]
+    breaker_transitions: int
+
+
+@dataclass
+class StatsRecorder:
+    """The live counters (mutated in place; single event loop, so no locking)."""
+
+    kms_calls: collections.Counter[str] = field(default_factory=collections.Counter)
+    encrypt_cache_hits: int = 0
+    encrypt_cache_misses: int = 0
+    decrypt_cache_hits: int = 0
+    decrypt_cache_misses: int = 0
+    coalesced_waits: int = 0
+    rate_limited: int = 0
+    breaker_states: dict[str, str] = field(default_factory=dict)
+    breaker_transitions: int = 0
+
+    def snapshot(self) -> ClientStats:
+        return ClientStats(
+            kms_calls=MappingProxyType(dict(self.kms_calls)),
+            encrypt_cache_hits=self.encrypt_cache_hits,
+            encrypt_cache_misses=self.encrypt_cache_misses,
+            decrypt_cache_hits=self.decrypt_cache_hits,
+            decrypt_cache_misses=self.decrypt_cache_misses,
+            coalesced_waits=self.coalesced_waits,
+            rate_limited=self.rate_limited,
+            breaker_states=MappingProxyType(dict(self.breaker_states)),
+            breaker_transitions=self.breaker_transitions,
+        )

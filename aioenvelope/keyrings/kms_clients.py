@@ -183,6 +183,14 @@ class KmsClients:
         try:
             response = await self._call(operation, region, key_id, params)
         except KMSError as exc:
+            log.log(
+                logging.WARNING if exc.transient else logging.INFO,
+                "KMS %s with key %s in %s failed: %s",
+                operation,
+                key_id,
+                region,
+                exc.error_code,
+            )
             if breaker is not None:
                 if exc.transient:
                     breaker.record_failure()
@@ -203,6 +211,7 @@ class KmsClients:
         client, gate = await self._client(region)
         method = getattr(client, _METHODS[operation])
         async with gate:
+            log.debug("KMS %s with key %s in %s", operation, key_id, region)
             self.calls[operation] += 1
             if self.runtime is not None:
                 self.runtime.stats.kms_calls[operation] += 1

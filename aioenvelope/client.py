@@ -112,6 +112,7 @@ class EnvelopeClient:
             if value is not None and not isinstance(value, kind):
                 raise ConfigurationError(f"{name} must be a {kind.__name__} or None")
         self._stats = StatsRecorder()
+        self._coalescer = Coalescer(self._stats)
         self._runtime = Runtime(clock=clock, stats=self._stats, breaker_config=circuit_breaker)
         limiter = (
             TokenBucket(decrypt_rate_limit, clock, self._stats) if decrypt_rate_limit else None
@@ -124,7 +125,7 @@ class EnvelopeClient:
             ),
             cache=cache,
             limiter=limiter,
-            coalescer=Coalescer(self._stats),
+            coalescer=self._coalescer,
             clock=clock,
             stats=self._stats,
         )
@@ -157,6 +158,7 @@ class EnvelopeClient:
     ) -> None:
         self._state = "closed"
         try:
+            await self._coalescer.aclose()  # shared calls nobody awaits any more
             await self.keyring.close()
         finally:
             self._materials.close()  # zero the cached data keys

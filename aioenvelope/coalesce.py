@@ -1,21 +1,22 @@
 """Coalescing: concurrent identical misses share one call.
 
-The request that finds no call in flight makes it, inside a shielded cancel scope, so
-cancelling that request does not cancel the shared call nor fail or hang the others;
-its own cancellation takes effect once the call returns (within the KMS deadline). A
-task owned by the client would avoid that delay, but a task group must be exited by the
-task that entered it, which frameworks that open and close clients in different tasks
-(test fixtures, some lifespans) do not guarantee.
+The call runs in its own task, and every caller (the first included) awaits it through
+``asyncio.shield``: cancelling any caller, whether by anyio, ``Task.cancel()`` or a
+timeout, neither cancels the shared call nor fails or hangs the others, and takes effect
+at once for that caller. A failure reaches every waiter and is not remembered: the next
+request tries again. ``aclose`` cancels what is still running when the client closes.
 
-A failure reaches every waiter and is not remembered: the next request tries again.
+Plain asyncio tasks rather than an anyio task group: a task group must be exited by the
+task that entered it, which frameworks that open and close clients in different tasks
+(test fixtures, some lifespans) do not guarantee; and aioboto3 runs only on asyncio.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Any, Generic, TypeVar
-
-import anyio
+from functools import partial
+from typing import Any, TypeVar
 
 from .stats import StatsRecorder
 
@@ -24,36 +25,35 @@ __all__ = ["Coalescer"]
 T = TypeVar("T")
 
 
-class _Flight(Generic[T]):
-    __slots__ = ("done", "error", "result")
-
-    def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.result: T | None = None
-        self.error: Exception | None = None
-
-
 class Coalescer:
     def __init__(self, stats: StatsRecorder) -> None:
         self._stats = stats
-        self._inflight: dict[Hashable, _Flight[Any]] = {}
+        self._inflight: dict[Hashable, asyncio.Task[Any]] = {}
 
     async def run(self, key: Hashable, call: Callable[[], Awaitable[T]]) -> T:
         """``call()``'s result, shared with concurrent callers of the same ``key``."""
-        flight: _Flight[T] | None = self._inflight.get(key)
-        if flight is not None:
+        task = self._inflight.get(key)
+        if task is not None:
             self._stats.coalesced_waits += 1
-            await flight.done.wait()
         else:
-            flight = self._inflight[key] = _Flight()
-            try:
-                with anyio.CancelScope(shield=True):
-                    flight.result = await call()
-            except Exception as exc:
-                flight.error = exc
-            finally:
-                del self._inflight[key]
-                flight.done.set()
-        if flight.error is not None:
-            raise flight.error
-        return flight.result  # type: ignore[return-value]  # set whenever error is None
+
+            async def shared() -> T:
+                return await call()
+
+            task = asyncio.get_running_loop().create_task(shared())
+            self._inflight[key] = task
+            task.add_done_callback(partial(self._forget, key))
+        result: T = await asyncio.shield(task)
+        return result
+
+    def _forget(self, key: Hashable, task: asyncio.Task[Any]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # mark it retrieved even if every waiter went away
+
+    async def aclose(self) -> None:
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

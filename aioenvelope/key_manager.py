@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Mapping, Set
+from collections.abc import Callable, Hashable, Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +38,10 @@ from .stats import StatsRecorder
 __all__ = ["KeyManager"]
 
 
-class _WipingTTLCache(TTLCache[bytes, Any]):
+class _WipingTTLCache(TTLCache[Hashable, Any]):
     """A TTL cache that zeroes the key bytes of whatever leaves it."""
 
-    def popitem(self) -> tuple[bytes, Any]:
+    def popitem(self) -> tuple[Hashable, Any]:
         key, value = super().popitem()
         value.wipe()
         return key, value
@@ -172,13 +172,17 @@ class KeyManager:
         ):
             return await fresh()  # type: ignore[no-any-return]
         validate_user_context(encryption_context)
-        key = _digest(
-            self._partition,
-            b"encrypt",
-            suite.suite_id.to_bytes(2, "big"),
-            serialize_encryption_context(encryption_context),
-            "\x00".join(sorted(required_encryption_context_keys)).encode("utf-8"),
-        )
+        # The cache is this client's own, and callers choose their contexts, so a plain
+        # hashable key will do here (the decrypt side digests: EDKs come from messages).
+        # serialize_encryption_context still runs once per entry, when it is filled.
+        try:
+            key: Hashable = (
+                suite,
+                frozenset(encryption_context.items()),
+                frozenset(required_encryption_context_keys),
+            )
+        except TypeError:  # an unhashable value: let the inner manager explain it
+            return await fresh()  # type: ignore[no-any-return]
         waited = False
         while True:
             entry: _EncryptEntry | None = cache.get(key)
@@ -189,7 +193,7 @@ class KeyManager:
             if not waited:
                 self._stats.encrypt_cache_misses += 1
 
-            async def refill(key: bytes = key) -> None:
+            async def refill(key: Hashable = key) -> None:
                 plan = await fresh()
                 assert plan.materials.plaintext_data_key is not None
                 old = cache.pop(key, None)
@@ -236,5 +240,9 @@ class KeyManager:
                 cache[key] = _DecryptEntry(materials)
             return materials
 
+        if cache is None:
+            # No cache, no sharing: every message makes its own call (the contract of
+            # cache=None, e.g. for a per-message audit trail).
+            return DecryptionPlan(await fetch(), verifier)
         materials = await self._coalescer.run(("decrypt", key), fetch)
         return DecryptionPlan(materials, verifier)

@@ -28,7 +28,9 @@ from bench.oneshot import CONTEXT, FRAME_LENGTH, KEY_NAME, NAMESPACE
 async def _loop(op: str, size: int, suite: AlgorithmSuite, seconds: float) -> tuple[int, float]:
     keyring = RawAesKeyring(NAMESPACE, KEY_NAME, os.urandom(32))
     data = os.urandom(size)
-    async with EnvelopeClient(keyring, algorithm_suite=suite, frame_length=FRAME_LENGTH) as c:
+    async with EnvelopeClient(
+        keyring, algorithm_suite=suite, frame_length=FRAME_LENGTH, cache=None
+    ) as c:
         blob = await c.encrypt(data, encryption_context=CONTEXT)
         check(await c.decrypt(blob, encryption_context=CONTEXT) == data, "round trip lost data")
         n = 0

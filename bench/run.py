@@ -26,10 +26,10 @@ import cryptography
 from cryptography.hazmat.backends.openssl.backend import backend
 
 import aioenvelope
-from bench import common, esdk, oneshot
+from bench import common, esdk, kms_cache, oneshot
 
 Collector = Callable[[common.Settings, AsyncExitStack], Awaitable[list[common.Case]]]
-COLLECTORS: tuple[Collector, ...] = (oneshot.collect,)
+COLLECTORS: tuple[Collector, ...] = (oneshot.collect, kms_cache.collect)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

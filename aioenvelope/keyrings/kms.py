@@ -16,6 +16,7 @@ import aioboto3
 
 from .._concurrency import gather_in_order
 from ..errors import (
+    CircuitOpenError,
     ConfigurationError,
     KeyringError,
     KMSError,
@@ -145,13 +146,23 @@ class _KmsKeyringBase(Keyring):
         attempts: Sequence[tuple[EncryptedDataKey, str, str, str | None]],
         total_edks: int,
     ) -> DecryptionMaterials:
-        """Try each (edk, key, region, expected ARN) in turn; the first success wins."""
+        """Try each (edk, key, region, expected ARN) in turn; the first success wins.
+
+        A region whose circuit breaker is open is skipped, not fatal: a message wrapped
+        in two regions must still decrypt while one of them is down.
+        """
         failures: list[KMSError] = []
+        refused: list[CircuitOpenError] = []
         for edk, key_id, region, expect in attempts:
             try:
                 return await self._decrypt_one(materials, edk, key_id, region, expect)
             except KMSError as exc:
                 failures.append(exc)
+            except CircuitOpenError as exc:
+                refused.append(exc)
+        if refused and all(f.transient for f in failures):
+            # Nothing answered: KMS is down where we could have asked. A 503, not a 4xx.
+            raise min(refused, key=lambda exc: exc.retry_after)
         transient = [f for f in failures if f.transient]
         if transient and len(transient) == len(failures):
             # Every try failed for want of KMS: an outage, not a wrong key. Say so.

@@ -175,15 +175,6 @@ class DefaultMaterialsManager:
             raise KeyringError(f"{self.keyring!r} returned no data key on decrypt")
         return result
 
-    async def decryption_plan(
-        self, header: MessageHeader, reproduced_context: Mapping[str, str] | None
-    ) -> DecryptionPlan:
-        self.check_policy(header)
-        context, required = merge_reproduced_context(header, reproduced_context)
-        verifier = verifier_for(header, context)
-        materials = await self.decryption_materials(header, context, required)
-        return DecryptionPlan(materials, verifier)
-
 
 def merge_reproduced_context(
     header: MessageHeader, reproduced: Mapping[str, str] | None

@@ -113,14 +113,6 @@ class MessageDecryptor:
     def header(self) -> ParsedHeader | None:
         return self._parsed
 
-    @property
-    def done(self) -> bool:
-        return self._state is _State.DONE
-
-    def buffered(self) -> int:
-        """Bytes buffered but not yet consumed (for callers that bound their buffering)."""
-        return len(self._buf) - self._pos
-
     # -- header ----------------------------------------------------------------------
 
     def read_header(self) -> ParsedHeader | None:

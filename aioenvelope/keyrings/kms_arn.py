@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["KmsArn", "is_mrk_identifier", "mrk_match", "parse_arn", "region_of"]
+__all__ = ["KmsArn", "is_mrk_identifier", "mrk_match", "parse_arn"]
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,6 @@ def parse_arn(identifier: str) -> KmsArn | None:
     if resource_type not in ("key", "alias"):
         return None
     return KmsArn(partition, region, account, resource_type, resource_id)
-
-
-def region_of(identifier: str) -> str | None:
-    arn = parse_arn(identifier)
-    return arn.region if arn else None
 
 
 def is_mrk_identifier(identifier: str) -> bool:

@@ -216,7 +216,17 @@ class KeyManager:
         context, required = merge_reproduced_context(header, reproduced_context)
         verifier = verifier_for(header, context)
         suite = header.algorithm_suite
+
+        async def fetch() -> DecryptionMaterials:
+            if self._limiter is not None:
+                await self._limiter.take()
+            return await inner.decryption_materials(header, context, required)
+
         cache = self._decrypt if suite.info.kdf_hash is not None else None
+        if cache is None:
+            # No cache, no sharing: every message makes its own call (the contract of
+            # cache=None, e.g. for a per-message audit trail; never for identity KDFs).
+            return DecryptionPlan(await fetch(), verifier)
         key = _digest(
             self._partition,
             b"decrypt",
@@ -225,24 +235,16 @@ class KeyManager:
             b"context",
             serialize_encryption_context(context),
         )
-        if cache is not None:
-            entry: _DecryptEntry | None = cache.get(key)
-            if entry is not None:
-                self._stats.decrypt_cache_hits += 1
-                return DecryptionPlan(entry.use(), verifier)
-            self._stats.decrypt_cache_misses += 1
+        entry: _DecryptEntry | None = cache.get(key)
+        if entry is not None:
+            self._stats.decrypt_cache_hits += 1
+            return DecryptionPlan(entry.use(), verifier)
+        self._stats.decrypt_cache_misses += 1
 
-        async def fetch() -> DecryptionMaterials:
-            if self._limiter is not None:
-                await self._limiter.take()
-            materials = await inner.decryption_materials(header, context, required)
-            if cache is not None:
-                cache[key] = _DecryptEntry(materials)
+        async def fetch_and_cache() -> DecryptionMaterials:
+            materials = await fetch()
+            cache[key] = _DecryptEntry(materials)
             return materials
 
-        if cache is None:
-            # No cache, no sharing: every message makes its own call (the contract of
-            # cache=None, e.g. for a per-message audit trail).
-            return DecryptionPlan(await fetch(), verifier)
-        materials = await self._coalescer.run(("decrypt", key), fetch)
+        materials = await self._coalescer.run(("decrypt", key), fetch_and_cache)
         return DecryptionPlan(materials, verifier)

@@ -21,6 +21,7 @@ from .keyrings import (
     RawRsaKeyring,
 )
 from .stats import ClientStats
+from .streams import DecryptingStream, EncryptingStream, StreamSource
 
 __all__ = [
     "AlgorithmSuite",
@@ -29,9 +30,11 @@ __all__ = [
     "ClientStats",
     "CommitmentPolicy",
     "DecryptResult",
+    "DecryptingStream",
     "DecryptionMaterials",
     "DiscoveryFilter",
     "EncryptedDataKey",
+    "EncryptingStream",
     "EncryptionMaterials",
     "EnvelopeClient",
     "Keyring",
@@ -42,6 +45,7 @@ __all__ = [
     "RateLimit",
     "RawAesKeyring",
     "RawRsaKeyring",
+    "StreamSource",
     "errors",
 ]
 __version__ = "0.1.0"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 
-import anyio.to_thread
+import anyio
+import anyio.lowlevel
 
 from .coalesce import Coalescer
 from .config import CacheConfig, CircuitBreakerConfig, RateLimit
@@ -19,10 +20,18 @@ from .format.header import MAX_FRAME_LENGTH, MessageHeader
 from .format.suites import AlgorithmSuite, CommitmentPolicy
 from .key_manager import KeyManager
 from .keyrings.base import Keyring
-from .materials import DefaultMaterialsManager
+from .materials import DecryptionPlan, DefaultMaterialsManager
 from .rate_limit import TokenBucket
 from .runtime import Runtime
 from .stats import ClientStats, StatsRecorder
+from .streams import (
+    DecryptingStream,
+    EncryptingStream,
+    StreamSource,
+    check_source,
+    file_chunks,
+    write_atomically,
+)
 
 __all__ = [
     "DEFAULT_FRAME_LENGTH",
@@ -145,6 +154,9 @@ class EnvelopeClient:
     async def __aenter__(self) -> EnvelopeClient:
         if self._state != "new":
             raise ConfigurationError("an EnvelopeClient can be entered only once")
+        # anyio imports its event-loop backend on first use (~40 ms here): pay that now,
+        # at start-up, rather than in the middle of the first stream.
+        await anyio.lowlevel.checkpoint()
         self.keyring.attach(self._runtime)
         await self.keyring.open()
         self._state = "open"
@@ -193,16 +205,115 @@ class EnvelopeClient:
         """
         self._require_open()
         _check_bytes(plaintext, "plaintext")
+        length = memoryview(plaintext).nbytes
+        encryptor = await self._new_encryptor(
+            encryption_context,
+            algorithm_suite,
+            self._frame_length_or_default(frame_length),
+            required_encryption_context_keys,
+            length,
+        )
+        if length < OFFLOAD_THRESHOLD:
+            return encryptor.encrypt_all(plaintext)
+
+        async def ready() -> MessageEncryptor:
+            return encryptor
+
+        # Large objects go through the streaming engine, so they get the same stepping
+        # and thread offload (and give the loop the same breathing room).
+        return await EncryptingStream(plaintext, ready, plaintext_length=length).read_all()
+
+    def encrypt_stream(
+        self,
+        source: StreamSource,
+        *,
+        encryption_context: Mapping[str, str] | None = None,
+        algorithm_suite: AlgorithmSuite | None = None,
+        frame_length: int | None = None,
+        required_encryption_context_keys: Collection[str] = (),
+        plaintext_length: int | None = None,
+    ) -> EncryptingStream:
+        """Encrypt ``source`` into one message, returned as an async iterator of ``bytes``.
+
+        Memory stays near one frame plus one 1 MiB step whatever the source's chunking;
+        the source is read only as fast as the result is consumed. At most one KMS call
+        is made, before the first chunk. ``plaintext_length``, when the caller knows it,
+        lets the stream reuse a cached data key (without it every stream gets a fresh
+        key); a stream of any other length then fails. Use ``async with`` (or
+        ``aclose()``) to close the source when stopping early.
+        """
+        self._require_open()
+        check_source(source)
+        frame_length = self._frame_length_or_default(frame_length)
+        if plaintext_length is not None and (
+            isinstance(plaintext_length, bool)
+            or not isinstance(plaintext_length, int)
+            or plaintext_length < 0
+        ):
+            raise ConfigurationError("plaintext_length must be a non-negative int or None")
+
+        def start() -> Awaitable[MessageEncryptor]:
+            return self._new_encryptor(
+                encryption_context,
+                algorithm_suite,
+                frame_length,
+                required_encryption_context_keys,
+                plaintext_length,
+            )
+
+        return EncryptingStream(source, start, plaintext_length=plaintext_length)
+
+    async def encrypt_file(
+        self,
+        source: str | os.PathLike[str],
+        destination: str | os.PathLike[str],
+        *,
+        encryption_context: Mapping[str, str] | None = None,
+        algorithm_suite: AlgorithmSuite | None = None,
+        frame_length: int | None = None,
+        required_encryption_context_keys: Collection[str] = (),
+        overwrite: bool = False,
+    ) -> MessageHeader:
+        """Stream the file ``source`` into an encrypted ``destination``.
+
+        The output is written to a temporary file (mode 0600) and moved into place only
+        when complete; an existing ``destination`` is kept unless ``overwrite``.
+        """
+        size = (await anyio.Path(source).stat()).st_size
+        stream = self.encrypt_stream(
+            file_chunks(source),
+            encryption_context=encryption_context,
+            algorithm_suite=algorithm_suite,
+            frame_length=frame_length,
+            required_encryption_context_keys=required_encryption_context_keys,
+            plaintext_length=size,
+        )
+        async with stream:
+            await write_atomically(destination, stream, overwrite=overwrite)
+        assert stream.header is not None
+        return stream.header
+
+    def _frame_length_or_default(self, frame_length: int | None) -> int:
         frame_length = self.frame_length if frame_length is None else frame_length
         _check_frame_length(frame_length)
+        return frame_length
+
+    async def _new_encryptor(
+        self,
+        encryption_context: Mapping[str, str] | None,
+        algorithm_suite: AlgorithmSuite | None,
+        frame_length: int,
+        required_encryption_context_keys: Collection[str],
+        plaintext_length: int | None,
+    ) -> MessageEncryptor:
         plan = await self._materials.encryption_plan(
             encryption_context=encryption_context or {},
             algorithm_suite=algorithm_suite or self.algorithm_suite,
             required_encryption_context_keys=frozenset(required_encryption_context_keys),
-            plaintext_length=memoryview(plaintext).nbytes,
+            plaintext_length=plaintext_length,
         )
         assert plan.materials.plaintext_data_key is not None
-        encryptor = MessageEncryptor(
+        return MessageEncryptor(
             algorithm_suite=plan.materials.algorithm_suite,
             data_key=plan.materials.plaintext_data_key,
             message_id=os.urandom(32),
@@ -213,9 +324,6 @@ class EnvelopeClient:
             signer=plan.signer,
             serialized_encryption_context=plan.serialized_stored_context,
         )
-        if len(plaintext) >= OFFLOAD_THRESHOLD:
-            return await anyio.to_thread.run_sync(encryptor.encrypt_all, plaintext)
-        return encryptor.encrypt_all(plaintext)
 
     async def decrypt(
         self, ciphertext: _BytesLike, *, encryption_context: Mapping[str, str] | None = None
@@ -230,6 +338,11 @@ class EnvelopeClient:
         """Like :meth:`decrypt`, and also return the parsed header."""
         self._require_open()
         _check_bytes(ciphertext, "ciphertext")
+        if memoryview(ciphertext).nbytes >= OFFLOAD_THRESHOLD:
+            stream = self.decrypt_stream(ciphertext, encryption_context=encryption_context)
+            plaintext = await stream.read_all()
+            assert stream.header is not None
+            return DecryptResult(plaintext, stream.header)
         decryptor = MessageDecryptor(max_encrypted_data_keys=self.max_encrypted_data_keys)
         decryptor.receive_data(ciphertext)
         decryptor.receive_eof()
@@ -241,8 +354,52 @@ class EnvelopeClient:
             required_encryption_context=plan.required_context,
             verifier=plan.verifier,
         )
-        if len(ciphertext) >= OFFLOAD_THRESHOLD:
-            plaintext = await anyio.to_thread.run_sync(decryptor.read_all)
-        else:
-            plaintext = decryptor.read_all()
-        return DecryptResult(plaintext, parsed.header)
+        return DecryptResult(decryptor.read_all(), parsed.header)
+
+    def decrypt_stream(
+        self,
+        source: StreamSource,
+        *,
+        encryption_context: Mapping[str, str] | None = None,
+        allow_signed: bool = True,
+    ) -> DecryptingStream:
+        """Decrypt one message from ``source``, returned as an async iterator of ``bytes``.
+
+        Plaintext is released frame by frame, each only after its tag verified; the last
+        frame only once the source ended with nothing after the message (and, for signed
+        messages, the signature verified). If iteration raises, discard what came before:
+        it is authentic but incomplete. Signed messages: earlier frames are released
+        before the signature is checked at the end, as in the AWS Encryption SDK; pass
+        ``allow_signed=False`` to refuse them instead (:class:`SignedStreamRefusedError`).
+        """
+        self._require_open()
+        check_source(source)
+
+        def plan(header: MessageHeader) -> Awaitable[DecryptionPlan]:
+            return self._materials.decryption_plan(header, encryption_context)
+
+        return DecryptingStream(
+            source,
+            plan,
+            max_encrypted_data_keys=self.max_encrypted_data_keys,
+            allow_signed=allow_signed,
+        )
+
+    async def decrypt_file(
+        self,
+        source: str | os.PathLike[str],
+        destination: str | os.PathLike[str],
+        *,
+        encryption_context: Mapping[str, str] | None = None,
+        allow_signed: bool = True,
+        overwrite: bool = False,
+    ) -> MessageHeader:
+        """Stream the encrypted file ``source`` into ``destination`` (mode 0600), which
+        appears only once the whole message verified: on any error nothing is left."""
+        stream = self.decrypt_stream(
+            file_chunks(source), encryption_context=encryption_context, allow_signed=allow_signed
+        )
+        async with stream:
+            await write_atomically(destination, stream, overwrite=overwrite)
+        assert stream.header is not None
+        return stream.header

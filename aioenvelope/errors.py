@@ -22,6 +22,7 @@ __all__ = [
     "MalformedMessageError",
     "MessageLimitError",
     "NoUsableKeyError",
+    "SignedStreamRefusedError",
     "TruncatedMessageError",
 ]
 
@@ -60,6 +61,14 @@ class AuthenticationError(EnvelopeError):
 
 class CommitmentPolicyError(EnvelopeError):
     """The algorithm suite is not allowed by the client's commitment policy."""
+
+
+class SignedStreamRefusedError(EnvelopeError):
+    """``decrypt_stream(..., allow_signed=False)`` met a signed message.
+
+    A signed message's frames can be checked against the signature only at its end, so
+    streaming one hands out plaintext that the signature has not yet covered.
+    """
 
 
 class EncryptionContextMismatchError(EnvelopeError):

@@ -77,7 +77,7 @@ class MessageDecryptor:
 
     def __init__(self, *, max_encrypted_data_keys: int) -> None:
         self._max_edks = max_encrypted_data_keys
-        self._buf: bytes | bytearray | memoryview = b""
+        self._buf: bytes | bytearray = b""
         self._pos = 0
         self._eof = False
         self._state = _State.HEADER
@@ -96,15 +96,25 @@ class MessageDecryptor:
             return
         if self._state is _State.DONE:
             raise MalformedMessageError("unexpected bytes after the end of the message")
-        remaining = len(self._buf) - self._pos
-        if remaining == 0:
+        buf, pos = self._buf, self._pos
+        if pos == len(buf):
             # Zero-copy when nothing is pending: the one-shot path never copies its input.
             self._buf = data if isinstance(data, bytes) else bytes(data)
+        elif isinstance(buf, bytearray):
+            # Our own buffer: drop what was consumed (cheap at the front of a bytearray)
+            # and append, so many small chunks cost linear time, not quadratic.
+            del buf[:pos]
+            buf += data
         else:
-            joined = bytearray(memoryview(self._buf)[self._pos :])
+            joined = bytearray(memoryview(buf)[pos:])
             joined += data
             self._buf = joined
         self._pos = 0
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Input received but not yet consumed (at most about one frame plus a chunk)."""
+        return len(self._buf) - self._pos
 
     def receive_eof(self) -> None:
         self._eof = True

@@ -182,6 +182,20 @@ async def _pieces(source: StreamSource, size: int) -> AsyncGenerator[_BytesLike,
             close()
 
 
+async def _close_source(source: object) -> None:
+    """Close a source that is itself an iterator (a generator, say), in case iteration
+    never started; readers such as open files belong to the caller and stay open."""
+    if callable(getattr(source, "read", None)):
+        return
+    aclose = getattr(source, "aclose", None)
+    if aclose is not None and hasattr(source, "__anext__"):
+        await aclose()
+        return
+    close = getattr(source, "close", None)
+    if close is not None and hasattr(source, "__next__"):
+        close()
+
+
 def _grouped(parts: list[bytes], frame_length: int) -> Iterable[bytes]:
     if frame_length < _SMALL_FRAME and len(parts) > 1:
         return (b"".join(parts),)
@@ -281,6 +295,7 @@ class EncryptingStream(_Stream):
                 yield chunk
         finally:
             await pieces.aclose()
+            await _close_source(self._source)
 
 
 def _drain(decryptor: MessageDecryptor) -> tuple[list[bytes], bool]:
@@ -366,6 +381,7 @@ class DecryptingStream(_Stream):
                     decryptor.receive_eof()
         finally:
             await pieces.aclose()
+            await _close_source(self._source)
 
 
 # -- files ------------------------------------------------------------------------------

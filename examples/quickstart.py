@@ -1,4 +1,4 @@
-"""Quickstart: records and a file under an AWS KMS key, end to end.
+"""Quickstart: records and a streamed file under an AWS KMS key, end to end.
 
 With no KMS key configured it starts an embedded KMS (moto, on 127.0.0.1) and says so.
 To use real AWS KMS, give a key and have credentials configured as usual
@@ -40,16 +40,18 @@ async def run(keyring: KmsKeyring) -> None:
             source.write_bytes(
                 b"id,amount\n" + b"".join(b"%d,%d\n" % (i, i * 7) for i in range(50_000))
             )
+            # Files stream through at constant memory, and appear only once complete.
             target = source.with_suffix(".csv.encrypted")
-            target.write_bytes(
-                await client.encrypt(source.read_bytes(), encryption_context={"file": source.name})
+            await client.encrypt_file(source, target, encryption_context={"file": source.name})
+            restored = source.with_suffix(".restored.csv")
+            header = await client.decrypt_file(
+                target, restored, encryption_context={"file": source.name}
             )
-            result = await client.decrypt_with_header(target.read_bytes())
-            assert result.plaintext == source.read_bytes()
-            edk = result.header.encrypted_data_keys[0]
+            assert restored.read_bytes() == source.read_bytes()
+            edk = header.encrypted_data_keys[0]
             print(
                 f"file: {source.stat().st_size} bytes -> {target.stat().st_size} bytes "
-                f"({result.header.algorithm_suite.name}, data key wrapped by "
+                f"({header.algorithm_suite.name}, data key wrapped by "
                 f"{edk.provider_info.decode()})"
             )
 

@@ -77,7 +77,7 @@ class MessageDecryptor:
 
     def __init__(self, *, max_encrypted_data_keys: int) -> None:
         self._max_edks = max_encrypted_data_keys
-        self._buf: bytes | bytearray = b""
+        self._buf: bytes | bytearray | memoryview = b""
         self._pos = 0
         self._eof = False
         self._state = _State.HEADER
@@ -98,8 +98,14 @@ class MessageDecryptor:
             raise MalformedMessageError("unexpected bytes after the end of the message")
         buf, pos = self._buf, self._pos
         if pos == len(buf):
-            # Zero-copy when nothing is pending: the one-shot path never copies its input.
-            self._buf = data if isinstance(data, bytes) else bytes(data)
+            # Zero-copy when nothing is pending and the bytes cannot change under us
+            # (bytes, or a read-only view of bytes): whole frames then open in place.
+            if isinstance(data, bytes) or (
+                isinstance(data, memoryview) and isinstance(data.obj, bytes) and data.format == "B"
+            ):
+                self._buf = data
+            else:
+                self._buf = bytes(data)
         elif isinstance(buf, bytearray):
             # Our own buffer: drop what was consumed (cheap at the front of a bytearray)
             # and append, so many small chunks cost linear time, not quadratic.

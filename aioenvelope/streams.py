@@ -209,8 +209,11 @@ class _Stream:
     header: MessageHeader | None
     """The message header, once known (after the first chunk)."""
 
+    _source: StreamSource
+
     def __init__(self) -> None:
         self.header = None
+        self._started = False
         self._gen = self._run()
 
     def _run(self) -> AsyncGenerator[bytes, None]:  # pragma: no cover - abstract
@@ -225,6 +228,10 @@ class _Stream:
 
     async def aclose(self) -> None:
         """Stop early: closes the source's iterator. Safe to call more than once."""
+        if not self._started:
+            # A generator that never ran has no ``finally`` to run: close the source here.
+            self._started = True
+            await _close_source(self._source)
         await self._gen.aclose()
 
     async def __aenter__(self: _S) -> _S:
@@ -265,6 +272,7 @@ class EncryptingStream(_Stream):
         return f"EncryptingStream(header={'known' if self.header else 'pending'})"
 
     async def _run(self) -> AsyncGenerator[bytes, None]:
+        self._started = True
         pieces = _pieces(self._source, STEP)
         try:
             encryptor = await self._start()  # the one KMS call, before any output
@@ -338,6 +346,7 @@ class DecryptingStream(_Stream):
         return f"DecryptingStream(header={'known' if self.header else 'pending'})"
 
     async def _run(self) -> AsyncGenerator[bytes, None]:
+        self._started = True
         pieces = _pieces(self._source, STEP)
         decryptor = MessageDecryptor(max_encrypted_data_keys=self._max_edks)
         try:

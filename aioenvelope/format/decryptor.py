@@ -16,6 +16,7 @@ Every error is one of :mod:`aioenvelope.errors`; nothing here blocks or awaits.
 
 from __future__ import annotations
 
+import collections
 import enum
 import struct
 from collections.abc import Mapping
@@ -78,6 +79,9 @@ class MessageDecryptor:
     def __init__(self, *, max_encrypted_data_keys: int) -> None:
         self._max_edks = max_encrypted_data_keys
         self._buf: bytes | bytearray | memoryview = b""
+        # Chunks received but not yet needed. Only a frame that straddles chunks is copied
+        # (see _ensure); the rest of each chunk is read in place.
+        self._queue: collections.deque[bytes | memoryview] = collections.deque()
         self._pos = 0
         self._eof = False
         self._state = _State.HEADER
@@ -96,31 +100,25 @@ class MessageDecryptor:
             return
         if self._state is _State.DONE:
             raise MalformedMessageError("unexpected bytes after the end of the message")
-        buf, pos = self._buf, self._pos
-        if pos == len(buf):
-            # Zero-copy when nothing is pending and the bytes cannot change under us
-            # (bytes, or a read-only view of bytes): whole frames then open in place.
-            if isinstance(data, bytes) or (
-                isinstance(data, memoryview) and isinstance(data.obj, bytes) and data.format == "B"
-            ):
-                self._buf = data
-            else:
-                self._buf = bytes(data)
-        elif isinstance(buf, bytearray):
-            # Our own buffer: drop what was consumed (cheap at the front of a bytearray)
-            # and append, so many small chunks cost linear time, not quadratic.
-            del buf[:pos]
-            buf += data
+        if not (
+            isinstance(data, bytes)
+            or (
+                isinstance(data, memoryview)
+                and isinstance(data.obj, bytes)
+                and data.format == "B"
+                and data.contiguous
+            )
+        ):
+            data = bytes(data)  # the caller may reuse its buffer: keep our own copy
+        if self._pos == len(self._buf) and not self._queue:
+            self._buf, self._pos = data, 0  # zero-copy: whole frames open in place
         else:
-            joined = bytearray(memoryview(buf)[pos:])
-            joined += data
-            self._buf = joined
-        self._pos = 0
+            self._queue.append(data)
 
     @property
     def buffered_bytes(self) -> int:
         """Input received but not yet consumed (at most about one frame plus a chunk)."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + sum(len(chunk) for chunk in self._queue)
 
     def receive_eof(self) -> None:
         self._eof = True
@@ -135,6 +133,7 @@ class MessageDecryptor:
         """The parsed header, or None until enough bytes have arrived."""
         if self._parsed is not None:
             return self._parsed
+        self._ensure(self.buffered_bytes)  # the header's length is unknown: join it all
         try:
             parsed = parse_header(
                 self._buf, max_encrypted_data_keys=self._max_edks, start=self._pos
@@ -210,7 +209,7 @@ class MessageDecryptor:
                 if not self._read_footer():
                     return None
             elif state is _State.TRAILER:
-                if self._pos != len(self._buf):
+                if self.buffered_bytes:
                     raise MalformedMessageError("unexpected bytes after the end of the message")
                 if not self._eof:
                     return None
@@ -247,6 +246,41 @@ class MessageDecryptor:
                 "ciphertext was stored and read back"
             )
 
+    def _ensure(self, n: int) -> bool:
+        """Make ``n`` bytes available from ``_pos`` if enough were received.
+
+        A leftover shorter than ``n`` is extended with just the bytes it lacks, so with
+        large chunks only frames that straddle two chunks are copied; once the leftover
+        is used up, the next chunk is adopted as it is. Callers re-read ``_buf`` and
+        ``_pos`` afterwards.
+        """
+        available = len(self._buf) - self._pos
+        if available >= n:
+            return True
+        queue = self._queue
+        if not queue:
+            return False
+        if available == 0:
+            self._buf, self._pos = queue.popleft(), 0
+            return self._ensure(n)
+        if isinstance(self._buf, bytearray):  # ours already: extend it in place
+            joined = self._buf
+            del joined[: self._pos]
+        else:
+            joined = bytearray(memoryview(self._buf)[self._pos :])
+        while len(joined) < n and queue:
+            chunk = queue[0]
+            take = n - len(joined)
+            if len(chunk) <= take:
+                joined += chunk
+                queue.popleft()
+            else:
+                view = memoryview(chunk)
+                joined += view[:take]
+                queue[0] = view[take:]
+        self._buf, self._pos = joined, 0
+        return len(joined) >= n
+
     def _view(self) -> Cursor:
         return Cursor(self._buf, self._pos)
 
@@ -262,19 +296,19 @@ class MessageDecryptor:
             ) from None
 
     def _read_frame(self) -> bytes | None:
-        """One frame, verified. Lean on purpose: a 16 MiB message has 256 of them."""
+        """One frame, verified. Lean on purpose: a 256 MiB stream has 4096 of them."""
         assert self._parsed is not None
         header = self._parsed.header
-        buf, start, available = self._buf, self._pos, len(self._buf)
         seq = self._sequence
-        if available - start < 4:
+        if not self._ensure(4):
             self._short(f"frame {seq}")
             return None
-        final = _U32.unpack_from(buf, start)[0] == SEQUENCE_NUMBER_END
+        final = _U32.unpack_from(self._buf, self._pos)[0] == SEQUENCE_NUMBER_END
         prefix = 24 if final else 16
-        if available - start < prefix:
+        if not self._ensure(prefix):
             self._short(f"frame {seq}")
             return None
+        buf, start = self._buf, self._pos
         if final:
             _, found, iv, length = _FINAL_PREFIX.unpack_from(buf, start)
             if length > header.frame_length:
@@ -293,16 +327,18 @@ class MessageDecryptor:
             )
         if iv != frame_iv(seq):
             raise MalformedMessageError(f"frame {seq} has an IV that does not match it")
-        body = start + prefix
-        end = body + length + _TAG
-        if end > available:
+        if not self._ensure(prefix + length + _TAG):
             self._short(f"frame {seq}")
             return None
+        buf, start = self._buf, self._pos
+        body = start + prefix
+        end = body + length + _TAG
         view = memoryview(buf)
         aad = body_aad(header.message_id, FINAL_FRAME_AAD if final else FRAME_AAD, seq, length)
         plaintext = self._open(iv, view[body:end], aad, seq)
         if self._verifier is not None:
             self._verifier.update(view[start:end])
+        del view
         self._pos = end
         self._sequence = seq + 1
         if final:
@@ -312,38 +348,42 @@ class MessageDecryptor:
     def _read_non_framed(self) -> bytes | None:
         assert self._parsed is not None
         header = self._parsed.header
-        c = self._view()
-        start = c.pos
-        try:
-            iv = c.take(12)
-            length = c.u64()
-            if length > MAX_NON_FRAMED_LENGTH:
-                raise MalformedMessageError("non-framed content is longer than the format allows")
-            end = c.pos + length + _TAG
-            if end > len(self._buf):
-                raise NeedMoreData
-        except NeedMoreData:
+        if not self._ensure(20):
             self._short("the non-framed content")
             return None
-        sealed = memoryview(self._buf)[c.pos : end]
+        c = self._view()
+        iv = c.take(12)
+        length = c.u64()
+        if length > MAX_NON_FRAMED_LENGTH:
+            raise MalformedMessageError("non-framed content is longer than the format allows")
+        if not self._ensure(20 + length + _TAG):
+            self._short("the non-framed content")
+            return None
+        start = self._pos
+        end = start + 20 + length + _TAG
+        view = memoryview(self._buf)
         aad = body_aad(header.message_id, SINGLE_BLOCK_AAD, 1, length)
-        plaintext = self._open(iv, sealed, aad, 0)
+        plaintext = self._open(iv, view[start + 20 : end], aad, 0)
         if self._verifier is not None:
-            self._verifier.update(memoryview(self._buf)[start:end])
+            self._verifier.update(view[start:end])
+        del view
         self._pos = end
         self._state = self._after_body()
         return plaintext
 
     def _read_footer(self) -> bool:
         assert self._verifier is not None
-        c = self._view()
-        try:
-            signature = c.take(c.u16())
-        except NeedMoreData:
+        if not self._ensure(2):
             self._short("the signature footer")
             return False
+        size = int.from_bytes(self._buf[self._pos : self._pos + 2], "big")
+        if not self._ensure(2 + size):
+            self._short("the signature footer")
+            return False
+        start = self._pos + 2
+        signature = bytes(self._buf[start : start + size])
         self._verifier.verify(signature)
-        self._pos = c.pos
+        self._pos = start + size
         self._state = _State.TRAILER
         return True
 

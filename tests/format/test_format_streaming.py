@@ -1,0 +1,215 @@
+"""Sans-I/O streaming: ``update_frames``/``finalize_frames`` against ``encrypt_all``, and
+the decryptor fed in arbitrary pieces. No event loop, no keyring."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from messages import build_encryptor
+
+from aioenvelope.errors import ConfigurationError
+from aioenvelope.format import END_OF_MESSAGE, AlgorithmSuite, MessageDecryptor, MessageEncryptor
+from aioenvelope.format.encryption_context import PUBLIC_KEY_FIELD
+from aioenvelope.format.signing import Signer, Verifier
+
+COMMIT = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
+COMMIT_SIGN = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384
+CONTEXT = {"tenant": "t1"}
+REGULAR_OVERHEAD = 4 + 12 + 16
+FINAL_OVERHEAD = 4 + 4 + 12 + 4 + 16
+
+
+class Twins:
+    """Encryptors with one data key, message ID and signing key: the same message."""
+
+    def __init__(self, suite: AlgorithmSuite, frame_length: int) -> None:
+        self.suite = suite
+        self.frame_length = frame_length
+        self.data_key = os.urandom(suite.key_length)
+        self.message_id = os.urandom(32)
+        self.signing_key = ec.generate_private_key(ec.SECP384R1()) if suite.signing else None
+
+    def make(self) -> MessageEncryptor:
+        signer = Signer(self.suite, self.signing_key) if self.signing_key is not None else None
+        return build_encryptor(
+            self.suite,
+            data_key=self.data_key,
+            message_id=self.message_id,
+            context=CONTEXT,
+            frame_length=self.frame_length,
+            signer=signer,
+        )
+
+    def begin(self, decryptor: MessageDecryptor) -> None:
+        parsed = decryptor.read_header()
+        assert parsed is not None
+        verifier = None
+        if self.suite.signing:
+            verifier = Verifier(self.suite, parsed.header.encryption_context[PUBLIC_KEY_FIELD])
+        decryptor.begin_body(self.data_key, verifier=verifier)
+
+    def read(self, message: bytes) -> bytes:
+        decryptor = MessageDecryptor(max_encrypted_data_keys=10)
+        decryptor.receive_data(message)
+        decryptor.receive_eof()
+        self.begin(decryptor)
+        return decryptor.read_all()
+
+
+def cut_at(data: bytes, cuts: Sequence[int]) -> list[bytes]:
+    points = sorted(min(max(c, 0), len(data)) for c in cuts)
+    bounds = [0, *points, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def streamed_frames(encryptor: MessageEncryptor, pieces: Sequence[bytes]) -> list[bytes]:
+    out = [encryptor.header]
+    for piece in pieces:
+        out.extend(encryptor.update_frames(piece))
+        assert encryptor.pending_bytes <= encryptor.header_value.frame_length
+    out.extend(encryptor.finalize_frames())
+    return out
+
+
+def body_end(header: bytes, frame_length: int, n: int) -> int:
+    regular = (n - 1) // frame_length if n else 0
+    return (
+        len(header)
+        + regular * (frame_length + REGULAR_OVERHEAD)
+        + (FINAL_OVERHEAD + n - regular * frame_length)
+    )
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    data=st.binary(max_size=500),
+    frame_length=st.sampled_from([1, 3, 16, 64, 4096]),
+    cuts=st.lists(st.integers(0, 500), max_size=15),
+)
+def test_update_frames_then_finalize_frames_equals_encrypt_all(
+    data: bytes, frame_length: int, cuts: list[int]
+) -> None:
+    twins = Twins(COMMIT, frame_length)
+    pieces = streamed_frames(twins.make(), cut_at(data, cuts))
+    assert b"".join(pieces) == twins.make().encrypt_all(data)
+    assert twins.read(b"".join(pieces)) == data
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    data=st.binary(max_size=300),
+    frame_length=st.sampled_from([1, 7, 64]),
+    cuts=st.lists(st.integers(0, 300), max_size=10),
+)
+def test_update_and_finalize_equal_encrypt_all(
+    data: bytes, frame_length: int, cuts: list[int]
+) -> None:
+    twins = Twins(COMMIT, frame_length)
+    encryptor = twins.make()
+    streamed = encryptor.header
+    for piece in cut_at(data, cuts):
+        streamed += encryptor.update(piece)
+    streamed += encryptor.finalize()
+    assert streamed == twins.make().encrypt_all(data)
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.binary(max_size=400), cuts=st.lists(st.integers(0, 400), max_size=10))
+def test_update_frames_returns_whole_regular_frames_and_holds_the_last(
+    data: bytes, cuts: list[int]
+) -> None:
+    """Each item is one regular frame; the last 1..F bytes wait for finalize."""
+    f = 16
+    encryptor = Twins(COMMIT, f).make()
+    regular: list[bytes] = []
+    seen = 0
+    for piece in cut_at(data, cuts):
+        regular.extend(encryptor.update_frames(piece))
+        seen += len(piece)
+        expected_regular = (seen - 1) // f if seen else 0
+        assert len(regular) == expected_regular
+        assert encryptor.pending_bytes == seen - expected_regular * f
+    assert all(len(frame) == f + REGULAR_OVERHEAD for frame in regular)
+    assert [int.from_bytes(frame[:4], "big") for frame in regular] == list(
+        range(1, len(regular) + 1)
+    )
+    (final,) = encryptor.finalize_frames()
+    assert final[:4] == b"\xff\xff\xff\xff"
+    assert len(final) == FINAL_OVERHEAD + (len(data) - len(regular) * f)
+    assert encryptor.pending_bytes == 0
+
+
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 100])
+def test_signed_streaming_matches_encrypt_all_up_to_the_signature(size: int) -> None:
+    data = os.urandom(size)
+    twins = Twins(COMMIT_SIGN, 16)
+    encryptor = twins.make()
+    pieces = streamed_frames(encryptor, cut_at(data, [3, 40, 41]))
+    *frames, footer = pieces
+    streamed = b"".join(pieces)
+    one_shot = twins.make().encrypt_all(data)
+    end = body_end(encryptor.header, 16, size)
+    assert len(b"".join(frames)) == end
+    assert streamed[:end] == one_shot[:end]
+    assert abs(len(streamed) - len(one_shot)) <= 4  # DER signatures vary by a few bytes
+    assert int.from_bytes(footer[:2], "big") == len(footer) - 2
+    assert twins.read(streamed) == data
+    assert twins.read(one_shot) == data
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    data=st.binary(min_size=1, max_size=300),
+    cuts=st.lists(st.integers(0, 1000), max_size=12),
+    signed=st.booleans(),
+)
+def test_decryptor_fed_in_pieces_holds_the_final_frame_until_eof(
+    data: bytes, cuts: list[int], signed: bool
+) -> None:
+    """Released plaintext is always a prefix in whole frames; the final frame comes out
+    only after receive_eof, even once every byte has arrived."""
+    f = 16
+    twins = Twins(COMMIT_SIGN if signed else COMMIT, f)
+    message = twins.make().encrypt_all(data)
+    decryptor = MessageDecryptor(max_encrypted_data_keys=10)
+    released = b""
+    begun = False
+    for piece in cut_at(message, cuts):
+        decryptor.receive_data(piece)
+        if not begun:
+            if decryptor.read_header() is None:
+                continue
+            twins.begin(decryptor)
+            begun = True
+        while (item := decryptor.next_plaintext()) is not None:
+            assert item is not END_OF_MESSAGE
+            assert isinstance(item, bytes)
+            released += item
+        assert data.startswith(released)
+        assert len(released) % f == 0
+        assert len(released) <= ((len(data) - 1) // f) * f
+    assert begun
+    decryptor.receive_eof()
+    assert released + decryptor.read_all() == data
+
+
+def test_encryptor_refuses_use_out_of_order() -> None:
+    encryptor = Twins(COMMIT, 16).make()
+    encryptor.update_frames(b"x" * 40)
+    with pytest.raises(ConfigurationError):
+        encryptor.encrypt_all(b"y")
+    encryptor.finalize_frames()
+    with pytest.raises(ConfigurationError):
+        encryptor.update_frames(b"z")
+    with pytest.raises(ConfigurationError):
+        encryptor.finalize_frames()
+    fresh = Twins(COMMIT, 16).make()
+    fresh.encrypt_all(b"once")
+    with pytest.raises(ConfigurationError):
+        fresh.update_frames(b"again")

@@ -99,7 +99,9 @@ class _Pacer:
         result = fn(*args)
         elapsed = time.perf_counter() - start
         if cost >= 1 << 16 and elapsed > 0:
-            self._rate = 0.5 * self._rate + 0.5 * (cost / elapsed)
+            measured = cost / elapsed
+            # Believe a slow step at once (the loop just stalled); speed up gradually.
+            self._rate = measured if measured < self._rate else (self._rate + measured) / 2
         await anyio.lowlevel.checkpoint()  # let other tasks run between steps
         return result
 

@@ -1,0 +1,47 @@
+"""The streaming engine's pacing: short steps inline, long ones in a worker thread."""
+
+from __future__ import annotations
+
+import threading
+
+from aioenvelope.streams import STEP, _Pacer
+
+
+def _thread_id() -> int:
+    return threading.get_ident()
+
+
+async def test_a_short_step_runs_inline_on_the_event_loop_thread() -> None:
+    pacer = _Pacer()
+    assert await pacer.run(1024, _thread_id) == threading.get_ident()
+
+
+async def test_a_step_predicted_over_budget_runs_in_a_worker_thread() -> None:
+    pacer = _Pacer(budget=0.002, rate=1e9)
+    # 64 MiB at 1 GB/s is ~67 ms: far over a 2 ms budget.
+    assert await pacer.run(64 * STEP, _thread_id) != threading.get_ident()
+
+
+async def test_a_slow_inline_step_moves_the_next_ones_to_a_thread() -> None:
+    pacer = _Pacer(budget=0.002, rate=1e12)
+
+    def slow() -> int:
+        # Busy for ~20 ms on a step that claims 1 MiB: the learned rate falls below
+        # 1 MiB per 2 ms, so the next step of that size is offloaded.
+        deadline = threading.Event()
+        deadline.wait(0.02)
+        return threading.get_ident()
+
+    assert await pacer.run(STEP, slow) == threading.get_ident()
+    assert await pacer.run(STEP, slow) != threading.get_ident()
+
+
+async def test_an_offloaded_small_step_lets_the_estimate_recover() -> None:
+    pacer = _Pacer(budget=0.002, rate=1e8)  # 1 MiB predicted at ~10 ms: offloaded
+    offloaded = 0
+    for _ in range(20):
+        if await pacer.run(STEP, _thread_id) != threading.get_ident():
+            offloaded += 1
+        else:
+            break
+    assert 0 < offloaded < 20  # it came back inline after a few steps

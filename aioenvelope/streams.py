@@ -77,8 +77,9 @@ class _Pacer:
 
     Why not always a thread: on the 2-core VMs this was measured on, a worker-thread
     round trip costs 0.2-0.3 ms of wake-up latency, about what sealing a whole 1 MiB
-    step costs, and streams sealed in threads ran at 0.4-0.7x raw AES-GCM against
-    ~0.95x inline (bench/stream.py). Why not always inline: a large frame, or a slow
+    step costs; prototypes that sealed every step in threads (one or two in flight)
+    ran at 0.4-0.7x raw one-thread AES-GCM, against 0.7-0.85x inline (bench/stream.py
+    measures the latter). Why not always inline: a large frame, or a slow
     machine, would then hold the event loop for tens of milliseconds. The throughput
     estimate is learned from inline steps, so a slow machine moves its work to threads.
     """

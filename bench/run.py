@@ -26,10 +26,10 @@ import cryptography
 from cryptography.hazmat.backends.openssl.backend import backend
 
 import aioenvelope
-from bench import common, esdk, kms_cache, oneshot
+from bench import common, esdk, kms_cache, oneshot, stream
 
 Collector = Callable[[common.Settings, AsyncExitStack], Awaitable[list[common.Case]]]
-COLLECTORS: tuple[Collector, ...] = (oneshot.collect, kms_cache.collect)
+COLLECTORS: tuple[Collector, ...] = (oneshot.collect, kms_cache.collect, stream.collect)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

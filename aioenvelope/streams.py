@@ -89,6 +89,8 @@ class _Pacer:
         self._rate = rate  # bytes per second; 1 GB/s is a cautious start for AES-GCM
 
     async def run(self, cost: int, fn: Callable[..., _T], *args: object) -> _T:
+        """Run ``fn(*args)``; ``cost`` is the bytes it seals or opens (0 when it only
+        buffers, which is always cheap: at most one step's copy)."""
         if cost / self._rate > self._budget:
             result = await anyio.to_thread.run_sync(fn, *args)
             if cost <= STEP:
@@ -292,9 +294,10 @@ class EncryptingStream(_Stream):
                         f"the stream is longer than plaintext_length={self._limit}; pass "
                         "the true length or None"
                     )
-                # What the step touches: the held partial frame plus the new piece.
-                cost = encryptor.pending_bytes + size
-                frames = await pacer.run(cost, encryptor.update_frames, piece)
+                # The bytes this step seals: the whole frames it completes (a step that
+                # only buffers part of a large frame costs a copy and nothing else).
+                sealed = (encryptor.pending_bytes + size - 1) // frame_length * frame_length
+                frames = await pacer.run(sealed, encryptor.update_frames, piece)
                 for chunk in _grouped(frames, frame_length):
                     yield chunk
             if self._limit is not None and total != self._limit:
@@ -380,9 +383,16 @@ class DecryptingStream(_Stream):
             )
             self.header = header
             frame_length = header.frame_length or STEP
+            # A regular frame's size on the wire; non-framed bodies count whole.
+            wire_frame = frame_length + 32 if header.frame_length else 1
             pacer = _Pacer()
+            ended = False
             while True:
-                parts, done = await pacer.run(decryptor.buffered_bytes, _drain, decryptor)
+                buffered = decryptor.buffered_bytes
+                # The bytes this step can open: whole frames buffered (everything at the
+                # end of the input, where the final frame may be shorter).
+                cost = buffered if ended else buffered // wire_frame * wire_frame
+                parts, done = await pacer.run(cost, _drain, decryptor)
                 for chunk in _grouped(parts, frame_length):
                     yield chunk
                 if done:
@@ -391,6 +401,7 @@ class DecryptingStream(_Stream):
                     decryptor.receive_data(await anext(pieces))
                 except StopAsyncIteration:
                     decryptor.receive_eof()
+                    ended = True
         finally:
             await pieces.aclose()
             await _close_source(self._source)

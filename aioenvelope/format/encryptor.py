@@ -43,6 +43,7 @@ _FINAL_OVERHEAD = 4 + 4 + 12 + 4 + _TAG
 _MAX_SIGNATURE = 2 + 2 + 2 * 72  # footer length field plus the longest P-384 DER
 _FINAL_PREFIX = struct.Struct(">II12sI")
 _REGULAR_PREFIX = struct.Struct(">I12s")
+_SPLIT_FRAME = 256 << 10  # from here on a frame's body is returned apart from its prefix
 
 
 class MessageEncryptor:
@@ -115,7 +116,9 @@ class MessageEncryptor:
         return b"".join(self.finalize_frames())
 
     def update_frames(self, data: bytes | bytearray | memoryview) -> list[bytes]:
-        """Take plaintext; return each frame it completed, one ``bytes`` per frame.
+        """Take plaintext; return each frame it completed, one ``bytes`` per frame (a
+        frame of 256 KiB or more as two: its prefix, then its sealed body, which saves
+        copying the body while holding the GIL).
 
         The last ``frame_length`` bytes are always held back, because the final frame
         must carry the message's last 1..frame_length bytes. Whole frames are sealed
@@ -142,27 +145,38 @@ class MessageEncryptor:
         if not sources:
             return []
         self._check_frame_budget(self._sequence + len(sources))
-        frames = [self._seal_regular_frame(chunk) for chunk in sources]
+        if f < _SPLIT_FRAME:
+            frames = [self._seal_regular_frame(chunk) for chunk in sources]
+        else:
+            frames = []
+            for chunk in sources:
+                frames += self._seal_regular_parts(chunk)
         if self._signer is not None:
             for frame in frames:
                 self._signer.update(frame)
         return frames
 
     def finalize_frames(self) -> list[bytes]:
-        """The final frame and, for signing suites, the footer, as separate ``bytes``."""
+        """The final frame (in two parts from 256 KiB, as in :meth:`update_frames`) and,
+        for signing suites, the footer, as separate ``bytes``."""
         if self._finalized:
             raise ConfigurationError("finalize() called twice")
         self._finalized = True
         self._check_frame_budget(self._sequence)
-        out = bytearray(_FINAL_OVERHEAD + len(self._pending))
-        self._seal_final(memoryview(out), 0, memoryview(self._pending))
-        self._pending = bytearray()
-        frame = bytes(out)
+        chunk, self._pending = self._pending, bytearray()
+        seq = self._sequence
+        self._sequence = seq + 1
+        iv = frame_iv(seq)
+        aad = body_aad(self._message_id, FINAL_FRAME_AAD, seq, len(chunk))
+        prefix = _FINAL_PREFIX.pack(SEQUENCE_NUMBER_END, seq, iv, len(chunk))
+        body = self._aead.encrypt(iv, chunk, aad)
+        parts = [prefix + body] if len(chunk) < _SPLIT_FRAME else [prefix, body]
         if self._signer is None:
-            return [frame]
-        self._signer.update(frame)
+            return parts
+        for part in parts:
+            self._signer.update(part)
         signature = self._signer.finalize()
-        return [frame, len(signature).to_bytes(2, "big") + signature]
+        return [*parts, len(signature).to_bytes(2, "big") + signature]
 
     # -- one shot ------------------------------------------------------------------
 
@@ -205,6 +219,13 @@ class MessageEncryptor:
         aad = body_aad(self._message_id, FRAME_AAD, seq, len(chunk))
         self._sequence = seq + 1
         return _REGULAR_PREFIX.pack(seq, iv) + self._aead.encrypt(iv, chunk, aad)
+
+    def _seal_regular_parts(self, chunk: bytes | bytearray | memoryview) -> list[bytes]:
+        seq = self._sequence
+        iv = frame_iv(seq)
+        aad = body_aad(self._message_id, FRAME_AAD, seq, len(chunk))
+        self._sequence = seq + 1
+        return [_REGULAR_PREFIX.pack(seq, iv), self._aead.encrypt(iv, chunk, aad)]
 
     def _seal_regular(self, out: memoryview, pos: int, chunk: memoryview) -> int:
         seq = self._sequence

@@ -213,3 +213,29 @@ def test_encryptor_refuses_use_out_of_order() -> None:
     fresh.encrypt_all(b"once")
     with pytest.raises(ConfigurationError):
         fresh.update_frames(b"again")
+
+
+@pytest.mark.parametrize("suite", [COMMIT, COMMIT_SIGN], ids=["0x0478", "0x0578"])
+@pytest.mark.parametrize("size", [0, 1, 300 << 10, (600 << 10) + 5])
+def test_large_frames_come_as_prefix_and_body_and_still_equal_encrypt_all(
+    suite: AlgorithmSuite, size: int
+) -> None:
+    frame_length = 300 << 10  # over the 256 KiB split point
+    twins = Twins(suite, frame_length)
+    data = os.urandom(size)
+    pieces = streamed_frames(twins.make(), cut_at(data, [size // 3, size // 2]))
+    joined = b"".join(pieces)
+    if suite.signing:
+        # ECDSA signatures are randomized: the bytes before the footer must match.
+        reference = twins.make().encrypt_all(data)
+        end = body_end(twins.make().header, frame_length, size)
+        assert joined[:end] == reference[:end]
+    else:
+        assert joined == twins.make().encrypt_all(data)
+    assert twins.read(joined) == data
+    # Bodies of large frames arrive apart from their 16/24-byte prefixes.
+    if size > frame_length:
+        assert any(len(p) == REGULAR_OVERHEAD - 16 for p in pieces)
+    final_length = size - ((size - 1) // frame_length if size else 0) * frame_length
+    final_split = any(len(p) == FINAL_OVERHEAD - 16 for p in pieces)
+    assert final_split == (final_length >= 256 << 10)

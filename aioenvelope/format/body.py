@@ -5,8 +5,10 @@ from __future__ import annotations
 import struct
 
 __all__ = [
+    "AAD_TAIL_STRUCT",
     "FINAL_FRAME_AAD",
     "FRAME_AAD",
+    "IV_STRUCT",
     "SEQUENCE_NUMBER_END",
     "SINGLE_BLOCK_AAD",
     "body_aad",
@@ -20,14 +22,14 @@ SEQUENCE_NUMBER_END = 0xFFFFFFFF
 MAX_FRAMES = 0xFFFFFFFF
 MAX_NON_FRAMED_LENGTH = 2**36 - 32
 
-_IV = struct.Struct(">8xI")
-_AAD_TAIL = struct.Struct(">IQ")
+IV_STRUCT = struct.Struct(">8xI")  # the hot loops pack with these directly
+AAD_TAIL_STRUCT = struct.Struct(">IQ")
 
 
 def frame_iv(sequence_number: int) -> bytes:
     """Eight zero bytes then the big-endian sequence number."""
-    return _IV.pack(sequence_number)
+    return IV_STRUCT.pack(sequence_number)
 
 
 def body_aad(message_id: bytes, content: bytes, sequence_number: int, length: int) -> bytes:
-    return message_id + content + _AAD_TAIL.pack(sequence_number, length)
+    return message_id + content + AAD_TAIL_STRUCT.pack(sequence_number, length)

@@ -5,10 +5,12 @@ every other module is private and may change.
 """
 
 from . import errors
+from .batch import BatchProgress, BatchResult, run_batch
 from .client import DecryptResult, EnvelopeClient
 from .config import CacheConfig, CircuitBreakerConfig, RateLimit
 from .format.header import EncryptedDataKey, MessageHeader
 from .format.suites import AlgorithmSuite, CommitmentPolicy
+from .inspection import inspect
 from .keyrings import (
     DecryptionMaterials,
     DiscoveryFilter,
@@ -20,11 +22,14 @@ from .keyrings import (
     RawAesKeyring,
     RawRsaKeyring,
 )
+from .rewrap import ReencryptingStream, RewrappingStream
 from .stats import ClientStats
 from .streams import DecryptingStream, EncryptingStream, StreamSource
 
 __all__ = [
     "AlgorithmSuite",
+    "BatchProgress",
+    "BatchResult",
     "CacheConfig",
     "CircuitBreakerConfig",
     "ClientStats",
@@ -45,7 +50,11 @@ __all__ = [
     "RateLimit",
     "RawAesKeyring",
     "RawRsaKeyring",
+    "ReencryptingStream",
+    "RewrappingStream",
     "StreamSource",
     "errors",
+    "inspect",
+    "run_batch",
 ]
 __version__ = "0.1.0"

@@ -15,13 +15,15 @@ from .coalesce import Coalescer
 from .config import CacheConfig, CircuitBreakerConfig, RateLimit
 from .errors import ConfigurationError
 from .format.decryptor import MessageDecryptor
+from .format.encryption_context import PUBLIC_KEY_FIELD
 from .format.encryptor import MessageEncryptor
-from .format.header import MAX_FRAME_LENGTH, MessageHeader
+from .format.header import MAX_FRAME_LENGTH, MessageHeader, ParsedHeader
 from .format.suites import AlgorithmSuite, CommitmentPolicy
 from .key_manager import KeyManager
 from .keyrings.base import Keyring
-from .materials import DecryptionPlan, DefaultMaterialsManager
+from .materials import DecryptionPlan, DefaultMaterialsManager, EncryptionPlan
 from .rate_limit import TokenBucket
+from .rewrap import ReencryptingStream, RewrappingStream, new_header
 from .runtime import Runtime
 from .stats import ClientStats, StatsRecorder
 from .streams import (
@@ -144,6 +146,7 @@ class EnvelopeClient:
             else None
         )
         self._state = "new"
+        self._other_keyrings: dict[int, Keyring] = {}  # rewrap targets, opened on first use
 
     def __repr__(self) -> str:
         return (
@@ -171,6 +174,8 @@ class EnvelopeClient:
         self._state = "closed"
         try:
             await self._coalescer.aclose()  # shared calls nobody awaits any more
+            for other in self._other_keyrings.values():
+                await other.close()
             await self.keyring.close()
         finally:
             self._materials.close()  # zero the cached data keys
@@ -312,6 +317,10 @@ class EnvelopeClient:
             required_encryption_context_keys=frozenset(required_encryption_context_keys),
             plaintext_length=plaintext_length,
         )
+        return self._encryptor_for(plan, frame_length)
+
+    @staticmethod
+    def _encryptor_for(plan: EncryptionPlan, frame_length: int) -> MessageEncryptor:
         assert plan.materials.plaintext_data_key is not None
         return MessageEncryptor(
             algorithm_suite=plan.materials.algorithm_suite,
@@ -403,3 +412,123 @@ class EnvelopeClient:
             await write_atomically(destination, stream, overwrite=overwrite)
         assert stream.header is not None
         return stream.header
+
+    # -- rotation ------------------------------------------------------------------------
+
+    async def rewrap(
+        self,
+        message: _BytesLike,
+        *,
+        to_keyring: Keyring,
+        encryption_context: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """``message`` with its data key wrapped under ``to_keyring`` instead, without
+        re-encrypting the body: the message ID and every frame stay byte-identical.
+
+        This client's keyring unwraps the data key (one KMS call, or none on a cache hit);
+        ``to_keyring`` alone wraps it again, so the result no longer opens with the old
+        keys. The old header is authenticated first. Signed messages cannot be rewrapped
+        (their signature covers the header): re-encrypt them with
+        :meth:`reencrypt_stream`. ``to_keyring`` is opened on first use and closed with
+        this client.
+        """
+        _check_bytes(message, "message")
+        return await self.rewrap_stream(
+            message, to_keyring=to_keyring, encryption_context=encryption_context
+        ).read_all()
+
+    def rewrap_stream(
+        self,
+        source: StreamSource,
+        *,
+        to_keyring: Keyring,
+        encryption_context: Mapping[str, str] | None = None,
+    ) -> RewrappingStream:
+        """:meth:`rewrap` for a stream: a new header, then the body passed through as it
+        comes (constant memory; the body is not decrypted)."""
+        self._require_open()
+        check_source(source)
+        if not isinstance(to_keyring, Keyring):
+            raise ConfigurationError(
+                f"to_keyring must be a Keyring, not {type(to_keyring).__name__}"
+            )
+
+        async def header(parsed: ParsedHeader) -> bytes:
+            target = await self._opened(to_keyring)
+            return await new_header(
+                parsed,
+                lambda h: self._materials.decryption_plan(h, encryption_context),
+                target,
+                self.max_encrypted_data_keys,
+            )
+
+        return RewrappingStream(
+            source, header, max_encrypted_data_keys=self.max_encrypted_data_keys
+        )
+
+    async def rewrap_file(
+        self,
+        source: str | os.PathLike[str],
+        destination: str | os.PathLike[str],
+        *,
+        to_keyring: Keyring,
+        encryption_context: Mapping[str, str] | None = None,
+        overwrite: bool = False,
+    ) -> MessageHeader:
+        """:meth:`rewrap` from file to file, written atomically like :meth:`encrypt_file`."""
+        stream = self.rewrap_stream(
+            file_chunks(source), to_keyring=to_keyring, encryption_context=encryption_context
+        )
+        async with stream:
+            await write_atomically(destination, stream, overwrite=overwrite)
+        assert stream.header is not None
+        return stream.header
+
+    def reencrypt_stream(
+        self,
+        source: StreamSource,
+        *,
+        to_keyring: Keyring,
+        encryption_context: Mapping[str, str] | None = None,
+        algorithm_suite: AlgorithmSuite | None = None,
+        frame_length: int | None = None,
+    ) -> ReencryptingStream:
+        """Decrypt ``source`` with this client and encrypt it again under ``to_keyring``
+        (a new data key and message ID): for signed messages, which cannot be rewrapped.
+
+        The new message keeps the old one's context (and suite, unless one is given);
+        pairs passed in ``encryption_context`` that the old header did not store stay
+        required (authenticated, not stored) in the new one.
+        """
+        self._require_open()
+        plaintext = self.decrypt_stream(source, encryption_context=encryption_context)
+        frame_length = self._frame_length_or_default(frame_length)
+        reproduced = dict(encryption_context or {})
+
+        async def start(old: MessageHeader) -> MessageEncryptor:
+            target = await self._opened(to_keyring)
+            context = {k: v for k, v in old.encryption_context.items() if k != PUBLIC_KEY_FIELD}
+            required = {k for k in reproduced if k not in context}
+            context.update(reproduced)
+            manager = DefaultMaterialsManager(
+                target,
+                commitment_policy=self.commitment_policy,
+                max_encrypted_data_keys=self.max_encrypted_data_keys,
+            )
+            plan = await manager.encryption_plan(
+                encryption_context=context,
+                algorithm_suite=algorithm_suite or old.algorithm_suite,
+                required_encryption_context_keys=frozenset(required),
+            )
+            return self._encryptor_for(plan, frame_length)
+
+        return ReencryptingStream(plaintext, start)
+
+    async def _opened(self, keyring: Keyring) -> Keyring:
+        if keyring is self.keyring:
+            return keyring
+        if id(keyring) not in self._other_keyrings:
+            self._other_keyrings[id(keyring)] = keyring
+            keyring.attach(self._runtime)
+            await keyring.open()
+        return keyring

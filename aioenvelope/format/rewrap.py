@@ -1,0 +1,64 @@
+"""Rewrapping: new encrypted data keys on an existing message, body untouched.
+
+The header tag covers the EDKs, so a new EDK list needs a new tag; the tag key is
+derived from the data key and the message ID, both unchanged, so the commitment and
+every frame stay byte-identical. Pure functions: the caller supplies the data key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ..errors import AuthenticationError, ConfigurationError
+from .derivation import check_commitment, derive_keys
+from .encryption_context import serialize_encryption_context
+from .header import EncryptedDataKey, ParsedHeader, serialize_header_body
+
+__all__ = ["rewrapped_header"]
+
+
+def rewrapped_header(
+    parsed: ParsedHeader,
+    data_key: bytes | bytearray,
+    encrypted_data_keys: Sequence[EncryptedDataKey],
+    *,
+    required_encryption_context: Mapping[str, str] | None = None,
+) -> bytes:
+    """The serialized header of ``parsed`` with ``encrypted_data_keys`` in place of its
+    own, authenticated with ``data_key``.
+
+    The old header is checked first (commitment and tag): a header changed in transit is
+    refused, never re-authenticated. Signed messages cannot be rewrapped: the signature
+    covers the header and its private key is gone.
+    """
+    header = parsed.header
+    suite = header.algorithm_suite
+    if suite.signing:
+        raise ConfigurationError(
+            f"a signed message ({suite.name}) cannot be rewrapped: its signature covers the "
+            "header, and the signing key was not kept. Re-encrypt it instead "
+            "(EnvelopeClient.reencrypt_stream)"
+        )
+    if not encrypted_data_keys:
+        raise ConfigurationError("a message needs at least one encrypted data key")
+    key, commitment = derive_keys(suite, bytes(data_key), header.message_id)
+    if suite.committing:
+        check_commitment(commitment, header.suite_data)
+    aead = AESGCM(key)
+    required = serialize_encryption_context(required_encryption_context or {})
+    try:
+        aead.decrypt(parsed.auth_iv, parsed.auth_tag, parsed.body_bytes + required)
+    except InvalidTag:
+        raise AuthenticationError(
+            "header authentication failed: the header was changed, or the encryption "
+            "context or data key is not the one it was written with"
+        ) from None
+    new = dataclasses.replace(header, encrypted_data_keys=tuple(encrypted_data_keys))
+    body = serialize_header_body(new)
+    tag = aead.encrypt(parsed.auth_iv, b"", body + required)
+    # v1 stores its header IV before the tag (the ESDK writes zeros); v2 has none.
+    return body + (parsed.auth_iv + tag if header.version == 1 else tag)

@@ -147,6 +147,7 @@ class EnvelopeClient:
         )
         self._state = "new"
         self._other_keyrings: dict[int, Keyring] = {}  # rewrap targets, opened on first use
+        self._opening = anyio.Lock()
 
     def __repr__(self) -> str:
         return (
@@ -525,10 +526,13 @@ class EnvelopeClient:
         return ReencryptingStream(plaintext, start)
 
     async def _opened(self, keyring: Keyring) -> Keyring:
-        if keyring is self.keyring:
+        """``keyring``, attached to this client and opened once (concurrent first uses
+        wait for the one opening); closed when the client exits."""
+        if keyring is self.keyring or id(keyring) in self._other_keyrings:
             return keyring
-        if id(keyring) not in self._other_keyrings:
-            self._other_keyrings[id(keyring)] = keyring
-            keyring.attach(self._runtime)
-            await keyring.open()
+        async with self._opening:
+            if id(keyring) not in self._other_keyrings:
+                keyring.attach(self._runtime)
+                await keyring.open()
+                self._other_keyrings[id(keyring)] = keyring
         return keyring

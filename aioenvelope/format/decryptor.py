@@ -41,9 +41,8 @@ from .body import (
     body_aad,
     frame_iv,
 )
-from .derivation import check_commitment, derive_keys
-from .encryption_context import serialize_encryption_context
 from .header import ContentType, ParsedHeader, parse_header
+from .header_auth import authenticated_message_key
 from .signing import Verifier
 
 __all__ = ["END_OF_MESSAGE", "MessageDecryptor"]
@@ -165,18 +164,7 @@ class MessageDecryptor:
         suite = header.algorithm_suite
         if suite.signing != (verifier is not None):
             raise ConfigurationError("a verifier must be given exactly for signing suites")
-        key, commitment = derive_keys(suite, bytes(data_key), header.message_id)
-        if suite.committing:
-            check_commitment(commitment, header.suite_data)
-        aead = AESGCM(key)
-        required = serialize_encryption_context(required_encryption_context or {})
-        try:
-            aead.decrypt(parsed.auth_iv, parsed.auth_tag, parsed.body_bytes + required)
-        except InvalidTag:
-            raise AuthenticationError(
-                "header authentication failed: the header was changed, or the encryption "
-                "context or data key is not the one it was written with"
-            ) from None
+        aead, _ = authenticated_message_key(parsed, data_key, required_encryption_context)
         if verifier is not None:
             verifier.update(parsed.body_bytes)
             verifier.update(parsed.auth_iv if header.version == 1 else b"")

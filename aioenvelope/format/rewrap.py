@@ -10,13 +10,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-from ..errors import AuthenticationError, ConfigurationError
-from .derivation import check_commitment, derive_keys
-from .encryption_context import serialize_encryption_context
+from ..errors import ConfigurationError
 from .header import EncryptedDataKey, ParsedHeader, serialize_header_body
+from .header_auth import authenticated_message_key
 
 __all__ = ["rewrapped_header"]
 
@@ -45,18 +41,7 @@ def rewrapped_header(
         )
     if not encrypted_data_keys:
         raise ConfigurationError("a message needs at least one encrypted data key")
-    key, commitment = derive_keys(suite, bytes(data_key), header.message_id)
-    if suite.committing:
-        check_commitment(commitment, header.suite_data)
-    aead = AESGCM(key)
-    required = serialize_encryption_context(required_encryption_context or {})
-    try:
-        aead.decrypt(parsed.auth_iv, parsed.auth_tag, parsed.body_bytes + required)
-    except InvalidTag:
-        raise AuthenticationError(
-            "header authentication failed: the header was changed, or the encryption "
-            "context or data key is not the one it was written with"
-        ) from None
+    aead, required = authenticated_message_key(parsed, data_key, required_encryption_context)
     new = dataclasses.replace(header, encrypted_data_keys=tuple(encrypted_data_keys))
     body = serialize_header_body(new)
     tag = aead.encrypt(parsed.auth_iv, b"", body + required)

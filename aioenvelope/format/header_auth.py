@@ -1,0 +1,43 @@
+"""Checking a header's key commitment and tag: shared by reading and rewrapping."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ..errors import AuthenticationError
+from .derivation import check_commitment, derive_keys
+from .encryption_context import serialize_encryption_context
+from .header import ParsedHeader
+
+__all__ = ["authenticated_message_key"]
+
+
+def authenticated_message_key(
+    parsed: ParsedHeader,
+    data_key: bytes | bytearray,
+    required_encryption_context: Mapping[str, str] | None,
+) -> tuple[AESGCM, bytes]:
+    """The message's AES-GCM key (and the serialized required context) once the
+    commitment and the header tag check out with ``data_key``; raises otherwise.
+
+    ``required_encryption_context`` holds the pairs that were authenticated but not
+    stored in the header; they are appended to the header-auth AAD.
+    """
+    header = parsed.header
+    suite = header.algorithm_suite
+    key, commitment = derive_keys(suite, bytes(data_key), header.message_id)
+    if suite.committing:
+        check_commitment(commitment, header.suite_data)
+    aead = AESGCM(key)
+    required = serialize_encryption_context(required_encryption_context or {})
+    try:
+        aead.decrypt(parsed.auth_iv, parsed.auth_tag, parsed.body_bytes + required)
+    except InvalidTag:
+        raise AuthenticationError(
+            "header authentication failed: the header was changed, or the encryption "
+            "context or data key is not the one it was written with"
+        ) from None
+    return aead, required

@@ -21,7 +21,13 @@ from .format.header import MAX_FRAME_LENGTH, MessageHeader, ParsedHeader
 from .format.suites import AlgorithmSuite, CommitmentPolicy
 from .key_manager import KeyManager
 from .keyrings.base import Keyring
-from .materials import DecryptionPlan, DefaultMaterialsManager, EncryptionPlan
+from .materials import (
+    DEFAULT_SUITE,
+    WRITABLE_SUITES,
+    DecryptionPlan,
+    DefaultMaterialsManager,
+    EncryptionPlan,
+)
 from .rate_limit import TokenBucket
 from .rewrap import ReencryptingStream, RewrappingStream, new_header
 from .runtime import Runtime
@@ -64,6 +70,11 @@ def _check_bytes(value: object, name: str) -> None:
         raise ConfigurationError(f"{name} must be bytes-like, not {type(value).__name__}")
 
 
+def _check_keyring(value: object, name: str) -> None:
+    if not isinstance(value, Keyring):
+        raise ConfigurationError(f"{name} must be a Keyring, not {type(value).__name__}")
+
+
 def _check_frame_length(frame_length: int) -> None:
     if (
         isinstance(frame_length, bool)
@@ -100,8 +111,7 @@ class EnvelopeClient:
     ) -> None:
         """``cache``, ``decrypt_rate_limit`` and ``circuit_breaker`` configure the key
         manager (``None`` switches one off); ``clock`` drives their timing (tests)."""
-        if not isinstance(keyring, Keyring):
-            raise ConfigurationError(f"keyring must be a Keyring, not {type(keyring).__name__}")
+        _check_keyring(keyring, "keyring")
         if not isinstance(commitment_policy, CommitmentPolicy):
             raise ConfigurationError("commitment_policy must be a CommitmentPolicy member")
         if (
@@ -449,10 +459,7 @@ class EnvelopeClient:
         comes (constant memory; the body is not decrypted)."""
         self._require_open()
         check_source(source)
-        if not isinstance(to_keyring, Keyring):
-            raise ConfigurationError(
-                f"to_keyring must be a Keyring, not {type(to_keyring).__name__}"
-            )
+        _check_keyring(to_keyring, "to_keyring")
 
         async def header(parsed: ParsedHeader) -> bytes:
             target = await self._opened(to_keyring)
@@ -497,11 +504,13 @@ class EnvelopeClient:
         """Decrypt ``source`` with this client and encrypt it again under ``to_keyring``
         (a new data key and message ID): for signed messages, which cannot be rewrapped.
 
-        The new message keeps the old one's context (and suite, unless one is given);
+        The new message keeps the old one's context and suite (a legacy suite becomes
+        its key-committing successor, signed if it was signed) unless one is given;
         pairs passed in ``encryption_context`` that the old header did not store stay
         required (authenticated, not stored) in the new one.
         """
         self._require_open()
+        _check_keyring(to_keyring, "to_keyring")
         plaintext = self.decrypt_stream(source, encryption_context=encryption_context)
         frame_length = self._frame_length_or_default(frame_length)
         reproduced = dict(encryption_context or {})
@@ -516,9 +525,18 @@ class EnvelopeClient:
                 commitment_policy=self.commitment_policy,
                 max_encrypted_data_keys=self.max_encrypted_data_keys,
             )
+            suite = algorithm_suite or old.algorithm_suite
+            if suite not in WRITABLE_SUITES:
+                # A legacy message: re-encryption is the moment to move it to a key-
+                # committing suite, keeping its signature if it had one.
+                suite = (
+                    AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384
+                    if suite.signing
+                    else DEFAULT_SUITE
+                )
             plan = await manager.encryption_plan(
                 encryption_context=context,
-                algorithm_suite=algorithm_suite or old.algorithm_suite,
+                algorithm_suite=suite,
                 required_encryption_context_keys=frozenset(required),
             )
             return self._encryptor_for(plan, frame_length)
@@ -528,6 +546,7 @@ class EnvelopeClient:
     async def _opened(self, keyring: Keyring) -> Keyring:
         """``keyring``, attached to this client and opened once (concurrent first uses
         wait for the one opening); closed when the client exits."""
+        self._require_open()  # never open a keyring that nothing would close
         if keyring is self.keyring or id(keyring) in self._other_keyrings:
             return keyring
         async with self._opening:

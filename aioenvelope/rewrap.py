@@ -12,6 +12,7 @@ from .errors import KeyringError, MessageLimitError, TruncatedMessageError
 from .format._cursor import NeedMoreData
 from .format.encryptor import MessageEncryptor
 from .format.header import EncryptedDataKey, MessageHeader, ParsedHeader, parse_header
+from .format.header_auth import authenticated_message_key
 from .format.rewrap import rewrapped_header
 from .keyrings.base import EncryptionMaterials, Keyring
 from .materials import DecryptionPlan
@@ -59,6 +60,9 @@ async def new_header(
     if parsed.header.algorithm_suite.signing:
         rewrapped_header(parsed, b"", ())  # raises the signed-message error
     decryption = await plan(parsed.header)
+    # Check the old header before the new keyring does any work (a KMS Encrypt, say):
+    # a forged header must cost nothing but the Decrypt that exposed it.
+    authenticated_message_key(parsed, decryption.data_key, decryption.required_context)
     edks = await wrap_again(decryption, parsed.header, to_keyring, max_encrypted_data_keys)
     return rewrapped_header(
         parsed,

@@ -1,0 +1,1168 @@
+"""Key rotation through the public API: ``rewrap`` (and its stream and file forms),
+``reencrypt_stream`` and ``inspect``.
+
+Rewrapping gives a message new encrypted data keys under another keyring without
+touching its body: the data key is unwrapped by the client's keyring (one KMS Decrypt
+or a cache hit), wrapped again by ``to_keyring`` alone, and the header re-authenticated
+with the same derived key, so the message ID and every body byte stay the same. Each
+case checks the result opens under the new keys only, and the ESDK reads it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import aioboto3
+import anyio
+import anyio.lowlevel
+import aws_encryption_sdk
+import pytest
+from aws_encryption_sdk.exceptions import DecryptKeyError
+from cryptography.hazmat.primitives.asymmetric import rsa
+from esdk_peer import (
+    RsaWrapping,
+    esdk_decrypt,
+    esdk_encrypt,
+    peer_keys,
+    raw_aes_key,
+    raw_rsa_key,
+)
+from kms_server import KmsKey, MotoKms
+
+import aioenvelope
+from aioenvelope import (
+    AlgorithmSuite,
+    CommitmentPolicy,
+    DecryptionMaterials,
+    EncryptedDataKey,
+    EncryptionMaterials,
+    EnvelopeClient,
+    Keyring,
+    KmsKeyring,
+    MessageHeader,
+    MultiKeyring,
+    RawAesKeyring,
+    RawRsaKeyring,
+    RewrappingStream,
+    errors,
+    run_batch,
+)
+from aioenvelope.format import ParsedHeader, parse_header
+from aioenvelope.runtime import Runtime
+
+COMMIT = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
+COMMIT_SIGN = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384
+CONTEXT = {"tenant": "t-42", "purpose": "rotation", "schlüssel": "wert ✓"}
+NAMESPACE = "aioenvelope-rewrap"
+PLAINTEXT = bytes(range(256)) * 5 + b"tail"  # several 64-byte frames, the last partial
+KMS_PROVIDER_ID = "aws-kms"
+LEGACY_UNSIGNED = [
+    pytest.param(suite, id=f"0x{suite.suite_id:04x}")
+    for suite in AlgorithmSuite
+    if not suite.committing and not suite.signing
+]
+LEGACY_SIGNED = [
+    pytest.param(suite, id=f"0x{suite.suite_id:04x}")
+    for suite in AlgorithmSuite
+    if not suite.committing and suite.signing
+]
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def parsed(message: bytes) -> ParsedHeader:
+    return parse_header(message, max_encrypted_data_keys=0xFFFF)
+
+
+def body(message: bytes) -> bytes:
+    """Everything after the header."""
+    return message[parsed(message).length :]
+
+
+def edk_arns(header: MessageHeader) -> set[str]:
+    assert {edk.provider_id for edk in header.encrypted_data_keys} == {KMS_PROVIDER_ID}
+    return {edk.provider_info.decode() for edk in header.encrypted_data_keys}
+
+
+def flip(message: bytes, offset: int) -> bytes:
+    mutated = bytearray(message)
+    mutated[offset] ^= 0x01
+    return bytes(mutated)
+
+
+class AesKey:
+    """A raw AES wrapping key as our keyring and as the ESDK's master key."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.key = os.urandom(32)
+
+    def keyring(self) -> RawAesKeyring:
+        return RawAesKeyring(NAMESPACE, self.name, self.key)
+
+    def peer(self) -> Any:
+        return peer_keys(raw_aes_key(NAMESPACE, self.name, self.key))
+
+
+class XorKeyring(Keyring):
+    """A deterministic test keyring: the EDK is the data key XOR a pad made from the
+    keyring's name (so rewraps are byte-reproducible). Counts its lifecycle calls."""
+
+    PROVIDER_ID = "test-xor"
+
+    def __init__(self, name: str, *, open_delay: float = 0.0) -> None:
+        self.name = name
+        self._pad = hashlib.sha512(name.encode()).digest()
+        self._open_delay = open_delay
+        self.attached = 0
+        self.opened = 0
+        self.closed = 0
+        self.wrapped = 0
+        self.unwrapped = 0
+
+    def __repr__(self) -> str:
+        return f"XorKeyring({self.name!r})"
+
+    def _xor(self, key: bytes) -> bytes:
+        return bytes(a ^ b for a, b in zip(key, self._pad[: len(key)], strict=True))
+
+    def attach(self, runtime: Runtime) -> None:
+        self.attached += 1
+
+    async def open(self) -> None:
+        self.opened += 1
+        await anyio.sleep(self._open_delay)
+
+    async def close(self) -> None:
+        self.closed += 1
+
+    async def on_encrypt(self, materials: EncryptionMaterials) -> EncryptionMaterials:
+        self.wrapped += 1
+        if materials.plaintext_data_key is None:
+            materials = materials.generate_data_key()
+        assert materials.plaintext_data_key is not None
+        edk = EncryptedDataKey(
+            self.PROVIDER_ID, self.name.encode(), self._xor(materials.plaintext_data_key)
+        )
+        return materials.with_encrypted_data_key(edk)
+
+    async def on_decrypt(
+        self, materials: DecryptionMaterials, encrypted_data_keys: Sequence[EncryptedDataKey]
+    ) -> DecryptionMaterials:
+        for edk in encrypted_data_keys:
+            if edk.provider_id == self.PROVIDER_ID and edk.provider_info == self.name.encode():
+                self.unwrapped += 1
+                return materials.with_data_key(self._xor(edk.ciphertext))
+        raise errors.NoUsableKeyError(f"{self!r} found no EDK of its own")
+
+
+async def drain(stream: RewrappingStream, into: list[bytes]) -> None:
+    """Read ``stream`` to the end (closing it), collecting what it yields."""
+    async with stream:
+        async for chunk in stream:
+            into.append(chunk)
+
+
+async def encrypt_with(
+    keyring: Keyring,
+    plaintext: bytes = PLAINTEXT,
+    *,
+    context: Mapping[str, str] = CONTEXT,
+    **kwargs: Any,
+) -> bytes:
+    async with EnvelopeClient(keyring, frame_length=64) as client:
+        return await client.encrypt(plaintext, encryption_context=context, **kwargs)
+
+
+async def decrypt_with(
+    keyring: Keyring, message: bytes, context: Mapping[str, str] | None = None
+) -> bytes:
+    async with EnvelopeClient(keyring) as client:
+        return await client.decrypt(message, encryption_context=context)
+
+
+async def assert_refused_by(
+    keyring: Keyring, message: bytes, context: Mapping[str, str] | None = None
+) -> None:
+    with pytest.raises(errors.EnvelopeError):
+        await decrypt_with(keyring, message, context)
+
+
+def esdk_decrypt_allowing_legacy(keys: Any, message: bytes) -> bytes:
+    """The ESDK with the policy that reads non-committing (v1) messages."""
+    client = aws_encryption_sdk.EncryptionSDKClient(
+        commitment_policy=aws_encryption_sdk.CommitmentPolicy.REQUIRE_ENCRYPT_ALLOW_DECRYPT
+    )
+    plaintext, _ = client.decrypt(source=message, key_provider=keys)
+    return bytes(plaintext)
+
+
+# -- KMS fixtures ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def session(moto_kms: MotoKms) -> Any:
+    """One aioboto3 session for the module's KMS keyrings (a fresh one per keyring
+    reloads botocore's models); made under moto_kms's dummy credentials."""
+    return aioboto3.Session()
+
+
+@pytest.fixture
+def kms(moto_kms: MotoKms, session: Any) -> Any:
+    """``kms(key, ...)``: a KmsKeyring on ``key`` talking to the moto server."""
+
+    def make(key: KmsKey, **kwargs: Any) -> KmsKeyring:
+        kwargs.setdefault("session", session)
+        return KmsKeyring(
+            key.arn, endpoint_url=moto_kms.endpoint_url, region_name=moto_kms.region, **kwargs
+        )
+
+    return make
+
+
+@pytest.fixture
+def esdk_kms(moto_kms: MotoKms, monkeypatch: pytest.MonkeyPatch) -> MotoKms:
+    """Point the ESDK's own boto3 KMS clients at moto (see test_kms_interop.py)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", moto_kms.endpoint_url)
+    return moto_kms
+
+
+class TrackingSession:
+    """A real aioboto3 session whose KMS clients log when they open and close."""
+
+    def __init__(self) -> None:
+        self.session = aioboto3.Session()
+        self.events: list[str] = []
+        original = self.session.client
+        events = self.events
+
+        class Tracked:
+            def __init__(self, inner: Any) -> None:
+                self._inner = inner
+
+            async def __aenter__(self) -> Any:
+                client = await self._inner.__aenter__()
+                events.append("open")
+                return client
+
+            async def __aexit__(self, *exc_info: Any) -> Any:
+                try:
+                    return await self._inner.__aexit__(*exc_info)
+                finally:
+                    events.append("close")
+
+        def client(service_name: str, **kwargs: Any) -> Tracked:
+            return Tracked(original(service_name, **kwargs))
+
+        self.session.client = client
+
+    @property
+    def open_clients(self) -> int:
+        return self.events.count("open") - self.events.count("close")
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Acceptance: KMS key A to KMS key B, on moto
+# ---------------------------------------------------------------------------------------
+
+
+async def test_kms_rewrap_moves_a_message_from_key_a_to_key_b(
+    kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
+) -> None:
+    key_a, key_b = kms(kms_key), kms(kms_key_2)
+    async with EnvelopeClient(key_a, frame_length=64) as client:
+        old = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+        calls_before = dict(key_a.kms_calls)
+        new = await client.rewrap(old, to_keyring=key_b, encryption_context=CONTEXT)
+
+        # One Decrypt under A, one Encrypt under B, nothing else (B's DescribeKey is its
+        # start-up check when it is opened on first use).
+        assert key_a.kms_calls == {**calls_before, "Decrypt": 1}
+        assert "Encrypt" not in key_a.kms_calls
+        assert key_b.kms_calls == {"DescribeKey": 1, "Encrypt": 1}
+        # to_keyring reports to this client's counters too.
+        assert client.stats.kms_calls["Encrypt"] == 1
+        assert client.stats.kms_calls["Decrypt"] == 1
+
+        # A second rewrap of the same message: the data key comes from the cache.
+        hits = client.stats.decrypt_cache_hits
+        again = await client.rewrap(old, to_keyring=key_b)
+        assert key_a.kms_calls["Decrypt"] == 1
+        assert key_b.kms_calls == {"DescribeKey": 1, "Encrypt": 2}
+        assert client.stats.decrypt_cache_hits == hits + 1
+
+    old_header, new_header = aioenvelope.inspect(old), aioenvelope.inspect(new)
+    assert new_header.message_id == old_header.message_id
+    assert body(new) == body(old)
+    assert body(again) == body(old)
+    assert new_header.algorithm_suite is old_header.algorithm_suite is COMMIT
+    assert dict(new_header.encryption_context) == CONTEXT
+    assert edk_arns(old_header) == {kms_key.arn}
+    assert edk_arns(new_header) == {kms_key_2.arn}
+
+    # The new message opens with B only, the old one (untouched) with A only.
+    reader_b, reader_a = kms(kms_key_2), kms(kms_key)
+    assert await decrypt_with(reader_b, new, CONTEXT) == PLAINTEXT
+    with pytest.raises(errors.NoUsableKeyError):
+        await decrypt_with(reader_a, new, CONTEXT)
+    assert reader_a.kms_calls.get("Decrypt", 0) == 0  # no EDK names A: not even tried
+    assert await decrypt_with(kms(kms_key), old, CONTEXT) == PLAINTEXT
+    with pytest.raises(errors.NoUsableKeyError):
+        await decrypt_with(kms(kms_key_2), old, CONTEXT)
+
+
+async def test_esdk_decrypts_a_kms_rewrapped_message_under_key_b_only(
+    esdk_kms: MotoKms, kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
+) -> None:
+    async with EnvelopeClient(kms(kms_key), frame_length=64) as client:
+        old = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+        new = await client.rewrap(old, to_keyring=kms(kms_key_2))
+    provider_b = aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[kms_key_2.arn])
+    plaintext, peer_header = esdk_decrypt(provider_b, new)
+    assert plaintext == PLAINTEXT
+    assert peer_header.message_id == aioenvelope.inspect(old).message_id
+    assert peer_header.encryption_context == CONTEXT
+    provider_a = aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[kms_key.arn])
+    with pytest.raises(DecryptKeyError):
+        esdk_decrypt(provider_a, new)
+
+
+async def test_kms_signed_message_is_refused_before_any_decrypt(
+    kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
+) -> None:
+    key_a, key_b = kms(kms_key), kms(kms_key_2)
+    async with EnvelopeClient(key_a) as client:
+        signed = await client.encrypt(PLAINTEXT, algorithm_suite=COMMIT_SIGN)
+        with pytest.raises(errors.ConfigurationError, match="reencrypt_stream"):
+            await client.rewrap(signed, to_keyring=key_b)
+        assert "Decrypt" not in key_a.kms_calls
+        assert "Encrypt" not in key_b.kms_calls
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Raw keys: AES, RSA, multi-keyrings, legacy ESDK messages, frame lengths and sizes
+# ---------------------------------------------------------------------------------------
+
+SIZES = [pytest.param(0, id="empty"), pytest.param(1, id="one-byte"), "frames"]
+
+
+@pytest.mark.parametrize("frame_length", [1, 64, 4096])
+@pytest.mark.parametrize("size", SIZES)
+async def test_aes_to_aes_rewrap_at_frame_lengths_and_sizes(
+    frame_length: int, size: int | str
+) -> None:
+    n = 3 * frame_length + 7 if size == "frames" else int(size)
+    plaintext = os.urandom(n)
+    key_a, key_b = AesKey("a"), AesKey("b")
+    async with EnvelopeClient(key_a.keyring(), frame_length=frame_length) as client:
+        old = await client.encrypt(plaintext, encryption_context=CONTEXT)
+        new = await client.rewrap(old, to_keyring=key_b.keyring())
+    assert body(new) == body(old)
+    assert aioenvelope.inspect(new).message_id == aioenvelope.inspect(old).message_id
+    assert aioenvelope.inspect(new).frame_length == frame_length
+    assert await decrypt_with(key_b.keyring(), new, CONTEXT) == plaintext
+    await assert_refused_by(key_a.keyring(), new)
+    assert await decrypt_with(key_a.keyring(), old, CONTEXT) == plaintext
+    got, peer_header = esdk_decrypt(key_b.peer(), new)
+    assert got == plaintext
+    assert peer_header.encryption_context == CONTEXT
+
+
+async def test_aes_to_rsa_rewrap(rsa_private_key: rsa.RSAPrivateKey) -> None:
+    wrapping = RsaWrapping.OAEP_SHA256
+    rsa_keyring = RawRsaKeyring(
+        NAMESPACE, "rsa", private_key=rsa_private_key, padding=wrapping.padding()
+    )
+    key_a = AesKey("a")
+    old = await encrypt_with(key_a.keyring())
+    async with EnvelopeClient(key_a.keyring()) as client:
+        # Wrapping needs only the public half.
+        public_only = RawRsaKeyring(
+            NAMESPACE, "rsa", public_key=rsa_private_key.public_key(), padding=wrapping.padding()
+        )
+        new = await client.rewrap(old, to_keyring=public_only)
+    assert body(new) == body(old)
+    (edk,) = aioenvelope.inspect(new).encrypted_data_keys
+    assert edk.provider_id == NAMESPACE
+    assert await decrypt_with(rsa_keyring, new, CONTEXT) == PLAINTEXT
+    await assert_refused_by(key_a.keyring(), new)
+    peer = peer_keys(raw_rsa_key(NAMESPACE, "rsa", wrapping, private_key=rsa_private_key))
+    assert esdk_decrypt(peer, new)[0] == PLAINTEXT
+
+
+@pytest.mark.parametrize("with_generator", [True, False], ids=["generator", "children-only"])
+async def test_aes_to_multi_keyring_rewrap_opens_with_each_member(
+    rsa_private_key: rsa.RSAPrivateKey, with_generator: bool
+) -> None:
+    """Every member of the target wraps the same data key; each alone can decrypt. A
+    multi-keyring without a generator is fine here: the data key already exists."""
+    key_a, key_b = AesKey("a"), AesKey("b")
+    padding = RsaWrapping.OAEP_SHA1.padding()
+    rsa_keyring = RawRsaKeyring(NAMESPACE, "rsa", private_key=rsa_private_key, padding=padding)
+    if with_generator:
+        target = MultiKeyring(key_b.keyring(), [rsa_keyring])
+    else:
+        target = MultiKeyring(children=[key_b.keyring(), rsa_keyring])
+    old = await encrypt_with(key_a.keyring())
+    async with EnvelopeClient(key_a.keyring()) as client:
+        new = await client.rewrap(old, to_keyring=target)
+    header = aioenvelope.inspect(new)
+    assert [edk.provider_id for edk in header.encrypted_data_keys] == [NAMESPACE, NAMESPACE]
+    assert body(new) == body(old)
+    assert await decrypt_with(key_b.keyring(), new, CONTEXT) == PLAINTEXT
+    assert await decrypt_with(rsa_keyring, new, CONTEXT) == PLAINTEXT
+    await assert_refused_by(key_a.keyring(), new)
+
+
+async def test_rewrap_to_a_keyring_making_too_many_edks_is_refused() -> None:
+    key_a = AesKey("a")
+    target = MultiKeyring(children=[AesKey(name).keyring() for name in "xyz"])
+    old = await encrypt_with(key_a.keyring())
+    async with EnvelopeClient(key_a.keyring(), max_encrypted_data_keys=2) as client:
+        with pytest.raises(errors.MessageLimitError):
+            await client.rewrap(old, to_keyring=target)
+
+
+async def test_a_message_with_more_edks_than_the_client_accepts_is_refused() -> None:
+    keys = [AesKey(name) for name in "abc"]
+    old = await encrypt_with(MultiKeyring(keys[0].keyring(), [k.keyring() for k in keys[1:]]))
+    target = XorKeyring("t")
+    async with EnvelopeClient(keys[0].keyring(), max_encrypted_data_keys=2) as client:
+        with pytest.raises(errors.MessageLimitError):
+            await client.rewrap(old, to_keyring=target)
+    assert target.wrapped == 0
+
+
+async def test_rewrap_to_the_clients_own_keyring_keeps_the_message_readable() -> None:
+    key_a = AesKey("a")
+    own = key_a.keyring()
+    old = await encrypt_with(own)
+    async with EnvelopeClient(own) as client:
+        new = await client.rewrap(old, to_keyring=own)
+        assert await client.decrypt(new) == PLAINTEXT
+    assert body(new) == body(old)
+
+
+@pytest.mark.parametrize("frame_length", [pytest.param(128, id="framed"), 0])
+@pytest.mark.parametrize("suite", LEGACY_UNSIGNED)
+async def test_legacy_esdk_messages_rewrap_and_the_esdk_reads_them(
+    suite: AlgorithmSuite, frame_length: int
+) -> None:
+    """v1 messages of every non-signing legacy suite (16-byte message IDs, header IV,
+    identity and HKDF-SHA256 KDFs, non-framed bodies) written by the ESDK rewrap under a
+    client that allows legacy decryption, and the ESDK reads the result with B only."""
+    key_a, key_b = AesKey("a"), AesKey("b")
+    plaintext = os.urandom(2 * 128 + 44)
+    old, _ = esdk_encrypt(
+        key_a.peer(),
+        plaintext,
+        suite_id=suite.suite_id,
+        encryption_context=CONTEXT,
+        frame_length=frame_length,
+    )
+    async with EnvelopeClient(
+        key_a.keyring(), commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_ALLOW_DECRYPT
+    ) as client:
+        new = await client.rewrap(old, to_keyring=key_b.keyring(), encryption_context=CONTEXT)
+    old_header, new_header = aioenvelope.inspect(old), aioenvelope.inspect(new)
+    assert new_header.version == 1
+    assert new_header.algorithm_suite is suite
+    assert len(new_header.message_id) == 16
+    assert new_header.message_id == old_header.message_id
+    assert new_header.content_type == old_header.content_type
+    assert body(new) == body(old)
+    assert esdk_decrypt_allowing_legacy(key_b.peer(), new) == plaintext
+    with pytest.raises(DecryptKeyError):
+        esdk_decrypt_allowing_legacy(key_a.peer(), new)
+    async with EnvelopeClient(
+        key_b.keyring(), commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_ALLOW_DECRYPT
+    ) as reader:
+        assert await reader.decrypt(new, encryption_context=CONTEXT) == plaintext
+
+
+@pytest.mark.parametrize("suite", LEGACY_SIGNED)
+async def test_legacy_signed_messages_are_refused(suite: AlgorithmSuite) -> None:
+    key_a = AesKey("a")
+    old, _ = esdk_encrypt(
+        key_a.peer(), b"signed", suite_id=suite.suite_id, encryption_context={}, frame_length=128
+    )
+    async with EnvelopeClient(
+        key_a.keyring(), commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_ALLOW_DECRYPT
+    ) as client:
+        with pytest.raises(errors.ConfigurationError, match="reencrypt_stream"):
+            await client.rewrap(old, to_keyring=AesKey("b").keyring())
+
+
+async def test_default_policy_refuses_to_rewrap_legacy_messages() -> None:
+    key_a = AesKey("a")
+    old, _ = esdk_encrypt(
+        key_a.peer(),
+        b"legacy",
+        suite_id=AlgorithmSuite.AES_256_GCM_IV12_TAG16_HKDF_SHA256.suite_id,
+        encryption_context={},
+        frame_length=128,
+    )
+    async with EnvelopeClient(key_a.keyring()) as client:
+        with pytest.raises(errors.CommitmentPolicyError):
+            await client.rewrap(old, to_keyring=AesKey("b").keyring())
+
+
+async def test_legacy_client_fixture_rewraps_its_own_v2_messages(
+    legacy_client: EnvelopeClient,
+) -> None:
+    """The legacy-reading client still writes committing v2 messages and rewraps them."""
+    key_b = AesKey("b")
+    old = await legacy_client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+    new = await legacy_client.rewrap(old, to_keyring=key_b.keyring())
+    assert aioenvelope.inspect(new).version == 2
+    assert esdk_decrypt(key_b.peer(), new)[0] == PLAINTEXT
+
+
+# ---------------------------------------------------------------------------------------
+# 3. inspect: what a message says about itself, with no key
+# ---------------------------------------------------------------------------------------
+
+
+async def test_inspect_shows_suite_id_context_edks_and_frame_length(
+    kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
+) -> None:
+    keyring = kms(kms_key, additional_key_ids=[kms_key_2.arn])
+    async with EnvelopeClient(keyring, frame_length=512) as client:
+        message = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+        full = await client.decrypt_with_header(message, encryption_context=CONTEXT)
+        calls, stats = dict(keyring.kms_calls), client.stats.kms_calls
+        header = aioenvelope.inspect(message)
+        assert keyring.kms_calls == calls
+        assert client.stats.kms_calls == stats
+    assert header == full.header
+    assert header.algorithm_suite is COMMIT
+    assert header.version == 2
+    assert len(header.message_id) == 32
+    assert dict(header.encryption_context) == CONTEXT
+    assert header.frame_length == 512
+    assert [edk.provider_id for edk in header.encrypted_data_keys] == [KMS_PROVIDER_ID] * 2
+    assert [edk.provider_info for edk in header.encrypted_data_keys] == [
+        kms_key.arn.encode(),
+        kms_key_2.arn.encode(),
+    ]
+
+
+async def test_inspect_needs_only_the_header(client: EnvelopeClient) -> None:
+    message = await client.encrypt(os.urandom(10_000), encryption_context=CONTEXT)
+    length = parsed(message).length
+    whole = aioenvelope.inspect(message)
+    for prefix in (message[:length], message[: length + 1], message[:4096]):
+        assert aioenvelope.inspect(prefix) == whole
+    assert aioenvelope.inspect(bytearray(message[:length])) == whole
+    assert aioenvelope.inspect(memoryview(message)[:length]) == whole
+    for cut in (0, 1, 3, 40, length - 17, length - 1):
+        with pytest.raises(errors.TruncatedMessageError):
+            aioenvelope.inspect(message[:cut])
+
+
+@pytest.mark.parametrize("value", ["not bytes", None, [1, 2, 3], 42])
+def test_inspect_refuses_what_is_not_bytes(value: Any) -> None:
+    with pytest.raises(errors.ConfigurationError, match="bytes-like"):
+        aioenvelope.inspect(value)
+
+
+def test_inspect_refuses_garbage_as_malformed() -> None:
+    with pytest.raises(errors.MalformedMessageError):
+        aioenvelope.inspect(b"\x07" + os.urandom(100))
+
+
+async def test_inspect_reads_legacy_v1_messages_without_a_key() -> None:
+    suite = AlgorithmSuite.AES_128_GCM_IV12_TAG16_NO_KDF
+    old, peer = esdk_encrypt(
+        AesKey("a").peer(),
+        b"legacy",
+        suite_id=suite.suite_id,
+        encryption_context=CONTEXT,
+        frame_length=0,
+    )
+    header = aioenvelope.inspect(old)
+    assert (header.version, header.algorithm_suite, header.frame_length) == (1, suite, 0)
+    assert header.message_id == peer.message_id
+    assert dict(header.encryption_context) == CONTEXT
+
+
+async def test_inspect_does_not_authenticate(client: EnvelopeClient) -> None:
+    """It is for finding objects, not trusting them: a changed header still parses."""
+    message = await client.encrypt(PLAINTEXT, encryption_context={"tenant": "aaaa"})
+    tampered = flip(message, message.index(b"aaaa"))
+    assert aioenvelope.inspect(tampered).encryption_context["tenant"] == "`aaa"
+    with pytest.raises(errors.EnvelopeError):
+        await client.decrypt(tampered)
+
+
+async def test_operator_scan_finds_exactly_the_messages_still_under_key_a(
+    kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
+) -> None:
+    """Rotation as an operator runs it: rewrap part of a table, then scan every object's
+    header (no key, no KMS call) for those still wrapped under the old key."""
+    key_a, key_b = kms(kms_key), kms(kms_key_2)
+    rotated = {1, 4, 5, 9, 13, 18}
+    async with EnvelopeClient(key_a, frame_length=64) as client:
+        table = [
+            await client.encrypt(b"row %d" % i, encryption_context={"row": str(i)})
+            for i in range(20)
+        ]
+
+        async def rotate(i: int) -> bytes:
+            return await client.rewrap(table[i], to_keyring=key_b)
+
+        results = await run_batch(sorted(rotated), rotate, concurrency=4)
+        assert all(r.ok for r in results)
+        for result in results:
+            assert result.value is not None
+            table[result.item] = result.value
+
+        calls_a, calls_b = dict(key_a.kms_calls), dict(key_b.kms_calls)
+        still_under_a = {
+            i
+            for i, blob in enumerate(table)
+            if kms_key.arn.encode()
+            in {edk.provider_info for edk in aioenvelope.inspect(blob).encrypted_data_keys}
+        }
+        assert (key_a.kms_calls, key_b.kms_calls) == (calls_a, calls_b)
+    assert still_under_a == set(range(20)) - rotated
+    for i in rotated:
+        assert await decrypt_with(kms(kms_key_2), table[i]) == b"row %d" % i
+
+
+# ---------------------------------------------------------------------------------------
+# 4. rewrap_stream and rewrap_file
+# ---------------------------------------------------------------------------------------
+
+
+def chunked(data: bytes, rng: random.Random, largest: int) -> list[bytes]:
+    chunks, i = [], 0
+    while i < len(data):
+        n = rng.randint(1, largest)
+        chunks.append(data[i : i + n])
+        i += n
+    return chunks
+
+
+async def agen(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        await anyio.lowlevel.checkpoint()
+        yield chunk
+
+
+class AsyncReader:
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+
+    async def read(self, n: int = -1) -> bytes:
+        await anyio.lowlevel.checkpoint()
+        return self._data.read(min(n, 7) if n > 0 else n)
+
+
+async def test_rewrap_stream_at_random_chunkings_equals_rewrap() -> None:
+    """A deterministic target keyring makes the rewrap byte-reproducible, so any way of
+    feeding the message must give exactly what ``rewrap`` gives."""
+    source, target = XorKeyring("a"), XorKeyring("b")
+    old = await encrypt_with(source, os.urandom(5_000))
+    rng = random.Random(1234)
+    async with EnvelopeClient(source) as client:
+        expected = await client.rewrap(old, to_keyring=target)
+        sources: list[Any] = [old, bytearray(old), memoryview(old), io.BytesIO(old)]
+        sources.append(AsyncReader(old))
+        for largest in (1, 3, 17, 100, 1000, len(old)):
+            sources.append(chunked(old, rng, largest))
+            sources.append(agen(chunked(old, rng, largest)))
+            sources.append(iter(chunked(old, rng, largest)))
+        for src in sources:
+            stream = client.rewrap_stream(src, to_keyring=target)
+            assert stream.header is None
+            async with stream:
+                assert await stream.read_all() == expected
+            assert stream.header == aioenvelope.inspect(expected)
+    assert body(expected) == body(old)
+    assert await decrypt_with(XorKeyring("b"), expected) == await decrypt_with(XorKeyring("a"), old)
+
+
+async def test_rewrap_stream_yields_the_header_then_passes_the_body_through_lazily() -> None:
+    """The new header comes first and alone; the body follows as the source delivers it,
+    and the source is read only as fast as the output is consumed (constant memory)."""
+    source, target = XorKeyring("a"), XorKeyring("b")
+    old = await encrypt_with(source, os.urandom(200_000))
+    header_length = parsed(old).length
+    pieces = [old[:header_length], *chunked(old[header_length:], random.Random(7), 4096)]
+    pulled = 0
+
+    async def counting() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        for piece in pieces:
+            pulled += 1
+            yield piece
+
+    async with EnvelopeClient(source) as client:
+        stream = client.rewrap_stream(counting(), to_keyring=target)
+        async with stream:
+            iterator = aiter(stream)
+            first = await anext(iterator)
+            assert parsed(first).length == len(first)
+            assert pulled == 1
+            rest = [chunk async for chunk in iterator]
+    assert pulled == len(pieces)
+    assert rest == pieces[1:]
+    assert await decrypt_with(XorKeyring("b"), first + b"".join(rest)) == await decrypt_with(
+        XorKeyring("a"), old
+    )
+
+
+class ClosableChunks:
+    """An async iterator of chunks that records when it is closed."""
+
+    def __init__(self, data: bytes) -> None:
+        self._chunks = iter([data[i : i + 100] for i in range(0, len(data), 100)])
+        self.closed = False
+
+    def __aiter__(self) -> ClosableChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return next(self._chunks)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_rewrap_stream_closed_early_closes_its_source() -> None:
+    source = XorKeyring("a")
+    old = await encrypt_with(source)
+    unread, partly = ClosableChunks(old), ClosableChunks(old)
+    async with EnvelopeClient(source) as client:
+        async with client.rewrap_stream(unread, to_keyring=XorKeyring("b")):
+            pass
+        async with client.rewrap_stream(partly, to_keyring=XorKeyring("b")) as stream:
+            await anext(aiter(stream))
+    assert unread.closed
+    assert partly.closed
+
+
+async def test_rewrap_stream_of_a_truncated_header_raises_truncated() -> None:
+    source = XorKeyring("a")
+    old = await encrypt_with(source)
+    length = parsed(old).length
+    async with EnvelopeClient(source) as client:
+        for cut in [*range(0, length, 13), length - 1]:
+            for src in (old[:cut], chunked(old[:cut], random.Random(cut), 5)):
+                produced: list[bytes] = []
+                with pytest.raises(errors.TruncatedMessageError):
+                    await drain(client.rewrap_stream(src, to_keyring=XorKeyring("b")), produced)
+                assert produced == []
+            with pytest.raises(errors.TruncatedMessageError):
+                await client.rewrap(old[:cut], to_keyring=XorKeyring("b"))
+    assert source.unwrapped == 0  # nothing was unwrapped for a header that never ended
+
+
+async def test_rewrap_passes_a_truncated_body_through_and_decrypt_catches_it() -> None:
+    """The body is not verified by rewrap (it is not changed): reading it is."""
+    source, target = XorKeyring("a"), XorKeyring("b")
+    old = await encrypt_with(source)
+    async with EnvelopeClient(source) as client:
+        new = await client.rewrap(old[:-10], to_keyring=target)
+    with pytest.raises(errors.TruncatedMessageError):
+        await decrypt_with(XorKeyring("b"), new)
+
+
+async def test_rewrap_file_round_trip(tmp_path: Any) -> None:
+    key_a, key_b = AesKey("a"), AesKey("b")
+    plain, sealed, rewrapped, opened = (tmp_path / n for n in ("p", "c", "r", "o"))
+    plain.write_bytes(os.urandom(70_000))
+    async with EnvelopeClient(key_a.keyring(), frame_length=4096) as client:
+        await client.encrypt_file(plain, sealed, encryption_context=CONTEXT)
+        header = await client.rewrap_file(sealed, rewrapped, to_keyring=key_b.keyring())
+    assert header == aioenvelope.inspect(rewrapped.read_bytes())
+    assert header.message_id == aioenvelope.inspect(sealed.read_bytes()).message_id
+    assert body(rewrapped.read_bytes()) == body(sealed.read_bytes())
+    assert rewrapped.stat().st_mode & 0o777 == 0o600
+    async with EnvelopeClient(key_b.keyring()) as reader:
+        await reader.decrypt_file(rewrapped, opened, encryption_context=CONTEXT)
+    assert opened.read_bytes() == plain.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "o", "p", "r"]
+
+
+async def test_rewrap_file_keeps_an_existing_destination_unless_overwrite(tmp_path: Any) -> None:
+    key_a, key_b = AesKey("a"), AesKey("b")
+    sealed, dest = tmp_path / "c", tmp_path / "r"
+    sealed.write_bytes(await encrypt_with(key_a.keyring()))
+    dest.write_bytes(b"precious")
+    async with EnvelopeClient(key_a.keyring()) as client:
+        with pytest.raises(errors.ConfigurationError, match="already exists"):
+            await client.rewrap_file(sealed, dest, to_keyring=key_b.keyring())
+        assert dest.read_bytes() == b"precious"
+        await client.rewrap_file(sealed, dest, to_keyring=key_b.keyring(), overwrite=True)
+    assert await decrypt_with(key_b.keyring(), dest.read_bytes()) == PLAINTEXT
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "r"]
+
+
+async def test_rewrap_file_of_a_tampered_header_leaves_no_output(tmp_path: Any) -> None:
+    key_a, key_b = AesKey("a"), AesKey("b")
+    old = await encrypt_with(MultiKeyring(key_a.keyring(), [key_b.keyring()]))
+    other_edk = aioenvelope.inspect(old).encrypted_data_keys[1].ciphertext
+    sealed, dest = tmp_path / "c", tmp_path / "r"
+    sealed.write_bytes(flip(old, old.index(other_edk) + 5))
+    async with EnvelopeClient(key_a.keyring()) as client:
+        with pytest.raises(errors.AuthenticationError):
+            await client.rewrap_file(sealed, dest, to_keyring=AesKey("c").keyring())
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no destination, no .partial
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Signed messages, reencrypt_stream, required encryption context
+# ---------------------------------------------------------------------------------------
+
+
+async def test_rewrap_refuses_signed_messages_pointing_at_reencrypt_stream(
+    tmp_path: Any,
+) -> None:
+    key_a = AesKey("a")
+    signed = await encrypt_with(key_a.keyring(), algorithm_suite=COMMIT_SIGN)
+    (tmp_path / "c").write_bytes(signed)
+    async with EnvelopeClient(key_a.keyring()) as client:
+        with pytest.raises(errors.ConfigurationError, match="reencrypt_stream"):
+            await client.rewrap(signed, to_keyring=AesKey("b").keyring())
+        produced: list[bytes] = []
+        with pytest.raises(errors.ConfigurationError, match="reencrypt_stream"):
+            await drain(client.rewrap_stream(signed, to_keyring=AesKey("b").keyring()), produced)
+        assert produced == []
+        with pytest.raises(errors.ConfigurationError, match="reencrypt_stream"):
+            await client.rewrap_file(tmp_path / "c", tmp_path / "r", to_keyring=key_a.keyring())
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+@pytest.mark.parametrize("suite", [COMMIT_SIGN, COMMIT], ids=["signed", "unsigned"])
+async def test_reencrypt_stream_moves_a_message_to_the_new_keyring(
+    suite: AlgorithmSuite,
+) -> None:
+    key_a, key_b = AesKey("a"), AesKey("b")
+    old = await encrypt_with(key_a.keyring(), algorithm_suite=suite)
+    async with EnvelopeClient(key_a.keyring(), frame_length=100) as client:
+        stream = client.reencrypt_stream(old, to_keyring=key_b.keyring())
+        async with stream:
+            new = await stream.read_all()
+    old_header, new_header = aioenvelope.inspect(old), aioenvelope.inspect(new)
+    assert stream.header == new_header
+    assert new_header.algorithm_suite is suite
+    assert new_header.message_id != old_header.message_id  # a new data key and message ID
+    assert new_header.frame_length == 100
+    public_key = "aws-crypto-public-key"
+    user = {k: v for k, v in new_header.encryption_context.items() if k != public_key}
+    assert user == CONTEXT
+    if suite.signing:
+        # A fresh signing key: the old public key is not carried over.
+        assert (
+            new_header.encryption_context[public_key] != (old_header.encryption_context[public_key])
+        )
+    else:
+        assert public_key not in new_header.encryption_context
+    assert await decrypt_with(key_b.keyring(), new, CONTEXT) == PLAINTEXT
+    await assert_refused_by(key_a.keyring(), new)
+    assert esdk_decrypt(key_b.peer(), new)[0] == PLAINTEXT
+
+
+async def test_reencrypt_stream_to_an_unsigned_suite_can_then_be_rewrapped() -> None:
+    key_a, key_b, key_c = AesKey("a"), AesKey("b"), AesKey("c")
+    signed = await encrypt_with(key_a.keyring(), algorithm_suite=COMMIT_SIGN)
+    async with EnvelopeClient(key_a.keyring()) as client:
+        unsigned = await client.reencrypt_stream(
+            chunked(signed, random.Random(3), 50),
+            to_keyring=key_b.keyring(),
+            algorithm_suite=COMMIT,
+        ).read_all()
+    header = aioenvelope.inspect(unsigned)
+    assert header.algorithm_suite is COMMIT
+    assert dict(header.encryption_context) == CONTEXT
+    async with EnvelopeClient(key_b.keyring()) as client:
+        again = await client.rewrap(unsigned, to_keyring=key_c.keyring())
+    assert await decrypt_with(key_c.keyring(), again, CONTEXT) == PLAINTEXT
+
+
+async def test_reencrypt_stream_moves_a_legacy_message_to_a_committing_suite() -> None:
+    key_a, key_b = AesKey("a"), AesKey("b")
+    suite = AlgorithmSuite.AES_256_GCM_IV12_TAG16_HKDF_SHA384_ECDSA_P384
+    old, _ = esdk_encrypt(
+        key_a.peer(),
+        PLAINTEXT,
+        suite_id=suite.suite_id,
+        encryption_context=CONTEXT,
+        frame_length=128,
+    )
+    async with EnvelopeClient(
+        key_a.keyring(), commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_ALLOW_DECRYPT
+    ) as client:
+        # No suite named: the signed legacy suite becomes the signed committing one.
+        upgraded = await client.reencrypt_stream(old, to_keyring=key_b.keyring()).read_all()
+        chosen = await client.reencrypt_stream(
+            old, to_keyring=key_b.keyring(), algorithm_suite=COMMIT
+        ).read_all()
+    assert aioenvelope.inspect(upgraded).algorithm_suite is COMMIT_SIGN
+    assert aioenvelope.inspect(chosen).algorithm_suite is COMMIT
+    for new in (upgraded, chosen):
+        assert aioenvelope.inspect(new).version == 2
+        assert esdk_decrypt(key_b.peer(), new)[0] == PLAINTEXT
+
+
+async def test_reencrypt_stream_refuses_a_non_keyring_at_call_time(
+    client: EnvelopeClient,
+) -> None:
+    """Like rewrap_stream: a wrong ``to_keyring`` is the caller's mistake, reported as a
+    ConfigurationError when the stream is made (not an AttributeError mid-iteration)."""
+    message = await client.encrypt(PLAINTEXT)
+    with pytest.raises(errors.ConfigurationError, match="Keyring"):
+        client.reencrypt_stream(message, to_keyring="not a keyring")  # type: ignore[arg-type]
+
+
+async def test_required_context_must_be_given_to_rewrap_and_stays_required() -> None:
+    key_a, key_b = AesKey("a"), AesKey("b")
+    full = {**CONTEXT, "secret": "s3"}
+    old = await encrypt_with(
+        key_a.keyring(), context=full, required_encryption_context_keys={"secret"}
+    )
+    assert "secret" not in aioenvelope.inspect(old).encryption_context
+    async with EnvelopeClient(key_a.keyring()) as client:
+        with pytest.raises(errors.EnvelopeError):
+            await client.rewrap(old, to_keyring=key_b.keyring())
+        with pytest.raises(errors.EnvelopeError):
+            await client.rewrap(
+                old, to_keyring=key_b.keyring(), encryption_context={"secret": "wrong"}
+            )
+        new = await client.rewrap(
+            old, to_keyring=key_b.keyring(), encryption_context={"secret": "s3"}
+        )
+    assert "secret" not in aioenvelope.inspect(new).encryption_context
+    assert body(new) == body(old)
+    assert await decrypt_with(key_b.keyring(), new, {"secret": "s3"}) == PLAINTEXT
+    await assert_refused_by(key_b.keyring(), new)
+    await assert_refused_by(key_b.keyring(), new, {"secret": "wrong"})
+
+
+async def test_required_context_stays_required_through_reencrypt_stream() -> None:
+    key_a, key_b = AesKey("a"), AesKey("b")
+    full = {**CONTEXT, "secret": "s3"}
+    old = await encrypt_with(
+        key_a.keyring(),
+        context=full,
+        required_encryption_context_keys={"secret"},
+        algorithm_suite=COMMIT_SIGN,
+    )
+    async with EnvelopeClient(key_a.keyring()) as client:
+        new = await client.reencrypt_stream(
+            old, to_keyring=key_b.keyring(), encryption_context={"secret": "s3"}
+        ).read_all()
+    header = aioenvelope.inspect(new)
+    assert "secret" not in header.encryption_context
+    assert {k: header.encryption_context[k] for k in CONTEXT} == CONTEXT
+    assert await decrypt_with(key_b.keyring(), new, {"secret": "s3"}) == PLAINTEXT
+    await assert_refused_by(key_b.keyring(), new)
+
+
+async def test_wrong_encryption_context_is_a_mismatch(client: EnvelopeClient) -> None:
+    message = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+    target = XorKeyring("b")
+    with pytest.raises(errors.EncryptionContextMismatchError):
+        await client.rewrap(message, to_keyring=target, encryption_context={"tenant": "other"})
+    with pytest.raises(errors.EncryptionContextMismatchError):
+        await client.reencrypt_stream(
+            message, to_keyring=target, encryption_context={"tenant": "other"}
+        ).read_all()
+    assert target.wrapped == 0
+    # A subset of the stored pairs is fine.
+    new = await client.rewrap(message, to_keyring=target, encryption_context={"tenant": "t-42"})
+    assert await decrypt_with(XorKeyring("b"), new, CONTEXT) == PLAINTEXT
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Tampered headers
+# ---------------------------------------------------------------------------------------
+
+TAMPERED_FIELDS = [
+    "message-id",
+    "context",
+    "own-edk",
+    "other-edk",
+    "frame-length",
+    "commitment",
+    "tag",
+]
+
+
+def tamper_offset(message: bytes, field: str) -> int:
+    """One byte inside ``field`` of a v2 message with two EDKs."""
+    header_parsed = parsed(message)
+    header, header_body = header_parsed.header, header_parsed.body_bytes
+    own, other = header.encrypted_data_keys
+    suite_data = len(header.suite_data)
+    return {
+        "message-id": 3 + 7,
+        "context": header_body.index("wert ✓".encode()),
+        "own-edk": header_body.index(own.ciphertext) + 9,
+        "other-edk": header_body.index(other.ciphertext) + 9,
+        "frame-length": len(header_body) - suite_data - 1,
+        "commitment": len(header_body) - 1,
+        "tag": header_parsed.length - 1,
+    }[field]
+
+
+@pytest.mark.parametrize("field", TAMPERED_FIELDS)
+async def test_tampered_header_is_refused_and_nothing_is_produced(field: str) -> None:
+    key_a, key_b = AesKey("a"), AesKey("b")
+    old = await encrypt_with(MultiKeyring(key_a.keyring(), [key_b.keyring()]))
+    tampered = flip(old, tamper_offset(old, field))
+    async with EnvelopeClient(key_a.keyring()) as client:
+        produced: list[bytes] = []
+        with pytest.raises(errors.EnvelopeError) as info:
+            await drain(client.rewrap_stream(tampered, to_keyring=XorKeyring("c")), produced)
+        assert produced == []
+        with pytest.raises(errors.EnvelopeError):
+            await client.rewrap(tampered, to_keyring=XorKeyring("c"))
+    if field in ("other-edk", "message-id", "frame-length", "commitment", "tag"):
+        # The keyring unwraps fine; only the header check can catch these.
+        assert isinstance(info.value, errors.AuthenticationError)
+
+
+@pytest.mark.parametrize("field", ["other-edk", "tag"])
+async def test_tampered_header_is_caught_before_the_new_keyring_wraps(field: str) -> None:
+    """The old header is authenticated first, so a forged header must not cost a wrap
+    under the new key (for KMS, an Encrypt call and a CloudTrail entry for a message
+    that is then refused)."""
+    key_a, key_b = AesKey("a"), AesKey("b")
+    old = await encrypt_with(MultiKeyring(key_a.keyring(), [key_b.keyring()]))
+    tampered = flip(old, tamper_offset(old, field))
+    target = XorKeyring("c")
+    async with EnvelopeClient(key_a.keyring()) as client:
+        with pytest.raises(errors.AuthenticationError):
+            await client.rewrap(tampered, to_keyring=target)
+    assert target.wrapped == 0
+
+
+async def test_tampered_header_with_kms_makes_no_encrypt_under_key_b(
+    kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
+) -> None:
+    key_a, key_b = kms(kms_key), kms(kms_key_2)
+    extra = AesKey("x")
+    old = await encrypt_with(MultiKeyring(key_a, [extra.keyring()]))
+    tampered = flip(old, tamper_offset(old, "other-edk"))
+    async with EnvelopeClient(key_a) as client:
+        with pytest.raises(errors.AuthenticationError):
+            await client.rewrap(tampered, to_keyring=key_b)
+    assert "Encrypt" not in key_b.kms_calls
+
+
+# ---------------------------------------------------------------------------------------
+# 8. The target keyring's lifetime belongs to the client
+# ---------------------------------------------------------------------------------------
+
+
+async def test_to_keyring_is_opened_once_across_many_rewraps_and_closed_on_exit() -> None:
+    source = XorKeyring("a")
+    target = XorKeyring("b", open_delay=0.01)  # concurrent first uses overlap its open()
+    messages = [await encrypt_with(source, b"m%d" % i) for i in range(12)]
+    source.closed = 0
+    async with EnvelopeClient(source) as client:
+        results: list[bytes] = [b""] * len(messages)
+
+        async def one(i: int) -> None:
+            results[i] = await client.rewrap(messages[i], to_keyring=target)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(messages)):
+                tg.start_soon(one, i)
+        for message in messages:
+            await client.rewrap(message, to_keyring=target)
+        await client.reencrypt_stream(messages[0], to_keyring=target).read_all()
+        assert (target.attached, target.opened, target.closed) == (1, 1, 0)
+        assert target.wrapped == 2 * len(messages) + 1
+    assert (target.attached, target.opened, target.closed) == (1, 1, 1)
+    assert source.closed == 1
+    for i, result in enumerate(results):
+        assert await decrypt_with(XorKeyring("b"), result) == b"m%d" % i
+
+
+async def test_own_keyring_as_target_is_neither_reopened_nor_closed_twice() -> None:
+    own = XorKeyring("a")
+    message = await encrypt_with(own)
+    own.opened = own.closed = 0
+    async with EnvelopeClient(own) as client:
+        await client.rewrap(message, to_keyring=own)
+    assert (own.opened, own.closed) == (1, 1)
+
+
+async def test_kms_to_keyring_client_is_opened_once_and_closed_when_the_client_exits(
+    moto_kms: MotoKms, kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
+) -> None:
+    tracking = TrackingSession()
+    key_a = kms(kms_key)
+    key_b = kms(kms_key_2, session=tracking.session)
+    async with EnvelopeClient(key_a, frame_length=64) as client:
+        messages = [await client.encrypt(b"m%d" % i, encryption_context=CONTEXT) for i in range(5)]
+        assert tracking.events == []  # not opened until first used
+        for message in messages:
+            await client.rewrap(message, to_keyring=key_b)
+        assert tracking.events == ["open"]
+        assert key_b.kms_calls == {"DescribeKey": 1, "Encrypt": 5}
+    assert tracking.events == ["open", "close"]
+    assert tracking.open_clients == 0
+
+
+async def test_rewrap_needs_an_open_client_and_a_keyring() -> None:
+    key_a = AesKey("a")
+    message = await encrypt_with(key_a.keyring())
+    client = EnvelopeClient(key_a.keyring())
+    with pytest.raises(errors.ConfigurationError, match="not open"):
+        await client.rewrap(message, to_keyring=AesKey("b").keyring())
+    async with client:
+        with pytest.raises(errors.ConfigurationError, match="to_keyring"):
+            await client.rewrap(message, to_keyring=object())  # type: ignore[arg-type]
+        with pytest.raises(errors.ConfigurationError, match="bytes-like"):
+            await client.rewrap("text", to_keyring=AesKey("b").keyring())  # type: ignore[arg-type]
+    with pytest.raises(errors.ConfigurationError, match="closed"):
+        await client.rewrap(message, to_keyring=AesKey("b").keyring())
+
+
+async def test_a_stream_read_after_the_client_exits_leaves_no_keyring_open() -> None:
+    """``to_keyring`` is closed when the client exits. A stream made while the client
+    was open but read after it exited must not open the keyring then (it would never
+    be closed): it should fail, or at least every open must be matched by a close."""
+    source = XorKeyring("a")
+    message = await encrypt_with(source)
+    target = XorKeyring("b")
+    async with EnvelopeClient(source) as client:
+        stream = client.rewrap_stream(message, to_keyring=target)
+    try:
+        async with stream:
+            await stream.read_all()
+    except errors.EnvelopeError:
+        pass
+    assert target.opened == target.closed
+
+
+async def test_a_kms_to_keyring_first_used_after_the_client_exits_is_not_left_open(
+    kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
+) -> None:
+    """The same with KMS: reading after exit fails (the client's own KMS keyring is
+    closed), but must not open B's aiobotocore client on the way and leave it open."""
+    tracking = TrackingSession()
+    key_b = kms(kms_key_2, session=tracking.session)
+    async with EnvelopeClient(kms(kms_key)) as client:
+        message = await client.encrypt(PLAINTEXT)
+        stream = client.rewrap_stream(message, to_keyring=key_b)
+    try:
+        with pytest.raises(errors.EnvelopeError):
+            await stream.read_all()
+        assert tracking.open_clients == 0
+    finally:
+        await key_b.close()  # do not leak the client into other tests either way

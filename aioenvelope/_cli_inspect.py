@@ -1,0 +1,79 @@
+"""``aioenvelope inspect``: a message header as JSON, read from as few bytes as it needs.
+
+Nothing here is authenticated (no key is used): the output is for finding messages, for
+example those still wrapped under an old key, never for trusting them.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from ._cli_io import input_chunks
+from .errors import TruncatedMessageError
+from .format.header import EncryptedDataKey, MessageHeader
+from .inspection import inspect
+
+__all__ = ["header_json", "read_header"]
+
+_KMS_PROVIDER_ID = "aws-kms"
+# A raw AES EDK's provider info: key name, tag length in bits (128), IV length (12), IV.
+_RAW_AES_TRAILER = (128).to_bytes(4, "big") + (12).to_bytes(4, "big")
+
+
+async def read_header(source: Path | None) -> MessageHeader:
+    """The header of the message in ``source`` (None: stdin), reading no further than the
+    chunk the header ends in."""
+    buffer = bytearray()
+    chunks = input_chunks(source)
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            buffer += chunk
+            try:
+                return inspect(buffer)
+            except TruncatedMessageError:
+                continue
+    return inspect(buffer)  # raises: the input ended inside the header
+
+
+def header_json(header: MessageHeader) -> dict[str, Any]:
+    suite = header.algorithm_suite
+    return {
+        "algorithm_suite": {"name": suite.name, "id": f"0x{suite.suite_id:04X}"},
+        "message_version": header.version,
+        "message_id": header.message_id.hex(),
+        "encryption_context": dict(header.encryption_context),
+        "encrypted_data_keys": [_edk_json(edk) for edk in header.encrypted_data_keys],
+        "content_type": header.content_type.name.lower().replace("_", "-"),
+        "frame_length": header.frame_length,
+    }
+
+
+def _edk_json(edk: EncryptedDataKey) -> dict[str, Any]:
+    """Provider info as text where it is text (the key ARN for KMS); otherwise hex and
+    base64, plus the key name when it has the raw AES layout."""
+    info = edk.provider_info
+    entry: dict[str, Any] = {"provider_id": edk.provider_id}
+    if edk.provider_id == _KMS_PROVIDER_ID:
+        with contextlib.suppress(UnicodeDecodeError):
+            entry["provider_info"] = info.decode("utf-8")  # the key ARN
+    if "provider_info" not in entry:
+        entry["provider_info"] = info.hex()
+        entry["provider_info_base64"] = base64.b64encode(info).decode("ascii")
+        name = _raw_aes_key_name(info)
+        if name is not None:
+            entry["key_name"] = name
+    entry["encrypted_data_key_length"] = len(edk.ciphertext)
+    return entry
+
+
+def _raw_aes_key_name(info: bytes) -> str | None:
+    trailer_at = len(info) - 12 - len(_RAW_AES_TRAILER)
+    if trailer_at <= 0 or info[trailer_at : trailer_at + len(_RAW_AES_TRAILER)] != _RAW_AES_TRAILER:
+        return None
+    try:
+        return info[:trailer_at].decode("utf-8")
+    except UnicodeDecodeError:
+        return None

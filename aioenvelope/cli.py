@@ -1,0 +1,315 @@
+"""``aioenvelope``: the command line, modelled on the AWS Encryption CLI.
+
+``encrypt``, ``decrypt`` and ``rewrap`` stream files, directory trees and pipes through
+the library at constant memory; ``inspect`` prints a header as JSON; ``keygen`` makes a
+raw AES key file; ``demo`` runs the quickstart against an embedded KMS.
+
+The contract scripts rely on: exit status 0 on success, 1 when an operation failed, 2 for
+a usage error; a failure is one line on stderr (``--debug`` adds the traceback); a file
+output appears whole or not at all, and is never replaced without ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import anyio
+
+from ._cli_args import PROG, build_parser
+from ._cli_inspect import header_json, read_header
+from ._cli_io import MessageStream, Transform, progress_bar, run_job
+from ._cli_keys import KeyOptions, KmsOptions, RawKey, build_keyring, write_raw_key
+from ._cli_paths import (
+    STDIO,
+    CliError,
+    Plan,
+    UsageError,
+    check_destination,
+    decrypted_name,
+    encrypted_name,
+    make_dirs,
+    plan_jobs,
+    remove_empty_dirs,
+    same_name,
+)
+from .batch import BatchProgress, run_batch
+from .client import DEFAULT_FRAME_LENGTH, EnvelopeClient
+from .errors import EnvelopeError
+from .keyrings import Keyring
+from .streams import DecryptingStream, EncryptingStream, StreamSource
+
+__all__ = ["main"]
+
+Handler = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (the console script exits with it)."""
+    parser, commands = build_parser()
+    handlers: dict[str, Handler] = {
+        "encrypt": _encrypt,
+        "decrypt": _decrypt,
+        "rewrap": _rewrap,
+        "inspect": _inspect,
+        "keygen": _keygen,
+        "demo": _demo,
+    }
+    args = parser.parse_args(argv)
+    debug = bool(args.debug)
+    _quiet_libraries(debug)
+    try:
+        return anyio.run(handlers[args.command], args)
+    except UsageError as exc:
+        commands[args.command].print_usage(sys.stderr)
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        _error("interrupted")
+        _exit_now(130)
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        _error(_describe(exc))
+        if isinstance(exc, BrokenPipeError):
+            _silence_stdout()
+        return 1
+
+
+def _quiet_libraries(debug: bool) -> None:
+    """Stderr carries one line per failure, so library logs and warnings (a retried KMS
+    call, a deprecation) stay off it unless --debug asks for them."""
+    if debug:
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+        logging.getLogger("aioenvelope").setLevel(logging.DEBUG)
+        return
+    logging.disable(logging.CRITICAL)
+    warnings.simplefilter("ignore")
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def _describe(exc: BaseException) -> str:
+    """One readable line for ``exc``; the type is named only for unexpected errors."""
+    while (inner := getattr(exc, "exceptions", None)) and len(inner) == 1:
+        exc = inner[0]  # an exception group around one error: report that error
+    if isinstance(exc, BrokenPipeError):
+        return "the output was closed before everything was written (broken pipe)"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    text = " ".join(str(exc).split())
+    if isinstance(exc, (EnvelopeError, CliError)) or type(exc).__module__.startswith("botocore"):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _exit_now(status: int) -> NoReturn:
+    """Exit without joining worker threads: one may be blocked reading stdin from a
+    pipe that never closes, and the interpreter's normal exit would wait for it. Output
+    files are safe: write_atomically removed its temporary file when interrupted."""
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush into the closed pipe
+    does not print a second error."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+# -- encrypt, decrypt, rewrap ------------------------------------------------------------
+
+
+def _context(args: argparse.Namespace) -> dict[str, str]:
+    context: dict[str, str] = {}
+    for key, value in args.context:
+        if key in context:
+            raise UsageError(f"encryption context key {key!r} given twice")
+        context[key] = value
+    return context
+
+
+def _key_options(args: argparse.Namespace) -> KeyOptions:
+    keys = KeyOptions(
+        kms_keys=tuple(args.kms_key),
+        raw_key_files=tuple(Path(p) for p in args.raw_key_file),
+        discovery=bool(getattr(args, "discovery", False)),
+        discovery_accounts=tuple(getattr(args, "discovery_account", ())),
+        discovery_partition=str(getattr(args, "discovery_partition", "aws")),
+    )
+    if keys.discovery_accounts and not keys.discovery:
+        raise UsageError("--discovery-account needs --discovery")
+    if not keys:
+        extra = ", --discovery" if hasattr(args, "discovery") else ""
+        raise UsageError(f"give a key: --kms-key ID, --raw-key-file FILE{extra}")
+    return keys
+
+
+def _keyrings(args: argparse.Namespace, *sides: KeyOptions) -> list[Keyring]:
+    """One keyring per side, sharing one AWS session (for --profile)."""
+    kms = KmsOptions(region=args.region, endpoint_url=args.endpoint_url, profile=args.profile)
+    uses_kms = any(side.kms_keys or side.discovery for side in sides)
+    session = kms.session() if uses_kms else None
+    return [build_keyring(side, kms, session) for side in sides]
+
+
+def _plan(args: argparse.Namespace, rename: Callable[[str], str]) -> Plan:
+    """The jobs, with a single output checked before any key is used."""
+    plan = plan_jobs(args.input, args.output, rename)
+    if not plan.batch and plan.jobs[0].destination is not None:
+        check_destination(plan.jobs[0].destination, args.force)
+    return plan
+
+
+async def _run(plan: Plan, transform: Transform, args: argparse.Namespace) -> int:
+    progress = not args.quiet
+    if not plan.batch:
+        await run_job(plan.jobs[0], transform, overwrite=args.force, progress=progress)
+        return 0
+    return await _run_tree(
+        plan,
+        transform,
+        overwrite=args.force,
+        concurrency=args.concurrency,
+        progress=progress,
+        debug=bool(args.debug),
+    )
+
+
+async def _run_tree(
+    plan: Plan,
+    transform: Transform,
+    *,
+    overwrite: bool,
+    concurrency: int,
+    progress: bool,
+    debug: bool,
+) -> int:
+    """Every file of a directory, ``concurrency`` at once; a failure is reported (one
+    line per file) and the others still finish."""
+    make_dirs(plan.new_dirs)
+    bar = progress_bar(len(plan.jobs), unit="file") if progress else None
+
+    def advance(_: BatchProgress) -> None:
+        if bar is not None:
+            bar.update(1)
+
+    try:
+        results = await run_batch(
+            plan.jobs,
+            lambda job: run_job(job, transform, overwrite=overwrite, progress=False),
+            concurrency=concurrency,
+            on_progress=advance,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+        remove_empty_dirs(plan.new_dirs)
+    failed = [result for result in results if result.error is not None]
+    for result in failed:
+        assert result.error is not None
+        if debug:
+            traceback.print_exception(result.error)
+        _error(f"{result.item.label}: {_describe(result.error)}")
+    if failed:
+        _error(f"{len(failed)} of {len(results)} files failed")
+        return 1
+    return 0
+
+
+async def _encrypt(args: argparse.Namespace) -> int:
+    context = _context(args)
+    keys = _key_options(args)
+    plan = _plan(args, encrypted_name)
+    (keyring,) = _keyrings(args, keys)
+    frame_length: int = args.frame_length or DEFAULT_FRAME_LENGTH
+    async with EnvelopeClient(
+        keyring, algorithm_suite=args.suite, frame_length=frame_length
+    ) as client:
+
+        def transform(source: StreamSource, length: int | None) -> EncryptingStream:
+            return client.encrypt_stream(
+                source, encryption_context=context, plaintext_length=length
+            )
+
+        return await _run(plan, transform, args)
+
+
+async def _decrypt(args: argparse.Namespace) -> int:
+    context = _context(args)
+    keys = _key_options(args)
+    plan = _plan(args, decrypted_name)
+    (keyring,) = _keyrings(args, keys)
+    allow_signed: bool = args.allow_signed
+    async with EnvelopeClient(keyring, commitment_policy=args.commitment_policy) as client:
+
+        def transform(source: StreamSource, length: int | None) -> DecryptingStream:
+            return client.decrypt_stream(
+                source, encryption_context=context, allow_signed=allow_signed
+            )
+
+        return await _run(plan, transform, args)
+
+
+async def _rewrap(args: argparse.Namespace) -> int:
+    context = _context(args)
+    to_keys = KeyOptions(
+        kms_keys=tuple(args.to_kms_key),
+        raw_key_files=tuple(Path(p) for p in args.to_raw_key_file),
+    )
+    if not to_keys:
+        raise UsageError("give the new keys: --to-kms-key ID and/or --to-raw-key-file FILE")
+    keys = _key_options(args)
+    plan = _plan(args, same_name)
+    keyring, to_keyring = _keyrings(args, keys, to_keys)
+    reencrypt: bool = args.reencrypt
+    async with EnvelopeClient(keyring, commitment_policy=args.commitment_policy) as client:
+
+        def transform(source: StreamSource, length: int | None) -> MessageStream:
+            if reencrypt:
+                return client.reencrypt_stream(
+                    source, to_keyring=to_keyring, encryption_context=context
+                )
+            return client.rewrap_stream(source, to_keyring=to_keyring, encryption_context=context)
+
+        return await _run(plan, transform, args)
+
+
+# -- inspect, keygen, demo ------------------------------------------------------------------
+
+
+async def _inspect(args: argparse.Namespace) -> int:
+    header = await read_header(None if args.input == STDIO else Path(args.input))
+    print(json.dumps(header_json(header), indent=2, ensure_ascii=False))
+    return 0
+
+
+async def _keygen(args: argparse.Namespace) -> int:
+    key = RawKey.generate(args.namespace, args.name)
+    key.keyring()  # refuse names the format cannot carry before writing anything
+    path = Path(args.output)
+    write_raw_key(path, key, force=args.force)
+    print(f"wrote raw AES-256 key {key.namespace}/{key.name} to {path} (mode 0600)")
+    return 0
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo  # moto is imported only here
+
+    await run_demo()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

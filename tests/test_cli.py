@@ -1,0 +1,450 @@
+"""The ``aioenvelope`` command line, run as users run it: the installed console script in a
+subprocess, talking to the moto KMS server.
+
+Each subprocess costs most of a second (interpreter and imports), so fixtures share the
+expensive artefacts (a key file, a KMS message) across tests, and each test checks as
+much as its runs allow. What the tool promises, and so what is checked: round trips for
+files, trees and pipes; the ESDK reads what it wrote; a failure is exit status 1, one
+line on stderr and no output file (not even a temporary one); usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import sysconfig
+import termios
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aws_encryption_sdk
+import pytest
+from esdk_peer import esdk_decrypt, peer_keys, raw_aes_key
+from kms_server import DUMMY_CREDENTIALS, REGION, KmsKey, MotoKms
+
+import aioenvelope
+
+
+def _command() -> list[str]:
+    """The console script pip installed beside this interpreter (what users run); the
+    module if the package was not installed with its scripts."""
+    script = Path(sysconfig.get_path("scripts")) / "aioenvelope"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "aioenvelope.cli"]
+
+
+COMMAND = _command()
+ERROR_PREFIX = "aioenvelope: error: "
+
+
+@dataclass(frozen=True)
+class Cli:
+    env: dict[str, str]
+    kms: tuple[str, ...]  # how to reach the moto KMS: --endpoint-url URL --region REGION
+
+    def __call__(
+        self, *args: str | Path, stdin: bytes = b"", stderr: int = subprocess.PIPE
+    ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [*COMMAND, *map(str, args)],
+            input=stdin,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=self.env,
+            timeout=60,
+            check=False,
+        )
+
+
+@dataclass(frozen=True)
+class RawKeyFile:
+    path: Path
+    namespace: str
+    name: str
+    key: bytes
+
+    def esdk(self) -> Any:
+        """The same key as an ESDK master key provider."""
+        return peer_keys(raw_aes_key(self.namespace, self.name, self.key))
+
+
+@dataclass(frozen=True)
+class KmsMessage:
+    path: Path
+    plaintext: bytes
+    context: tuple[str, ...] = ("-c", "tenant=t1", "-c", "table=cards")
+
+
+def ok(result: subprocess.CompletedProcess[bytes]) -> subprocess.CompletedProcess[bytes]:
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stderr == b""  # nothing on stderr when it is a pipe: no progress bar
+    return result
+
+
+def failed(result: subprocess.CompletedProcess[bytes], *, lines: int = 1) -> list[str]:
+    """Exit status 1 and ``lines`` readable error lines, no traceback."""
+    errors = result.stderr.decode().splitlines()
+    assert result.returncode == 1, errors
+    assert len(errors) == lines, errors
+    assert all(line.startswith(ERROR_PREFIX) for line in errors), errors
+    return errors
+
+
+def listing(root: Path) -> set[str]:
+    """Every file and directory under ``root`` (temporary files would show up here)."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def cli(moto_kms: MotoKms) -> Cli:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AIOENVELOPE_"))}
+    env.update(DUMMY_CREDENTIALS)  # never real credentials: nothing may reach AWS
+    return Cli(env, ("--endpoint-url", moto_kms.endpoint_url, "--region", REGION))
+
+
+@pytest.fixture(scope="module")
+def raw_key(cli: Cli, tmp_path_factory: pytest.TempPathFactory) -> RawKeyFile:
+    path = tmp_path_factory.mktemp("keys") / "key.json"
+    ok(cli("keygen", "-o", path))
+    document = json.loads(path.read_text())
+    assert document["type"] == "aioenvelope-raw-aes"
+    assert document["namespace"] == "aioenvelope"
+    return RawKeyFile(
+        path, document["namespace"], document["name"], base64.b64decode(document["key"])
+    )
+
+
+@pytest.fixture(scope="module")
+def kms_message(cli: Cli, kms_key: KmsKey, tmp_path_factory: pytest.TempPathFactory) -> KmsMessage:
+    """A file encrypted under key A (by alias), in 4 KiB frames: ten frames and a bit."""
+    root = tmp_path_factory.mktemp("kms")
+    plaintext = os.urandom(41_000)
+    (root / "report.bin").write_bytes(plaintext)
+    message = KmsMessage(root / "report.bin.encrypted", plaintext)
+    ok(
+        cli(
+            "encrypt",
+            root / "report.bin",
+            "-o",
+            root,  # an existing directory: the output keeps the name, plus .encrypted
+            "--kms-key",
+            kms_key.alias_name,
+            "--frame-length",
+            "4096",
+            *message.context,
+            *cli.kms,
+        )
+    )
+    return message
+
+
+@pytest.fixture
+def esdk_kms(moto_kms: MotoKms, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the ESDK's own boto3 KMS clients at moto (see test_kms_interop.py)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", moto_kms.endpoint_url)
+
+
+def test_keygen_writes_a_private_key_file_and_never_overwrites_without_force(
+    cli: Cli, tmp_path: Path
+) -> None:
+    path = tmp_path / "k.json"
+    ok(cli("keygen", "-o", path, "--name", "backup-key"))
+    assert path.stat().st_mode & 0o777 == 0o600
+    first = path.read_bytes()
+    assert json.loads(first)["name"] == "backup-key"
+    assert len(base64.b64decode(json.loads(first)["key"])) == 32
+
+    assert "already exists" in failed(cli("keygen", "-o", path))[0]
+    assert path.read_bytes() == first
+
+    ok(cli("keygen", "-o", path, "--force"))
+    assert path.read_bytes() != first
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert listing(tmp_path) == {"k.json"}
+
+
+def test_kms_file_round_trip_inspect_and_the_esdk_reads_it(
+    cli: Cli, kms_message: KmsMessage, kms_key: KmsKey, tmp_path: Path, esdk_kms: None
+) -> None:
+    header = json.loads(ok(cli("inspect", kms_message.path)).stdout)
+    assert header["algorithm_suite"] == {
+        "name": "AES_256_GCM_HKDF_SHA512_COMMIT_KEY",
+        "id": "0x0478",
+    }
+    assert header["message_version"] == 2
+    assert len(bytes.fromhex(header["message_id"])) == 32
+    assert header["encryption_context"] == {"tenant": "t1", "table": "cards"}
+    [edk] = header["encrypted_data_keys"]
+    assert (edk["provider_id"], edk["provider_info"]) == ("aws-kms", kms_key.arn)
+    assert (header["content_type"], header["frame_length"]) == ("framed", 4096)
+
+    # Discovery, limited to the key's account: the message names its key.
+    out = tmp_path / "report.bin"
+    ok(
+        cli(
+            "decrypt",
+            kms_message.path,
+            "-o",
+            out,
+            "--discovery",
+            "--discovery-account",
+            kms_key.account,
+            *kms_message.context,
+            *cli.kms,
+        )
+    )
+    assert out.read_bytes() == kms_message.plaintext
+    assert out.stat().st_mode & 0o777 == 0o600
+
+    provider = aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[kms_key.arn])
+    plaintext, peer = esdk_decrypt(provider, kms_message.path.read_bytes())
+    assert plaintext == kms_message.plaintext
+    assert peer.encryption_context == {"tenant": "t1", "table": "cards"}
+
+
+def test_directory_tree_round_trip_and_per_file_failures(
+    cli: Cli, raw_key: RawKeyFile, tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    files = {
+        "a.txt": b"alpha\n",
+        "empty": b"",
+        "sub/b.bin": os.urandom(70_000),  # more than one 64 KiB frame
+        "sub/deeper/c.csv": b"id,amount\n1,7\n",
+    }
+    for name, data in files.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_bytes(data)
+
+    encrypted = tmp_path / "encrypted"
+    ok(cli("encrypt", tree, "-o", encrypted, "--raw-key-file", raw_key.path, "-c", "app=cli"))
+    assert listing(encrypted) == {"sub", "sub/deeper"} | {f"{n}.encrypted" for n in files}
+    # The ESDK, given the key file's namespace, name and key, reads what the CLI wrote.
+    blob = (encrypted / "sub/b.bin.encrypted").read_bytes()
+    plaintext, peer = esdk_decrypt(raw_key.esdk(), blob)
+    assert plaintext == files["sub/b.bin"]
+    assert peer.encryption_context == {"app": "cli"}
+
+    decrypted = tmp_path / "decrypted"
+    ok(cli("decrypt", encrypted, "-o", decrypted, "--raw-key-file", raw_key.path, "-c", "app=cli"))
+    assert {n: (decrypted / n).read_bytes() for n in files} == files
+    assert listing(decrypted) == listing(tree)
+
+    # One bad file is reported on its own line; the others are still decrypted.
+    (encrypted / "sub/bad.encrypted").write_bytes(b"not a message")
+    again = tmp_path / "again"
+    errors = failed(
+        cli(
+            "decrypt", encrypted, "-o", again, "--raw-key-file", raw_key.path, "--concurrency", "2"
+        ),
+        lines=2,
+    )
+    assert errors[0].startswith(f"{ERROR_PREFIX}{encrypted / 'sub/bad.encrypted'}: ")
+    assert errors[1] == f"{ERROR_PREFIX}1 of 5 files failed"
+    assert listing(again) == listing(tree)
+
+
+def test_pipes_round_trip_with_kms_and_raw_keys_combined(
+    cli: Cli, raw_key: RawKeyFile, kms_key: KmsKey
+) -> None:
+    """stdin to stdout both ways; a KMS key and a raw key make a MultiKeyring, so the raw
+    key alone decrypts. Signed, with small frames, so many frames stream through."""
+    plaintext = os.urandom(300_000)
+    blob = ok(
+        cli(
+            "encrypt",
+            "-",
+            "-o",
+            "-",
+            "--kms-key",
+            kms_key.arn,
+            "--raw-key-file",
+            raw_key.path,
+            "--suite",
+            "AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384",
+            "--frame-length",
+            "1000",
+            *cli.kms,
+            stdin=plaintext,
+        )
+    ).stdout
+    # inspect reads a header from stdin, from only the first bytes of the message.
+    header = json.loads(ok(cli("inspect", "-", stdin=blob[:2000])).stdout)
+    assert header["algorithm_suite"]["id"] == "0x0578"
+    assert header["frame_length"] == 1000
+    kms_edk, raw_edk = header["encrypted_data_keys"]
+    assert (kms_edk["provider_id"], kms_edk["provider_info"]) == ("aws-kms", kms_key.arn)
+    assert (raw_edk["provider_id"], raw_edk["key_name"]) == ("aioenvelope", raw_key.name)
+
+    result = ok(cli("decrypt", "-", "-o", "-", "--raw-key-file", raw_key.path, stdin=blob))
+    assert result.stdout == plaintext
+    assert esdk_decrypt(raw_key.esdk(), blob)[0] == plaintext
+
+    refused = cli(
+        "decrypt", "-", "-o", "-", "--raw-key-file", raw_key.path, "--unsigned-only", stdin=blob
+    )
+    assert "signed" in failed(refused)[0]
+    assert refused.stdout == b""
+
+
+def test_rewrap_from_key_a_to_key_b(
+    cli: Cli, kms_message: KmsMessage, kms_key: KmsKey, kms_key_2: KmsKey, tmp_path: Path
+) -> None:
+    rewrapped = tmp_path / "rewrapped"
+    ok(
+        cli(
+            "rewrap",
+            kms_message.path,
+            "-o",
+            rewrapped,
+            "--kms-key",
+            kms_key.arn,
+            "--to-kms-key",
+            kms_key_2.alias_name,
+            *kms_message.context,
+            *cli.kms,
+        )
+    )
+    old, new = (
+        aioenvelope.inspect(kms_message.path.read_bytes()),
+        aioenvelope.inspect(rewrapped.read_bytes()),
+    )
+    assert new.message_id == old.message_id
+    assert [edk.provider_info.decode() for edk in new.encrypted_data_keys] == [kms_key_2.arn]
+
+    out = tmp_path / "plain"
+    ok(
+        cli(
+            "decrypt",
+            rewrapped,
+            "-o",
+            out,
+            "--kms-key",
+            kms_key_2.arn,
+            *kms_message.context,
+            *cli.kms,
+        )
+    )
+    assert out.read_bytes() == kms_message.plaintext
+
+    error = failed(
+        cli("decrypt", rewrapped, "-o", out.with_name("nope"), "--kms-key", kms_key.arn, *cli.kms)
+    )
+    assert "could not decrypt" in error[0]
+    assert listing(tmp_path) == {"rewrapped", "plain"}
+
+
+def test_rewrap_to_a_raw_key_file_which_the_esdk_reads(
+    cli: Cli, kms_message: KmsMessage, kms_key: KmsKey, raw_key: RawKeyFile, tmp_path: Path
+) -> None:
+    rewrapped = tmp_path / "rewrapped"
+    ok(
+        cli(
+            "rewrap",
+            kms_message.path,
+            "-o",
+            rewrapped,
+            "--kms-key",
+            kms_key.arn,
+            "--to-raw-key-file",
+            raw_key.path,
+            *cli.kms,
+        )
+    )
+    plaintext, peer = esdk_decrypt(raw_key.esdk(), rewrapped.read_bytes())
+    assert plaintext == kms_message.plaintext
+    assert {edk[0] for edk in peer.encrypted_data_keys} == {"aioenvelope"}
+
+
+@pytest.mark.parametrize("case", ["wrong-context", "wrong-key", "truncated", "existing-output"])
+def test_a_failure_is_one_line_and_leaves_no_output(
+    cli: Cli,
+    kms_message: KmsMessage,
+    kms_key: KmsKey,
+    kms_key_2: KmsKey,
+    tmp_path: Path,
+    case: str,
+) -> None:
+    source, key, context = kms_message.path, kms_key.arn, kms_message.context
+    output = tmp_path / "report.bin"
+    if case == "wrong-context":
+        context = ("-c", "tenant=t2")
+    elif case == "wrong-key":
+        key = kms_key_2.arn
+    elif case == "truncated":
+        # Ends inside the ninth frame: eight frames were already written to the temp file.
+        source = tmp_path / "truncated.encrypted"
+        source.write_bytes(kms_message.path.read_bytes()[:-5000])
+    else:
+        output.write_bytes(b"precious")
+    before = listing(tmp_path)
+
+    result = cli("decrypt", source, "-o", output, "--kms-key", key, *context, *cli.kms)
+    error = failed(result)[0]
+    assert listing(tmp_path) == before  # no output, and no temporary file either
+    expected = {
+        "wrong-context": "does not match",
+        "wrong-key": "could not decrypt",
+        "truncated": "truncated",
+        "existing-output": "already exists; pass --force",
+    }[case]
+    assert expected in error
+    if case == "existing-output":
+        assert output.read_bytes() == b"precious"
+
+
+def test_usage_errors_exit_2(cli: Cli, tmp_path: Path) -> None:
+    source = tmp_path / "a"
+    source.write_bytes(b"x")
+    result = cli("encrypt", source, "-o", tmp_path / "b")  # no key
+    assert result.returncode == 2
+    assert b"give a key" in result.stderr
+    assert listing(tmp_path) == {"a"}
+
+
+def test_progress_bar_appears_on_a_terminal(cli: Cli, raw_key: RawKeyFile, tmp_path: Path) -> None:
+    """On a pipe stderr stays empty (checked by every ``ok``); on a terminal, a bar."""
+    source = tmp_path / "big"
+    source.write_bytes(os.urandom(3 << 20))
+    parent, child = pty.openpty()
+    # A new pseudo-terminal is 0 columns wide, and tqdm draws nothing in 0 columns.
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    try:
+        result = cli(
+            "encrypt",
+            source,
+            "-o",
+            tmp_path / "big.enc",
+            "--raw-key-file",
+            raw_key.path,
+            stderr=child,
+        )
+        os.close(child)
+        shown = b""
+        while True:
+            try:
+                data = os.read(parent, 4096)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not data:
+                break
+            shown += data
+    finally:
+        os.close(parent)
+    assert result.returncode == 0
+    assert b"%|" in shown  # tqdm's bar
+
+
+def test_demo_runs_the_quickstart_on_an_embedded_kms(cli: Cli) -> None:
+    out = ok(cli("demo")).stdout.decode()
+    assert "started an embedded KMS (moto) at http://127.0.0.1:" in out
+    assert "encrypted and decrypted 200 records" in out
+    assert "tampered record refused" in out
+    assert "wrong tenant refused" in out
+    assert "KMS calls made: 5 (Decrypt 2, DescribeKey 1, GenerateDataKey 2)" in out

@@ -461,7 +461,7 @@ class EnvelopeClient:
         check_source(source)
         _check_keyring(to_keyring, "to_keyring")
 
-        async def header(parsed: ParsedHeader) -> bytes:
+        async def header(parsed: ParsedHeader) -> tuple[bytes, MessageHeader]:
             target = await self._opened(to_keyring)
             return await new_header(
                 parsed,

@@ -13,7 +13,7 @@ from .format._cursor import NeedMoreData
 from .format.encryptor import MessageEncryptor
 from .format.header import EncryptedDataKey, MessageHeader, ParsedHeader, parse_header
 from .format.header_auth import authenticated_message_key
-from .format.rewrap import rewrapped_header
+from .format.rewrap import check_rewrappable, reauthenticated_header
 from .keyrings.base import EncryptionMaterials, Keyring
 from .materials import DecryptionPlan
 from .streams import (
@@ -55,21 +55,18 @@ async def new_header(
     plan: Callable[[MessageHeader], Awaitable[DecryptionPlan]],
     to_keyring: Keyring,
     max_encrypted_data_keys: int,
-) -> bytes:
-    """The rewrapped header bytes for ``parsed``: unwrap, wrap again, re-authenticate."""
-    if parsed.header.algorithm_suite.signing:
-        rewrapped_header(parsed, b"", ())  # raises the signed-message error
+) -> tuple[bytes, MessageHeader]:
+    """The rewrapped header for ``parsed`` (bytes and value): unwrap, check the old
+    header, wrap again, re-authenticate."""
+    check_rewrappable(parsed)
     decryption = await plan(parsed.header)
     # Check the old header before the new keyring does any work (a KMS Encrypt, say):
     # a forged header must cost nothing but the Decrypt that exposed it.
-    authenticated_message_key(parsed, decryption.data_key, decryption.required_context)
-    edks = await wrap_again(decryption, parsed.header, to_keyring, max_encrypted_data_keys)
-    return rewrapped_header(
-        parsed,
-        decryption.data_key,
-        edks,
-        required_encryption_context=decryption.required_context,
+    aead, required = authenticated_message_key(
+        parsed, decryption.data_key, decryption.required_context
     )
+    edks = await wrap_again(decryption, parsed.header, to_keyring, max_encrypted_data_keys)
+    return reauthenticated_header(parsed, aead, required, edks)
 
 
 class RewrappingStream(_Stream):
@@ -82,7 +79,7 @@ class RewrappingStream(_Stream):
     def __init__(
         self,
         source: StreamSource,
-        header: Callable[[ParsedHeader], Awaitable[bytes]],
+        header: Callable[[ParsedHeader], Awaitable[tuple[bytes, MessageHeader]]],
         *,
         max_encrypted_data_keys: int,
     ) -> None:
@@ -112,10 +109,7 @@ class RewrappingStream(_Stream):
                     "the message is truncated: it ends inside the message header. Check "
                     "that the whole ciphertext was stored and read back"
                 )
-            header_bytes = await self._header(parsed)
-            self.header = parse_header(
-                header_bytes, max_encrypted_data_keys=0xFFFF
-            ).header  # the new header, as written
+            header_bytes, self.header = await self._header(parsed)
             yield header_bytes
             rest = bytes(buffer[parsed.length :])
             del buffer

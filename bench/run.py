@@ -26,10 +26,15 @@ import cryptography
 from cryptography.hazmat.backends.openssl.backend import backend
 
 import aioenvelope
-from bench import common, esdk, kms_cache, oneshot, stream
+from bench import common, esdk, kms_cache, oneshot, rewrap, stream
 
 Collector = Callable[[common.Settings, AsyncExitStack], Awaitable[list[common.Case]]]
-COLLECTORS: tuple[Collector, ...] = (oneshot.collect, kms_cache.collect, stream.collect)
+COLLECTORS: tuple[Collector, ...] = (
+    oneshot.collect,
+    kms_cache.collect,
+    stream.collect,
+    rewrap.collect,
+)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -201,10 +201,20 @@ async def _close_source(source: object) -> None:
         close()
 
 
-def _grouped(parts: list[bytes], frame_length: int) -> Iterable[bytes]:
+def _grouped(parts: list[bytes | bytearray], frame_length: int) -> Iterable[bytes]:
+    """Output chunks for one step's frames: small frames joined into one chunk; a large
+    frame's ``bytearray`` body cut into ``bytes`` of at most :data:`STEP` (each copy is
+    short, so the loop is never held for a whole large frame)."""
     if frame_length < _SMALL_FRAME and len(parts) > 1:
-        return (b"".join(parts),)
-    return parts
+        yield b"".join(parts)
+        return
+    for part in parts:
+        if isinstance(part, bytes):
+            yield part
+            continue
+        view = memoryview(part)
+        for start in range(0, len(part), STEP):
+            yield bytes(view[start : start + STEP])
 
 
 class _Stream:
@@ -305,23 +315,23 @@ class EncryptingStream(_Stream):
                     f"the stream held {total} bytes, not plaintext_length={self._limit}"
                 )
             final = await pacer.run(encryptor.pending_bytes, encryptor.finalize_frames)
-            for chunk in final:
+            for chunk in _grouped(final, STEP):  # never joined; a large body is cut up
                 yield chunk
         finally:
             await pieces.aclose()
             await _close_source(self._source)
 
 
-def _drain(decryptor: MessageDecryptor) -> tuple[list[bytes], bool]:
+def _drain(decryptor: MessageDecryptor) -> tuple[list[bytes | bytearray], bool]:
     """All plaintext the decryptor can release now, and whether the message ended."""
-    out: list[bytes] = []
+    out: list[bytes | bytearray] = []
     while True:
         item = decryptor.next_plaintext()
         if item is None:
             return out, False
         if item is END_OF_MESSAGE:
             return out, True
-        assert isinstance(item, bytes)
+        assert isinstance(item, (bytes, bytearray))
         if item:
             out.append(item)
 

@@ -48,6 +48,7 @@ from .signing import Verifier
 __all__ = ["END_OF_MESSAGE", "MessageDecryptor"]
 
 _TAG = 16
+_LARGE_FRAME = 256 << 10  # from here on a frame is opened into a bytearray
 _U32 = struct.Struct(">I")
 _REGULAR_PREFIX = struct.Struct(">I12s")
 _FINAL_PREFIX = struct.Struct(">II12sI")
@@ -88,7 +89,7 @@ class MessageDecryptor:
         self._aead: AESGCM | None = None
         self._verifier: Verifier | None = None
         self._sequence = 1
-        self._held: bytes | None = None  # final plaintext waiting for the signature
+        self._held: bytes | bytearray | None = None  # final plaintext waiting for the signature
 
     # -- input -----------------------------------------------------------------------
 
@@ -174,8 +175,9 @@ class MessageDecryptor:
 
     # -- body ------------------------------------------------------------------------
 
-    def next_plaintext(self) -> bytes | _EndOfMessage | None:
-        """Verified plaintext of the next frame; ``None`` while more input is needed;
+    def next_plaintext(self) -> bytes | bytearray | _EndOfMessage | None:
+        """Verified plaintext of the next frame (a ``bytearray`` for frames of 256 KiB or
+        more); ``None`` while more input is needed;
         :data:`END_OF_MESSAGE` once the message is complete.
 
         The last frame's plaintext is held until the signature verified (signing suites)
@@ -186,6 +188,7 @@ class MessageDecryptor:
             state = self._state
             if state is _State.BODY:
                 assert self._parsed is not None
+                result: bytes | bytearray | None
                 if self._parsed.header.content_type is ContentType.NON_FRAMED:
                     result = self._read_non_framed()
                 else:
@@ -216,12 +219,12 @@ class MessageDecryptor:
         """One shot: the whole verified plaintext, or an error and nothing."""
         if not self._eof:
             raise ConfigurationError("read_all() needs receive_eof() first")
-        chunks: list[bytes] = []
+        chunks: list[bytes | bytearray] = []
         while True:
             item = self.next_plaintext()
             if item is END_OF_MESSAGE:
                 return b"".join(chunks)
-            assert isinstance(item, bytes)  # None is impossible after EOF: _short raises
+            assert isinstance(item, (bytes, bytearray))  # None is impossible after EOF
             chunks.append(item)
 
     # -- internals -------------------------------------------------------------------
@@ -272,6 +275,21 @@ class MessageDecryptor:
     def _view(self) -> Cursor:
         return Cursor(self._buf, self._pos)
 
+    def _open_large(self, iv: bytes, sealed: memoryview, aad: bytes, seq: int) -> bytearray:
+        """As :meth:`_open`, into a fresh ``bytearray``: ``decrypt`` would allocate and
+        zero its output holding the GIL (see ``MessageEncryptor._seal_large``). The
+        buffer is handed out only if the tag verified."""
+        assert self._aead is not None
+        plaintext = bytearray(len(sealed) - _TAG)
+        try:
+            self._aead.decrypt_into(iv, sealed, aad, plaintext)
+        except InvalidTag:
+            raise AuthenticationError(
+                f"frame {seq} failed authentication: the message was changed or corrupted "
+                "after it was written"
+            ) from None
+        return plaintext
+
     def _open(self, iv: bytes, sealed: memoryview, aad: bytes, seq: int) -> bytes:
         assert self._aead is not None
         try:
@@ -283,7 +301,7 @@ class MessageDecryptor:
                 "it was written"
             ) from None
 
-    def _read_frame(self) -> bytes | None:
+    def _read_frame(self) -> bytes | bytearray | None:
         """One frame, verified. Lean on purpose: a 256 MiB stream has 4096 of them."""
         assert self._parsed is not None
         header = self._parsed.header
@@ -323,7 +341,10 @@ class MessageDecryptor:
         end = body + length + _TAG
         view = memoryview(buf)
         aad = body_aad(header.message_id, FINAL_FRAME_AAD if final else FRAME_AAD, seq, length)
-        plaintext = self._open(iv, view[body:end], aad, seq)
+        if length >= _LARGE_FRAME:
+            plaintext: bytes | bytearray = self._open_large(iv, view[body:end], aad, seq)
+        else:
+            plaintext = self._open(iv, view[body:end], aad, seq)
         if self._verifier is not None:
             self._verifier.update(view[start:end])
         del view

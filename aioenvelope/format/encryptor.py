@@ -117,10 +117,10 @@ class MessageEncryptor:
         """Return the final frame and, for signing suites, the footer."""
         return b"".join(self.finalize_frames())
 
-    def update_frames(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+    def update_frames(self, data: bytes | bytearray | memoryview) -> list[bytes | bytearray]:
         """Take plaintext; return each frame it completed, one ``bytes`` per frame (a
-        frame of 256 KiB or more as two: its prefix, then its sealed body, which saves
-        copying the body while holding the GIL).
+        frame of 256 KiB or more as two: its prefix, then its sealed body as a
+        ``bytearray``, which saves allocating and copying the body under the GIL).
 
         The last ``frame_length`` bytes are always held back, because the final frame
         must carry the message's last 1..frame_length bytes. Whole frames are sealed
@@ -147,8 +147,9 @@ class MessageEncryptor:
         if not sources:
             return []
         self._check_frame_budget(self._sequence + len(sources))
+        frames: list[bytes | bytearray]
         if f < _SPLIT_FRAME:
-            frames = self._seal_regular_frames(sources)
+            frames = list(self._seal_regular_frames(sources))
         else:
             frames = []
             for chunk in sources:
@@ -158,7 +159,7 @@ class MessageEncryptor:
                 self._signer.update(frame)
         return frames
 
-    def finalize_frames(self) -> list[bytes]:
+    def finalize_frames(self) -> list[bytes | bytearray]:
         """The final frame (in two parts from 256 KiB, as in :meth:`update_frames`) and,
         for signing suites, the footer, as separate ``bytes``."""
         if self._finalized:
@@ -171,8 +172,11 @@ class MessageEncryptor:
         iv = frame_iv(seq)
         aad = body_aad(self._message_id, FINAL_FRAME_AAD, seq, len(chunk))
         prefix = _FINAL_PREFIX.pack(SEQUENCE_NUMBER_END, seq, iv, len(chunk))
-        body = self._aead.encrypt(iv, chunk, aad)
-        parts = [prefix + body] if len(chunk) < _SPLIT_FRAME else [prefix, body]
+        parts: list[bytes | bytearray]
+        if len(chunk) < _SPLIT_FRAME:
+            parts = [prefix + self._aead.encrypt(iv, chunk, aad)]
+        else:
+            parts = [prefix, self._seal_large(iv, chunk, aad)]
         if self._signer is None:
             return parts
         for part in parts:
@@ -230,12 +234,23 @@ class MessageEncryptor:
         self._sequence = seq
         return frames
 
-    def _seal_regular_parts(self, chunk: bytes | bytearray | memoryview) -> list[bytes]:
+    def _seal_regular_parts(self, chunk: bytes | bytearray | memoryview) -> list[bytes | bytearray]:
         seq = self._sequence
         iv = frame_iv(seq)
         aad = body_aad(self._message_id, FRAME_AAD, seq, len(chunk))
         self._sequence = seq + 1
-        return [_REGULAR_PREFIX.pack(seq, iv), self._aead.encrypt(iv, chunk, aad)]
+        return [_REGULAR_PREFIX.pack(seq, iv), self._seal_large(iv, chunk, aad)]
+
+    def _seal_large(
+        self, iv: bytes, chunk: bytes | bytearray | memoryview, aad: bytes
+    ) -> bytearray:
+        """A large body sealed into a fresh ``bytearray``. ``encrypt`` would allocate its
+        output (zeroing and page-faulting it) while holding the GIL: milliseconds per
+        MiB that stall the event loop even from a worker thread. A new bytearray's pages
+        are left to the kernel and first touched by the cipher, with the GIL released."""
+        body = bytearray(len(chunk) + _TAG)
+        self._aead.encrypt_into(iv, chunk, aad, body)
+        return body
 
     def _seal_regular(self, out: memoryview, pos: int, chunk: memoryview) -> int:
         seq = self._sequence

@@ -68,8 +68,10 @@ def cut_at(data: bytes, cuts: Sequence[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-def streamed_frames(encryptor: MessageEncryptor, pieces: Sequence[bytes]) -> list[bytes]:
-    out = [encryptor.header]
+def streamed_frames(
+    encryptor: MessageEncryptor, pieces: Sequence[bytes]
+) -> list[bytes | bytearray]:
+    out: list[bytes | bytearray] = [encryptor.header]
     for piece in pieces:
         out.extend(encryptor.update_frames(piece))
         assert encryptor.pending_bytes <= encryptor.header_value.frame_length
@@ -127,7 +129,7 @@ def test_update_frames_returns_whole_regular_frames_and_holds_the_last(
     """Each item is one regular frame; the last 1..F bytes wait for finalize."""
     f = 16
     encryptor = Twins(COMMIT, f).make()
-    regular: list[bytes] = []
+    regular: list[bytes | bytearray] = []
     seen = 0
     for piece in cut_at(data, cuts):
         regular.extend(encryptor.update_frames(piece))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 from .errors import ConfigurationError
 
@@ -37,6 +38,13 @@ class BatchProgress:
     done: int
     failed: int
     total: int | None  # None when the items are an iterator of unknown length
+
+
+async def _slot(limiter: anyio.Semaphore) -> None:
+    """Take a slot, then make sure the batch was not cancelled meanwhile: a slot freed by
+    a task that was being cancelled is no go-ahead to start another item."""
+    await limiter.acquire()
+    await anyio.lowlevel.checkpoint_if_cancelled()
 
 
 async def run_batch(
@@ -82,13 +90,13 @@ async def run_batch(
         index = 0
         if isinstance(items, AsyncIterable):
             async for item in items:
-                await limiter.acquire()  # backpressure: never more than `concurrency` pending
+                await _slot(limiter)  # backpressure: never more than `concurrency` pending
                 results.append(None)
                 tg.start_soon(one, index, item)
                 index += 1
         else:
             for item in items:
-                await limiter.acquire()
+                await _slot(limiter)
                 results.append(None)
                 tg.start_soon(one, index, item)
                 index += 1

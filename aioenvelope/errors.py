@@ -10,11 +10,13 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "CircuitOpenError",
     "CommitmentPolicyError",
     "ConfigurationError",
     "EncryptionContextError",
     "EncryptionContextMismatchError",
     "EnvelopeError",
+    "KMSDecryptRateLimited",
     "KMSError",
     "KMSKeyCheckError",
     "KMSTimeoutError",

@@ -1,0 +1,175 @@
+"""aiohttp integration: one :class:`EnvelopeClient` per application, and HTTP answers
+for the two errors that mean "try again later".
+
+The client must live as long as the application: its KMS connections, data-key caches,
+rate limiter and circuit breakers are all per client, so a client per request would
+make a KMS call per request and never trip its breaker. ::
+
+    from aiohttp import web
+
+    from aioenvelope import EnvelopeClient, KmsKeyring
+    from aioenvelope.integrations.aiohttp import (
+        envelope_cleanup_ctx, envelope_client, envelope_error_middleware, stream_response,
+    )
+
+    async def seal(request: web.Request) -> web.StreamResponse:
+        client = envelope_client(request)
+        return await stream_response(request, client.encrypt_stream(request.content))
+
+    app = web.Application(middlewares=[envelope_error_middleware])
+    app.cleanup_ctx.append(envelope_cleanup_ctx(lambda: EnvelopeClient(KmsKeyring("alias/data"))))
+    app.router.add_post("/seal", seal)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Protocol
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from ..client import EnvelopeClient
+from ..errors import CircuitOpenError, ConfigurationError, KMSDecryptRateLimited
+
+__all__ = [
+    "ENVELOPE_CLIENT",
+    "envelope_cleanup_ctx",
+    "envelope_client",
+    "envelope_error_middleware",
+    "stream_response",
+]
+
+ENVELOPE_CLIENT: web.AppKey[EnvelopeClient] = web.AppKey("envelope_client", EnvelopeClient)
+"""Where :func:`envelope_cleanup_ctx` stores the application's client."""
+
+
+def envelope_cleanup_ctx(
+    factory: Callable[[], EnvelopeClient],
+    *,
+    key: web.AppKey[EnvelopeClient] = ENVELOPE_CLIENT,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context (``app.cleanup_ctx.append(...)``) that builds one client at
+    start-up, enters it and stores it in ``app[key]``, and exits it at cleanup.
+
+    ``factory`` is called inside the running loop, because the keyring's aiobotocore
+    clients bind to the loop that opens them; entering the client also runs the
+    keyring's start-up key check, so a misconfigured key stops the app from starting.
+    """
+
+    async def envelope_client_ctx(app: web.Application) -> AsyncIterator[None]:
+        if key in app:
+            raise ConfigurationError(
+                f"the application already has an EnvelopeClient under {key!r}: install "
+                "envelope_cleanup_ctx once per key"
+            )
+        async with factory() as client:
+            app[key] = client
+            yield
+
+    return envelope_client_ctx
+
+
+def envelope_client(
+    request: web.Request, *, key: web.AppKey[EnvelopeClient] = ENVELOPE_CLIENT
+) -> EnvelopeClient:
+    """The application's client (found through ``request.config_dict``, so handlers of
+    sub-applications see their parent's).
+
+    Raises :class:`~aioenvelope.errors.ConfigurationError` if no
+    :func:`envelope_cleanup_ctx` stored one: failing loudly beats each handler building
+    its own client.
+    """
+    client = request.config_dict.get(key)
+    if client is None:
+        raise ConfigurationError(
+            f"no EnvelopeClient under {key!r} for this application: add "
+            "app.cleanup_ctx.append(envelope_cleanup_ctx(factory)) when building it"
+        )
+    return client
+
+
+def _retry_after_seconds(delay: float) -> int:
+    """``Retry-After`` takes whole seconds: round up (never invite a retry too early),
+    and at least 1 (0 would invite a retry storm)."""
+    return max(1, math.ceil(delay))
+
+
+def _retry_later(status: int, error: str, delay: float) -> web.Response:
+    seconds = _retry_after_seconds(delay)
+    return web.json_response(
+        {"error": error, "retry_after": seconds},
+        status=status,
+        headers={"Retry-After": str(seconds)},
+    )
+
+
+@web.middleware
+async def envelope_error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer :class:`~aioenvelope.errors.KMSDecryptRateLimited` with 429 and
+    :class:`~aioenvelope.errors.CircuitOpenError` with 503, each with ``Retry-After``
+    (whole seconds, rounded up, at least 1) and a JSON body
+    ``{"error": "decrypt_rate_limited" | "kms_unavailable", "retry_after": n}``.
+
+    The body carries a fixed code, not the exception's text, which names the rate limit
+    and the KMS region: details for the server's logs, not for callers.
+
+    An error raised after a ``StreamResponse`` was prepared cannot become a 429/503: the
+    status line has gone out. The error is re-raised; aiohttp logs it and drops the
+    connection, so the client sees a truncated response, not a success. Streams make
+    their one KMS call before their first chunk, so use :func:`stream_response`, which
+    takes that chunk before preparing the response.
+    """
+    # A snapshot, not a test for zero: what went out before the handler ran (an interim
+    # "100 Continue", which some aiohttp versions count) is no response of the handler's.
+    sent_before = request.writer.output_size
+    try:
+        return await handler(request)
+    except KMSDecryptRateLimited as exc:
+        if request.writer.output_size > sent_before:
+            raise
+        return _retry_later(429, "decrypt_rate_limited", exc.retry_after)
+    except CircuitOpenError as exc:
+        if request.writer.output_size > sent_before:
+            raise
+        return _retry_later(503, "kms_unavailable", exc.retry_after)
+
+
+class _ByteStream(Protocol):
+    """What :meth:`EnvelopeClient.encrypt_stream`, ``decrypt_stream``, ``rewrap_stream``
+    and ``reencrypt_stream`` return."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+async def stream_response(
+    request: web.Request,
+    stream: _ByteStream,
+    *,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+) -> web.StreamResponse:
+    """Send ``stream`` as a chunked response and return it (prepared and finished).
+
+    The first chunk is taken before the response is prepared: that is where the stream
+    makes its KMS call, so a rate limit or an open breaker still reaches
+    :func:`envelope_error_middleware` as a 429/503. An error later on (a tampered or
+    truncated message) drops the connection mid-body, so the client never mistakes
+    partial plaintext for the whole. The stream is closed however this ends.
+    """
+    chunks = stream.__aiter__()
+    try:
+        first = await anext(chunks, b"")
+        response = web.StreamResponse(status=status, headers=headers)
+        await response.prepare(request)
+        if first:
+            await response.write(first)
+        async for chunk in chunks:
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        await stream.aclose()

@@ -1,0 +1,299 @@
+"""Starlette and FastAPI integration: one :class:`EnvelopeClient` per application, and
+HTTP answers for the two errors that mean "try again later".
+
+The client must live as long as the application: its KMS connections, data-key caches,
+rate limiter and circuit breakers are all per client, so a client per request would
+make a KMS call per request and never trip its breaker. ::
+
+    from typing import Annotated
+
+    from fastapi import Depends, FastAPI, Request
+    from starlette.responses import StreamingResponse
+
+    from aioenvelope import EnvelopeClient, KmsKeyring
+    from aioenvelope.integrations.starlette import (
+        envelope_lifespan, get_envelope_client, install_error_handlers, stream_response,
+    )
+
+    app = FastAPI(lifespan=envelope_lifespan(lambda: EnvelopeClient(KmsKeyring("alias/data"))))
+    install_error_handlers(app)
+    Envelope = Annotated[EnvelopeClient, Depends(get_envelope_client)]
+
+    @app.put("/files/{name}")
+    async def upload(name: str, request: Request, client: Envelope) -> None:
+        async with client.encrypt_stream(request.stream()) as ciphertext:
+            await storage.save(name, ciphertext)  # any consumer of async chunks
+
+    @app.get("/files/{name}")
+    async def download(name: str, client: Envelope) -> StreamingResponse:
+        return await stream_response(client.decrypt_stream(storage.open(name)))
+
+Plain Starlette works the same way: ``Starlette(lifespan=envelope_lifespan(...))`` and
+``client = await get_envelope_client(request)`` in an endpoint.
+
+What :func:`install_error_handlers` maps::
+
+    KMSDecryptRateLimited  ->  429  {"error": "decrypt_rate_limited", "retry_after": n}
+    CircuitOpenError       ->  503  {"error": "kms_unavailable", "retry_after": n}
+    anything else          ->  unchanged (a 500 unless you map it)
+
+with ``Retry-After: n``, whole seconds from the error's ``retry_after``, rounded up,
+at least 1.
+
+Nothing else is mapped, on purpose: whether an ``AuthenticationError`` or a
+``MalformedMessageError`` is the caller's fault (400) or corrupt storage (500) depends
+on where the ciphertext came from, which only the application knows.
+
+An error raised after a ``StreamingResponse`` started (its status line is sent before
+its first chunk is pulled) cannot become a 429/503: Starlette re-raises it as a
+``RuntimeError`` and the client sees a truncated body, never a success. Streams make
+their one KMS call before their first chunk, so return them with
+:func:`stream_response`, which pulls that chunk before the response starts.
+Don't stream ``request.stream()`` straight back as a ``StreamingResponse`` either:
+below ASGI spec 2.4 Starlette listens for a disconnect while streaming, and that
+listener consumes the request body's messages too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Protocol, TypeVar, overload
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..client import EnvelopeClient
+from ..errors import CircuitOpenError, ConfigurationError, KMSDecryptRateLimited
+
+__all__ = [
+    "envelope_client_dependency",
+    "envelope_lifespan",
+    "get_envelope_client",
+    "install_error_handlers",
+    "stream_response",
+]
+
+DEFAULT_STATE_KEY = "envelope"
+
+AppT = TypeVar("AppT", bound=Starlette)
+_State = Mapping[str, Any]  # what a stateful lifespan yields (Starlette's own type)
+
+
+def _check_state_key(state_key: str) -> None:
+    if not isinstance(state_key, str) or not state_key.isidentifier():
+        raise ConfigurationError(f"state_key must be an identifier; got {state_key!r}")
+
+
+# -- one client per application -----------------------------------------------------------
+
+
+@overload
+def envelope_lifespan(
+    factory: Callable[[], EnvelopeClient],
+    *,
+    state_key: str = ...,
+    inner: None = ...,
+) -> Callable[[Starlette], AbstractAsyncContextManager[None]]: ...
+@overload
+def envelope_lifespan(
+    factory: Callable[[], EnvelopeClient],
+    *,
+    state_key: str = ...,
+    inner: Callable[[AppT], AbstractAsyncContextManager[None]],
+) -> Callable[[AppT], AbstractAsyncContextManager[None]]: ...
+@overload
+def envelope_lifespan(
+    factory: Callable[[], EnvelopeClient],
+    *,
+    state_key: str = ...,
+    inner: Callable[[AppT], AbstractAsyncContextManager[_State]],
+) -> Callable[[AppT], AbstractAsyncContextManager[_State]]: ...
+def envelope_lifespan(
+    factory: Callable[[], EnvelopeClient],
+    *,
+    state_key: str = DEFAULT_STATE_KEY,
+    inner: Callable[[Any], AbstractAsyncContextManager[_State | None]] | None = None,
+) -> Callable[[Any], AbstractAsyncContextManager[Any]]:
+    """A lifespan (``FastAPI(lifespan=...)``, ``Starlette(lifespan=...)``) that builds
+    one client at start-up, enters it, stores it on ``app.state.<state_key>``, and exits
+    it at shutdown.
+
+    ``factory`` is called at start-up, inside the running loop, because the keyring's
+    aiobotocore clients bind to the loop that opens them and a client can be entered
+    only once; entering it runs the keyring's key check, so a misconfigured key stops
+    the app from starting. ``inner``, your own lifespan, runs inside: it can use the
+    client during its start-up and shutdown, and whatever state it yields is passed on.
+    Nest two of these (``inner=envelope_lifespan(..., state_key="archive")``) for two
+    clients.
+    """
+    _check_state_key(state_key)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[_State | None]:
+        if getattr(app.state, state_key, None) is not None:
+            raise ConfigurationError(
+                f"app.state.{state_key} is already set: give each envelope_lifespan its "
+                "own state_key"
+            )
+        async with factory() as client:
+            setattr(app.state, state_key, client)
+            try:
+                if inner is None:
+                    yield None
+                else:
+                    async with inner(app) as state:
+                        yield state
+            finally:
+                # A request that outlives shutdown then gets a clear error, not a
+                # closed client.
+                with contextlib.suppress(AttributeError):
+                    delattr(app.state, state_key)
+
+    return lifespan
+
+
+def _client_on(request: HTTPConnection, state_key: str) -> EnvelopeClient:
+    client = getattr(request.app.state, state_key, None)
+    if not isinstance(client, EnvelopeClient):
+        found = "nothing" if client is None else f"a {type(client).__name__}"
+        raise ConfigurationError(
+            f"no EnvelopeClient on app.state.{state_key} ({found}): pass "
+            "lifespan=envelope_lifespan(factory) to the application, and make sure the "
+            "lifespan ran (in tests: `with TestClient(app)`, or "
+            "`async with app.router.lifespan_context(app)` around an httpx.ASGITransport)"
+        )
+    return client
+
+
+async def get_envelope_client(request: Request) -> EnvelopeClient:
+    """The application's client: ``Depends(get_envelope_client)`` in FastAPI, or
+    ``await get_envelope_client(request)`` in a Starlette endpoint.
+
+    Async because FastAPI runs plain ``def`` dependencies in a worker thread. It looks
+    at ``request.app.state``; an application mounted inside another has its own state
+    and Starlette runs no lifespan for it, so copy the client across in your own
+    lifespan (``inner=``) if a mounted app needs it. Raises
+    :class:`~aioenvelope.errors.ConfigurationError` if no lifespan stored a client:
+    failing loudly beats each endpoint building its own.
+    """
+    return _client_on(request, DEFAULT_STATE_KEY)
+
+
+def envelope_client_dependency(
+    state_key: str = DEFAULT_STATE_KEY,
+) -> Callable[[Request], Awaitable[EnvelopeClient]]:
+    """:func:`get_envelope_client` for a client stored under another ``state_key``."""
+    _check_state_key(state_key)
+
+    async def get_client(request: Request) -> EnvelopeClient:
+        return _client_on(request, state_key)
+
+    return get_client
+
+
+# -- errors that mean "try again later" -------------------------------------------------
+
+
+def _retry_after_seconds(delay: float) -> int:
+    """``Retry-After`` takes whole seconds: round up (never invite a retry too early),
+    and at least 1 (0 would invite a retry storm)."""
+    return max(1, math.ceil(delay)) if math.isfinite(delay) else 1
+
+
+def _retry_later(status: int, error: str, delay: float) -> Response:
+    seconds = _retry_after_seconds(delay)
+    return JSONResponse(
+        {"error": error, "retry_after": seconds},
+        status_code=status,
+        headers={"Retry-After": str(seconds)},
+    )
+
+
+async def _rate_limited(conn: HTTPConnection, exc: Exception) -> Response:
+    if conn.scope["type"] != "http" or not isinstance(exc, KMSDecryptRateLimited):
+        raise exc  # a websocket has no status to answer with: as if unhandled
+    return _retry_later(429, "decrypt_rate_limited", exc.retry_after)
+
+
+async def _circuit_open(conn: HTTPConnection, exc: Exception) -> Response:
+    if conn.scope["type"] != "http" or not isinstance(exc, CircuitOpenError):
+        raise exc
+    return _retry_later(503, "kms_unavailable", exc.retry_after)
+
+
+def install_error_handlers(app: Starlette) -> None:
+    """Answer ``KMSDecryptRateLimited`` with 429 and ``CircuitOpenError`` with 503, as
+    the module docstring shows. Call it before the app starts serving: Starlette copies
+    its handlers when it builds its middleware, the first time it is called.
+
+    The body carries a fixed code, not the exception's text, which names the rate limit
+    and the KMS region: details for the server's logs, not for callers. Websocket
+    endpoints are left alone (they have no status to answer with).
+    """
+    app.add_exception_handler(KMSDecryptRateLimited, _rate_limited)
+    app.add_exception_handler(CircuitOpenError, _circuit_open)
+
+
+# -- streams ------------------------------------------------------------------------------
+
+
+class _ByteStream(Protocol):
+    """What :meth:`EnvelopeClient.encrypt_stream`, ``decrypt_stream``, ``rewrap_stream``
+    and ``reencrypt_stream`` return."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+async def _close(stream: _ByteStream) -> None:
+    with anyio.CancelScope(shield=True):  # a cancelled request still closes its source
+        await stream.aclose()
+
+
+async def _first_then_rest(
+    first: bytes | None, chunks: AsyncIterator[bytes], stream: _ByteStream
+) -> AsyncGenerator[bytes, None]:
+    try:
+        if first is not None:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+    finally:
+        await _close(stream)
+
+
+async def stream_response(
+    stream: _ByteStream,
+    *,
+    status_code: int = 200,
+    headers: Mapping[str, str] | None = None,
+    media_type: str | None = "application/octet-stream",
+) -> StreamingResponse:
+    """``stream`` as a ``StreamingResponse``, with its first chunk already pulled.
+
+    That is where the stream makes its KMS call and reads the message header, so a
+    rate limit or an open breaker still becomes a 429/503 (and a wrong context or a
+    malformed header is raised from the endpoint, before anything is sent). A later
+    error (a tampered or truncated message) ends the body early, so the client never
+    mistakes partial plaintext for the whole. The stream is closed when the body ends
+    or fails, or, if the server abandons it (a client that went away), when the event
+    loop finalizes it.
+    """
+    chunks = stream.__aiter__()
+    try:
+        first = await anext(chunks, None)
+    except BaseException:
+        await _close(stream)
+        raise
+    return StreamingResponse(
+        _first_then_rest(first, chunks, stream),
+        status_code=status_code,
+        headers=headers,
+        media_type=media_type,
+    )

@@ -88,9 +88,6 @@ class RewrappingStream(_Stream):
         self._max_edks = max_encrypted_data_keys
         super().__init__()
 
-    def __repr__(self) -> str:
-        return f"RewrappingStream(header={'known' if self.header else 'pending'})"
-
     async def _run(self) -> AsyncGenerator[bytes, None]:
         self._started = True
         pieces = _pieces(self._source, STEP)
@@ -138,9 +135,6 @@ class ReencryptingStream(_Stream):
         self._plaintext = plaintext
         self._start = start
         super().__init__()
-
-    def __repr__(self) -> str:
-        return f"ReencryptingStream(header={'known' if self.header else 'pending'})"
 
     async def _run(self) -> AsyncGenerator[bytes, None]:
         self._started = True

@@ -231,6 +231,9 @@ class _Stream:
         self._started = False
         self._gen = self._run()
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(header={'known' if self.header else 'pending'})"
+
     def _run(self) -> AsyncGenerator[bytes, None]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -282,9 +285,6 @@ class EncryptingStream(_Stream):
         self._start = start
         self._limit = plaintext_length
         super().__init__()
-
-    def __repr__(self) -> str:
-        return f"EncryptingStream(header={'known' if self.header else 'pending'})"
 
     async def _run(self) -> AsyncGenerator[bytes, None]:
         self._started = True
@@ -357,9 +357,6 @@ class DecryptingStream(_Stream):
         self._max_edks = max_encrypted_data_keys
         self._allow_signed = allow_signed
         super().__init__()
-
-    def __repr__(self) -> str:
-        return f"DecryptingStream(header={'known' if self.header else 'pending'})"
 
     async def _run(self) -> AsyncGenerator[bytes, None]:
         self._started = True

@@ -23,7 +23,6 @@ make a KMS call per request and never trip its breaker. ::
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
 
@@ -32,6 +31,7 @@ from aiohttp.typedefs import Handler
 
 from ..client import EnvelopeClient
 from ..errors import CircuitOpenError, ConfigurationError, KMSDecryptRateLimited
+from ._retry_later import retry_later
 
 __all__ = [
     "ENVELOPE_CLIENT",
@@ -90,19 +90,9 @@ def envelope_client(
     return client
 
 
-def _retry_after_seconds(delay: float) -> int:
-    """``Retry-After`` takes whole seconds: round up (never invite a retry too early),
-    and at least 1 (0 would invite a retry storm)."""
-    return max(1, math.ceil(delay))
-
-
-def _retry_later(status: int, error: str, delay: float) -> web.Response:
-    seconds = _retry_after_seconds(delay)
-    return web.json_response(
-        {"error": error, "retry_after": seconds},
-        status=status,
-        headers={"Retry-After": str(seconds)},
-    )
+def _retry_later(exc: KMSDecryptRateLimited | CircuitOpenError) -> web.Response:
+    answer = retry_later(exc)
+    return web.json_response(answer.body, status=answer.status, headers=answer.headers)
 
 
 @web.middleware
@@ -126,14 +116,10 @@ async def envelope_error_middleware(request: web.Request, handler: Handler) -> w
     sent_before = request.writer.output_size
     try:
         return await handler(request)
-    except KMSDecryptRateLimited as exc:
+    except (KMSDecryptRateLimited, CircuitOpenError) as exc:
         if request.writer.output_size > sent_before:
             raise
-        return _retry_later(429, "decrypt_rate_limited", exc.retry_after)
-    except CircuitOpenError as exc:
-        if request.writer.output_size > sent_before:
-            raise
-        return _retry_later(503, "kms_unavailable", exc.retry_after)
+        return _retry_later(exc)
 
 
 class _ByteStream(Protocol):

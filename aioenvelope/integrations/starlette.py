@@ -57,7 +57,6 @@ listener consumes the request body's messages too.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol, TypeVar, overload
@@ -69,6 +68,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..client import EnvelopeClient
 from ..errors import CircuitOpenError, ConfigurationError, KMSDecryptRateLimited
+from ._retry_later import retry_later
 
 __all__ = [
     "envelope_client_dependency",
@@ -199,31 +199,13 @@ def envelope_client_dependency(
 # -- errors that mean "try again later" -------------------------------------------------
 
 
-def _retry_after_seconds(delay: float) -> int:
-    """``Retry-After`` takes whole seconds: round up (never invite a retry too early),
-    and at least 1 (0 would invite a retry storm)."""
-    return max(1, math.ceil(delay)) if math.isfinite(delay) else 1
-
-
-def _retry_later(status: int, error: str, delay: float) -> Response:
-    seconds = _retry_after_seconds(delay)
-    return JSONResponse(
-        {"error": error, "retry_after": seconds},
-        status_code=status,
-        headers={"Retry-After": str(seconds)},
-    )
-
-
-async def _rate_limited(conn: HTTPConnection, exc: Exception) -> Response:
-    if conn.scope["type"] != "http" or not isinstance(exc, KMSDecryptRateLimited):
+async def _retry_later(conn: HTTPConnection, exc: Exception) -> Response:
+    if conn.scope["type"] != "http" or not isinstance(
+        exc, (KMSDecryptRateLimited, CircuitOpenError)
+    ):
         raise exc  # a websocket has no status to answer with: as if unhandled
-    return _retry_later(429, "decrypt_rate_limited", exc.retry_after)
-
-
-async def _circuit_open(conn: HTTPConnection, exc: Exception) -> Response:
-    if conn.scope["type"] != "http" or not isinstance(exc, CircuitOpenError):
-        raise exc
-    return _retry_later(503, "kms_unavailable", exc.retry_after)
+    answer = retry_later(exc)
+    return JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
 
 
 def install_error_handlers(app: Starlette) -> None:
@@ -235,8 +217,8 @@ def install_error_handlers(app: Starlette) -> None:
     and the KMS region: details for the server's logs, not for callers. Websocket
     endpoints are left alone (they have no status to answer with).
     """
-    app.add_exception_handler(KMSDecryptRateLimited, _rate_limited)
-    app.add_exception_handler(CircuitOpenError, _circuit_open)
+    app.add_exception_handler(KMSDecryptRateLimited, _retry_later)
+    app.add_exception_handler(CircuitOpenError, _retry_later)
 
 
 # -- streams ------------------------------------------------------------------------------

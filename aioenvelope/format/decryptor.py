@@ -240,37 +240,35 @@ class MessageDecryptor:
     def _ensure(self, n: int) -> bool:
         """Make ``n`` bytes available from ``_pos`` if enough were received.
 
-        A leftover shorter than ``n`` is extended with just the bytes it lacks, so with
-        large chunks only frames that straddle two chunks are copied; once the leftover
-        is used up, the next chunk is adopted as it is. Callers re-read ``_buf`` and
-        ``_pos`` afterwards.
+        Nothing is copied until all ``n`` bytes are here; then a leftover shorter than
+        ``n`` is joined once with just the bytes it lacks. So each byte is copied at most
+        once, only frames that straddle chunks are copied at all, and the copy happens in
+        the step that opens the frame (a worker thread, for large frames), not in the
+        steps that merely receive its pieces. Callers re-read ``_buf`` and ``_pos``.
         """
         available = len(self._buf) - self._pos
         if available >= n:
             return True
         queue = self._queue
-        if not queue:
+        if available + sum(len(chunk) for chunk in queue) < n:
             return False
         if available == 0:
             self._buf, self._pos = queue.popleft(), 0
             return self._ensure(n)
-        if isinstance(self._buf, bytearray):  # ours already: extend it in place
-            joined = self._buf
-            del joined[: self._pos]
-        else:
-            joined = bytearray(memoryview(self._buf)[self._pos :])
-        while len(joined) < n and queue:
+        parts: list[bytes | memoryview] = [memoryview(self._buf)[self._pos :]]
+        missing = n - available
+        while missing > 0:
             chunk = queue[0]
-            take = n - len(joined)
-            if len(chunk) <= take:
-                joined += chunk
-                queue.popleft()
+            if len(chunk) <= missing:
+                parts.append(queue.popleft())
+                missing -= len(chunk)
             else:
                 view = memoryview(chunk)
-                joined += view[:take]
-                queue[0] = view[take:]
-        self._buf, self._pos = joined, 0
-        return len(joined) >= n
+                parts.append(view[:missing])
+                queue[0] = view[missing:]
+                missing = 0
+        self._buf, self._pos = b"".join(parts), 0
+        return True
 
     def _view(self) -> Cursor:
         return Cursor(self._buf, self._pos)

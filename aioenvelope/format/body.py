@@ -9,6 +9,7 @@ __all__ = [
     "FINAL_FRAME_AAD",
     "FRAME_AAD",
     "IV_STRUCT",
+    "LARGE_FRAME",
     "SEQUENCE_NUMBER_END",
     "SINGLE_BLOCK_AAD",
     "body_aad",
@@ -21,6 +22,9 @@ SINGLE_BLOCK_AAD = b"AWSKMSEncryptionClient Single Block"
 SEQUENCE_NUMBER_END = 0xFFFFFFFF
 MAX_FRAMES = 0xFFFFFFFF
 MAX_NON_FRAMED_LENGTH = 2**36 - 32
+# From this size on a frame's body is sealed/opened into its own bytearray and handed
+# out apart from its prefix: cryptography would allocate and zero it holding the GIL.
+LARGE_FRAME = 256 << 10
 
 IV_STRUCT = struct.Struct(">8xI")  # the hot loops pack with these directly
 AAD_TAIL_STRUCT = struct.Struct(">IQ")

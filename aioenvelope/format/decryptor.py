@@ -34,6 +34,7 @@ from ._cursor import Cursor, NeedMoreData
 from .body import (
     FINAL_FRAME_AAD,
     FRAME_AAD,
+    LARGE_FRAME,
     MAX_FRAMES,
     MAX_NON_FRAMED_LENGTH,
     SEQUENCE_NUMBER_END,
@@ -48,7 +49,6 @@ from .signing import Verifier
 __all__ = ["END_OF_MESSAGE", "MessageDecryptor"]
 
 _TAG = 16
-_LARGE_FRAME = 256 << 10  # from here on a frame is opened into a bytearray
 _U32 = struct.Struct(">I")
 _REGULAR_PREFIX = struct.Struct(">I12s")
 _FINAL_PREFIX = struct.Struct(">II12sI")
@@ -339,7 +339,7 @@ class MessageDecryptor:
         end = body + length + _TAG
         view = memoryview(buf)
         aad = body_aad(header.message_id, FINAL_FRAME_AAD if final else FRAME_AAD, seq, length)
-        if length >= _LARGE_FRAME:
+        if length >= LARGE_FRAME:
             plaintext: bytes | bytearray = self._open_large(iv, view[body:end], aad, seq)
         else:
             plaintext = self._open(iv, view[body:end], aad, seq)

@@ -19,6 +19,7 @@ from .body import (
     FINAL_FRAME_AAD,
     FRAME_AAD,
     IV_STRUCT,
+    LARGE_FRAME,
     MAX_FRAMES,
     SEQUENCE_NUMBER_END,
     body_aad,
@@ -45,7 +46,6 @@ _FINAL_OVERHEAD = 4 + 4 + 12 + 4 + _TAG
 _MAX_SIGNATURE = 2 + 2 + 2 * 72  # footer length field plus the longest P-384 DER
 _FINAL_PREFIX = struct.Struct(">II12sI")
 _REGULAR_PREFIX = struct.Struct(">I12s")
-_SPLIT_FRAME = 256 << 10  # from here on a frame's body is returned apart from its prefix
 
 
 class MessageEncryptor:
@@ -148,7 +148,7 @@ class MessageEncryptor:
             return []
         self._check_frame_budget(self._sequence + len(sources))
         frames: list[bytes | bytearray]
-        if f < _SPLIT_FRAME:
+        if f < LARGE_FRAME:
             frames = list(self._seal_regular_frames(sources))
         else:
             frames = []
@@ -173,7 +173,7 @@ class MessageEncryptor:
         aad = body_aad(self._message_id, FINAL_FRAME_AAD, seq, len(chunk))
         prefix = _FINAL_PREFIX.pack(SEQUENCE_NUMBER_END, seq, iv, len(chunk))
         parts: list[bytes | bytearray]
-        if len(chunk) < _SPLIT_FRAME:
+        if len(chunk) < LARGE_FRAME:
             parts = [prefix + self._aead.encrypt(iv, chunk, aad)]
         else:
             parts = [prefix, self._seal_large(iv, chunk, aad)]

@@ -21,6 +21,7 @@ from collections.abc import (
     Callable,
     Iterable,
 )
+from contextlib import aclosing
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, TypeVar
@@ -30,7 +31,8 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from .errors import ConfigurationError, SignedStreamRefusedError
-from .format.decryptor import END_OF_MESSAGE, MessageDecryptor
+from .format.body import Buffer
+from .format.decryptor import EndOfMessage, MessageDecryptor
 from .format.encryptor import MessageEncryptor
 from .format.header import MessageHeader
 from .materials import DecryptionPlan
@@ -201,10 +203,13 @@ async def _close_source(source: object) -> None:
         close()
 
 
-def _grouped(parts: list[bytes | bytearray], frame_length: int) -> Iterable[bytes]:
+async def _emitted(
+    parts: list[Buffer], frame_length: int, recycle: Callable[[Buffer], None]
+) -> AsyncGenerator[bytes, None]:
     """Output chunks for one step's frames: small frames joined into one chunk; a large
-    frame's ``bytearray`` body cut into ``bytes`` of at most :data:`STEP` (each copy is
-    short, so the loop is never held for a whole large frame)."""
+    frame's pooled body cut into ``bytes`` of at most :data:`STEP`, with a checkpoint
+    after each (so the loop is never held for a whole large frame), then handed back to
+    the machine through ``recycle`` for the next frame."""
     if frame_length < _SMALL_FRAME and len(parts) > 1:
         yield b"".join(parts)
         return
@@ -212,9 +217,11 @@ def _grouped(parts: list[bytes | bytearray], frame_length: int) -> Iterable[byte
         if isinstance(part, bytes):
             yield part
             continue
-        view = memoryview(part)
-        for start in range(0, len(part), STEP):
-            yield bytes(view[start : start + STEP])
+        with memoryview(part) as view:
+            for start in range(0, len(view), STEP):
+                yield bytes(view[start : start + STEP])
+                await anyio.lowlevel.checkpoint()
+        recycle(part)
 
 
 class _Stream:
@@ -308,30 +315,32 @@ class EncryptingStream(_Stream):
                 # only buffers part of a large frame costs a copy and nothing else).
                 sealed = (encryptor.pending_bytes + size - 1) // frame_length * frame_length
                 frames = await pacer.run(sealed, encryptor.update_frames, piece)
-                for chunk in _grouped(frames, frame_length):
-                    yield chunk
+                async with aclosing(_emitted(frames, frame_length, encryptor.recycle)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
             if self._limit is not None and total != self._limit:
                 raise ConfigurationError(
                     f"the stream held {total} bytes, not plaintext_length={self._limit}"
                 )
             final = await pacer.run(encryptor.pending_bytes, encryptor.finalize_frames)
-            for chunk in _grouped(final, STEP):  # never joined; a large body is cut up
-                yield chunk
+            # Never joined (frame_length=STEP); a large final body is cut up.
+            async with aclosing(_emitted(final, STEP, encryptor.recycle)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
             await pieces.aclose()
             await _close_source(self._source)
 
 
-def _drain(decryptor: MessageDecryptor) -> tuple[list[bytes | bytearray], bool]:
+def _drain(decryptor: MessageDecryptor) -> tuple[list[Buffer], bool]:
     """All plaintext the decryptor can release now, and whether the message ended."""
-    out: list[bytes | bytearray] = []
+    out: list[Buffer] = []
     while True:
         item = decryptor.next_plaintext()
         if item is None:
             return out, False
-        if item is END_OF_MESSAGE:
+        if isinstance(item, EndOfMessage):
             return out, True
-        assert isinstance(item, (bytes, bytearray))
         if item:
             out.append(item)
 
@@ -400,8 +409,9 @@ class DecryptingStream(_Stream):
                 # end of the input, where the final frame may be shorter).
                 cost = buffered if ended else buffered // wire_frame * wire_frame
                 parts, done = await pacer.run(cost, _drain, decryptor)
-                for chunk in _grouped(parts, frame_length):
-                    yield chunk
+                async with aclosing(_emitted(parts, frame_length, decryptor.recycle)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
                 if done:
                     return
                 try:

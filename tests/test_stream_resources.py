@@ -418,10 +418,11 @@ def test_256mib_stream_never_holds_the_event_loop_for_10ms(
     """
     params = {"mode": "lag", "direction": direction, "frame_length": frame_length}
     attempts: list[dict[str, Any]] = []
-    # A second attempt only if the first is over budget: on a shared 2-core machine the
-    # scheduler can preempt the loop's thread once; a stream that holds the loop itself
-    # is over budget every time.
-    while len(attempts) < 2:
+    # Another attempt only if one is over budget. On the shared 2-core VMs this runs on,
+    # an idle process's 1 ms ticker alone sees 3-7 ms hiccups per second (vCPU steal),
+    # and now and then one of 10-18 ms with no code of ours running at all (seen by
+    # tracing every step); a stream that holds the loop itself is over budget every time.
+    while len(attempts) < 3:
         result = run_scenario({**params, "total": 256 * MIB}, timeout=120)
         assert result["round_trip_ok"]
         assert result["ticks"] >= 20, result  # the ticker really ran beside the stream

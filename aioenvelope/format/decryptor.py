@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import mmap
 import struct
 from collections.abc import Mapping
 
@@ -39,6 +40,8 @@ from .body import (
     MAX_NON_FRAMED_LENGTH,
     SEQUENCE_NUMBER_END,
     SINGLE_BLOCK_AAD,
+    Buffer,
+    FramePool,
     body_aad,
     frame_iv,
 )
@@ -46,7 +49,7 @@ from .header import ContentType, ParsedHeader, parse_header
 from .header_auth import authenticated_message_key
 from .signing import Verifier
 
-__all__ = ["END_OF_MESSAGE", "MessageDecryptor"]
+__all__ = ["END_OF_MESSAGE", "EndOfMessage", "MessageDecryptor"]
 
 _TAG = 16
 _U32 = struct.Struct(">I")
@@ -63,14 +66,14 @@ class _State(enum.Enum):
     DONE = "done"
 
 
-class _EndOfMessage:
+class EndOfMessage:
     __slots__ = ()
 
     def __repr__(self) -> str:
         return "END_OF_MESSAGE"
 
 
-END_OF_MESSAGE = _EndOfMessage()
+END_OF_MESSAGE = EndOfMessage()
 
 
 class MessageDecryptor:
@@ -89,7 +92,13 @@ class MessageDecryptor:
         self._aead: AESGCM | None = None
         self._verifier: Verifier | None = None
         self._sequence = 1
-        self._held: bytes | bytearray | None = None  # final plaintext waiting for the signature
+        self._held: Buffer | None = None  # final plaintext waiting for the signature
+        self._pool = FramePool(keep=4)
+        # A large frame that straddles chunks is gathered into one pooled buffer as its
+        # pieces arrive (see _assemble); _buf is then a view of what has arrived so far.
+        self._assembly: mmap.mmap | None = None
+        self._assembled = 0
+        self._gathering = False
 
     # -- input -----------------------------------------------------------------------
 
@@ -175,9 +184,9 @@ class MessageDecryptor:
 
     # -- body ------------------------------------------------------------------------
 
-    def next_plaintext(self) -> bytes | bytearray | _EndOfMessage | None:
-        """Verified plaintext of the next frame (a ``bytearray`` for frames of 256 KiB or
-        more); ``None`` while more input is needed;
+    def next_plaintext(self) -> Buffer | EndOfMessage | None:
+        """Verified plaintext of the next frame (for frames of 256 KiB or more, a pooled
+        buffer that may go back through :meth:`recycle` once copied out); ``None`` while more input is needed;
         :data:`END_OF_MESSAGE` once the message is complete.
 
         The last frame's plaintext is held until the signature verified (signing suites)
@@ -188,7 +197,7 @@ class MessageDecryptor:
             state = self._state
             if state is _State.BODY:
                 assert self._parsed is not None
-                result: bytes | bytearray | None
+                result: Buffer | None
                 if self._parsed.header.content_type is ContentType.NON_FRAMED:
                     result = self._read_non_framed()
                 else:
@@ -215,16 +224,21 @@ class MessageDecryptor:
                     "next_plaintext() needs read_header() and begin_body() first"
                 )
 
+    def recycle(self, plaintext: Buffer) -> None:
+        """Hand back a large frame's plaintext buffer once its contents were
+        copied out: the next large frame is opened into it (see :class:`FramePool`)."""
+        self._pool.give(plaintext)
+
     def read_all(self) -> bytes:
         """One shot: the whole verified plaintext, or an error and nothing."""
         if not self._eof:
             raise ConfigurationError("read_all() needs receive_eof() first")
-        chunks: list[bytes | bytearray] = []
+        chunks: list[Buffer] = []
         while True:
             item = self.next_plaintext()
             if item is END_OF_MESSAGE:
                 return b"".join(chunks)
-            assert isinstance(item, (bytes, bytearray))  # None is impossible after EOF
+            assert isinstance(item, (bytes, bytearray, mmap.mmap))  # EOF was given
             chunks.append(item)
 
     # -- internals -------------------------------------------------------------------
@@ -237,18 +251,21 @@ class MessageDecryptor:
                 "ciphertext was stored and read back"
             )
 
-    def _ensure(self, n: int) -> bool:
+    def _ensure(self, n: int, *, gather: bool = False) -> bool:
         """Make ``n`` bytes available from ``_pos`` if enough were received.
 
         Nothing is copied until all ``n`` bytes are here; then a leftover shorter than
         ``n`` is joined once with just the bytes it lacks. So each byte is copied at most
-        once, only frames that straddle chunks are copied at all, and the copy happens in
-        the step that opens the frame (a worker thread, for large frames), not in the
-        steps that merely receive its pieces. Callers re-read ``_buf`` and ``_pos``.
+        once, and only frames that straddle chunks are copied at all. With ``gather``
+        (a large frame's body), the pieces are instead copied into a reused buffer as
+        they arrive, one piece per step, so no step copies (and page-faults) a whole
+        large frame while holding the GIL. Callers re-read ``_buf`` and ``_pos``.
         """
         available = len(self._buf) - self._pos
         if available >= n:
             return True
+        if gather and n >= LARGE_FRAME:
+            return self._assemble(n)
         queue = self._queue
         if available + sum(len(chunk) for chunk in queue) < n:
             return False
@@ -270,18 +287,54 @@ class MessageDecryptor:
         self._buf, self._pos = b"".join(parts), 0
         return True
 
+    def _assemble(self, n: int) -> bool:
+        """Gather the ``n`` bytes from ``_pos`` into the assembly buffer: start it if
+        needed, copy whatever the queue holds, and expose the result as ``_buf``."""
+        if not self._gathering:
+            # A new frame. The previous assembly buffer held exactly the frame before,
+            # so it is consumed by now: hand it back first, to be reused right away.
+            leftover = memoryview(self._buf)[self._pos :]
+            previous, self._assembly = self._assembly, None
+            if previous is not None and leftover.obj is not previous:
+                self._pool.give(previous)
+                previous = None
+            asm = self._pool.take(n)
+            asm[: len(leftover)] = leftover
+            self._assembled = len(leftover)
+            leftover.release()
+            self._buf, self._pos = b"", 0
+            if previous is not None:
+                self._pool.give(previous)
+            self._assembly, self._gathering = asm, True
+        assert self._assembly is not None
+        asm, queue = self._assembly, self._queue
+        filled = self._assembled
+        while filled < n and queue:
+            chunk = queue[0]
+            take = min(len(chunk), n - filled)
+            asm[filled : filled + take] = memoryview(chunk)[:take]
+            filled += take
+            if take == len(chunk):
+                queue.popleft()
+            else:
+                queue[0] = memoryview(chunk)[take:]
+        self._assembled = filled
+        self._buf = memoryview(asm)[:filled]
+        self._gathering = filled < n
+        return not self._gathering
+
     def _view(self) -> Cursor:
         return Cursor(self._buf, self._pos)
 
-    def _open_large(self, iv: bytes, sealed: memoryview, aad: bytes, seq: int) -> bytearray:
-        """As :meth:`_open`, into a fresh ``bytearray``: ``decrypt`` would allocate and
-        zero its output holding the GIL (see ``MessageEncryptor._seal_large``). The
-        buffer is handed out only if the tag verified."""
+    def _open_large(self, iv: bytes, sealed: memoryview, aad: bytes, seq: int) -> mmap.mmap:
+        """As :meth:`_open`, into a pooled buffer (see
+        ``MessageEncryptor._seal_large``). It is handed out only if the tag verified."""
         assert self._aead is not None
-        plaintext = bytearray(len(sealed) - _TAG)
+        plaintext = self._pool.take(len(sealed) - _TAG)
         try:
-            self._aead.decrypt_into(iv, sealed, aad, plaintext)
+            self._aead.decrypt_into(iv, sealed, aad, memoryview(plaintext))
         except InvalidTag:
+            self._pool.give(plaintext)
             raise AuthenticationError(
                 f"frame {seq} failed authentication: the message was changed or corrupted "
                 "after it was written"
@@ -299,7 +352,7 @@ class MessageDecryptor:
                 "it was written"
             ) from None
 
-    def _read_frame(self) -> bytes | bytearray | None:
+    def _read_frame(self) -> Buffer | None:
         """One frame, verified. Lean on purpose: a 256 MiB stream has 4096 of them."""
         assert self._parsed is not None
         header = self._parsed.header
@@ -331,7 +384,7 @@ class MessageDecryptor:
             )
         if iv != frame_iv(seq):
             raise MalformedMessageError(f"frame {seq} has an IV that does not match it")
-        if not self._ensure(prefix + length + _TAG):
+        if not self._ensure(prefix + length + _TAG, gather=True):
             self._short(f"frame {seq}")
             return None
         buf, start = self._buf, self._pos
@@ -340,7 +393,7 @@ class MessageDecryptor:
         view = memoryview(buf)
         aad = body_aad(header.message_id, FINAL_FRAME_AAD if final else FRAME_AAD, seq, length)
         if length >= LARGE_FRAME:
-            plaintext: bytes | bytearray = self._open_large(iv, view[body:end], aad, seq)
+            plaintext: Buffer = self._open_large(iv, view[body:end], aad, seq)
         else:
             plaintext = self._open(iv, view[body:end], aad, seq)
         if self._verifier is not None:

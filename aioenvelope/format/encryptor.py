@@ -8,6 +8,7 @@ data key and the EDKs, which is also the seam that makes output reproducible in 
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Mapping, Sequence
 
@@ -22,6 +23,9 @@ from .body import (
     LARGE_FRAME,
     MAX_FRAMES,
     SEQUENCE_NUMBER_END,
+    Buffer,
+    FramePool,
+    anonymous_buffer,
     body_aad,
     frame_iv,
 )
@@ -99,15 +103,20 @@ class MessageEncryptor:
         if signer is not None:
             signer.update(self.header)
         self._pending = bytearray()
+        # Large frames gather their plaintext in one reused buffer instead (see
+        # _update_large): a growing bytearray reallocates and page-faults on every piece.
+        self._fill: mmap.mmap | None = None
+        self._filled = 0
         self._sequence = 1
         self._finalized = False
+        self._pool = FramePool()
 
     # -- streaming -----------------------------------------------------------------
 
     @property
     def pending_bytes(self) -> int:
         """Plaintext held back, waiting to become a frame (at most ``frame_length``)."""
-        return len(self._pending)
+        return self._filled if self._fill is not None else len(self._pending)
 
     def update(self, data: bytes | bytearray | memoryview) -> bytes:
         """Take plaintext; return the frames it completed (possibly b"")."""
@@ -117,10 +126,11 @@ class MessageEncryptor:
         """Return the final frame and, for signing suites, the footer."""
         return b"".join(self.finalize_frames())
 
-    def update_frames(self, data: bytes | bytearray | memoryview) -> list[bytes | bytearray]:
+    def update_frames(self, data: bytes | bytearray | memoryview) -> list[Buffer]:
         """Take plaintext; return each frame it completed, one ``bytes`` per frame (a
-        frame of 256 KiB or more as two: its prefix, then its sealed body as a
-        ``bytearray``, which saves allocating and copying the body under the GIL).
+        frame of 256 KiB or more as two: its prefix, then its sealed body in a pooled
+        buffer, which saves allocating and copying the body under the GIL; hand it to
+        :meth:`recycle` once copied out).
 
         The last ``frame_length`` bytes are always held back, because the final frame
         must carry the message's last 1..frame_length bytes. Whole frames are sealed
@@ -130,6 +140,8 @@ class MessageEncryptor:
             raise ConfigurationError("update() after finalize()")
         src = memoryview(data).cast("B")
         f = self._frame_length
+        if f >= LARGE_FRAME:
+            return self._update_large(src)
         pending = self._pending
         sources: list[bytes | bytearray | memoryview] = []
         if pending:
@@ -147,36 +159,60 @@ class MessageEncryptor:
         if not sources:
             return []
         self._check_frame_budget(self._sequence + len(sources))
-        frames: list[bytes | bytearray]
-        if f < LARGE_FRAME:
-            frames = list(self._seal_regular_frames(sources))
-        else:
-            frames = []
-            for chunk in sources:
-                frames += self._seal_regular_parts(chunk)
+        frames: list[Buffer] = list(self._seal_regular_frames(sources))
         if self._signer is not None:
             for frame in frames:
                 self._signer.update(frame)
         return frames
 
-    def finalize_frames(self) -> list[bytes | bytearray]:
+    def _update_large(self, src: memoryview) -> list[Buffer]:
+        """:meth:`update_frames` for large frames: whole frames are sealed straight from
+        ``src``; the rest is copied into one frame-sized buffer, reused for every frame
+        (its pages fault in once per stream, a piece at a time)."""
+        f = self._frame_length
+        frames: list[Buffer] = []
+        while len(src):
+            if self._filled == f:  # a full frame, and more follows: it is a regular one
+                assert self._fill is not None
+                frames += self._seal_large_frame(memoryview(self._fill))
+                self._filled = 0
+            if self._filled == 0 and len(src) > f:
+                frames += self._seal_large_frame(src[:f])
+                src = src[f:]
+                continue
+            if self._fill is None:
+                self._fill = anonymous_buffer(f)
+            take = min(f - self._filled, len(src))
+            self._fill[self._filled : self._filled + take] = src[:take]
+            self._filled += take
+            src = src[take:]
+        if self._signer is not None:
+            for frame in frames:
+                self._signer.update(frame)
+        return frames
+
+    def finalize_frames(self) -> list[Buffer]:
         """The final frame (in two parts from 256 KiB, as in :meth:`update_frames`) and,
         for signing suites, the footer, as separate ``bytes``."""
         if self._finalized:
             raise ConfigurationError("finalize() called twice")
         self._finalized = True
         self._check_frame_budget(self._sequence)
-        chunk, self._pending = self._pending, bytearray()
+        if self._fill is not None:
+            chunk: bytes | bytearray | memoryview = memoryview(self._fill)[: self._filled]
+        else:
+            chunk, self._pending = self._pending, bytearray()
         seq = self._sequence
         self._sequence = seq + 1
         iv = frame_iv(seq)
         aad = body_aad(self._message_id, FINAL_FRAME_AAD, seq, len(chunk))
         prefix = _FINAL_PREFIX.pack(SEQUENCE_NUMBER_END, seq, iv, len(chunk))
-        parts: list[bytes | bytearray]
+        parts: list[Buffer]
         if len(chunk) < LARGE_FRAME:
             parts = [prefix + self._aead.encrypt(iv, chunk, aad)]
         else:
             parts = [prefix, self._seal_large(iv, chunk, aad)]
+        self._fill, self._filled = None, 0
         if self._signer is None:
             return parts
         for part in parts:
@@ -234,7 +270,8 @@ class MessageEncryptor:
         self._sequence = seq
         return frames
 
-    def _seal_regular_parts(self, chunk: bytes | bytearray | memoryview) -> list[bytes | bytearray]:
+    def _seal_large_frame(self, chunk: memoryview) -> list[Buffer]:
+        self._check_frame_budget(self._sequence + 1)
         seq = self._sequence
         iv = frame_iv(seq)
         aad = body_aad(self._message_id, FRAME_AAD, seq, len(chunk))
@@ -243,14 +280,18 @@ class MessageEncryptor:
 
     def _seal_large(
         self, iv: bytes, chunk: bytes | bytearray | memoryview, aad: bytes
-    ) -> bytearray:
-        """A large body sealed into a fresh ``bytearray``. ``encrypt`` would allocate its
-        output (zeroing and page-faulting it) while holding the GIL: milliseconds per
-        MiB that stall the event loop even from a worker thread. A new bytearray's pages
-        are left to the kernel and first touched by the cipher, with the GIL released."""
-        body = bytearray(len(chunk) + _TAG)
-        self._aead.encrypt_into(iv, chunk, aad, body)
+    ) -> mmap.mmap:
+        """A large body sealed into a pooled buffer (see :func:`anonymous_buffer`):
+        ``encrypt`` would allocate its output, zeroing and page-faulting it while holding
+        the GIL. ``encrypt_into`` fills the buffer with the GIL released."""
+        body = self._pool.take(len(chunk) + _TAG)
+        self._aead.encrypt_into(iv, chunk, aad, memoryview(body))
         return body
+
+    def recycle(self, body: Buffer) -> None:
+        """Hand back a large frame's sealed buffer once its contents were copied
+        out: the next large frame is sealed into it (see :class:`FramePool`)."""
+        self._pool.give(body)
 
     def _seal_regular(self, out: memoryview, pos: int, chunk: memoryview) -> int:
         seq = self._sequence

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import mmap
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ..errors import AuthenticationError, MalformedMessageError
+from .body import Buffer
 from .suites import AlgorithmSuite
 
 __all__ = ["Signer", "Verifier"]
@@ -52,8 +54,8 @@ class Signer:
         point = self._key.public_key().public_bytes(Encoding.X962, PublicFormat.CompressedPoint)
         return base64.b64encode(point).decode("ascii")
 
-    def update(self, data: bytes | bytearray | memoryview) -> None:
-        self._hash.update(data)
+    def update(self, data: Buffer | memoryview) -> None:
+        self._hash.update(data if not isinstance(data, mmap.mmap) else memoryview(data))
 
     def finalize(self) -> bytes:
         digest = self._hash.finalize()
@@ -74,8 +76,8 @@ class Verifier:
             ) from None
         self._hash = hashes.Hash(self._hash_alg)
 
-    def update(self, data: bytes | bytearray | memoryview) -> None:
-        self._hash.update(data)
+    def update(self, data: Buffer | memoryview) -> None:
+        self._hash.update(data if not isinstance(data, mmap.mmap) else memoryview(data))
 
     def verify(self, signature: bytes) -> None:
         digest = self._hash.finalize()

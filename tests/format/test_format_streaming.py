@@ -241,3 +241,93 @@ def test_large_frames_come_as_prefix_and_body_and_still_equal_encrypt_all(
     final_length = size - ((size - 1) // frame_length if size else 0) * frame_length
     final_split = any(len(p) == FINAL_OVERHEAD - 16 for p in pieces)
     assert final_split == (final_length >= 256 << 10)
+
+
+LARGE = 256 << 10  # body.LARGE_FRAME: frames from here on use pooled buffers
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    frames=st.integers(0, 4),
+    tail=st.integers(0, 3),
+    cuts=st.lists(st.integers(0, 5 * LARGE), max_size=12),
+    signed=st.booleans(),
+)
+def test_recycled_large_frame_buffers_never_change_the_bytes(
+    frames: int, tail: int, cuts: list[int], signed: bool
+) -> None:
+    """Both machines reuse a large frame's buffer once it is handed back through
+    recycle(); a caller that copies each buffer out and recycles it at once gets
+    exactly encrypt_all's ciphertext and the original plaintext, for any chunking."""
+    f = LARGE + 7
+    twins = Twins(COMMIT_SIGN if signed else COMMIT, f)
+    data = os.urandom(frames * f + tail)
+    encryptor = twins.make()
+    written = [encryptor.header]
+    for piece in cut_at(data, cuts):
+        for part in encryptor.update_frames(piece):
+            written.append(bytes(part))
+            encryptor.recycle(part)
+    for part in encryptor.finalize_frames():
+        written.append(bytes(part))
+        encryptor.recycle(part)
+    message = b"".join(written)
+    reference = twins.make().encrypt_all(data)
+    end = body_end(twins.make().header, f, len(data))
+    assert message[:end] == reference[:end]  # signatures differ; all else is identical
+
+    decryptor = MessageDecryptor(max_encrypted_data_keys=10)
+    released = []
+    begun = False
+    for piece in cut_at(message, [c * 2 + 1 for c in cuts]):
+        decryptor.receive_data(piece)
+        if not begun:
+            if decryptor.read_header() is None:
+                continue
+            twins.begin(decryptor)
+            begun = True
+        while (item := decryptor.next_plaintext()) is not None:
+            assert item is not END_OF_MESSAGE
+            released.append(bytes(item))
+            decryptor.recycle(item)
+    decryptor.receive_eof()
+    while (item := decryptor.next_plaintext()) is not END_OF_MESSAGE:
+        assert item is not None
+        released.append(bytes(item))
+        decryptor.recycle(item)
+    assert b"".join(released) == data
+
+
+def test_a_recycled_large_frame_buffer_is_reused_for_the_next_frame() -> None:
+    """What keeps the event loop free with large frames: after recycle(), the next
+    frame is sealed/opened into the same buffer (no fresh allocation to zero and
+    page-fault while holding the GIL)."""
+    f = LARGE
+    twins = Twins(COMMIT, f)
+    data = os.urandom(3 * f + 1)
+    encryptor = twins.make()
+    first = encryptor.update_frames(data[: f + 1])  # frame 1 sealed, 1 byte held
+    body = first[1]
+    assert not isinstance(body, bytes)
+    copied = bytes(body)
+    encryptor.recycle(body)
+    second = encryptor.update_frames(data[f + 1 : 2 * f + 1])
+    assert second[1] is body
+    message = b"".join(
+        [encryptor.header, first[0], copied, second[0], bytes(second[1])]
+        + [bytes(p) for p in encryptor.update_frames(data[2 * f + 1 :])]
+        + [bytes(p) for p in encryptor.finalize_frames()]
+    )
+    assert message == twins.make().encrypt_all(data)
+
+    decryptor = MessageDecryptor(max_encrypted_data_keys=10)
+    decryptor.receive_data(message)
+    decryptor.receive_eof()
+    twins.begin(decryptor)
+    one = decryptor.next_plaintext()
+    assert one is not None and not isinstance(one, bytes) and one is not END_OF_MESSAGE
+    assert bytes(one) == data[:f]
+    decryptor.recycle(one)
+    two = decryptor.next_plaintext()
+    assert two is one
+    assert bytes(two) == data[f : 2 * f]

@@ -207,7 +207,8 @@ class _MultipartUpload:
         # Cut when the part's frames are all here and all regular.
         while self._cut <= end and self._cut <= self._next_frame:
             size = self._cut - self._pending_at
-            part = bytes(self._pending[:size])
+            with memoryview(self._pending) as view:
+                part = bytes(view[:size])  # one copy (a bytearray slice would be two)
             del self._pending[:size]
             self._pending_at = self._cut
             self._cut += self._frames_per_part * self._wire

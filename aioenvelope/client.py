@@ -17,7 +17,7 @@ from .errors import ConfigurationError
 from .format.decryptor import MessageDecryptor
 from .format.encryption_context import PUBLIC_KEY_FIELD
 from .format.encryptor import MessageEncryptor
-from .format.header import MAX_FRAME_LENGTH, MessageHeader, ParsedHeader
+from .format.header import MAX_FRAME_LENGTH, EncryptedDataKey, MessageHeader, ParsedHeader
 from .format.suites import AlgorithmSuite, CommitmentPolicy
 from .key_manager import KeyManager
 from .keyrings.base import Keyring
@@ -29,7 +29,7 @@ from .materials import (
     EncryptionPlan,
 )
 from .rate_limit import TokenBucket
-from .rewrap import ReencryptingStream, RewrappingStream, new_header
+from .rewrap import ReencryptingStream, RewrappingStream, new_header, wrap_again
 from .runtime import Runtime
 from .stats import ClientStats, StatsRecorder
 from .streams import (
@@ -461,13 +461,22 @@ class EnvelopeClient:
         check_source(source)
         _check_keyring(to_keyring, "to_keyring")
 
-        async def header(parsed: ParsedHeader) -> tuple[bytes, MessageHeader]:
+        async def rewrapped(
+            header: MessageHeader, plan: DecryptionPlan
+        ) -> tuple[EncryptedDataKey, ...]:
             target = await self._opened(to_keyring)
+            return await self._materials.rewrapped_keys(
+                header,
+                plan,
+                target,
+                lambda: wrap_again(plan, header, target, self.max_encrypted_data_keys),
+            )
+
+        async def header(parsed: ParsedHeader) -> tuple[bytes, MessageHeader]:
             return await new_header(
                 parsed,
                 lambda h: self._materials.decryption_plan(h, encryption_context),
-                target,
-                self.max_encrypted_data_keys,
+                rewrapped,
             )
 
         return RewrappingStream(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Hashable, Mapping, Set
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from cachetools import TTLCache
 from .coalesce import Coalescer
 from .config import CacheConfig
 from .format.encryption_context import serialize_encryption_context, validate_user_context
-from .format.header import MessageHeader
+from .format.header import EncryptedDataKey, MessageHeader
 from .format.suites import AlgorithmSuite
 from .keyrings.base import DecryptionMaterials, _evolve
 from .materials import (
@@ -131,9 +131,12 @@ class KeyManager:
         self._partition = partition.encode("utf-8")
         self._encrypt: _WipingTTLCache | None = None
         self._decrypt: _WipingTTLCache | None = None
+        # Rewrapped EDKs hold no secret (they are what goes into headers): a plain cache.
+        self._rewrap: TTLCache[Hashable, tuple[EncryptedDataKey, ...]] | None = None
         if cache is not None:
             if cache.reuse_data_keys:
                 self._encrypt = _WipingTTLCache(cache.encrypt_entries, cache.max_age, timer=clock)
+                self._rewrap = TTLCache(cache.encrypt_entries, cache.max_age, timer=clock)
             self._decrypt = _WipingTTLCache(cache.decrypt_entries, cache.decrypt_ttl, timer=clock)
 
     def choose_suite(self, requested: AlgorithmSuite | None) -> AlgorithmSuite:
@@ -143,6 +146,52 @@ class KeyManager:
         for cache in (self._encrypt, self._decrypt):
             if cache is not None:
                 cache.wipe_all()
+        if self._rewrap is not None:
+            self._rewrap.clear()
+
+    # -- rewrap ------------------------------------------------------------------------
+
+    async def rewrapped_keys(
+        self,
+        header: MessageHeader,
+        plan: DecryptionPlan,
+        target: object,
+        wrap: Callable[[], Awaitable[tuple[EncryptedDataKey, ...]]],
+    ) -> tuple[EncryptedDataKey, ...]:
+        """``wrap()``'s EDKs for the data key behind ``header``'s EDKs, shared.
+
+        Messages written with a reused data key carry identical EDKs, so they hold the
+        same data key: wrapping it once for ``target`` serves all of them (one KMS
+        Encrypt per data key, not per message, and rewrapped messages keep sharing EDKs,
+        so reading them stays one Decrypt per data key too). Bounded like data-key
+        reuse for encryption (``max_age``; none when ``reuse_data_keys`` is off).
+        """
+        cache = self._rewrap
+        if cache is None:
+            return await wrap()
+        materials = plan.materials
+        key = _digest(
+            self._partition,
+            b"rewrap",
+            id(target).to_bytes(8, "big"),  # the client keeps its target keyrings alive
+            header.algorithm_suite.suite_id.to_bytes(2, "big"),
+            *sorted(edk.serialize() for edk in header.encrypted_data_keys),
+            b"context",
+            serialize_encryption_context(materials.encryption_context),
+            b"required",
+            *sorted(k.encode("utf-8") for k in materials.required_encryption_context_keys),
+        )
+        found = cache.get(key)
+        if found is not None:
+            self._stats.rewrap_cache_hits += 1
+            return found
+
+        async def wrap_and_cache() -> tuple[EncryptedDataKey, ...]:
+            edks = await wrap()
+            cache[key] = edks
+            return edks
+
+        return await self._coalescer.run(("rewrap", key), wrap_and_cache)
 
     # -- encryption --------------------------------------------------------------------
 

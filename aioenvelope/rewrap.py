@@ -53,11 +53,10 @@ async def wrap_again(
 async def new_header(
     parsed: ParsedHeader,
     plan: Callable[[MessageHeader], Awaitable[DecryptionPlan]],
-    to_keyring: Keyring,
-    max_encrypted_data_keys: int,
+    rewrapped: Callable[[MessageHeader, DecryptionPlan], Awaitable[tuple[EncryptedDataKey, ...]]],
 ) -> tuple[bytes, MessageHeader]:
     """The rewrapped header for ``parsed`` (bytes and value): unwrap, check the old
-    header, wrap again, re-authenticate."""
+    header, wrap again (``rewrapped``), re-authenticate."""
     check_rewrappable(parsed)
     decryption = await plan(parsed.header)
     # Check the old header before the new keyring does any work (a KMS Encrypt, say):
@@ -65,7 +64,7 @@ async def new_header(
     aead, required = authenticated_message_key(
         parsed, decryption.data_key, decryption.required_context
     )
-    edks = await wrap_again(decryption, parsed.header, to_keyring, max_encrypted_data_keys)
+    edks = await rewrapped(parsed.header, decryption)
     return reauthenticated_header(parsed, aead, required, edks)
 
 

@@ -290,12 +290,15 @@ async def test_kms_rewrap_moves_a_message_from_key_a_to_key_b(
         assert client.stats.kms_calls["Encrypt"] == 1
         assert client.stats.kms_calls["Decrypt"] == 1
 
-        # A second rewrap of the same message: the data key comes from the cache.
+        # A second rewrap of the same message: the data key comes from the cache, and so
+        # does its wrapping under B (same data key, same context, same target).
         hits = client.stats.decrypt_cache_hits
         again = await client.rewrap(old, to_keyring=key_b)
         assert key_a.kms_calls["Decrypt"] == 1
-        assert key_b.kms_calls == {"DescribeKey": 1, "Encrypt": 2}
+        assert key_b.kms_calls == {"DescribeKey": 1, "Encrypt": 1}
         assert client.stats.decrypt_cache_hits == hits + 1
+        assert client.stats.rewrap_cache_hits == 1
+        assert again == new
 
     old_header, new_header = aioenvelope.inspect(old), aioenvelope.inspect(new)
     assert new_header.message_id == old_header.message_id
@@ -315,6 +318,62 @@ async def test_kms_rewrap_moves_a_message_from_key_a_to_key_b(
     assert await decrypt_with(kms(kms_key), old, CONTEXT) == PLAINTEXT
     with pytest.raises(errors.NoUsableKeyError):
         await decrypt_with(kms(kms_key_2), old, CONTEXT)
+
+
+async def test_rewrapping_messages_that_share_a_data_key_wraps_it_once(
+    kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
+) -> None:
+    """A table encrypted with a reused data key rotates with one Decrypt and one
+    Encrypt, even with rewraps running concurrently, and the rotated messages still
+    share EDKs, so reading them back is one Decrypt too."""
+    key_a, key_b = kms(kms_key), kms(kms_key_2)
+    async with EnvelopeClient(key_a, frame_length=64) as client:
+        rows = [await client.encrypt(b"row %d" % i, encryption_context=CONTEXT) for i in range(40)]
+        assert client.stats.kms_calls["GenerateDataKey"] == 1
+        results = await run_batch(rows, lambda m: client.rewrap(m, to_keyring=key_b), concurrency=8)
+        rotated = [r.value for r in results]
+        assert all(r.ok for r in results)
+        assert key_a.kms_calls.get("Decrypt", 0) == 1
+        assert key_b.kms_calls == {"DescribeKey": 1, "Encrypt": 1}
+        assert client.stats.rewrap_cache_hits + client.stats.coalesced_waits >= 39
+    assert len({aioenvelope.inspect(m).encrypted_data_keys for m in rotated}) == 1
+    reader = kms(kms_key_2)
+    async with EnvelopeClient(reader) as client_b:
+        for i, message in enumerate(rotated):
+            assert await client_b.decrypt(message, encryption_context=CONTEXT) == b"row %d" % i
+    assert reader.kms_calls.get("Decrypt", 0) == 1
+
+
+async def test_without_data_key_reuse_every_rewrap_wraps_afresh(
+    kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
+) -> None:
+    """``reuse_data_keys=False`` asks for a KMS call per message (a per-object audit
+    trail): rewraps honour it too."""
+    key_a, key_b = kms(kms_key), kms(kms_key_2)
+    config = aioenvelope.CacheConfig(reuse_data_keys=False)
+    async with EnvelopeClient(key_a, frame_length=64, cache=config) as client:
+        old = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+        for _ in range(3):
+            await client.rewrap(old, to_keyring=key_b)
+        assert key_b.kms_calls["Encrypt"] == 3
+        assert client.stats.rewrap_cache_hits == 0
+
+
+async def test_rewrapped_keys_are_not_shared_between_target_keyrings(
+    kms: Any, kms_key: KmsKey, kms_key_2: KmsKey, moto_kms: MotoKms
+) -> None:
+    """Two targets with the same key name but different key material: each wraps for
+    itself (the cache is keyed by the target keyring object, never its name)."""
+    target_1 = RawAesKeyring(NAMESPACE, "same-name", os.urandom(32))
+    target_2 = RawAesKeyring(NAMESPACE, "same-name", os.urandom(32))
+    async with EnvelopeClient(kms(kms_key), frame_length=64) as client:
+        old = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+        one = await client.rewrap(old, to_keyring=target_1)
+        two = await client.rewrap(old, to_keyring=target_2)
+    async with EnvelopeClient(target_2) as reader:
+        assert await reader.decrypt(two) == PLAINTEXT
+        with pytest.raises(errors.NoUsableKeyError):
+            await reader.decrypt(one)
 
 
 async def test_esdk_decrypts_a_kms_rewrapped_message_under_key_b_only(
@@ -1085,7 +1144,10 @@ async def test_to_keyring_is_opened_once_across_many_rewraps_and_closed_on_exit(
             await client.rewrap(message, to_keyring=target)
         await client.reencrypt_stream(messages[0], to_keyring=target).read_all()
         assert (target.attached, target.opened, target.closed) == (1, 1, 0)
-        assert target.wrapped == 2 * len(messages) + 1
+        # Each message has its own data key: wrapped once each; the second round reuses
+        # those wrappings; re-encryption makes a new data key.
+        assert target.wrapped == len(messages) + 1
+        assert client.stats.rewrap_cache_hits == len(messages)
     assert (target.attached, target.opened, target.closed) == (1, 1, 1)
     assert source.closed == 1
     for i, result in enumerate(results):
@@ -1113,7 +1175,7 @@ async def test_kms_to_keyring_client_is_opened_once_and_closed_when_the_client_e
         for message in messages:
             await client.rewrap(message, to_keyring=key_b)
         assert tracking.events == ["open"]
-        assert key_b.kms_calls == {"DescribeKey": 1, "Encrypt": 5}
+        assert key_b.kms_calls == {"DescribeKey": 1, "Encrypt": 1}  # one shared data key
     assert tracking.events == ["open", "close"]
     assert tracking.open_clients == 0
 

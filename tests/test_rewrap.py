@@ -331,8 +331,8 @@ async def test_rewrapping_messages_that_share_a_data_key_wraps_it_once(
         rows = [await client.encrypt(b"row %d" % i, encryption_context=CONTEXT) for i in range(40)]
         assert client.stats.kms_calls["GenerateDataKey"] == 1
         results = await run_batch(rows, lambda m: client.rewrap(m, to_keyring=key_b), concurrency=8)
-        rotated = [r.value for r in results]
-        assert all(r.ok for r in results)
+        rotated = [r.value for r in results if r.value is not None]
+        assert len(rotated) == len(rows)
         assert key_a.kms_calls.get("Decrypt", 0) == 1
         assert key_b.kms_calls == {"DescribeKey": 1, "Encrypt": 1}
         assert client.stats.rewrap_cache_hits + client.stats.coalesced_waits >= 39

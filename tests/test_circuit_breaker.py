@@ -28,6 +28,8 @@ from aioenvelope import (
     EnvelopeClient,
     KmsDiscoveryKeyring,
     KmsKeyring,
+    MultiKeyring,
+    RawAesKeyring,
     errors,
 )
 
@@ -567,6 +569,46 @@ async def test_open_region_is_skipped_for_a_message_also_wrapped_in_another_regi
         assert await client.decrypt(both, encryption_context=CONTEXT) == PLAINTEXT
         assert sent(proxy) == before + 1
         assert dict(client.stats.breaker_states) == {REGION: "open", OTHER_REGION: "closed"}
+
+
+async def test_multi_keyring_falls_back_to_a_raw_key_while_its_kms_child_is_refused(
+    moto_kms: MotoKms, kms_key: KmsKey, proxy: FaultProxy, clock: FakeClock
+) -> None:
+    """A raw key kept beside KMS as a break-glass path must work exactly when KMS does
+    not: with the KMS child's breaker open, the MultiKeyring goes on to the next child."""
+    backup = RawAesKeyring("break-glass", "backup-1", bytes(range(32)))
+    writer = MultiKeyring(
+        KmsKeyring(kms_key.arn, session=session(), endpoint_url=moto_kms.endpoint_url),
+        [backup],
+    )
+    async with EnvelopeClient(writer, cache=None) as write:
+        message = await write.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+    reader = MultiKeyring(via_proxy(proxy, kms_key.arn), [backup])
+    async with EnvelopeClient(reader, cache=None, clock=clock) as client:
+        proxy.fail_next(THRESHOLD, 500, operation="Decrypt")
+        for _ in range(THRESHOLD):  # KMS fails transiently; the raw child answers
+            assert await client.decrypt(message, encryption_context=CONTEXT) == PLAINTEXT
+        assert client.stats.breaker_states[REGION] == "open"
+        before = sent(proxy)
+        assert await client.decrypt(message, encryption_context=CONTEXT) == PLAINTEXT
+        assert sent(proxy) == before  # refused at once, no request
+
+
+async def test_multi_keyring_says_try_later_not_wrong_key_when_kms_could_not_be_asked(
+    moto_kms: MotoKms, kms_key: KmsKey, proxy: FaultProxy, clock: FakeClock
+) -> None:
+    """If the only child that could hold the key is unavailable, the answer is the
+    outage (CircuitOpenError, a 503), not NoUsableKeyError (which reads as a bad key)."""
+    message = await message_under(moto_kms, kms_key)
+    other = RawAesKeyring("elsewhere", "k", bytes(32))
+    reader = MultiKeyring(via_proxy(proxy, kms_key.arn), [other])
+    async with EnvelopeClient(reader, cache=None, clock=clock) as client:
+        proxy.fail_next(THRESHOLD, 500, operation="Decrypt")
+        for _ in range(THRESHOLD):
+            with pytest.raises(errors.KMSError) as info:
+                await client.decrypt(message, encryption_context=CONTEXT)
+            assert info.value.transient
+        await refused(client.decrypt(message, encryption_context=CONTEXT))
 
 
 # -- what the caller is told --------------------------------------------------------------

@@ -7,7 +7,13 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from .._concurrency import gather_in_order
-from ..errors import ConfigurationError, KeyringError, NoUsableKeyError
+from ..errors import (
+    CircuitOpenError,
+    ConfigurationError,
+    KeyringError,
+    KMSError,
+    NoUsableKeyError,
+)
 from ..format.header import EncryptedDataKey
 from .base import DecryptionMaterials, EncryptionMaterials, Keyring
 
@@ -74,14 +80,25 @@ class MultiKeyring(Keyring):
         if materials.plaintext_data_key is not None:
             return materials
         reasons: list[str] = []
+        unavailable: list[KMSError | CircuitOpenError] = []
         for keyring in self._all:
             try:
                 result = await keyring.on_decrypt(materials, encrypted_data_keys)
+            except CircuitOpenError as exc:  # KMS is down there: the next child may do
+                unavailable.append(exc)
+                reasons.append(str(exc))
+                continue
             except KeyringError as exc:
+                if isinstance(exc, KMSError) and exc.transient:
+                    unavailable.append(exc)
                 reasons.append(str(exc))
                 continue
             if result.plaintext_data_key is not None:
                 return result
+        if unavailable:
+            # A child that could not be asked might have held the key: "try again later"
+            # (a 503 in the web integrations), not "wrong key".
+            raise unavailable[0]
         raise NoUsableKeyError(
             "no keyring in the MultiKeyring could decrypt the message: " + "; ".join(reasons)
         )

@@ -1,0 +1,174 @@
+"""An aiohttp service that keeps JSON records in SQLite and files in S3, all encrypted
+under one AWS KMS key by one EnvelopeClient for the whole app.
+
+    pip install 'aioenvelope[examples]'
+    python examples/aiohttp_service.py     # embedded KMS and S3: no AWS account needed
+
+    curl -X PUT localhost:8000/records/r1 -H 'content-type: application/json' -d '{"pan": "4111"}'
+    curl localhost:8000/records/r1
+    curl -T big.iso localhost:8000/files/big.iso         # streamed up to S3, encrypted
+    curl localhost:8000/files/big.iso -o copy.iso        # streamed back, decrypted
+
+Files stream both ways at constant memory, however large. A record's ciphertext is
+bound to its row by the encryption context, so a blob copied to another row (or a
+file renamed in S3) fails to decrypt instead of answering for the wrong ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+from _example_env import Aws, aws_from, parse_args
+from aiohttp import web
+
+from aioenvelope.integrations.aiohttp import (
+    envelope_cleanup_ctx,
+    envelope_client,
+    envelope_error_middleware,
+    stream_response,
+)
+from aioenvelope.integrations.s3 import download_decrypted, upload_encrypted
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where sealed records and files go; opened by a cleanup context."""
+
+    db: aiosqlite.Connection
+    s3: Any  # an aioboto3 S3 client
+    bucket: str
+
+
+STORAGE = web.AppKey("storage", Storage)
+routes = web.RouteTableDef()
+
+
+def record_context(record_id: str) -> dict[str, str]:
+    return {"table": "records", "id": record_id}
+
+
+@routes.put("/records/{record_id}")
+async def put_record(request: web.Request) -> web.Response:
+    record_id, db = request.match_info["record_id"], request.app[STORAGE].db
+    try:
+        record = await request.json()  # read whole: capped at client_max_size (1 MiB)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        raise web.HTTPUnprocessableEntity(text="the body must be a JSON object")
+    sealed = await envelope_client(request).encrypt(
+        json.dumps(record).encode(), encryption_context=record_context(record_id)
+    )
+    await db.execute("REPLACE INTO records (id, sealed) VALUES (?, ?)", (record_id, sealed))
+    await db.commit()
+    return web.Response(status=204)
+
+
+@routes.get("/records/{record_id}")
+async def get_record(request: web.Request) -> web.Response:
+    record_id, db = request.match_info["record_id"], request.app[STORAGE].db
+    async with db.execute("SELECT sealed FROM records WHERE id = ?", (record_id,)) as rows:
+        row = await rows.fetchone()
+    if row is None:
+        raise web.HTTPNotFound(text=f"no record {record_id!r}")
+    plaintext = await envelope_client(request).decrypt(
+        row[0], encryption_context=record_context(record_id)
+    )
+    return web.Response(body=plaintext, content_type="application/json")
+
+
+@routes.put("/files/{name}")
+async def put_file(request: web.Request) -> web.Response:
+    name, storage = request.match_info["name"], request.app[STORAGE]
+    # request.content is read as the body arrives: a couple of 8 MiB parts in memory.
+    stored = await upload_encrypted(
+        envelope_client(request),
+        storage.s3,
+        request.content,
+        bucket=storage.bucket,
+        key=name,
+        encryption_context={"file": name},
+    )
+    return web.json_response(
+        {
+            "bucket": stored.bucket,
+            "key": stored.key,
+            "parts": stored.parts,
+            "size": stored.size,
+            "suite": stored.header.algorithm_suite.name,
+        }
+    )
+
+
+@routes.get("/files/{name}")
+async def get_file(request: web.Request) -> web.StreamResponse:
+    name, storage = request.match_info["name"], request.app[STORAGE]
+    plaintext = download_decrypted(
+        envelope_client(request),
+        storage.s3,
+        bucket=storage.bucket,
+        key=name,
+        encryption_context={"file": name},
+    )
+    try:
+        # Pulls the first chunk (the GET, the KMS call) before the 200 goes out, so a
+        # missing object is a 404 here and a KMS throttle a 429 from the middleware.
+        return await stream_response(request, plaintext)  # application/octet-stream
+    except storage.s3.exceptions.NoSuchKey:
+        raise web.HTTPNotFound(text=f"no file {name!r}") from None
+
+
+def storage_ctx(aws: Aws, db_path: str) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def storage(app: web.Application) -> AsyncIterator[None]:
+        async with aiosqlite.connect(db_path) as db, aws.s3() as s3:
+            await db.execute(
+                "CREATE TABLE IF NOT EXISTS records (id TEXT PRIMARY KEY, sealed BLOB NOT NULL)"
+            )
+            app[STORAGE] = Storage(db, s3, aws.bucket)
+            yield
+
+    return storage
+
+
+def create_app(aws: Aws, db_path: str) -> web.Application:
+    app = web.Application(middlewares=[envelope_error_middleware])  # 429/503 + Retry-After
+    # One client for the app: its data-key cache, rate limiter and circuit breaker are
+    # per client, so a client per request would call KMS per request. Cleanup contexts
+    # close in reverse: the storage before the client.
+    app.cleanup_ctx.append(envelope_cleanup_ctx(aws.envelope_client))
+    app.cleanup_ctx.append(storage_ctx(aws, db_path))
+    app.add_routes(routes)
+    return app
+
+
+async def until_signalled(*signals: signal.Signals) -> None:
+    """What ``web.run_app`` does, here so that the process can say when it is ready."""
+    stop = asyncio.Event()
+    for sig in signals:
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def main() -> None:
+    args = parse_args(__doc__.split("\n\n")[0])
+    async with aws_from(args) as aws:
+        runner = web.AppRunner(create_app(aws, args.db))
+        await runner.setup()  # runs the cleanup contexts' start-up: client, SQLite, S3
+        try:
+            await web.TCPSite(runner, args.host, args.port).start()
+            host, port = runner.addresses[0][:2]  # the real port for --port 0
+            print(f"listening on http://{host}:{port}", flush=True)
+            await until_signalled(signal.SIGINT, signal.SIGTERM)
+        finally:
+            await runner.cleanup()  # finishes requests in flight, then closes it all
+    print("stopped", flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,319 @@
+"""The example web services end to end, as a user runs them: each example is a real
+process on a loopback port, pointed at this session's moto (KMS and S3), and driven over
+HTTP with httpx.
+
+moto runs here, in the test process, so the objects it keeps in memory do not count
+against the service's memory, which one test measures from ``/proc/<pid>/status``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import queue
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+import aws_encryption_sdk
+import boto3
+import httpx
+import pytest
+from esdk_peer import esdk_decrypt
+from kms_server import REGION, KmsKey, MotoKms
+
+from aioenvelope import AlgorithmSuite
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+MIB = 1 << 20
+LISTENING = "listening on "
+START_TIMEOUT = 30.0  # imports and botocore's models, on a busy 2-core machine
+STOP_TIMEOUT = 20.0
+ON_LINUX = sys.platform.startswith("linux")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example service, and how it says it has shut down cleanly."""
+
+    script: str
+    clean_exit: dict[signal.Signals, int]
+    """Exit status per signal. uvicorn (since 0.29) re-raises the signal once it has
+    shut the app down, so SIGTERM ends the process by SIGTERM: that is its clean exit."""
+    shutdown_line: str
+    """Printed only once the app's resources are closed."""
+
+
+EXAMPLE_SERVICES = [
+    pytest.param(
+        Example(
+            "fastapi_service.py",
+            {signal.SIGTERM: -signal.SIGTERM, signal.SIGINT: 0},
+            "Application shutdown complete.",  # uvicorn's, after the lifespan exited
+        ),
+        id="fastapi",
+    ),
+    pytest.param(
+        Example("aiohttp_service.py", {signal.SIGTERM: 0, signal.SIGINT: 0}, "stopped"),
+        id="aiohttp",
+    ),
+]
+
+
+@dataclass
+class Service:
+    """A running example: its process, its URL, and everything it has printed."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    stderr_path: Path
+    stdout_lines: list[str] = field(default_factory=list)
+
+    def output(self) -> str:
+        return "".join(self.stdout_lines) + self.stderr_path.read_text()
+
+    def peak_rss(self) -> int:
+        """VmHWM: the most resident memory the process has had so far, in bytes."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def _pump(stream: TextIO, lines: list[str], seen: queue.Queue[str | None]) -> None:
+    """Drain the service's stdout (a full pipe would block it), line by line."""
+    for line in stream:
+        lines.append(line)
+        seen.put(line)
+    seen.put(None)
+
+
+@contextlib.contextmanager
+def running(
+    example: Example, moto: MotoKms, key: KmsKey, bucket: str, tmp: Path
+) -> Iterator[Service]:
+    """``example`` started on a free port (``--port 0``; it prints the real one), and
+    stopped with SIGTERM at the end unless the test stopped it."""
+    stderr_path = tmp / "stderr.txt"
+    with stderr_path.open("w") as stderr:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(EXAMPLES / example.script),
+                *("--host", "127.0.0.1", "--port", "0", "--db", str(tmp / "records.db")),
+                *("--bucket", bucket, "--kms-key-id", key.arn, "--endpoint-url", moto.endpoint_url),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=dict(os.environ),  # moto_kms's dummy credentials and region
+        )
+    service = Service(proc, url="", stderr_path=stderr_path)
+    seen: queue.Queue[str | None] = queue.Queue()
+    assert proc.stdout is not None
+    threading.Thread(
+        target=_pump, args=(proc.stdout, service.stdout_lines, seen), daemon=True
+    ).start()
+    deadline = time.monotonic() + START_TIMEOUT
+    try:
+        while not service.url:
+            try:
+                line = seen.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(
+                    f"{example.script} did not start in {START_TIMEOUT} s:\n{service.output()}"
+                )
+            if line is None:
+                pytest.fail(f"{example.script} exited ({proc.wait()}):\n{service.output()}")
+            if line.startswith(LISTENING):
+                service.url = line.removeprefix(LISTENING).strip()
+        yield service
+        if proc.poll() is None:  # every test ends as a deployment does: SIGTERM, clean exit
+            assert service.stop() == example.clean_exit[signal.SIGTERM], service.output()
+    finally:
+        service.stop()
+
+
+@pytest.fixture
+def s3_admin(moto_kms: MotoKms) -> Any:
+    return boto3.client("s3", region_name=REGION, endpoint_url=moto_kms.endpoint_url)
+
+
+@pytest.fixture(params=EXAMPLE_SERVICES)
+def example(request: pytest.FixtureRequest) -> Example:
+    assert isinstance(request.param, Example)
+    return request.param
+
+
+@pytest.fixture
+def bucket(s3_admin: Any) -> str:
+    name = f"examples-{uuid.uuid4().hex[:12]}"
+    s3_admin.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": REGION})
+    return name
+
+
+@pytest.fixture
+def service(
+    example: Example, moto_kms: MotoKms, kms_key: KmsKey, bucket: str, tmp_path: Path
+) -> Iterator[Service]:
+    with running(example, moto_kms, kms_key, bucket, tmp_path) as started:
+        yield started
+
+
+@pytest.fixture
+async def http(service: Service) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=service.url, timeout=60) as client:
+        yield client
+
+
+class Body:
+    """An upload body made on the fly, 1 MiB at a time, hashed as it is sent."""
+
+    def __init__(self, size_mib: int, seed: bytes = b"") -> None:
+        self.size_mib, self.seed = size_mib, seed
+        self.sha256 = hashlib.sha256()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for i in range(self.size_mib):
+            chunk = hashlib.sha256(self.seed + i.to_bytes(4, "big")).digest() * (MIB // 32)
+            self.sha256.update(chunk)
+            yield chunk
+
+
+async def download_sha256(http: httpx.AsyncClient, path: str) -> str:
+    digest = hashlib.sha256()
+    async with http.stream("GET", path) as response:
+        assert response.status_code == 200, await response.aread()
+        async for chunk in response.aiter_bytes():
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def assert_envelope_metadata(
+    s3_admin: Any, bucket: str, key: str, kms_key: KmsKey, suite: str
+) -> None:
+    """The object says how it was encrypted, without a download."""
+    meta = s3_admin.head_object(Bucket=bucket, Key=key)["Metadata"]
+    assert meta["aioenvelope-format"] == "aws-encryption-sdk"
+    assert meta["aioenvelope-suite"] == f"0x{AlgorithmSuite[suite].suite_id:04X}"
+    assert kms_key.arn in meta["aioenvelope-kms-key-arns"].split(",")
+
+
+# -- records in SQLite ---------------------------------------------------------------------
+
+
+async def test_records_round_trip_and_are_sealed_in_sqlite_bound_to_their_id(
+    service: Service, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    record = {"pan": "4111111111111111", "owner": {"name": "Zoë", "tags": [1, 2.5, None]}}
+    assert (await http.put("/records/r1", json=record)).status_code == 204
+    got = await http.get("/records/r1")
+    assert got.status_code == 200
+    assert got.headers["content-type"].startswith("application/json")
+    assert got.json() == record
+
+    with contextlib.closing(sqlite3.connect(tmp_path / "records.db")) as db:
+        (sealed,) = db.execute("SELECT sealed FROM records WHERE id = 'r1'").fetchone()
+        assert sealed[:1] == b"\x02"  # an ESDK message (version 2), not the record
+        assert b"4111111111111111" not in sealed
+        # The same ciphertext under another ID fails its encryption context check.
+        db.execute("INSERT INTO records (id, sealed) VALUES ('r2', ?)", (sealed,))
+        db.commit()
+    assert (await http.get("/records/r2")).status_code == 500
+
+
+async def test_missing_records_and_files_are_404(service: Service, http: httpx.AsyncClient) -> None:
+    assert (await http.get("/records/absent")).status_code == 404
+    assert (await http.get("/files/absent")).status_code == 404
+
+
+# -- files in S3 ---------------------------------------------------------------------------
+
+
+async def test_a_file_round_trips_through_s3_as_an_object_the_esdk_decrypts(
+    service: Service,
+    http: httpx.AsyncClient,
+    s3_admin: Any,
+    bucket: str,
+    kms_key: KmsKey,
+    moto_kms: MotoKms,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    body = Body(12, seed=b"esdk")  # over one 8 MiB part: a multipart upload
+    stored = await http.put("/files/report.bin", content=body)
+    assert stored.status_code == 200, stored.text
+    answer = stored.json()
+    assert answer["bucket"] == bucket
+    assert answer["key"] == "report.bin"
+    assert answer["parts"] == 2
+    assert answer["size"] > 12 * MIB
+    assert_envelope_metadata(s3_admin, bucket, "report.bin", kms_key, answer["suite"])
+    assert await download_sha256(http, "/files/report.bin") == body.sha256.hexdigest()
+
+    # Any ESDK reads the object after a plain download, with the key's ARN and KMS.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", moto_kms.endpoint_url)
+    blob = s3_admin.get_object(Bucket=bucket, Key="report.bin")["Body"].read()
+    assert len(blob) == answer["size"]
+    provider = aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[kms_key.arn])
+    plaintext, header = await anyio.to_thread.run_sync(esdk_decrypt, provider, blob)
+    assert hashlib.sha256(plaintext).hexdigest() == body.sha256.hexdigest()
+    assert header.user_context == {"file": "report.bin"}
+    assert header.suite_id == AlgorithmSuite[answer["suite"]].suite_id
+
+
+@pytest.mark.skipif(not ON_LINUX, reason="reads the service's peak RSS from /proc/<pid>/status")
+async def test_a_64_mib_file_streams_both_ways_at_constant_server_memory(
+    service: Service, http: httpx.AsyncClient, s3_admin: Any, bucket: str, kms_key: KmsKey
+) -> None:
+    warm_up = Body(1, seed=b"warm-up")
+    assert (await http.put("/files/warm-up", content=warm_up)).status_code == 200
+    assert await download_sha256(http, "/files/warm-up") == warm_up.sha256.hexdigest()
+    before = service.peak_rss()
+
+    body = Body(64)
+    stored = await http.put("/files/x", content=body)
+    assert stored.status_code == 200, stored.text
+    answer = stored.json()
+    assert (answer["bucket"], answer["key"]) == (bucket, "x")
+    assert answer["parts"] > 1
+    assert answer["size"] > 64 * MIB
+    assert_envelope_metadata(s3_admin, bucket, "x", kms_key, answer["suite"])
+    assert await download_sha256(http, "/files/x") == body.sha256.hexdigest()
+
+    growth = service.peak_rss() - before
+    print(f"{service.url}: VmHWM {before / MIB:.1f} MiB -> +{growth / MIB:.1f} MiB for 64 MiB")
+    assert growth < 32 * MIB, f"peak RSS grew by {growth / MIB:.1f} MiB for a 64 MiB body"
+
+
+# -- shutdown ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_signal_shuts_the_service_down_cleanly(
+    service: Service, http: httpx.AsyncClient, example: Example, sig: signal.Signals
+) -> None:
+    assert (await http.put("/records/r1", json={"a": 1})).status_code == 204
+    assert service.stop(sig) == example.clean_exit[sig], service.output()
+    output = service.output()
+    assert example.shutdown_line in output
+    assert "Traceback" not in output

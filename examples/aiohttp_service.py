@@ -106,7 +106,7 @@ async def put_file(request: web.Request) -> web.Response:
     )
 
 
-@routes.get("/files/{name}")
+@routes.get("/files/{name}", allow_head=False)  # a HEAD would fetch and decrypt it all
 async def get_file(request: web.Request) -> web.StreamResponse:
     name, storage = request.match_info["name"], request.app[STORAGE]
     plaintext = download_decrypted(

@@ -31,7 +31,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from .errors import ConfigurationError, SignedStreamRefusedError
-from .format.body import Buffer
+from .format.body import LARGE_FRAME, Buffer
 from .format.decryptor import EndOfMessage, MessageDecryptor
 from .format.encryptor import MessageEncryptor
 from .format.header import MessageHeader
@@ -399,14 +399,17 @@ class DecryptingStream(_Stream):
             )
             self.header = header
             frame_length = header.frame_length or STEP
-            # A regular frame's size on the wire; non-framed bodies count whole.
-            wire_frame = frame_length + 32 if header.frame_length else 1
+            # What a step can open: whole frames buffered (everything at the end of the
+            # input, where the final frame may be shorter). Large frames are opened piece
+            # by piece as they arrive, so there every buffered byte counts.
+            if not header.frame_length or header.frame_length >= LARGE_FRAME:
+                wire_frame = 1
+            else:
+                wire_frame = header.frame_length + 32
             pacer = _Pacer()
             ended = False
             while True:
                 buffered = decryptor.buffered_bytes
-                # The bytes this step can open: whole frames buffered (everything at the
-                # end of the input, where the final frame may be shorter).
                 cost = buffered if ended else buffered // wire_frame * wire_frame
                 parts, done = await pacer.run(cost, _drain, decryptor)
                 async with aclosing(_emitted(parts, frame_length, decryptor.recycle)) as chunks:

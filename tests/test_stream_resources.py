@@ -411,10 +411,12 @@ def test_256mib_stream_never_holds_the_event_loop_for_10ms(
 ) -> None:
     """A 1 ms ticker running beside a 256 MiB encrypt_stream or decrypt_stream must
     never wake more than 10 ms late. With 64 KiB frames each 1 MiB step is short enough
-    to run inline; with 8 MiB frames a step that seals or opens a whole frame takes
-    several milliseconds of AES-GCM, so it has to go to a worker thread: the script
-    counts those steps by wrapping ``anyio.to_thread.run_sync`` (the library's offload)
-    in the subprocess. Each run also records a control lag (see the module docstring).
+    to run inline. With 8 MiB frames, decryption opens a frame piece by piece as it
+    arrives (so every step stays about 1 MiB of AES-GCM, pinned by a sans-I/O test),
+    but sealing a frame is one AES-GCM call of several milliseconds, which has to go to
+    a worker thread: the script counts those steps by wrapping
+    ``anyio.to_thread.run_sync`` (the library's offload) in the subprocess. Each run
+    also records a control lag (see the module docstring).
     """
     params = {"mode": "lag", "direction": direction, "frame_length": frame_length}
     attempts: list[dict[str, Any]] = []
@@ -432,10 +434,10 @@ def test_256mib_stream_never_holds_the_event_loop_for_10ms(
     record_property("loop_lag", attempts)
     best = min(attempts, key=lambda r: float(r["worst_lag_ms"]))
     assert best["worst_lag_ms"] < LAG_BUDGET_MS, attempts
-    if frame_length > STEP:
-        # A fast machine can open an 8 MiB frame inline in under 10 ms and pass the lag
+    if frame_length > STEP and direction == "encrypt":
+        # A fast machine can seal an 8 MiB frame inline in under 10 ms and pass the lag
         # check by luck; the library's own rule (a step over its 2 ms budget leaves the
-        # loop) means at least one worker-thread step per frame that was sealed/opened.
+        # loop) means at least one worker-thread step per frame that was sealed.
         assert best["worker_thread_steps"] >= 256 * MIB // frame_length, attempts
 
 

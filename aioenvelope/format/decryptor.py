@@ -17,12 +17,19 @@ Every error is one of :mod:`aioenvelope.errors`; nothing here blocks or awaits.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import mmap
 import struct
 from collections.abc import Mapping
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import (
+    AEADDecryptionContext,
+    Cipher,
+    algorithms,
+    modes,
+)
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import (
@@ -46,7 +53,7 @@ from .body import (
     frame_iv,
 )
 from .header import ContentType, ParsedHeader, parse_header
-from .header_auth import authenticated_message_key
+from .header_auth import authenticated_key
 from .signing import Verifier
 
 __all__ = ["END_OF_MESSAGE", "EndOfMessage", "MessageDecryptor"]
@@ -76,6 +83,18 @@ class EndOfMessage:
 END_OF_MESSAGE = EndOfMessage()
 
 
+@dataclasses.dataclass(slots=True)
+class _Opening:
+    """A large frame being opened piece by piece: its AES-GCM context and plaintext."""
+
+    seq: int
+    final: bool
+    length: int
+    context: AEADDecryptionContext
+    plaintext: mmap.mmap
+    done: int = 0
+
+
 class MessageDecryptor:
     """Reads one message. Not reusable: make one per message."""
 
@@ -93,12 +112,11 @@ class MessageDecryptor:
         self._verifier: Verifier | None = None
         self._sequence = 1
         self._held: Buffer | None = None  # final plaintext waiting for the signature
-        self._pool = FramePool(keep=4)
-        # A large frame that straddles chunks is gathered into one pooled buffer as its
-        # pieces arrive (see _assemble); _buf is then a view of what has arrived so far.
-        self._assembly: mmap.mmap | None = None
-        self._assembled = 0
-        self._gathering = False
+        self._pool = FramePool()
+        self._key = b""  # the derived message key, for opening large frames piece by piece
+        # A large frame that straddles chunks is opened piece by piece as they arrive
+        # (see _continue_opening), never joined: no step does more than its piece's AES.
+        self._opening: _Opening | None = None
 
     # -- input -----------------------------------------------------------------------
 
@@ -174,7 +192,7 @@ class MessageDecryptor:
         suite = header.algorithm_suite
         if suite.signing != (verifier is not None):
             raise ConfigurationError("a verifier must be given exactly for signing suites")
-        aead, _ = authenticated_message_key(parsed, data_key, required_encryption_context)
+        self._key, aead, _ = authenticated_key(parsed, data_key, required_encryption_context)
         if verifier is not None:
             verifier.update(parsed.body_bytes)
             verifier.update(parsed.auth_iv if header.version == 1 else b"")
@@ -186,8 +204,8 @@ class MessageDecryptor:
 
     def next_plaintext(self) -> Buffer | EndOfMessage | None:
         """Verified plaintext of the next frame (for frames of 256 KiB or more, a pooled
-        buffer that may go back through :meth:`recycle` once copied out); ``None`` while more input is needed;
-        :data:`END_OF_MESSAGE` once the message is complete.
+        buffer that may go back through :meth:`recycle` once copied out); ``None``
+        while more input is needed; :data:`END_OF_MESSAGE` once the message is complete.
 
         The last frame's plaintext is held until the signature verified (signing suites)
         and the input ended with no bytes after the message, so a forged, truncated or
@@ -251,21 +269,17 @@ class MessageDecryptor:
                 "ciphertext was stored and read back"
             )
 
-    def _ensure(self, n: int, *, gather: bool = False) -> bool:
+    def _ensure(self, n: int) -> bool:
         """Make ``n`` bytes available from ``_pos`` if enough were received.
 
         Nothing is copied until all ``n`` bytes are here; then a leftover shorter than
         ``n`` is joined once with just the bytes it lacks. So each byte is copied at most
-        once, and only frames that straddle chunks are copied at all. With ``gather``
-        (a large frame's body), the pieces are instead copied into a reused buffer as
-        they arrive, one piece per step, so no step copies (and page-faults) a whole
-        large frame while holding the GIL. Callers re-read ``_buf`` and ``_pos``.
+        once, and only small frames that straddle chunks are copied at all (large ones
+        are opened piece by piece instead). Callers re-read ``_buf`` and ``_pos``.
         """
         available = len(self._buf) - self._pos
         if available >= n:
             return True
-        if gather and n >= LARGE_FRAME:
-            return self._assemble(n)
         queue = self._queue
         if available + sum(len(chunk) for chunk in queue) < n:
             return False
@@ -287,41 +301,66 @@ class MessageDecryptor:
         self._buf, self._pos = b"".join(parts), 0
         return True
 
-    def _assemble(self, n: int) -> bool:
-        """Gather the ``n`` bytes from ``_pos`` into the assembly buffer: start it if
-        needed, copy whatever the queue holds, and expose the result as ``_buf``."""
-        if not self._gathering:
-            # A new frame. The previous assembly buffer held exactly the frame before,
-            # so it is consumed by now: hand it back first, to be reused right away.
-            leftover = memoryview(self._buf)[self._pos :]
-            previous, self._assembly = self._assembly, None
-            if previous is not None and leftover.obj is not previous:
-                self._pool.give(previous)
-                previous = None
-            asm = self._pool.take(n)
-            asm[: len(leftover)] = leftover
-            self._assembled = len(leftover)
-            leftover.release()
-            self._buf, self._pos = b"", 0
-            if previous is not None:
-                self._pool.give(previous)
-            self._assembly, self._gathering = asm, True
-        assert self._assembly is not None
-        asm, queue = self._assembly, self._queue
-        filled = self._assembled
-        while filled < n and queue:
-            chunk = queue[0]
-            take = min(len(chunk), n - filled)
-            asm[filled : filled + take] = memoryview(chunk)[:take]
-            filled += take
-            if take == len(chunk):
-                queue.popleft()
-            else:
-                queue[0] = memoryview(chunk)[take:]
-        self._assembled = filled
-        self._buf = memoryview(asm)[:filled]
-        self._gathering = filled < n
-        return not self._gathering
+    def _take_received(self, limit: int) -> memoryview | None:
+        """Up to ``limit`` received bytes, in place (no copy), consumed; None if none."""
+        if self._pos == len(self._buf):
+            if not self._queue:
+                return None
+            self._buf, self._pos = self._queue.popleft(), 0
+        piece = memoryview(self._buf)[self._pos : self._pos + limit]
+        self._pos += len(piece)
+        return piece
+
+    def _start_opening(self, seq: int, final: bool, iv: bytes, length: int, prefix: int) -> None:
+        """Consume a large frame's prefix and set up its piece-by-piece opening."""
+        assert self._parsed is not None
+        if self._verifier is not None:
+            self._verifier.update(memoryview(self._buf)[self._pos : self._pos + prefix])
+        self._pos += prefix
+        context = Cipher(algorithms.AES(self._key), modes.GCM(iv)).decryptor()
+        content = FINAL_FRAME_AAD if final else FRAME_AAD
+        context.authenticate_additional_data(
+            body_aad(self._parsed.header.message_id, content, seq, length)
+        )
+        self._opening = _Opening(seq, final, length, context, self._pool.take(length))
+
+    def _continue_opening(self) -> Buffer | None:
+        """Open what has arrived of the frame in progress; its plaintext once the tag
+        verified, None while more is needed (nothing of it is handed out before)."""
+        opening = self._opening
+        assert opening is not None
+        verifier = self._verifier
+        out = memoryview(opening.plaintext)
+        while opening.done < opening.length:
+            piece = self._take_received(opening.length - opening.done)
+            if piece is None:
+                self._short(f"frame {opening.seq}")
+                return None
+            end = opening.done + len(piece)
+            opening.context.update_into(piece, out[opening.done : end])
+            if verifier is not None:
+                verifier.update(piece)
+            opening.done = end
+        if not self._ensure(_TAG):
+            self._short(f"frame {opening.seq}")
+            return None
+        tag = bytes(self._buf[self._pos : self._pos + _TAG])
+        self._pos += _TAG
+        if verifier is not None:
+            verifier.update(tag)
+        self._opening = None
+        try:
+            opening.context.finalize_with_tag(tag)
+        except InvalidTag:
+            self._pool.give(opening.plaintext)
+            raise AuthenticationError(
+                f"frame {opening.seq} failed authentication: the message was changed or "
+                "corrupted after it was written"
+            ) from None
+        self._sequence = opening.seq + 1
+        if opening.final:
+            self._state = self._after_body()
+        return opening.plaintext
 
     def _view(self) -> Cursor:
         return Cursor(self._buf, self._pos)
@@ -355,6 +394,8 @@ class MessageDecryptor:
     def _read_frame(self) -> Buffer | None:
         """One frame, verified. Lean on purpose: a 256 MiB stream has 4096 of them."""
         assert self._parsed is not None
+        if self._opening is not None:
+            return self._continue_opening()
         header = self._parsed.header
         seq = self._sequence
         if not self._ensure(4):
@@ -384,7 +425,11 @@ class MessageDecryptor:
             )
         if iv != frame_iv(seq):
             raise MalformedMessageError(f"frame {seq} has an IV that does not match it")
-        if not self._ensure(prefix + length + _TAG, gather=True):
+        if length >= LARGE_FRAME and len(self._buf) - self._pos < prefix + length + _TAG:
+            # Large and not all here in one piece: open it as it arrives, never joined.
+            self._start_opening(seq, final, iv, length, prefix)
+            return self._continue_opening()
+        if not self._ensure(prefix + length + _TAG):
             self._short(f"frame {seq}")
             return None
         buf, start = self._buf, self._pos

@@ -12,7 +12,7 @@ from .derivation import check_commitment, derive_keys
 from .encryption_context import serialize_encryption_context
 from .header import ParsedHeader
 
-__all__ = ["authenticated_message_key"]
+__all__ = ["authenticated_key", "authenticated_message_key"]
 
 
 def authenticated_message_key(
@@ -26,6 +26,17 @@ def authenticated_message_key(
     ``required_encryption_context`` holds the pairs that were authenticated but not
     stored in the header; they are appended to the header-auth AAD.
     """
+    _, aead, required = authenticated_key(parsed, data_key, required_encryption_context)
+    return aead, required
+
+
+def authenticated_key(
+    parsed: ParsedHeader,
+    data_key: bytes | bytearray,
+    required_encryption_context: Mapping[str, str] | None,
+) -> tuple[bytes, AESGCM, bytes]:
+    """As :func:`authenticated_message_key`, with the derived key's bytes first (for a
+    reader that opens large frames piece by piece with a ``Cipher`` context)."""
     header = parsed.header
     suite = header.algorithm_suite
     key, commitment = derive_keys(suite, bytes(data_key), header.message_id)
@@ -40,4 +51,4 @@ def authenticated_message_key(
             "header authentication failed: the header was changed, or the encryption "
             "context or data key is not the one it was written with"
         ) from None
-    return aead, required
+    return key, aead, required

@@ -13,8 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from messages import build_encryptor
 
-from aioenvelope.errors import ConfigurationError
+from aioenvelope.errors import AuthenticationError, ConfigurationError
 from aioenvelope.format import END_OF_MESSAGE, AlgorithmSuite, MessageDecryptor, MessageEncryptor
+from aioenvelope.format.body import Buffer
+from aioenvelope.format.decryptor import EndOfMessage
 from aioenvelope.format.encryption_context import PUBLIC_KEY_FIELD
 from aioenvelope.format.signing import Signer, Verifier
 
@@ -68,10 +70,8 @@ def cut_at(data: bytes, cuts: Sequence[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-def streamed_frames(
-    encryptor: MessageEncryptor, pieces: Sequence[bytes]
-) -> list[bytes | bytearray]:
-    out: list[bytes | bytearray] = [encryptor.header]
+def streamed_frames(encryptor: MessageEncryptor, pieces: Sequence[bytes]) -> list[Buffer]:
+    out: list[Buffer] = [encryptor.header]
     for piece in pieces:
         out.extend(encryptor.update_frames(piece))
         assert encryptor.pending_bytes <= encryptor.header_value.frame_length
@@ -129,7 +129,7 @@ def test_update_frames_returns_whole_regular_frames_and_holds_the_last(
     """Each item is one regular frame; the last 1..F bytes wait for finalize."""
     f = 16
     encryptor = Twins(COMMIT, f).make()
-    regular: list[bytes | bytearray] = []
+    regular: list[Buffer] = []
     seen = 0
     for piece in cut_at(data, cuts):
         regular.extend(encryptor.update_frames(piece))
@@ -287,11 +287,11 @@ def test_recycled_large_frame_buffers_never_change_the_bytes(
             twins.begin(decryptor)
             begun = True
         while (item := decryptor.next_plaintext()) is not None:
-            assert item is not END_OF_MESSAGE
+            assert not isinstance(item, EndOfMessage)
             released.append(bytes(item))
             decryptor.recycle(item)
     decryptor.receive_eof()
-    while (item := decryptor.next_plaintext()) is not END_OF_MESSAGE:
+    while not isinstance(item := decryptor.next_plaintext(), EndOfMessage):
         assert item is not None
         released.append(bytes(item))
         decryptor.recycle(item)
@@ -325,9 +325,56 @@ def test_a_recycled_large_frame_buffer_is_reused_for_the_next_frame() -> None:
     decryptor.receive_eof()
     twins.begin(decryptor)
     one = decryptor.next_plaintext()
-    assert one is not None and not isinstance(one, bytes) and one is not END_OF_MESSAGE
+    assert one is not None
+    assert not isinstance(one, (bytes, EndOfMessage))
     assert bytes(one) == data[:f]
     decryptor.recycle(one)
     two = decryptor.next_plaintext()
     assert two is one
     assert bytes(two) == data[f : 2 * f]
+
+
+def test_a_large_frame_arriving_in_pieces_is_opened_as_they_come_and_released_whole() -> None:
+    """What keeps decryption's steps small whatever the frame length: each piece of a
+    large frame is decrypted as it arrives (nothing stays buffered), yet no plaintext
+    comes out until the frame's tag has verified."""
+    f = 4 * LARGE
+    twins = Twins(COMMIT, f)
+    data = os.urandom(2 * f + 5)
+    message = twins.make().encrypt_all(data)
+    decryptor = MessageDecryptor(max_encrypted_data_keys=10)
+    header_length = len(twins.make().header)
+    decryptor.receive_data(message[:header_length])
+    twins.begin(decryptor)
+    released: list[bytes] = []
+    piece = 100_000
+    for start in range(header_length, len(message), piece):
+        decryptor.receive_data(message[start : start + piece])
+        while (item := decryptor.next_plaintext()) is not None:
+            assert not isinstance(item, EndOfMessage)
+            released.append(bytes(item))
+            decryptor.recycle(item)
+        assert decryptor.buffered_bytes < 32  # at most a frame prefix or tag waits
+        opened = start + piece - header_length  # ciphertext bytes received so far
+        assert sum(map(len, released)) <= opened // (f + 32) * f  # only whole frames
+    decryptor.receive_eof()
+    released.append(decryptor.read_all())
+    assert b"".join(released) == data
+
+
+def test_a_tampered_piece_of_a_large_frame_releases_nothing_of_it() -> None:
+    f = 2 * LARGE
+    twins = Twins(COMMIT, f)
+    data = os.urandom(f + 1)
+    message = bytearray(twins.make().encrypt_all(data))
+    header_length = len(twins.make().header)
+    message[header_length + 16 + f // 2] ^= 1  # inside frame 1's body
+    decryptor = MessageDecryptor(max_encrypted_data_keys=10)
+    decryptor.receive_data(bytes(message[:header_length]))
+    twins.begin(decryptor)
+    for start in range(header_length, header_length + f, 65_536):
+        decryptor.receive_data(bytes(message[start : start + 65_536]))
+        assert decryptor.next_plaintext() is None
+    decryptor.receive_data(bytes(message[header_length + f :]))
+    with pytest.raises(AuthenticationError, match="frame 1"):
+        decryptor.next_plaintext()

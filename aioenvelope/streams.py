@@ -81,9 +81,12 @@ class _Pacer:
     round trip costs 0.2-0.3 ms of wake-up latency, about what sealing a whole 1 MiB
     step costs; prototypes that sealed every step in threads (one or two in flight)
     ran at 0.4-0.7x raw one-thread AES-GCM, against 0.7-0.85x inline (bench/stream.py
-    measures the latter). Why not always inline: a large frame, or a slow
-    machine, would then hold the event loop for tens of milliseconds. The throughput
-    estimate is learned from inline steps, so a slow machine moves its work to threads.
+    measures the latter). A thread step also leaves the loop idle while it waits, and
+    on those VMs an idle vCPU can take milliseconds to be woken, which is why large
+    frames are sealed and opened a piece per step rather than whole in a thread. Why
+    not always inline: a slow machine would then hold the event loop for tens of
+    milliseconds. The throughput estimate is learned from inline steps, so a slow
+    machine moves its work to threads.
     """
 
     def __init__(self, budget: float = 0.002, rate: float = 1e9) -> None:
@@ -311,9 +314,12 @@ class EncryptingStream(_Stream):
                         f"the stream is longer than plaintext_length={self._limit}; pass "
                         "the true length or None"
                     )
-                # The bytes this step seals: the whole frames it completes (a step that
-                # only buffers part of a large frame costs a copy and nothing else).
-                sealed = (encryptor.pending_bytes + size - 1) // frame_length * frame_length
+                # The bytes this step seals: the whole frames it completes; large frames
+                # are sealed piece by piece as they fill, so there the piece itself.
+                if frame_length >= LARGE_FRAME:
+                    sealed = size
+                else:
+                    sealed = (encryptor.pending_bytes + size - 1) // frame_length * frame_length
                 frames = await pacer.run(sealed, encryptor.update_frames, piece)
                 async with aclosing(_emitted(frames, frame_length, encryptor.recycle)) as chunks:
                     async for chunk in chunks:

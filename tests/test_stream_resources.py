@@ -32,8 +32,6 @@ from typing import Any
 
 import pytest
 
-from aioenvelope.streams import STEP  # the most plaintext a stream hands the engine per step
-
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc/self/status and clear_refs"
 )
@@ -410,13 +408,13 @@ def test_256mib_stream_never_holds_the_event_loop_for_10ms(
     direction: str, frame_length: int, record_property: Any
 ) -> None:
     """A 1 ms ticker running beside a 256 MiB encrypt_stream or decrypt_stream must
-    never wake more than 10 ms late. With 64 KiB frames each 1 MiB step is short enough
-    to run inline. With 8 MiB frames, decryption opens a frame piece by piece as it
-    arrives (so every step stays about 1 MiB of AES-GCM, pinned by a sans-I/O test),
-    but sealing a frame is one AES-GCM call of several milliseconds, which has to go to
-    a worker thread: the script counts those steps by wrapping
-    ``anyio.to_thread.run_sync`` (the library's offload) in the subprocess. Each run
-    also records a control lag (see the module docstring).
+    never wake more than 10 ms late, whatever the frame length. With 64 KiB frames each
+    1 MiB step seals or opens whole frames; with 8 MiB frames a frame is sealed as it
+    fills and opened as it arrives, a piece at a time (pinned by sans-I/O tests), so
+    every step stays about 1 MiB of AES-GCM either way. Steps the library moves to a
+    worker thread (``anyio.to_thread.run_sync``, wrapped in the subprocess to count
+    them) are recorded, not required. Each run also records a control lag (see the
+    module docstring).
     """
     params = {"mode": "lag", "direction": direction, "frame_length": frame_length}
     attempts: list[dict[str, Any]] = []
@@ -434,11 +432,6 @@ def test_256mib_stream_never_holds_the_event_loop_for_10ms(
     record_property("loop_lag", attempts)
     best = min(attempts, key=lambda r: float(r["worst_lag_ms"]))
     assert best["worst_lag_ms"] < LAG_BUDGET_MS, attempts
-    if frame_length > STEP and direction == "encrypt":
-        # A fast machine can seal an 8 MiB frame inline in under 10 ms and pass the lag
-        # check by luck; the library's own rule (a step over its 2 ms budget leaves the
-        # loop) means at least one worker-thread step per frame that was sealed.
-        assert best["worker_thread_steps"] >= 256 * MIB // frame_length, attempts
 
 
 # ---------------------------------------------------------------------------------------

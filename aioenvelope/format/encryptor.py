@@ -12,6 +12,12 @@ import mmap
 import struct
 from collections.abc import Mapping, Sequence
 
+from cryptography.hazmat.primitives.ciphers import (
+    AEADEncryptionContext,
+    Cipher,
+    algorithms,
+    modes,
+)
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import ConfigurationError
@@ -93,6 +99,7 @@ class MessageEncryptor:
             suite_data=commitment,
         )
         self._aead = AESGCM(key)
+        self._key = key  # for sealing large frames piece by piece (see _update_large)
         body = serialize_header_body(self.header_value, serialized_encryption_context)
         required = serialize_encryption_context(required_encryption_context or {})
         tag = self._aead.encrypt(b"\x00" * 12, b"", body + required)
@@ -107,6 +114,10 @@ class MessageEncryptor:
         # _update_large): a growing bytearray reallocates and page-faults on every piece.
         self._fill: mmap.mmap | None = None
         self._filled = 0
+        # The frame being filled, sealed as it fills on the guess that it is a regular
+        # frame (its AAD must come first); a guess that EOF proves wrong is redone.
+        self._guess: AEADEncryptionContext | None = None
+        self._guess_out: mmap.mmap | None = None
         self._sequence = 1
         self._finalized = False
         self._pool = FramePool()
@@ -167,14 +178,16 @@ class MessageEncryptor:
 
     def _update_large(self, src: memoryview) -> list[Buffer]:
         """:meth:`update_frames` for large frames: whole frames are sealed straight from
-        ``src``; the rest is copied into one frame-sized buffer, reused for every frame
-        (its pages fault in once per stream, a piece at a time)."""
+        ``src``; the rest is copied into one frame-sized buffer, reused for every frame,
+        and sealed as it arrives, so each call does AES over about what it was given
+        (no call seals a whole large frame it only completed). A full frame is known to
+        be regular only when more data follows; if the message ends instead, it is the
+        final frame, whose AAD differs, and :meth:`finalize_frames` seals it again."""
         f = self._frame_length
         frames: list[Buffer] = []
         while len(src):
             if self._filled == f:  # a full frame, and more follows: it is a regular one
-                assert self._fill is not None
-                frames += self._seal_large_frame(memoryview(self._fill))
+                frames += self._finish_guess()
                 self._filled = 0
             if self._filled == 0 and len(src) > f:
                 frames += self._seal_large_frame(src[:f])
@@ -183,13 +196,44 @@ class MessageEncryptor:
             if self._fill is None:
                 self._fill = anonymous_buffer(f)
             take = min(f - self._filled, len(src))
-            self._fill[self._filled : self._filled + take] = src[:take]
+            piece, src = src[:take], src[take:]
+            self._fill[self._filled : self._filled + take] = piece
+            self._guess_piece(piece)
             self._filled += take
-            src = src[take:]
         if self._signer is not None:
             for frame in frames:
                 self._signer.update(frame)
         return frames
+
+    def _guess_piece(self, piece: memoryview) -> None:
+        """Seal ``piece`` as the next bytes of the current frame, guessed regular."""
+        if self._guess is None:
+            seq = self._sequence
+            context = Cipher(algorithms.AES(self._key), modes.GCM(frame_iv(seq))).encryptor()
+            context.authenticate_additional_data(
+                body_aad(self._message_id, FRAME_AAD, seq, self._frame_length)
+            )
+            # Body and tag in one buffer, as _seal_large makes them: the two kinds of
+            # frame then share the pool.
+            self._guess = context
+            self._guess_out = self._pool.take(self._frame_length + _TAG)
+        assert self._guess_out is not None
+        end = self._filled + len(piece)
+        self._guess.update_into(piece, memoryview(self._guess_out)[self._filled : end])
+
+    def _finish_guess(self) -> list[Buffer]:
+        """The full frame sealed by guessing, now known to be regular: prefix, then
+        body and tag in one buffer."""
+        assert self._guess is not None
+        assert self._guess_out is not None
+        self._check_frame_budget(self._sequence + 1)
+        self._guess.finalize()
+        body = self._guess_out
+        body[self._frame_length :] = self._guess.tag
+        seq = self._sequence
+        self._sequence = seq + 1
+        self._guess, self._guess_out = None, None
+        return [_REGULAR_PREFIX.pack(seq, frame_iv(seq)), body]
 
     def finalize_frames(self) -> list[Buffer]:
         """The final frame (in two parts from 256 KiB, as in :meth:`update_frames`) and,
@@ -198,6 +242,9 @@ class MessageEncryptor:
             raise ConfigurationError("finalize() called twice")
         self._finalized = True
         self._check_frame_budget(self._sequence)
+        if self._guess_out is not None:  # the last frame was guessed regular: it is final
+            self._pool.give(self._guess_out)
+            self._guess, self._guess_out = None, None
         if self._fill is not None:
             chunk: bytes | bytearray | memoryview = memoryview(self._fill)[: self._filled]
         else:

@@ -304,21 +304,22 @@ def test_a_recycled_large_frame_buffer_is_reused_for_the_next_frame() -> None:
     page-fault while holding the GIL)."""
     f = LARGE
     twins = Twins(COMMIT, f)
-    data = os.urandom(3 * f + 1)
+    data = os.urandom(7 * f + 1)
     encryptor = twins.make()
-    first = encryptor.update_frames(data[: f + 1])  # frame 1 sealed, 1 byte held
-    body = first[1]
-    assert not isinstance(body, bytes)
-    copied = bytes(body)
-    encryptor.recycle(body)
-    second = encryptor.update_frames(data[f + 1 : 2 * f + 1])
-    assert second[1] is body
-    message = b"".join(
-        [encryptor.header, first[0], copied, second[0], bytes(second[1])]
-        + [bytes(p) for p in encryptor.update_frames(data[2 * f + 1 :])]
-        + [bytes(p) for p in encryptor.finalize_frames()]
-    )
+    written = [encryptor.header]
+    bodies: list[Buffer] = []  # kept alive, so no id is reused
+    for start in range(0, len(data), 100_000):  # frames fill across calls, as in a stream
+        for part in [*encryptor.update_frames(data[start : start + 100_000])]:
+            written.append(bytes(part))
+            if not isinstance(part, bytes):
+                bodies.append(part)
+                encryptor.recycle(part)
+    written += [bytes(p) for p in encryptor.finalize_frames()]
+    message = b"".join(written)
     assert message == twins.make().encrypt_all(data)
+    # The next frame's buffer is taken while the last one is still out: two alternate.
+    assert len({id(body) for body in bodies}) <= 2
+    assert len(bodies) == 7
 
     decryptor = MessageDecryptor(max_encrypted_data_keys=10)
     decryptor.receive_data(message)

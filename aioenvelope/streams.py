@@ -9,6 +9,7 @@ closed however iteration ends.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import os
 import tempfile
@@ -92,6 +93,7 @@ class _Pacer:
     def __init__(self, budget: float = 0.002, rate: float = 1e9) -> None:
         self._budget = budget
         self._rate = rate  # bytes per second; 1 GB/s is a cautious start for AES-GCM
+        self._slow: float | None = None  # a slow step's rate, until the next step says more
 
     async def run(self, cost: int, fn: Callable[..., _T], *args: object) -> _T:
         """Run ``fn(*args)``; ``cost`` is the bytes it seals or opens (0 when it only
@@ -103,13 +105,32 @@ class _Pacer:
                 # let the estimate recover so one hiccup does not stick.
                 self._rate *= 1.25
             return result
+        return await self.run_inline(cost, fn, *args)
+
+    def piece_size(self) -> int:
+        """How much one inline step may seal or open: the budget at the learned rate,
+        from 64 KiB to :data:`STEP`."""
+        return max(1 << 16, min(STEP, int(self._budget * self._rate)))
+
+    async def run_inline(self, cost: int, fn: Callable[..., _T], *args: object) -> _T:
+        """Run ``fn(*args)`` on the loop, learning the rate. For work that holds the GIL
+        (``cryptography``'s ``Cipher`` contexts do), where a thread would block the
+        loop all the same: size it with :meth:`piece_size` instead."""
         start = time.perf_counter()
         result = fn(*args)
         elapsed = time.perf_counter() - start
         if cost >= 1 << 16 and elapsed > 0:
             measured = cost / elapsed
-            # Believe a slow step at once (the loop just stalled); speed up gradually.
-            self._rate = measured if measured < self._rate else (self._rate + measured) / 2
+            if measured >= self._rate:
+                self._rate = (self._rate + measured) / 2  # speed up gradually
+                self._slow = None
+            elif self._slow is None:
+                # One slow step can be the machine (a preempted vCPU): sending the next
+                # steps to threads would then leave the loop idle for nothing. Note it.
+                self._slow = measured
+            else:
+                # Two in a row are the work itself: believe the faster of the two.
+                self._rate, self._slow = max(measured, self._slow), None
         await anyio.lowlevel.checkpoint()  # let other tasks run between steps
         return result
 
@@ -121,6 +142,10 @@ def _as_chunk(chunk: object) -> _BytesLike:
             "chunks (encode text first)"
         )
     return chunk
+
+
+def _nbytes(chunk: _BytesLike) -> int:
+    return chunk.nbytes if isinstance(chunk, memoryview) else len(chunk)
 
 
 def _split(chunk: _BytesLike, size: int) -> Iterable[_BytesLike]:
@@ -307,19 +332,27 @@ class EncryptingStream(_Stream):
             yield encryptor.header
             total = 0
             async for piece in pieces:
-                size = len(piece) if not isinstance(piece, memoryview) else piece.nbytes
+                size = _nbytes(piece)
                 total += size
                 if self._limit is not None and total > self._limit:
                     raise ConfigurationError(
                         f"the stream is longer than plaintext_length={self._limit}; pass "
                         "the true length or None"
                     )
-                # The bytes this step seals: the whole frames it completes; large frames
-                # are sealed piece by piece as they fill, so there the piece itself.
                 if frame_length >= LARGE_FRAME:
-                    sealed = size
-                else:
-                    sealed = (encryptor.pending_bytes + size - 1) // frame_length * frame_length
+                    # Large frames are sealed as they fill, a piece per inline step.
+                    for part in _split(piece, pacer.piece_size()):
+                        frames = await pacer.run_inline(
+                            _nbytes(part), encryptor.update_frames, part
+                        )
+                        async with aclosing(
+                            _emitted(frames, frame_length, encryptor.recycle)
+                        ) as chunks:
+                            async for chunk in chunks:
+                                yield chunk
+                    continue
+                # The bytes this step seals: the whole frames it completes.
+                sealed = (encryptor.pending_bytes + size - 1) // frame_length * frame_length
                 frames = await pacer.run(sealed, encryptor.update_frames, piece)
                 async with aclosing(_emitted(frames, frame_length, encryptor.recycle)) as chunks:
                     async for chunk in chunks:
@@ -405,29 +438,39 @@ class DecryptingStream(_Stream):
             )
             self.header = header
             frame_length = header.frame_length or STEP
-            # What a step can open: whole frames buffered (everything at the end of the
-            # input, where the final frame may be shorter). Large frames are opened piece
-            # by piece as they arrive, so there every buffered byte counts.
-            if not header.frame_length or header.frame_length >= LARGE_FRAME:
-                wire_frame = 1
-            else:
-                wire_frame = header.frame_length + 32
+            # Large frames are opened as they arrive, a piece per inline step (their
+            # Cipher context holds the GIL: a thread would not free the loop).
+            large = header.frame_length >= LARGE_FRAME
+            # What a step can open otherwise: whole frames buffered (everything at the end
+            # of the input, where the final frame may be shorter; non-framed: all).
+            wire_frame = header.frame_length + 32 if header.frame_length else 1
             pacer = _Pacer()
             ended = False
+            backlog: collections.deque[_BytesLike] = collections.deque()
             while True:
-                buffered = decryptor.buffered_bytes
-                cost = buffered if ended else buffered // wire_frame * wire_frame
-                parts, done = await pacer.run(cost, _drain, decryptor)
+                if large:
+                    parts, done = await pacer.run_inline(
+                        decryptor.buffered_bytes, _drain, decryptor
+                    )
+                else:
+                    buffered = decryptor.buffered_bytes
+                    cost = buffered if ended else buffered // wire_frame * wire_frame
+                    parts, done = await pacer.run(cost, _drain, decryptor)
                 async with aclosing(_emitted(parts, frame_length, decryptor.recycle)) as chunks:
                     async for chunk in chunks:
                         yield chunk
                 if done:
                     return
-                try:
-                    decryptor.receive_data(await anext(pieces))
-                except StopAsyncIteration:
-                    decryptor.receive_eof()
-                    ended = True
+                if not backlog:
+                    try:
+                        piece = await anext(pieces)
+                    except StopAsyncIteration:
+                        decryptor.receive_eof()
+                        ended = True
+                        continue
+                    backlog.extend(_split(piece, pacer.piece_size()) if large else [piece])
+                if backlog:
+                    decryptor.receive_data(backlog.popleft())
         finally:
             await pieces.aclose()
             await _close_source(self._source)

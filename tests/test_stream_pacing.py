@@ -22,18 +22,30 @@ async def test_a_step_predicted_over_budget_runs_in_a_worker_thread() -> None:
     assert await pacer.run(64 * STEP, _thread_id) != threading.get_ident()
 
 
-async def test_a_slow_inline_step_moves_the_next_ones_to_a_thread() -> None:
+def slow() -> int:
+    """Busy for ~20 ms on a step that claims 1 MiB: far below 1 MiB per 2 ms."""
+    threading.Event().wait(0.02)
+    return threading.get_ident()
+
+
+def fast() -> int:
+    return threading.get_ident()
+
+
+async def test_two_slow_inline_steps_in_a_row_move_the_next_ones_to_a_thread() -> None:
     pacer = _Pacer(budget=0.002, rate=1e12)
-
-    def slow() -> int:
-        # Busy for ~20 ms on a step that claims 1 MiB: the learned rate falls below
-        # 1 MiB per 2 ms, so the next step of that size is offloaded.
-        deadline = threading.Event()
-        deadline.wait(0.02)
-        return threading.get_ident()
-
     assert await pacer.run(STEP, slow) == threading.get_ident()
-    assert await pacer.run(STEP, slow) != threading.get_ident()
+    assert await pacer.run(STEP, slow) == threading.get_ident()  # one could be a hiccup
+    assert await pacer.run(STEP, slow) != threading.get_ident()  # two are the machine
+
+
+async def test_one_slow_inline_step_between_fast_ones_keeps_work_inline() -> None:
+    """A single stall (the VM preempted the loop's vCPU mid-step) must not send the
+    next steps to threads, where the loop would sit idle waiting for them."""
+    pacer = _Pacer(budget=0.002, rate=1e9)  # a no-op "fast" step measures far above it
+    for step in (slow, fast, slow, fast, slow):
+        assert await pacer.run(STEP, step) == threading.get_ident()
+    assert await pacer.run(STEP, fast) == threading.get_ident()
 
 
 async def test_an_offloaded_small_step_lets_the_estimate_recover() -> None:

@@ -421,8 +421,7 @@ def test_256mib_stream_never_holds_the_event_loop_for_10ms(
     # Another attempt only if one is over budget. On the shared 2-core VMs this runs on,
     # an idle process's 1 ms ticker alone sees 3-7 ms hiccups per second (vCPU steal),
     # and now and then the whole process stalls for 10-18 ms with no code of ours
-    # running (seen by tracing every step, thread and GC), more often while earlier
-    # tests' files are written back. A stream that holds the loop itself is over budget
+    # running (seen by tracing every step, thread and GC). A stream that holds the loop itself is over budget
     # in every attempt, so the best of five still fails it; each attempt is recorded.
     while len(attempts) < 5:
         result = run_scenario({**params, "total": 256 * MIB}, timeout=120)

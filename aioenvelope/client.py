@@ -38,7 +38,7 @@ from .streams import (
     StreamSource,
     check_source,
     file_chunks,
-    write_atomically,
+    save_stream,
 )
 
 __all__ = [
@@ -304,10 +304,7 @@ class EnvelopeClient:
             required_encryption_context_keys=required_encryption_context_keys,
             plaintext_length=size,
         )
-        async with stream:
-            await write_atomically(destination, stream, overwrite=overwrite)
-        assert stream.header is not None
-        return stream.header
+        return await save_stream(stream, destination, overwrite=overwrite)
 
     def _frame_length_or_default(self, frame_length: int | None) -> int:
         frame_length = self.frame_length if frame_length is None else frame_length
@@ -419,10 +416,7 @@ class EnvelopeClient:
         stream = self.decrypt_stream(
             file_chunks(source), encryption_context=encryption_context, allow_signed=allow_signed
         )
-        async with stream:
-            await write_atomically(destination, stream, overwrite=overwrite)
-        assert stream.header is not None
-        return stream.header
+        return await save_stream(stream, destination, overwrite=overwrite)
 
     # -- rotation ------------------------------------------------------------------------
 
@@ -496,10 +490,7 @@ class EnvelopeClient:
         stream = self.rewrap_stream(
             file_chunks(source), to_keyring=to_keyring, encryption_context=encryption_context
         )
-        async with stream:
-            await write_atomically(destination, stream, overwrite=overwrite)
-        assert stream.header is not None
-        return stream.header
+        return await save_stream(stream, destination, overwrite=overwrite)
 
     def reencrypt_stream(
         self,

@@ -44,6 +44,7 @@ __all__ = [
     "EncryptingStream",
     "StreamSource",
     "file_chunks",
+    "save_stream",
     "write_atomically",
 ]
 
@@ -520,6 +521,17 @@ async def write_atomically(
             await anyio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
         raise
     return written
+
+
+async def save_stream(
+    stream: _Stream, destination: str | os.PathLike[str], *, overwrite: bool
+) -> MessageHeader:
+    """Write ``stream`` to ``destination`` atomically (see :func:`write_atomically`),
+    closing it however that ends; the message header it read or wrote."""
+    async with stream:
+        await write_atomically(destination, stream, overwrite=overwrite)
+    assert stream.header is not None
+    return stream.header
 
 
 def _move_into_place(tmp: Path, dest: Path, overwrite: bool) -> None:

@@ -42,10 +42,11 @@ def anonymous_buffer(size: int) -> mmap.mmap:
     Why not ``bytearray(size)``: that zero-fills and page-faults every page while the
     allocating thread holds the GIL, about 1 ms per MiB on the VMs this was measured
     on, which stalls the event loop even from a worker thread. An anonymous mapping
-    costs nothing up front; its pages fault in when first written, which for a sealed
-    or opened body happens inside ``cryptography``'s AEAD call with the GIL released.
+    costs nothing up front; its pages fault in when first written, a piece at a time
+    (or inside a one-shot AEAD call, with the GIL released), and a pooled buffer only
+    once per stream.
     """
-    return mmap.mmap(-1, max(size, 1))
+    return mmap.mmap(-1, size)
 
 
 class FramePool:
@@ -68,10 +69,7 @@ class FramePool:
         for i, buf in enumerate(free):
             if len(buf) == size:
                 return free.pop(i)
-        buf = anonymous_buffer(size)
-        if len(buf) != size:  # size 0: an mmap cannot be empty
-            raise ValueError("FramePool.take needs a size of at least 1")
-        return buf
+        return anonymous_buffer(size)  # only large frames come here: never size 0
 
     def give(self, buf: Buffer) -> None:
         """Take back a buffer from :meth:`take`; the caller keeps no reference to it."""

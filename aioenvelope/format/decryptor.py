@@ -83,6 +83,14 @@ class EndOfMessage:
 END_OF_MESSAGE = EndOfMessage()
 
 
+def _forged(seq: int) -> AuthenticationError:
+    """A frame's (or, for ``seq`` 0, a non-framed body's) tag did not verify."""
+    what = "the message body" if seq == 0 else f"frame {seq}"
+    return AuthenticationError(
+        f"{what} failed authentication: the message was changed or corrupted after it was written"
+    )
+
+
 @dataclasses.dataclass(slots=True)
 class _Opening:
     """A large frame being opened piece by piece: its AES-GCM context and plaintext."""
@@ -353,10 +361,7 @@ class MessageDecryptor:
             opening.context.finalize_with_tag(tag)
         except InvalidTag:
             self._pool.give(opening.plaintext)
-            raise AuthenticationError(
-                f"frame {opening.seq} failed authentication: the message was changed or "
-                "corrupted after it was written"
-            ) from None
+            raise _forged(opening.seq) from None
         self._sequence = opening.seq + 1
         if opening.final:
             self._state = self._after_body()
@@ -374,10 +379,7 @@ class MessageDecryptor:
             self._aead.decrypt_into(iv, sealed, aad, memoryview(plaintext))
         except InvalidTag:
             self._pool.give(plaintext)
-            raise AuthenticationError(
-                f"frame {seq} failed authentication: the message was changed or corrupted "
-                "after it was written"
-            ) from None
+            raise _forged(seq) from None
         return plaintext
 
     def _open(self, iv: bytes, sealed: memoryview, aad: bytes, seq: int) -> bytes:
@@ -385,11 +387,7 @@ class MessageDecryptor:
         try:
             return self._aead.decrypt(iv, sealed, aad)
         except InvalidTag:
-            what = "the message body" if seq == 0 else f"frame {seq}"
-            raise AuthenticationError(
-                f"{what} failed authentication: the message was changed or corrupted after "
-                "it was written"
-            ) from None
+            raise _forged(seq) from None
 
     def _read_frame(self) -> Buffer | None:
         """One frame, verified. Lean on purpose: a 256 MiB stream has 4096 of them."""

@@ -75,6 +75,9 @@ an object with a ``read(n)`` method (async, like aiohttp's ``StreamReader``, or 
 blocking binary file, which is read in a worker thread)."""
 
 
+_MIN_PIECE = 1 << 16
+
+
 class _Pacer:
     """Runs one CPU-bound step inline if it should take under ``budget`` seconds, else in
     a worker thread.
@@ -95,6 +98,7 @@ class _Pacer:
         self._budget = budget
         self._rate = rate  # bytes per second; 1 GB/s is a cautious start for AES-GCM
         self._slow: float | None = None  # a slow step's rate, until the next step says more
+        self._piece = _MIN_PIECE  # see piece_size
 
     async def run(self, cost: int, fn: Callable[..., _T], *args: object) -> _T:
         """Run ``fn(*args)``; ``cost`` is the bytes it seals or opens (0 when it only
@@ -109,9 +113,14 @@ class _Pacer:
         return await self.run_inline(cost, fn, *args)
 
     def piece_size(self) -> int:
-        """How much one inline step may seal or open: the budget at the learned rate,
-        from 64 KiB to :data:`STEP`."""
-        return max(1 << 16, min(STEP, int(self._budget * self._rate)))
+        """How much one inline step may seal or open, from 64 KiB to :data:`STEP`.
+
+        It starts at 64 KiB and doubles after each step that kept within the budget,
+        halving after one that did not. Why not the learned rate alone: the first
+        pieces of a stream fault fresh buffer pages in, which on some VMs costs several
+        milliseconds per MiB, and a rate is known only after a slow step was taken.
+        """
+        return max(_MIN_PIECE, min(self._piece, int(self._budget * self._rate)))
 
     async def run_inline(self, cost: int, fn: Callable[..., _T], *args: object) -> _T:
         """Run ``fn(*args)`` on the loop, learning the rate. For work that holds the GIL
@@ -120,6 +129,10 @@ class _Pacer:
         start = time.perf_counter()
         result = fn(*args)
         elapsed = time.perf_counter() - start
+        if elapsed <= self._budget:
+            self._piece = min(STEP, self._piece * 2)
+        else:
+            self._piece = max(_MIN_PIECE, self._piece // 2)
         if cost >= 1 << 16 and elapsed > 0:
             measured = cost / elapsed
             if measured >= self._rate:

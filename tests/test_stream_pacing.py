@@ -57,3 +57,17 @@ async def test_an_offloaded_small_step_lets_the_estimate_recover() -> None:
         else:
             break
     assert 0 < offloaded < 20  # it came back inline after a few steps
+
+
+async def test_piece_size_starts_small_grows_on_fast_steps_and_halves_on_a_slow_one() -> None:
+    """A stream's first pieces fault fresh buffers in (slow on some VMs): they start at
+    64 KiB and grow only while steps stay within the budget."""
+    pacer = _Pacer(budget=0.002, rate=1e12)
+    assert pacer.piece_size() == 64 << 10
+    sizes = []
+    for _ in range(6):
+        await pacer.run_inline(pacer.piece_size(), fast)
+        sizes.append(pacer.piece_size())
+    assert sizes == [128 << 10, 256 << 10, 512 << 10, STEP, STEP, STEP]
+    await pacer.run_inline(STEP, slow)
+    assert pacer.piece_size() == STEP // 2

@@ -23,17 +23,26 @@ make a KMS call per request and never trip its breaker. ::
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Protocol
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from ..client import EnvelopeClient
 from ..errors import CircuitOpenError, ConfigurationError, KMSDecryptRateLimited
+from ._http10 import (
+    DEFAULT_HTTP10_BUFFER_LIMIT,
+    HTTP10_REFUSAL,
+    check_buffer_limit,
+    gather_within,
+    marks_body_end,
+)
 from ._retry_later import retry_later
 
 __all__ = [
+    "DEFAULT_HTTP10_BUFFER_LIMIT",
     "ENVELOPE_CLIENT",
     "envelope_cleanup_ctx",
     "envelope_client",
@@ -106,10 +115,12 @@ async def envelope_error_middleware(request: web.Request, handler: Handler) -> w
     and the KMS region: details for the server's logs, not for callers.
 
     An error raised after a ``StreamResponse`` was prepared cannot become a 429/503: the
-    status line has gone out. The error is re-raised; aiohttp logs it and drops the
-    connection, so the client sees a truncated response, not a success. Streams make
-    their one KMS call before their first chunk, so use :func:`stream_response`, which
-    takes that chunk before preparing the response.
+    status line has gone out. The error is re-raised and aiohttp drops the connection;
+    over HTTP/1.1 that leaves a chunked body without its terminating chunk, which the
+    client sees as incomplete, but over HTTP/1.0 a body without a ``Content-Length``
+    ends at the close, so the cut is invisible. Streams make their one KMS call before
+    their first chunk, so use :func:`stream_response`, which takes that chunk before
+    preparing the response and does not stream to HTTP/1.0 requests.
     """
     # A snapshot, not a test for zero: what went out before the handler ran (an interim
     # "100 Continue", which some aiohttp versions count) is no response of the handler's.
@@ -131,24 +142,54 @@ class _ByteStream(Protocol):
     async def aclose(self) -> None: ...
 
 
+async def _first_then_rest(first: bytes, rest: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
 async def stream_response(
     request: web.Request,
     stream: _ByteStream,
     *,
     status: int = 200,
     headers: Mapping[str, str] | None = None,
+    http10_buffer_limit: int = DEFAULT_HTTP10_BUFFER_LIMIT,
 ) -> web.StreamResponse:
-    """Send ``stream`` as a chunked response and return it (prepared and finished).
+    """Send ``stream`` and return the response (prepared and finished).
 
     The first chunk is taken before the response is prepared: that is where the stream
     makes its KMS call, so a rate limit or an open breaker still reaches
-    :func:`envelope_error_middleware` as a 429/503. An error later on (a tampered or
-    truncated message) drops the connection mid-body, so the client never mistakes
-    partial plaintext for the whole. The stream is closed however this ends.
+    :func:`envelope_error_middleware` as a 429/503.
+
+    A later error (a tampered or truncated message) must not let partial plaintext pass
+    for the whole. Over HTTP/1.1 the body is chunked and the error drops the connection
+    before the terminating chunk. Over HTTP/1.0, where a streamed body ends at the
+    connection's close whatever happened, the rest is read first, up to
+    ``http10_buffer_limit`` bytes, and sent with a ``Content-Length``; the error, if any,
+    is raised from here before anything is sent, like an error in the header. Past the
+    limit the stream is closed without reading further and the answer is a 505 (HTTP
+    Version Not Supported) with ``{"error": "http_1_1_required", "detail": ...}``.
+
+    The stream is closed however this ends.
     """
-    chunks = stream.__aiter__()
     try:
+        limit = check_buffer_limit(http10_buffer_limit)
+        chunks = stream.__aiter__()
         first = await anext(chunks, b"")
+        if not marks_body_end(f"{request.version.major}.{request.version.minor}"):
+            async with contextlib.aclosing(_first_then_rest(first, chunks)) as whole:
+                held = await gather_within(whole, limit)
+            if held is None:
+                return web.json_response(HTTP10_REFUSAL.body, status=HTTP10_REFUSAL.status)
+            response = web.StreamResponse(status=status, headers=headers)
+            response.headers.popall(hdrs.TRANSFER_ENCODING, None)
+            response.content_length = sum(map(len, held))
+            await response.prepare(request)
+            for chunk in held:
+                await response.write(chunk)
+            await response.write_eof()
+            return response
         response = web.StreamResponse(status=status, headers=headers)
         await response.prepare(request)
         if first:

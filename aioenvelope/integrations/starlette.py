@@ -45,10 +45,21 @@ Nothing else is mapped, on purpose: whether an ``AuthenticationError`` or a
 on where the ciphertext came from, which only the application knows.
 
 An error raised after a ``StreamingResponse`` started (its status line is sent before
-its first chunk is pulled) cannot become a 429/503: Starlette re-raises it as a
-``RuntimeError`` and the client sees a truncated body, never a success. Streams make
-their one KMS call before their first chunk, so return them with
-:func:`stream_response`, which pulls that chunk before the response starts.
+its first chunk is pulled) cannot become a 429/503. Streams make their one KMS call
+before their first chunk, so return them with :func:`stream_response`, which pulls that
+chunk before the response starts, and which streams only where a body that fails can
+be told from one that ended:
+
+- HTTP/1.1 (and 2): streamed. A later failure (a tampered or truncated message) is
+  re-raised; the server drops the connection without the terminating zero-length chunk
+  (uvicorn does, tested), so the client sees an incomplete body.
+- HTTP/1.0 (nginx's default ``proxy_http_version``): a streamed body would end where
+  the connection closes, failure or not, so none is streamed. The rest of the stream is
+  read first (every frame verified, as ``decrypt()`` would), then sent with a
+  ``Content-Length``; a failure on the way is raised before the status line and goes
+  to the app's exception handlers like any other. Past ``http10_buffer_limit`` bytes
+  (16 MiB by default) the stream is closed unread and the answer is a 505
+  ``{"error": "http_1_1_required", ...}``.
 Don't stream ``request.stream()`` straight back as a ``StreamingResponse`` either:
 below ASGI spec 2.4 Starlette listens for a disconnect while streaming, and that
 listener consumes the request body's messages too.
@@ -63,14 +74,23 @@ from typing import Any, Protocol, TypeVar, overload
 
 import anyio
 from starlette.applications import Starlette
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from ..client import EnvelopeClient
 from ..errors import CircuitOpenError, ConfigurationError, KMSDecryptRateLimited
+from ._http10 import (
+    DEFAULT_HTTP10_BUFFER_LIMIT,
+    HTTP10_REFUSAL,
+    check_buffer_limit,
+    gather_within,
+    marks_body_end,
+)
 from ._retry_later import retry_later
 
 __all__ = [
+    "DEFAULT_HTTP10_BUFFER_LIMIT",
     "envelope_client_dependency",
     "envelope_lifespan",
     "get_envelope_client",
@@ -250,31 +270,99 @@ async def _first_then_rest(
         await _close(stream)
 
 
+class _EnvelopeStreamingResponse(StreamingResponse):
+    """A ``StreamingResponse`` that streams only where the protocol marks a body's end,
+    and otherwise (HTTP/1.0) sends the whole body with a ``Content-Length``.
+
+    The HTTP version is known only from the scope, which a response gets when it is
+    sent, so the choice is made here rather than in :func:`stream_response`.
+    """
+
+    def __init__(
+        self,
+        chunks: AsyncGenerator[bytes, None],
+        *,
+        http10_buffer_limit: int,
+        status_code: int,
+        headers: Mapping[str, str] | None,
+        media_type: str | None,
+    ) -> None:
+        super().__init__(chunks, status_code=status_code, headers=headers, media_type=media_type)
+        self._chunks = chunks
+        self._http10_buffer_limit = http10_buffer_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or marks_body_end(scope.get("http_version", "")):
+            await super().__call__(scope, receive, send)
+            return
+        try:
+            # Raises before anything is sent, so the app's exception handlers answer.
+            held = await gather_within(self._chunks, self._http10_buffer_limit)
+        finally:
+            await self._chunks.aclose()  # closes the stream, read to the end or not
+        if held is None:
+            refusal = JSONResponse(HTTP10_REFUSAL.body, status_code=HTTP10_REFUSAL.status)
+            await refusal(scope, receive, send)
+        else:
+            await self._send_whole(held, send)
+        if self.background is not None:
+            await self.background()
+
+    async def _send_whole(self, held: list[bytes], send: Send) -> None:
+        headers = [
+            (name, value)
+            for name, value in self.raw_headers
+            if name not in (b"content-length", b"transfer-encoding")
+        ]
+        headers.append((b"content-length", str(sum(map(len, held))).encode()))
+        try:
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": headers}
+            )
+            for chunk in held:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # ASGI 2.4: the client went away (as StreamingResponse does)
+            raise ClientDisconnect() from None
+
+
 async def stream_response(
     stream: _ByteStream,
     *,
     status_code: int = 200,
     headers: Mapping[str, str] | None = None,
     media_type: str | None = "application/octet-stream",
+    http10_buffer_limit: int = DEFAULT_HTTP10_BUFFER_LIMIT,
 ) -> StreamingResponse:
     """``stream`` as a ``StreamingResponse``, with its first chunk already pulled.
 
     That is where the stream makes its KMS call and reads the message header, so a
     rate limit or an open breaker still becomes a 429/503 (and a wrong context or a
-    malformed header is raised from the endpoint, before anything is sent). A later
-    error (a tampered or truncated message) ends the body early, so the client never
-    mistakes partial plaintext for the whole. The stream is closed when the body ends
-    or fails, or, if the server abandons it (a client that went away), when the event
-    loop finalizes it.
+    malformed header is raised from the endpoint, before anything is sent).
+
+    A later error (a tampered or truncated message) must not let partial plaintext
+    pass for the whole. Over HTTP/1.1 and 2 the body is streamed and the error ends it
+    without its end marker (the server drops the connection mid-body). Over HTTP/1.0,
+    where a streamed body ends at the connection's close whatever happened, the rest is
+    read first, up to ``http10_buffer_limit`` bytes, and sent with a ``Content-Length``;
+    the error, if any, is raised before the status line, for the app's exception
+    handlers. Past the limit the stream is closed without reading further and the
+    answer is a 505 (HTTP Version Not Supported) with
+    ``{"error": "http_1_1_required", "detail": ...}``.
+
+    The stream is closed when the body ends or fails, or, if the server abandons it (a
+    client that went away), when the event loop finalizes it.
     """
     chunks = stream.__aiter__()
     try:
+        limit = check_buffer_limit(http10_buffer_limit)
         first = await anext(chunks, None)
     except BaseException:
         await _close(stream)
         raise
-    return StreamingResponse(
+    return _EnvelopeStreamingResponse(
         _first_then_rest(first, chunks, stream),
+        http10_buffer_limit=limit,
         status_code=status_code,
         headers=headers,
         media_type=media_type,

@@ -8,6 +8,8 @@ a decrypt rate limit on a held clock against the moto KMS, and KMS failures inje
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
@@ -16,11 +18,20 @@ from typing import Annotated
 import aioboto3
 import httpx
 import pytest
+import uvicorn
 from fastapi import Depends, FastAPI, Request, Response
 from fault_proxy import FaultProxy
+from http_framing import (
+    TERMINATING_CHUNK,
+    CountedSource,
+    damaged,
+    exchange,
+    http10_get,
+    http11_get,
+)
 from kms_server import REGION, KmsKey, MotoKms
 from starlette.applications import Starlette
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,6 +46,7 @@ from aioenvelope import (
     errors,
 )
 from aioenvelope.integrations.starlette import (
+    DEFAULT_HTTP10_BUFFER_LIMIT,
     envelope_client_dependency,
     envelope_lifespan,
     get_envelope_client,
@@ -424,3 +436,150 @@ async def test_retry_after_is_whole_seconds_rounded_up_and_at_least_one(
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
         assert_retry_later(await http.get("/limited"), 429, "decrypt_rate_limited", seconds)
         assert_retry_later(await http.get("/open"), 503, "kms_unavailable", seconds)
+
+
+# -- how a failed download ends, through a real uvicorn ----------------------------------------
+#
+# Over HTTP/1.0 a body without a Content-Length ends when the connection closes, so a
+# download cut short by a decryption failure would read as complete. These tests send
+# hand-made HTTP/1.0 and HTTP/1.1 requests to uvicorn on a loopback port and judge the
+# answer as an HTTP client would (h11, in tests/http_framing.py).
+
+DAMAGES = ["tampered", "truncated"]
+
+
+@asynccontextmanager
+async def uvicorn_serving(app: ASGIApp) -> AsyncIterator[int]:
+    """``app`` served by uvicorn on 127.0.0.1 (lifespan and all); yields the port."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                pytest.fail("uvicorn stopped before it started")
+            await asyncio.sleep(0.01)
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        await task
+
+
+class Downloads:
+    """A FastAPI app with one download endpoint, ``GET /objects/{name}``, that decrypts
+    a stored message with :func:`stream_response`; the app maps the errors of a message
+    gone bad at rest to a 500 of its own, as docs/errors.md suggests."""
+
+    def __init__(self, http10_buffer_limit: int = DEFAULT_HTTP10_BUFFER_LIMIT) -> None:
+        self.keyring = RawAesKeyring("starlette-tests", "downloads", os.urandom(32))
+        self.sources: dict[str, CountedSource] = {}
+        self.app = FastAPI(lifespan=envelope_lifespan(lambda: EnvelopeClient(self.keyring)))
+        install_error_handlers(self.app)
+
+        async def corrupt_at_rest(request: Request, exc: Exception) -> Response:
+            return JSONResponse({"error": "stored_object_corrupt"}, status_code=500)
+
+        self.app.add_exception_handler(errors.AuthenticationError, corrupt_at_rest)
+        self.app.add_exception_handler(errors.MalformedMessageError, corrupt_at_rest)
+
+        @self.app.get("/objects/{name}")
+        async def download(name: str, client: Envelope) -> StreamingResponse:
+            source = self.sources[name] = CountedSource(self.stored[name])
+            plaintext = client.decrypt_stream(source.pieces(), encryption_context=CONTEXT)
+            return await stream_response(plaintext, http10_buffer_limit=http10_buffer_limit)
+
+        self.stored: dict[str, bytes] = {}
+
+    async def store(self, name: str, plaintext: bytes, damage: str | None = None) -> None:
+        async with EnvelopeClient(self.keyring) as writer:
+            blob = await writer.encrypt(plaintext, encryption_context=CONTEXT, frame_length=4096)
+        self.stored[name] = damaged(blob, damage) if damage else blob
+
+
+async def test_http10_download_is_sent_whole_with_a_content_length() -> None:
+    downloads = Downloads()
+    plaintext = os.urandom(MIB + 17)
+    await downloads.store("doc", plaintext)
+    async with uvicorn_serving(downloads.app) as port:
+        answer = await exchange(port, http10_get("/objects/doc"))
+    assert (answer.status, answer.complete) == (200, True)
+    assert answer.headers["content-length"] == str(len(plaintext))
+    assert "transfer-encoding" not in answer.headers
+    assert answer.body == plaintext
+    assert downloads.sources["doc"].closed
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+async def test_damaged_message_over_http10_is_an_error_status_not_a_body_cut_at_the_close(
+    damage: str,
+) -> None:
+    """The bug: the first megabyte or so of plaintext went out under a 200, then the
+    connection closed, which is how an HTTP/1.0 body ends. Now the whole message is
+    checked first, and the failure reaches the app's exception handler."""
+    downloads = Downloads()
+    await downloads.store("doc", os.urandom(2 * MIB), damage)
+    async with uvicorn_serving(downloads.app) as port:
+        answer = await exchange(port, http10_get("/objects/doc"))
+    assert (answer.status, answer.complete) == (500, True), answer.raw[:300]
+    assert json.loads(answer.body) == {"error": "stored_object_corrupt"}
+    assert downloads.sources["doc"].closed
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection-close"])
+@pytest.mark.parametrize("damage", DAMAGES)
+async def test_damaged_message_over_http11_ends_without_the_terminating_chunk(
+    damage: str, close: bool
+) -> None:
+    """HTTP/1.1 is streamed, with or without ``Connection: close``: chunked (never
+    close-delimited), and when decryption fails uvicorn drops the connection without
+    the zero-length chunk that ends a chunked body, so the client sees it incomplete."""
+    downloads = Downloads()
+    plaintext = os.urandom(2 * MIB)
+    await downloads.store("doc", plaintext, damage)
+    async with uvicorn_serving(downloads.app) as port:
+        answer = await exchange(port, http11_get("/objects/doc", close=close))
+    assert answer.status == 200
+    assert answer.headers["transfer-encoding"] == "chunked"
+    assert not answer.complete
+    assert not answer.raw.endswith(TERMINATING_CHUNK)
+    # Streamed: verified plaintext went out before the damaged frame was reached.
+    assert 0 < len(answer.body) < len(plaintext)
+    assert plaintext.startswith(answer.body)
+
+
+async def test_http10_download_past_the_buffer_limit_is_a_505_and_stops_decrypting() -> None:
+    limit = 256 * 1024
+    downloads = Downloads(http10_buffer_limit=limit)
+    plaintext = os.urandom(8 * MIB)
+    await downloads.store("big", plaintext)
+    await downloads.store("at-limit", plaintext[:limit])
+    await downloads.store("over-limit", plaintext[: limit + 1])
+    async with uvicorn_serving(downloads.app) as port:
+        big = await exchange(port, http10_get("/objects/big"))
+        source = downloads.sources["big"]
+        at_limit = await exchange(port, http10_get("/objects/at-limit"))
+        over_limit = await exchange(port, http10_get("/objects/over-limit"))
+        streamed = await exchange(port, http11_get("/objects/big"))
+
+    for refused in (big, over_limit):
+        assert (refused.status, refused.complete, refused.framed) == (505, True, True)
+        assert json.loads(refused.body)["error"] == "http_1_1_required"
+    assert source.closed
+    # Decryption stopped near the limit: the stream reads ahead by a step or so, not
+    # the rest of the 8 MiB message.
+    assert source.pulled < 4 * MIB, source.pulled
+    assert (at_limit.status, at_limit.headers["content-length"]) == (200, str(limit))
+    assert at_limit.body == plaintext[:limit]
+    # The limit is HTTP/1.0's alone: HTTP/1.1 streams the whole message.
+    assert (streamed.status, streamed.complete, streamed.body) == (200, True, plaintext)
+
+
+@pytest.mark.parametrize("limit", [-1, 1.5, True, "16 MiB", None])
+async def test_http10_buffer_limit_must_be_a_byte_count(limit: object) -> None:
+    source = CountedSource(b"never read")
+    async with EnvelopeClient(RawAesKeyring("n", "k", bytes(32))) as client:
+        stream = client.decrypt_stream(source.pieces())
+        with pytest.raises(errors.ConfigurationError, match="http10_buffer_limit"):
+            await stream_response(stream, http10_buffer_limit=limit)  # type: ignore[arg-type]
+    assert source.pulled == 0

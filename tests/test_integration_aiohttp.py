@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import json
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,6 +23,14 @@ import anyio
 import pytest
 from aiohttp import web
 from fault_proxy import FaultProxy
+from http_framing import (
+    TERMINATING_CHUNK,
+    CountedSource,
+    damaged,
+    exchange,
+    http10_get,
+    http11_get,
+)
 from kms_server import REGION, KmsKey, MotoKms
 
 from aioenvelope import EnvelopeClient, KmsKeyring, RateLimit, RawAesKeyring, errors
@@ -36,6 +45,8 @@ from aioenvelope.integrations.aiohttp import (
 CONTEXT = {"tenant": "t1", "purpose": "aiohttp-integration-tests"}
 MIB = 1 << 20
 STORE: web.AppKey[Path] = web.AppKey("store", Path)
+SOURCES: web.AppKey[dict[str, CountedSource]] = web.AppKey("sources", dict)
+CAPPED_LIMIT = 256 * 1024
 
 
 # -- the application under test ----------------------------------------------------------
@@ -105,30 +116,47 @@ async def get_object_naively(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@routes.get("/capped/{name}")
+async def get_capped(request: web.Request) -> web.StreamResponse:
+    """A streamed download with a 256 KiB HTTP/1.0 buffer, noting how much it read."""
+    name = request.match_info["name"]
+    source = CountedSource(await anyio.Path(request.app[STORE] / name).read_bytes())
+    request.app[SOURCES][name] = source
+    plaintext = envelope_client(request).decrypt_stream(source.pieces(), encryption_context=CONTEXT)
+    return await stream_response(request, plaintext, http10_buffer_limit=CAPPED_LIMIT)
+
+
 def envelope_app(factory: Callable[[], EnvelopeClient], store: Path) -> web.Application:
     # One-shot bodies are read whole, so they are capped (4 MiB); streams are not.
     app = web.Application(middlewares=[envelope_error_middleware], client_max_size=4 * MIB)
     app.cleanup_ctx.append(envelope_cleanup_ctx(factory))
     app[STORE] = store
+    app[SOURCES] = {}
     app.add_routes(routes)
     return app
 
 
 @contextlib.asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[aiohttp.ClientSession]:
-    """``app`` on 127.0.0.1 (a free port), and a ClientSession pointed at it."""
+async def listening(app: web.Application) -> AsyncIterator[int]:
+    """``app`` on 127.0.0.1 (a free port); yields the port."""
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
     try:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        host, port = runner.addresses[0][:2]
-        # A bound on every request, so a response that never ends fails the test.
-        timeout = aiohttp.ClientTimeout(total=10)
-        async with aiohttp.ClientSession(f"http://{host}:{port}", timeout=timeout) as session:
-            yield session
+        yield runner.addresses[0][1]
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[aiohttp.ClientSession]:
+    """``app`` on 127.0.0.1 (a free port), and a ClientSession pointed at it."""
+    async with listening(app) as port:
+        # A bound on every request, so a response that never ends fails the test.
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", timeout=timeout) as session:
+            yield session
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -411,3 +439,100 @@ async def test_open_circuit_breaker_is_a_503_with_retry_after(
                     b"sealed before the outage",
                 )
             assert app[ENVELOPE_CLIENT].stats.breaker_states[REGION] == "closed"
+
+
+# -- how a failed download ends ------------------------------------------------------------
+#
+# Over HTTP/1.0 a body without a Content-Length ends when the connection closes, so a
+# download cut short by a decryption failure would read as complete. These send
+# hand-made HTTP/1.0 and HTTP/1.1 requests and judge the answer as an HTTP client would
+# (h11, in tests/http_framing.py).
+
+DAMAGES = ["tampered", "truncated"]
+
+
+async def store_message(
+    keyring: RawAesKeyring, path: Path, plaintext: bytes, damage: str | None = None
+) -> None:
+    async with EnvelopeClient(keyring) as writer:
+        blob = await writer.encrypt(plaintext, encryption_context=CONTEXT, frame_length=4096)
+    await anyio.Path(path).write_bytes(damaged(blob, damage) if damage else blob)
+
+
+async def test_http10_download_is_sent_whole_with_a_content_length(tmp_path: Path) -> None:
+    keyring = RawAesKeyring("test-namespace", "aiohttp-key", os.urandom(32))
+    plaintext = os.urandom(MIB + 17)
+    await store_message(keyring, tmp_path / "doc", plaintext)
+    async with listening(envelope_app(lambda: EnvelopeClient(keyring), tmp_path)) as port:
+        answer = await exchange(port, http10_get("/objects/doc"))
+    assert (answer.status, answer.complete) == (200, True)
+    assert answer.headers["content-length"] == str(len(plaintext))
+    assert "transfer-encoding" not in answer.headers
+    assert answer.body == plaintext
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+async def test_damaged_message_over_http10_is_an_error_status_not_a_body_cut_at_the_close(
+    tmp_path: Path, damage: str
+) -> None:
+    """The bug: the first megabyte or so of plaintext went out under a 200, then aiohttp
+    dropped the connection, which is how an HTTP/1.0 body ends. Now the whole message is
+    checked first and the error is raised from the handler, before anything is sent."""
+    keyring = RawAesKeyring("test-namespace", "aiohttp-key", os.urandom(32))
+    plaintext = os.urandom(2 * MIB)
+    await store_message(keyring, tmp_path / "doc", plaintext, damage)
+    async with listening(envelope_app(lambda: EnvelopeClient(keyring), tmp_path)) as port:
+        answer = await exchange(port, http10_get("/objects/doc"))
+    assert (answer.status, answer.complete, answer.framed) == (500, True, True), answer.raw[:300]
+    assert plaintext[:64] not in answer.body
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection-close"])
+@pytest.mark.parametrize("damage", DAMAGES)
+async def test_damaged_message_over_http11_ends_without_the_terminating_chunk(
+    tmp_path: Path, damage: str, close: bool
+) -> None:
+    """HTTP/1.1 is streamed, with or without ``Connection: close``: chunked (never
+    close-delimited), and when decryption fails aiohttp drops the connection without
+    the zero-length chunk that ends a chunked body, so the client sees it incomplete."""
+    keyring = RawAesKeyring("test-namespace", "aiohttp-key", os.urandom(32))
+    plaintext = os.urandom(2 * MIB)
+    await store_message(keyring, tmp_path / "doc", plaintext, damage)
+    async with listening(envelope_app(lambda: EnvelopeClient(keyring), tmp_path)) as port:
+        answer = await exchange(port, http11_get("/objects/doc", close=close))
+    assert answer.status == 200
+    assert answer.headers["transfer-encoding"] == "chunked"
+    assert not answer.complete
+    assert not answer.raw.endswith(TERMINATING_CHUNK)
+    # Streamed: verified plaintext went out before the damaged frame was reached.
+    assert 0 < len(answer.body) < len(plaintext)
+    assert plaintext.startswith(answer.body)
+
+
+async def test_http10_download_past_the_buffer_limit_is_a_505_and_stops_decrypting(
+    tmp_path: Path,
+) -> None:
+    keyring = RawAesKeyring("test-namespace", "aiohttp-key", os.urandom(32))
+    plaintext = os.urandom(8 * MIB)
+    await store_message(keyring, tmp_path / "big", plaintext)
+    await store_message(keyring, tmp_path / "at-limit", plaintext[:CAPPED_LIMIT])
+    await store_message(keyring, tmp_path / "over-limit", plaintext[: CAPPED_LIMIT + 1])
+    app = envelope_app(lambda: EnvelopeClient(keyring), tmp_path)
+    async with listening(app) as port:
+        big = await exchange(port, http10_get("/capped/big"))
+        source = app[SOURCES]["big"]
+        at_limit = await exchange(port, http10_get("/capped/at-limit"))
+        over_limit = await exchange(port, http10_get("/capped/over-limit"))
+        streamed = await exchange(port, http11_get("/capped/big"))
+
+    for refused in (big, over_limit):
+        assert (refused.status, refused.complete, refused.framed) == (505, True, True)
+        assert json.loads(refused.body)["error"] == "http_1_1_required"
+    assert source.closed
+    # Decryption stopped near the limit: the stream reads ahead by a step or so, not
+    # the rest of the 8 MiB message.
+    assert source.pulled < 4 * MIB, source.pulled
+    assert (at_limit.status, at_limit.headers["content-length"]) == (200, str(CAPPED_LIMIT))
+    assert at_limit.body == plaintext[:CAPPED_LIMIT]
+    # The limit is HTTP/1.0's alone: HTTP/1.1 streams the whole message.
+    assert (streamed.status, streamed.complete, streamed.body) == (200, True, plaintext)

@@ -8,10 +8,15 @@ under one AWS KMS key by one EnvelopeClient for the whole app.
     curl localhost:8000/records/r1
     curl -T big.iso localhost:8000/files/big.iso         # streamed up to S3, encrypted
     curl localhost:8000/files/big.iso -o copy.iso        # streamed back, decrypted
+    curl --http1.0 localhost:8000/files/small.bin -o x   # HTTP/1.0: whole, Content-Length
 
-Files stream both ways at constant memory, however large. A record's ciphertext is
-bound to its row by the encryption context, so a blob copied to another row (or a
-file renamed in S3) fails to decrypt instead of answering for the wrong ID.
+Files stream both ways at constant memory, however large, except to HTTP/1.0 clients
+(and proxies: nginx speaks HTTP/1.0 upstream unless told otherwise), which cannot tell
+a streamed body cut off by a failed decryption from a whole one: they get the file
+decrypted whole first and sent with a Content-Length, up to 16 MiB, and a 505 above
+that. A record's ciphertext is bound to its row by the encryption context, so a blob
+copied to another row (or a file renamed in S3) fails to decrypt instead of answering
+for the wrong ID.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import boto3
 import httpx
 import pytest
 from esdk_peer import esdk_decrypt
+from http_framing import TERMINATING_CHUNK, damaged, exchange, http10_get, http11_get
 from kms_server import REGION, KmsKey, MotoKms
 
 from aioenvelope import AlgorithmSuite
@@ -317,3 +318,31 @@ async def test_a_signal_shuts_the_service_down_cleanly(
     output = service.output()
     assert example.shutdown_line in output
     assert "Traceback" not in output
+
+
+# -- HTTP/1.0 ------------------------------------------------------------------------------
+
+
+async def test_a_file_over_http10_is_sent_whole_and_a_damaged_one_is_an_error_status(
+    service: Service, http: httpx.AsyncClient, s3_admin: Any, bucket: str
+) -> None:
+    """curl --http1.0, or nginx with its default proxy_http_version: the file comes with
+    a Content-Length. Once its object is tampered with in S3, HTTP/1.0 gets an error
+    status (before, a 200 whose body ended at the close, like a whole one), and HTTP/1.1
+    a chunked body without its terminating chunk."""
+    body = Body(2, seed=b"http/1.0")
+    assert (await http.put("/files/doc", content=body)).status_code == 200
+    port = int(service.url.rsplit(":", 1)[1])
+
+    whole = await exchange(port, http10_get("/files/doc"))
+    assert (whole.status, whole.complete) == (200, True)
+    assert whole.headers["content-length"] == str(2 * MIB)
+    assert hashlib.sha256(whole.body).hexdigest() == body.sha256.hexdigest()
+
+    blob = s3_admin.get_object(Bucket=bucket, Key="doc")["Body"].read()
+    s3_admin.put_object(Bucket=bucket, Key="doc", Body=damaged(blob, "tampered"))
+    refused = await exchange(port, http10_get("/files/doc"))
+    assert (refused.status, refused.complete, refused.framed) == (500, True, True)
+    cut = await exchange(port, http11_get("/files/doc"))
+    assert (cut.status, cut.complete) == (200, False)
+    assert not cut.raw.endswith(TERMINATING_CHUNK)

@@ -1,4 +1,6 @@
-"""The Starlette/FastAPI integration, through FastAPI apps served by httpx's ASGI transport.
+"""The Starlette/FastAPI integration, through FastAPI apps served by httpx's ASGI transport
+and, where the bytes on the wire matter (how a failed download ends), by a real uvicorn
+on a loopback port.
 
 httpx does not run lifespans, so :func:`serving` enters ``app.router.lifespan_context``
 by hand, as a server would at start-up. The 429 and 503 come from the library for real:

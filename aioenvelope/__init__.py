@@ -22,7 +22,7 @@ from .keyrings import (
     RawAesKeyring,
     RawRsaKeyring,
 )
-from .rewrap import ReencryptingStream, RewrappingStream
+from .reencrypt import ReencryptingStream
 from .stats import ClientStats
 from .streams import DecryptingStream, EncryptingStream, StreamSource
 
@@ -51,7 +51,6 @@ __all__ = [
     "RawAesKeyring",
     "RawRsaKeyring",
     "ReencryptingStream",
-    "RewrappingStream",
     "StreamSource",
     "errors",
     "inspect",

@@ -94,7 +94,7 @@ def _io() -> argparse.ArgumentParser:
         type=_context_pair,
         default=[],
         metavar="KEY=VALUE",
-        help="an encryption context pair (repeatable); on decrypt and rewrap, each must match",
+        help="an encryption context pair (repeatable); on decrypt and reencrypt, each must match",
     )
     io.add_argument(
         "--concurrency",
@@ -205,10 +205,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
             parents=[common, io, decrypt_keys, _reading()],
             help="decrypt files, a directory or stdin",
         ),
-        "rewrap": sub.add_parser(
-            "rewrap",
+        "reencrypt": sub.add_parser(
+            "reencrypt",
             parents=[common, io, decrypt_keys, _reading()],
-            help="wrap messages' data keys under new keys, without re-encrypting the body",
+            help="decrypt messages and encrypt them again under new keys (key rotation)",
         ),
         "inspect": sub.add_parser(
             "inspect", parents=[common], help="print a message's header as JSON (no key needed)"
@@ -221,7 +221,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         ),
     }
     _decrypt_options(commands["decrypt"])
-    _rewrap_options(commands["rewrap"])
+    _reencrypt_options(commands["reencrypt"])
     commands["inspect"].add_argument("input", metavar="INPUT", help="a message file or - for stdin")
     _keygen_options(commands["keygen"])
     return parser, commands
@@ -245,16 +245,11 @@ def _decrypt_options(decrypt: argparse.ArgumentParser) -> None:
     )
 
 
-def _rewrap_options(rewrap: argparse.ArgumentParser) -> None:
-    to = rewrap.add_argument_group("new keys (the message is readable with these only)")
+def _reencrypt_options(reencrypt: argparse.ArgumentParser) -> None:
+    to = reencrypt.add_argument_group("new keys (the new message is readable with these only)")
     to.add_argument("--to-kms-key", action="append", default=[], metavar="ID", help="repeatable")
     to.add_argument(
         "--to-raw-key-file", action="append", default=[], metavar="FILE", help="repeatable"
-    )
-    rewrap.add_argument(
-        "--reencrypt",
-        action="store_true",
-        help="decrypt and encrypt again (new data key); needed for signed messages",
     )
 
 

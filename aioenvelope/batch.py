@@ -58,10 +58,10 @@ async def run_batch(
     back in the items' order. An ``Exception`` from one item is recorded in its result
     and the others go on; cancellation (and other ``BaseException``s) stop the batch.
 
-    For example, to rewrap every object of a table::
+    For example, to re-encrypt every object of a table under a new key::
 
         results = await run_batch(
-            rows, lambda row: client.rewrap(row.blob, to_keyring=new_keyring), concurrency=16
+            rows, lambda row: client.reencrypt(row.blob, to_keyring=new_keyring), concurrency=16
         )
         failed = [r for r in results if not r.ok]
     """

@@ -1,6 +1,6 @@
 """``aioenvelope``: the command line, modelled on the AWS Encryption CLI.
 
-``encrypt``, ``decrypt`` and ``rewrap`` stream files, directory trees and pipes through
+``encrypt``, ``decrypt`` and ``reencrypt`` stream files, directory trees and pipes through
 the library at constant memory; ``inspect`` prints a header as JSON; ``keygen`` makes a
 raw AES key file; ``demo`` runs the quickstart against an embedded KMS.
 
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers: dict[str, Handler] = {
         "encrypt": _encrypt,
         "decrypt": _decrypt,
-        "rewrap": _rewrap,
+        "reencrypt": _reencrypt,
         "inspect": _inspect,
         "keygen": _keygen,
         "demo": _demo,
@@ -128,7 +128,7 @@ def _silence_stdout() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
-# -- encrypt, decrypt, rewrap ------------------------------------------------------------
+# -- encrypt, decrypt, reencrypt ---------------------------------------------------------
 
 
 def _context(args: argparse.Namespace) -> dict[str, str]:
@@ -262,7 +262,7 @@ async def _decrypt(args: argparse.Namespace) -> int:
         return await _run(plan, transform, args)
 
 
-async def _rewrap(args: argparse.Namespace) -> int:
+async def _reencrypt(args: argparse.Namespace) -> int:
     context = _context(args)
     to_keys = KeyOptions(
         kms_keys=tuple(args.to_kms_key),
@@ -273,15 +273,19 @@ async def _rewrap(args: argparse.Namespace) -> int:
     keys = _key_options(args)
     plan = _plan(args, same_name)
     keyring, to_keyring = _keyrings(args, keys, to_keys)
-    reencrypt: bool = args.reencrypt
     async with EnvelopeClient(keyring, commitment_policy=args.commitment_policy) as client:
 
         def transform(source: StreamSource, length: int | None) -> MessageStream:
-            if reencrypt:
-                return client.reencrypt_stream(
-                    source, to_keyring=to_keyring, encryption_context=context
-                )
-            return client.rewrap_stream(source, to_keyring=to_keyring, encryption_context=context)
+            # ``length`` (the input file's size) bounds the plaintext's, which lets a
+            # directory's files share cached data keys of the new keys.
+            return client._reencrypt_stream(
+                source,
+                to_keyring=to_keyring,
+                encryption_context=context,
+                algorithm_suite=None,
+                frame_length=None,
+                length_bound=length,
+            )
 
         return await _run(plan, transform, args)
 

@@ -17,7 +17,7 @@ from .errors import ConfigurationError
 from .format.decryptor import MessageDecryptor
 from .format.encryption_context import PUBLIC_KEY_FIELD
 from .format.encryptor import MessageEncryptor
-from .format.header import MAX_FRAME_LENGTH, EncryptedDataKey, MessageHeader, ParsedHeader
+from .format.header import MAX_FRAME_LENGTH, MessageHeader
 from .format.suites import AlgorithmSuite, CommitmentPolicy
 from .key_manager import KeyManager
 from .keyrings.base import Keyring
@@ -28,8 +28,7 @@ from .materials import (
     DefaultMaterialsManager,
     EncryptionPlan,
 )
-from .rate_limit import TokenBucket
-from .rewrap import ReencryptingStream, RewrappingStream, new_header, wrap_again
+from .reencrypt import ReencryptingStream
 from .runtime import Runtime
 from .stats import ClientStats, StatsRecorder
 from .streams import (
@@ -134,9 +133,12 @@ class EnvelopeClient:
                 raise ConfigurationError(f"{name} must be a {kind.__name__} or None")
         self._stats = StatsRecorder()
         self._coalescer = Coalescer(self._stats)
-        self._runtime = Runtime(clock=clock, stats=self._stats, breaker_config=circuit_breaker)
-        limiter = (
-            TokenBucket(decrypt_rate_limit, clock, self._stats) if decrypt_rate_limit else None
+        # The decrypt rate limit lives in the runtime: keyrings charge it per remote call.
+        self._runtime = Runtime(
+            clock=clock,
+            stats=self._stats,
+            breaker_config=circuit_breaker,
+            decrypt_rate_limit=decrypt_rate_limit,
         )
         self._materials = KeyManager(
             DefaultMaterialsManager(
@@ -145,7 +147,6 @@ class EnvelopeClient:
                 max_encrypted_data_keys=max_encrypted_data_keys,
             ),
             cache=cache,
-            limiter=limiter,
             coalescer=self._coalescer,
             clock=clock,
             stats=self._stats,
@@ -155,8 +156,12 @@ class EnvelopeClient:
             if (commitment_policy is not CommitmentPolicy.FORBID_ENCRYPT_ALLOW_DECRYPT)
             else None
         )
+        self._cache_config, self._clock = cache, clock
         self._state = "new"
-        self._other_keyrings: dict[int, Keyring] = {}  # rewrap targets, opened on first use
+        # Re-encryption targets, opened on first use, each with a key manager of its own
+        # (its own data-key cache) on this client's coalescer and stats.
+        self._other_keyrings: dict[int, Keyring] = {}
+        self._managers: dict[int, KeyManager] = {id(keyring): self._materials}
         self._opening = anyio.Lock()
 
     def __repr__(self) -> str:
@@ -189,7 +194,8 @@ class EnvelopeClient:
                 await other.close()
             await self.keyring.close()
         finally:
-            self._materials.close()  # zero the cached data keys
+            for manager in self._managers.values():
+                manager.close()  # zero the cached data keys
 
     @property
     def stats(self) -> ClientStats:
@@ -229,14 +235,20 @@ class EnvelopeClient:
             required_encryption_context_keys,
             length,
         )
+        return await self._seal(encryptor, plaintext)
+
+    @staticmethod
+    async def _seal(encryptor: MessageEncryptor, plaintext: _BytesLike) -> bytes:
+        """The whole message: in one call for small plaintexts; through the streaming
+        engine for large ones, so they get the same stepping and thread offload (and
+        give the loop the same breathing room)."""
+        length = memoryview(plaintext).nbytes
         if length < OFFLOAD_THRESHOLD:
             return encryptor.encrypt_all(plaintext)
 
         async def ready() -> MessageEncryptor:
             return encryptor
 
-        # Large objects go through the streaming engine, so they get the same stepping
-        # and thread offload (and give the loop the same breathing room).
         return await EncryptingStream(plaintext, ready, plaintext_length=length).read_all()
 
     def encrypt_stream(
@@ -420,77 +432,44 @@ class EnvelopeClient:
 
     # -- rotation ------------------------------------------------------------------------
 
-    async def rewrap(
+    async def reencrypt(
         self,
         message: _BytesLike,
         *,
         to_keyring: Keyring,
         encryption_context: Mapping[str, str] | None = None,
+        algorithm_suite: AlgorithmSuite | None = None,
+        frame_length: int | None = None,
     ) -> bytes:
-        """``message`` with its data key wrapped under ``to_keyring`` instead, without
-        re-encrypting the body: the message ID and every frame stay byte-identical.
+        """``message`` decrypted with this client and encrypted again under
+        ``to_keyring``: key rotation.
 
-        This client's keyring unwraps the data key (one KMS call, or none on a cache hit);
-        ``to_keyring`` alone wraps it again, so the result no longer opens with the old
-        keys. The old header is authenticated first. Signed messages cannot be rewrapped
-        (their signature covers the header): re-encrypt them with
-        :meth:`reencrypt_stream`. ``to_keyring`` is opened on first use and closed with
-        this client.
+        The whole old message is verified (every frame, the signature) before the new
+        one is sealed. The new message has a new message ID, so a new derived key and
+        new frames; its data key comes from ``to_keyring`` through this client's data-key
+        cache (``CacheConfig``), so rotating many messages with the same context costs
+        one wrap per cached data key, not one KMS call per message.
+
+        The new message keeps the old one's stored context and suite (a legacy suite
+        becomes its key-committing successor, signed if it was signed) unless one is
+        given; pairs passed in ``encryption_context`` that the old header did not store
+        stay required (authenticated, not stored) in the new one. ``to_keyring`` is
+        opened on first use and closed with this client.
         """
-        _check_bytes(message, "message")
-        return await self.rewrap_stream(
-            message, to_keyring=to_keyring, encryption_context=encryption_context
-        ).read_all()
-
-    def rewrap_stream(
-        self,
-        source: StreamSource,
-        *,
-        to_keyring: Keyring,
-        encryption_context: Mapping[str, str] | None = None,
-    ) -> RewrappingStream:
-        """:meth:`rewrap` for a stream: a new header, then the body passed through as it
-        comes (constant memory; the body is not decrypted)."""
         self._require_open()
-        check_source(source)
+        _check_bytes(message, "message")
         _check_keyring(to_keyring, "to_keyring")
-
-        async def rewrapped(
-            header: MessageHeader, plan: DecryptionPlan
-        ) -> tuple[EncryptedDataKey, ...]:
-            target = await self._opened(to_keyring)
-            return await self._materials.rewrapped_keys(
-                header,
-                plan,
-                target,
-                lambda: wrap_again(plan, header, target, self.max_encrypted_data_keys),
-            )
-
-        async def header(parsed: ParsedHeader) -> tuple[bytes, MessageHeader]:
-            return await new_header(
-                parsed,
-                lambda h: self._materials.decryption_plan(h, encryption_context),
-                rewrapped,
-            )
-
-        return RewrappingStream(
-            source, header, max_encrypted_data_keys=self.max_encrypted_data_keys
+        frame_length = self._frame_length_or_default(frame_length)
+        old = await self.decrypt_with_header(message, encryption_context=encryption_context)
+        encryptor = await self._reencryptor(
+            old.header,
+            to_keyring,
+            encryption_context,
+            algorithm_suite,
+            frame_length,
+            len(old.plaintext),
         )
-
-    async def rewrap_file(
-        self,
-        source: str | os.PathLike[str],
-        destination: str | os.PathLike[str],
-        *,
-        to_keyring: Keyring,
-        encryption_context: Mapping[str, str] | None = None,
-        overwrite: bool = False,
-    ) -> MessageHeader:
-        """:meth:`rewrap` from file to file, written atomically like :meth:`encrypt_file`."""
-        stream = self.rewrap_stream(
-            file_chunks(source), to_keyring=to_keyring, encryption_context=encryption_context
-        )
-        return await save_stream(stream, destination, overwrite=overwrite)
+        return await self._seal(encryptor, old.plaintext)
 
     def reencrypt_stream(
         self,
@@ -501,47 +480,118 @@ class EnvelopeClient:
         algorithm_suite: AlgorithmSuite | None = None,
         frame_length: int | None = None,
     ) -> ReencryptingStream:
-        """Decrypt ``source`` with this client and encrypt it again under ``to_keyring``
-        (a new data key and message ID): for signed messages, which cannot be rewrapped.
+        """:meth:`reencrypt` for a stream, at constant memory: the old message's
+        verified plaintext is sealed again as it arrives.
 
-        The new message keeps the old one's context and suite (a legacy suite becomes
-        its key-committing successor, signed if it was signed) unless one is given;
-        pairs passed in ``encryption_context`` that the old header did not store stay
-        required (authenticated, not stored) in the new one.
+        The new message's final frame comes only after the old message verified to its
+        end; if it does not, iteration raises and the new message is incomplete (any
+        reader refuses it). A ``bytes`` source may reuse a cached data key of
+        ``to_keyring``; another source gets a fresh data key (one wrap per stream), as
+        with :meth:`encrypt_stream` without ``plaintext_length``.
         """
+        length_bound = (
+            memoryview(source).nbytes
+            if isinstance(source, (bytes, bytearray, memoryview))
+            else None
+        )
+        return self._reencrypt_stream(
+            source,
+            to_keyring=to_keyring,
+            encryption_context=encryption_context,
+            algorithm_suite=algorithm_suite,
+            frame_length=frame_length,
+            length_bound=length_bound,
+        )
+
+    async def reencrypt_file(
+        self,
+        source: str | os.PathLike[str],
+        destination: str | os.PathLike[str],
+        *,
+        to_keyring: Keyring,
+        encryption_context: Mapping[str, str] | None = None,
+        algorithm_suite: AlgorithmSuite | None = None,
+        frame_length: int | None = None,
+        overwrite: bool = False,
+    ) -> MessageHeader:
+        """:meth:`reencrypt` from file to file at constant memory: ``destination``
+        (mode 0600) appears only once the whole old message verified and the new one
+        is complete; on any error nothing is left. Returns the new message's header."""
+        size = (await anyio.Path(source).stat()).st_size
+        stream = self._reencrypt_stream(
+            file_chunks(source),
+            to_keyring=to_keyring,
+            encryption_context=encryption_context,
+            algorithm_suite=algorithm_suite,
+            frame_length=frame_length,
+            length_bound=size,
+        )
+        return await save_stream(stream, destination, overwrite=overwrite)
+
+    def _reencrypt_stream(
+        self,
+        source: StreamSource,
+        *,
+        to_keyring: Keyring,
+        encryption_context: Mapping[str, str] | None,
+        algorithm_suite: AlgorithmSuite | None,
+        frame_length: int | None,
+        length_bound: int | None,
+    ) -> ReencryptingStream:
+        """``length_bound``: at least the plaintext's length (the ciphertext's length
+        will do), or None. The data-key cache charges it against a key's byte limit,
+        which is conservative: a cached key may be reused only when that is known."""
         self._require_open()
+        check_source(source)
         _check_keyring(to_keyring, "to_keyring")
         plaintext = self.decrypt_stream(source, encryption_context=encryption_context)
-        frame_length = self._frame_length_or_default(frame_length)
-        reproduced = dict(encryption_context or {})
+        checked_frame_length = self._frame_length_or_default(frame_length)
 
-        async def start(old: MessageHeader) -> MessageEncryptor:
-            target = await self._opened(to_keyring)
-            context = {k: v for k, v in old.encryption_context.items() if k != PUBLIC_KEY_FIELD}
-            required = {k for k in reproduced if k not in context}
-            context.update(reproduced)
-            manager = DefaultMaterialsManager(
-                target,
-                commitment_policy=self.commitment_policy,
-                max_encrypted_data_keys=self.max_encrypted_data_keys,
+        def start(old: MessageHeader) -> Awaitable[MessageEncryptor]:
+            return self._reencryptor(
+                old,
+                to_keyring,
+                encryption_context,
+                algorithm_suite,
+                checked_frame_length,
+                length_bound,
             )
-            suite = algorithm_suite or old.algorithm_suite
-            if suite not in WRITABLE_SUITES:
-                # A legacy message: re-encryption is the moment to move it to a key-
-                # committing suite, keeping its signature if it had one.
-                suite = (
-                    AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384
-                    if suite.signing
-                    else DEFAULT_SUITE
-                )
-            plan = await manager.encryption_plan(
-                encryption_context=context,
-                algorithm_suite=suite,
-                required_encryption_context_keys=frozenset(required),
-            )
-            return self._encryptor_for(plan, frame_length)
 
         return ReencryptingStream(plaintext, start)
+
+    async def _reencryptor(
+        self,
+        old: MessageHeader,
+        to_keyring: Keyring,
+        reproduced: Mapping[str, str] | None,
+        algorithm_suite: AlgorithmSuite | None,
+        frame_length: int,
+        length_bound: int | None,
+    ) -> MessageEncryptor:
+        """The encryptor of the new message for the old message ``old``: same stored
+        context (required pairs stay required), same or successor suite, a data key
+        from ``to_keyring``'s own key manager (cached like :meth:`encrypt`'s)."""
+        target = await self._opened(to_keyring)
+        context = {k: v for k, v in old.encryption_context.items() if k != PUBLIC_KEY_FIELD}
+        reproduced = dict(reproduced or {})
+        required = {k for k in reproduced if k not in context}
+        context.update(reproduced)
+        suite = algorithm_suite or old.algorithm_suite
+        if suite not in WRITABLE_SUITES:
+            # A legacy message: re-encryption is the moment to move it to a key-
+            # committing suite, keeping its signature if it had one.
+            suite = (
+                AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384
+                if suite.signing
+                else DEFAULT_SUITE
+            )
+        plan = await self._managers[id(target)].encryption_plan(
+            encryption_context=context,
+            algorithm_suite=suite,
+            required_encryption_context_keys=frozenset(required),
+            plaintext_length=length_bound,
+        )
+        return self._encryptor_for(plan, frame_length)
 
     async def _opened(self, keyring: Keyring) -> Keyring:
         """``keyring``, attached to this client and opened once (concurrent first uses
@@ -554,4 +604,16 @@ class EnvelopeClient:
                 keyring.attach(self._runtime)
                 await keyring.open()
                 self._other_keyrings[id(keyring)] = keyring
+                self._managers[id(keyring)] = KeyManager(
+                    DefaultMaterialsManager(
+                        keyring,
+                        commitment_policy=self.commitment_policy,
+                        max_encrypted_data_keys=self.max_encrypted_data_keys,
+                    ),
+                    cache=self._cache_config,
+                    limiter=None,  # a target only encrypts; the limit is on decryption
+                    coalescer=self._coalescer,
+                    clock=self._clock,
+                    stats=self._stats,
+                )
         return keyring

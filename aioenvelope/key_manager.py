@@ -1,8 +1,8 @@
 """The key manager: as few KMS calls as is safe, and fail fast when KMS is down.
 
 Wraps the default materials manager with data-key reuse for encryption, a TTL cache of
-data keys for decryption, coalescing of identical concurrent misses, and the decrypt
-rate limit. (The circuit breaker sits lower, on the KMS call path: see ``breaker.py``.)
+data keys for decryption, and coalescing of identical concurrent misses. (The circuit
+breaker and the decrypt rate limit sit lower, on the KMS call path: see ``runtime.py``.)
 
 On wiping: cached data keys are held in ``bytearray``s and zeroed when evicted, expired or
 cleared. Python still makes transient ``bytes`` copies (each message's materials, the
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Awaitable, Callable, Hashable, Mapping, Set
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping, Set
+from dataclasses import dataclass, field
 from typing import Any
 
 from cachetools import TTLCache
@@ -22,7 +22,7 @@ from cachetools import TTLCache
 from .coalesce import Coalescer
 from .config import CacheConfig
 from .format.encryption_context import serialize_encryption_context, validate_user_context
-from .format.header import EncryptedDataKey, MessageHeader
+from .format.header import MessageHeader
 from .format.suites import AlgorithmSuite
 from .keyrings.base import DecryptionMaterials, _evolve
 from .materials import (
@@ -32,7 +32,6 @@ from .materials import (
     merge_reproduced_context,
     verifier_for,
 )
-from .rate_limit import TokenBucket
 from .stats import StatsRecorder
 
 __all__ = ["KeyManager"]
@@ -75,8 +74,11 @@ class _DecryptEntry:
 
 @dataclass
 class _EncryptEntry:
-    plan: EncryptionPlan
-    data_key: bytearray
+    """A reusable data key and how much it has sealed. ``repr`` shows the counts only:
+    tools that capture locals (Sentry, debuggers) must never print the key."""
+
+    plan: EncryptionPlan = field(repr=False)
+    data_key: bytearray = field(repr=False)
     created: float
     messages: int = 0
     bytes: int = 0
@@ -116,14 +118,12 @@ class KeyManager:
         inner: DefaultMaterialsManager,
         *,
         cache: CacheConfig | None,
-        limiter: TokenBucket | None,
         coalescer: Coalescer,
         clock: Callable[[], float],
         stats: StatsRecorder,
     ) -> None:
         self.inner = inner
         self._config = cache
-        self._limiter = limiter
         self._coalescer = coalescer
         self._clock = clock
         self._stats = stats
@@ -131,12 +131,9 @@ class KeyManager:
         self._partition = partition.encode("utf-8")
         self._encrypt: _WipingTTLCache | None = None
         self._decrypt: _WipingTTLCache | None = None
-        # Rewrapped EDKs hold no secret (they are what goes into headers): a plain cache.
-        self._rewrap: TTLCache[Hashable, tuple[EncryptedDataKey, ...]] | None = None
         if cache is not None:
             if cache.reuse_data_keys:
                 self._encrypt = _WipingTTLCache(cache.encrypt_entries, cache.max_age, timer=clock)
-                self._rewrap = TTLCache(cache.encrypt_entries, cache.max_age, timer=clock)
             self._decrypt = _WipingTTLCache(cache.decrypt_entries, cache.decrypt_ttl, timer=clock)
 
     def choose_suite(self, requested: AlgorithmSuite | None) -> AlgorithmSuite:
@@ -146,52 +143,6 @@ class KeyManager:
         for cache in (self._encrypt, self._decrypt):
             if cache is not None:
                 cache.wipe_all()
-        if self._rewrap is not None:
-            self._rewrap.clear()
-
-    # -- rewrap ------------------------------------------------------------------------
-
-    async def rewrapped_keys(
-        self,
-        header: MessageHeader,
-        plan: DecryptionPlan,
-        target: object,
-        wrap: Callable[[], Awaitable[tuple[EncryptedDataKey, ...]]],
-    ) -> tuple[EncryptedDataKey, ...]:
-        """``wrap()``'s EDKs for the data key behind ``header``'s EDKs, shared.
-
-        Messages written with a reused data key carry identical EDKs, so they hold the
-        same data key: wrapping it once for ``target`` serves all of them (one KMS
-        Encrypt per data key, not per message, and rewrapped messages keep sharing EDKs,
-        so reading them stays one Decrypt per data key too). Bounded like data-key
-        reuse for encryption (``max_age``; none when ``reuse_data_keys`` is off).
-        """
-        cache = self._rewrap
-        if cache is None:
-            return await wrap()
-        materials = plan.materials
-        key = _digest(
-            self._partition,
-            b"rewrap",
-            id(target).to_bytes(8, "big"),  # the client keeps its target keyrings alive
-            header.algorithm_suite.suite_id.to_bytes(2, "big"),
-            *sorted(edk.serialize() for edk in header.encrypted_data_keys),
-            b"context",
-            serialize_encryption_context(materials.encryption_context),
-            b"required",
-            *sorted(k.encode("utf-8") for k in materials.required_encryption_context_keys),
-        )
-        found = cache.get(key)
-        if found is not None:
-            self._stats.rewrap_cache_hits += 1
-            return found
-
-        async def wrap_and_cache() -> tuple[EncryptedDataKey, ...]:
-            edks = await wrap()
-            cache[key] = edks
-            return edks
-
-        return await self._coalescer.run(("rewrap", key), wrap_and_cache)
 
     # -- encryption --------------------------------------------------------------------
 
@@ -252,7 +203,10 @@ class KeyManager:
                     plan, bytearray(plan.materials.plaintext_data_key), self._clock()
                 )
 
-            await self._coalescer.run(("encrypt", key), refill)
+            # Keyed by this manager too: the client's re-encryption targets have managers of
+            # their own on the same coalescer, and the same context under another keyring
+            # is another data key.
+            await self._coalescer.run(("encrypt", id(self), key), refill)
             waited = True  # a refill happened (ours or one we joined): look again
 
     # -- decryption --------------------------------------------------------------------
@@ -267,8 +221,8 @@ class KeyManager:
         suite = header.algorithm_suite
 
         async def fetch() -> DecryptionMaterials:
-            if self._limiter is not None:
-                await self._limiter.take()
+            # The decrypt rate limit is charged per KMS call, inside the keyrings
+            # (Runtime.admit_remote_decrypt): one miss can try many EDKs.
             return await inner.decryption_materials(header, context, required)
 
         cache = self._decrypt if suite.info.kdf_hash is not None else None

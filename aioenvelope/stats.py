@@ -23,8 +23,6 @@ class ClientStats:
     rate_limited: int
     breaker_states: Mapping[str, str]
     breaker_transitions: int
-    rewrap_cache_hits: int = 0
-    """Rewraps that reused EDKs already wrapped for their data key (no KMS call)."""
 
 
 @dataclass
@@ -40,7 +38,6 @@ class StatsRecorder:
     rate_limited: int = 0
     breaker_states: dict[str, str] = field(default_factory=dict)
     breaker_transitions: int = 0
-    rewrap_cache_hits: int = 0
 
     def snapshot(self) -> ClientStats:
         return ClientStats(
@@ -53,5 +50,4 @@ class StatsRecorder:
             rate_limited=self.rate_limited,
             breaker_states=MappingProxyType(dict(self.breaker_states)),
             breaker_transitions=self.breaker_transitions,
-            rewrap_cache_hits=self.rewrap_cache_hits,
         )

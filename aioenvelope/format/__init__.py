@@ -1,7 +1,7 @@
 """Sans-I/O core: bytes in, headers/frames/plaintext out. No ``await``, no network, no clock.
 
 Everything byte-exact about the AWS Encryption SDK message format lives here, so it can
-be tested without a server and reused by the one-shot, streaming and rewrap paths.
+be tested without a server and reused by the one-shot, streaming and re-encryption paths.
 """
 
 from .decryptor import END_OF_MESSAGE, MessageDecryptor

@@ -1,4 +1,4 @@
-"""Checking a header's key commitment and tag: shared by reading and rewrapping."""
+"""Checking a header's key commitment and tag, before any frame is opened."""
 
 from __future__ import annotations
 
@@ -12,22 +12,7 @@ from .derivation import check_commitment, derive_keys
 from .encryption_context import serialize_encryption_context
 from .header import ParsedHeader
 
-__all__ = ["authenticated_key", "authenticated_message_key"]
-
-
-def authenticated_message_key(
-    parsed: ParsedHeader,
-    data_key: bytes | bytearray,
-    required_encryption_context: Mapping[str, str] | None,
-) -> tuple[AESGCM, bytes]:
-    """The message's AES-GCM key (and the serialized required context) once the
-    commitment and the header tag check out with ``data_key``; raises otherwise.
-
-    ``required_encryption_context`` holds the pairs that were authenticated but not
-    stored in the header; they are appended to the header-auth AAD.
-    """
-    _, aead, required = authenticated_key(parsed, data_key, required_encryption_context)
-    return aead, required
+__all__ = ["authenticated_key"]
 
 
 def authenticated_key(
@@ -35,8 +20,14 @@ def authenticated_key(
     data_key: bytes | bytearray,
     required_encryption_context: Mapping[str, str] | None,
 ) -> tuple[bytes, AESGCM, bytes]:
-    """As :func:`authenticated_message_key`, with the derived key's bytes first (for a
-    reader that opens large frames piece by piece with a ``Cipher`` context)."""
+    """The derived key's bytes (for a reader that opens large frames piece by piece with
+    a ``Cipher`` context), the message's AES-GCM key and the serialized required context,
+    once the commitment and the header tag check out with ``data_key``; raises otherwise.
+
+    ``required_encryption_context`` holds the pairs that were authenticated but not
+    stored in the header; they are appended to the header-auth AAD. Opening only: a
+    header is tagged once, by the encryptor that wrote it, and never re-tagged.
+    """
     header = parsed.header
     suite = header.algorithm_suite
     key, commitment = derive_keys(suite, bytes(data_key), header.message_id)

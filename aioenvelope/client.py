@@ -611,7 +611,6 @@ class EnvelopeClient:
                         max_encrypted_data_keys=self.max_encrypted_data_keys,
                     ),
                     cache=self._cache_config,
-                    limiter=None,  # a target only encrypts; the limit is on decryption
                     coalescer=self._coalescer,
                     clock=self._clock,
                     stats=self._stats,

@@ -1,7 +1,10 @@
-"""A token bucket for cache-miss decryptions: the denial-of-wallet defence.
+"""A token bucket on remote unwrap calls (KMS Decrypt): the denial-of-wallet defence.
 
-Every cache miss costs a KMS call (billed, and counted against the account's quota), and
-a caller controls what it asks us to decrypt; this bounds what it can make us spend.
+Every KMS Decrypt is billed and counted against the account's quota, and a caller
+controls what it asks us to decrypt, including how many EDKs a message carries (one
+cache miss can try each of them). One token per request sent, taken through
+:meth:`aioenvelope.runtime.Runtime.admit_remote_decrypt`, bounds what a caller can make
+us spend; cache hits and keyrings that unwrap locally take none.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ class TokenBucket:
         self._stats.rate_limited += 1
         if not self._config.wait:
             raise KMSDecryptRateLimited(
-                "too many decryptions that miss the cache: the decrypt rate limit "
-                f"({self._config.rate:g}/s, burst {self._config.burst}) is spent. "
+                "too many KMS Decrypt calls (decryptions that miss the cache, one call per "
+                f"EDK tried): the decrypt rate limit ({self._config.rate:g}/s, burst "
+                f"{self._config.burst}) is spent. "
                 f"Retry after {delay:.2f} s (HTTP 429)",
                 retry_after=delay,
             )

@@ -1,15 +1,22 @@
-"""What an open ``EnvelopeClient`` shares with its keyrings: the clock, the counters and
-the per-region circuit breakers."""
+"""What an open ``EnvelopeClient`` shares with its keyrings: the clock, the counters, the
+per-region circuit breakers and the decrypt rate limit."""
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 
-from .breaker import CircuitBreaker
-from .config import CircuitBreakerConfig
+from .breaker import CLOSED, CircuitBreaker
+from .config import CircuitBreakerConfig, RateLimit
+from .rate_limit import TokenBucket
 from .stats import StatsRecorder
 
 __all__ = ["Runtime"]
+
+# Breakers kept at once. Keyrings call KMS only in regions their configuration names
+# (keys, discovery ``regions=``), so a client rarely needs more than a handful; the cap
+# is a second line of defence against a configuration (or a bug) that names many.
+MAX_BREAKERS = 64
 
 
 class Runtime:
@@ -19,19 +26,52 @@ class Runtime:
         clock: Callable[[], float],
         stats: StatsRecorder,
         breaker_config: CircuitBreakerConfig | None,
+        decrypt_rate_limit: RateLimit | None = None,
+        max_breakers: int = MAX_BREAKERS,
     ) -> None:
         self.clock = clock
         self.stats = stats
         self._breaker_config = breaker_config
-        self._breakers: dict[str, CircuitBreaker] = {}
+        self._breakers: collections.OrderedDict[str, CircuitBreaker] = collections.OrderedDict()
+        self._max_breakers = max(1, max_breakers)
+        self._limiter = (
+            TokenBucket(decrypt_rate_limit, clock, stats) if decrypt_rate_limit else None
+        )
 
     def breaker(self, region: str) -> CircuitBreaker | None:
-        """The breaker guarding KMS in ``region`` (one per region, made on first use)."""
+        """The breaker guarding KMS in ``region`` (one per region, made on first use).
+
+        At most ``max_breakers`` are kept. Over that, closed breakers go first, least
+        recently used first (a closed breaker forgets little: a new one starts closed too),
+        then open ones; an evicted region also leaves ``stats.breaker_states``.
+        """
         if self._breaker_config is None:
             return None
         breaker = self._breakers.get(region)
-        if breaker is None:
-            breaker = self._breakers[region] = CircuitBreaker(
-                region, self._breaker_config, self.clock, self.stats
+        if breaker is not None:
+            self._breakers.move_to_end(region)
+            return breaker
+        breaker = self._breakers[region] = CircuitBreaker(
+            region, self._breaker_config, self.clock, self.stats
+        )
+        while len(self._breakers) > self._max_breakers:
+            victim = next(
+                (r for r, b in self._breakers.items() if b.state == CLOSED and r != region),
+                next(iter(self._breakers)),
             )
+            del self._breakers[victim]
+            self.stats.breaker_states.pop(victim, None)
         return breaker
+
+    async def admit_remote_decrypt(self) -> None:
+        """Take a token from the decrypt rate limit (``decrypt_rate_limit=``) for one
+        request that asks a remote service to unwrap a data key.
+
+        Keyrings that call out to unwrap (KMS Decrypt; Vault, GCP or Azure unwrap) await
+        this once per request, just before sending it: the bucket bounds what callers can
+        make us spend, and one message can hold many EDKs. Keyrings that unwrap locally
+        (raw AES, raw RSA) cost nobody anything and never call it. Raises
+        :class:`~aioenvelope.errors.KMSDecryptRateLimited`, or waits in ``wait=True`` mode.
+        """
+        if self._limiter is not None:
+            await self._limiter.take()

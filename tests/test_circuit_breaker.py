@@ -521,7 +521,11 @@ async def test_breaker_is_per_region(
     here = await message_under(moto_kms, kms_key)
     there = await message_under(moto_kms, other_region_key)
     keyring = KmsDiscoveryKeyring(
-        session=session(), endpoint_url=proxy.url, deadline=DEADLINE, max_attempts=1
+        session=session(),
+        endpoint_url=proxy.url,
+        deadline=DEADLINE,
+        max_attempts=1,
+        regions=[REGION, OTHER_REGION],  # discovery calls only regions it is told to
     )
     async with EnvelopeClient(keyring, cache=None, clock=clock) as client:
         proxy.fail_next(THRESHOLD, 500, operation="Decrypt")
@@ -556,7 +560,11 @@ async def test_open_region_is_skipped_for_a_message_also_wrapped_in_another_regi
     async with EnvelopeClient(writer, cache=None) as write:
         both = await write.encrypt(PLAINTEXT, encryption_context=CONTEXT)
     keyring = KmsDiscoveryKeyring(
-        session=session(), endpoint_url=proxy.url, deadline=DEADLINE, max_attempts=1
+        session=session(),
+        endpoint_url=proxy.url,
+        deadline=DEADLINE,
+        max_attempts=1,
+        regions=[REGION, OTHER_REGION],  # discovery calls only regions it is told to
     )
     async with EnvelopeClient(keyring, cache=None, clock=clock) as client:
         proxy.fail_next(THRESHOLD, 500, operation="Decrypt")

@@ -13,6 +13,8 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import aioboto3
+from botocore.exceptions import InvalidRegionError
+from botocore.utils import validate_region_name
 
 from .._concurrency import gather_in_order
 from ..errors import (
@@ -63,6 +65,36 @@ def _edk_arn(edk: EncryptedDataKey) -> KmsArn | None:
     except UnicodeDecodeError:
         return None
     return arn if arn is not None and arn.resource_type == "key" else None
+
+
+def _checked_regions(regions: Collection[str]) -> frozenset[str]:
+    """``regions`` as a set, each a well-formed region name, or a ConfigurationError."""
+    if isinstance(regions, str) or not isinstance(regions, Collection) or not regions:
+        raise ConfigurationError(
+            "regions must be a non-empty collection of AWS region names, "
+            "e.g. regions=['us-east-1', 'eu-west-1']"
+        )
+    for region in regions:
+        problem = not isinstance(region, str) or not region.isascii() or not region.isprintable()
+        if not problem:
+            try:
+                validate_region_name(region)
+            except InvalidRegionError:
+                problem = True
+        if problem or not region:
+            raise ConfigurationError(
+                f"{region!r} is not an AWS region name (such as 'eu-west-1'); check regions= "
+                "and region_name"
+            )
+    return frozenset(regions)
+
+
+def _shown(regions: Collection[str], limit: int = 5) -> str:
+    """Region names for an error message. They may come from a message's EDKs, i.e. from
+    whoever wrote it: quoted (so control characters show escaped), cut short, few."""
+    names = [repr(region[:64]) for region in list(regions)[:limit]]
+    more = f" and {len(regions) - limit} more" if len(regions) > limit else ""
+    return ", ".join(names) + more
 
 
 def _check_response_key(response: Mapping[str, Any], operation: str, key_id: str) -> str:
@@ -145,8 +177,11 @@ class _KmsKeyringBase(Keyring):
         materials: DecryptionMaterials,
         attempts: Sequence[tuple[EncryptedDataKey, str, str, str | None]],
         total_edks: int,
+        skipped: str = "",
     ) -> DecryptionMaterials:
         """Try each (edk, key, region, expected ARN) in turn; the first success wins.
+
+        ``skipped`` explains EDKs left out before any call (it ends the final error).
 
         A region whose circuit breaker is open is skipped, not fatal: a message wrapped
         in two regions must still decrypt while one of them is down.
@@ -170,7 +205,7 @@ class _KmsKeyringBase(Keyring):
         reasons = "; ".join(str(f) for f in failures) or "no encrypted data key names a usable key"
         raise NoUsableKeyError(
             f"{self!r} could not decrypt any of the message's {total_edks} encrypted data "
-            f"keys ({len(attempts)} tried): {reasons}"
+            f"keys ({len(attempts)} tried): {reasons}{skipped}"
         )
 
 
@@ -380,9 +415,15 @@ class KmsDiscoveryKeyring(_KmsKeyringBase):
     """Decrypt-only: tries every ``aws-kms`` EDK under the key it names.
 
     ``discovery_filter`` limits that to some accounts of one partition (recommended).
-    With ``mrk_aware=True`` and a ``region_name``, multi-Region keys from other regions
-    are decrypted by their replica in ``region_name``; other keys from other regions are
-    skipped, so decryption stays in one region.
+    ``regions`` limits it to keys in those regions: the region is part of the EDK, which
+    whoever wrote the message chose, and each region costs a KMS client and a circuit
+    breaker. It defaults to the keyring's home region (``region_name``, else the
+    ``client``'s or ``session``'s region, ``AWS_REGION`` or ``AWS_DEFAULT_REGION``); list
+    every region your keys live in to widen it. EDKs of other regions are skipped without
+    a call, like EDKs of unknown keys, and the final error names them.
+    With ``mrk_aware=True`` (which needs a home region and no other ``regions``),
+    multi-Region keys from other regions are decrypted by their replica in the home
+    region; other keys from other regions are skipped, so decryption stays in one region.
     """
 
     def __init__(
@@ -395,6 +436,7 @@ class KmsDiscoveryKeyring(_KmsKeyringBase):
         endpoint_url: str | None = None,
         grant_tokens: Sequence[str] = (),
         mrk_aware: bool = False,
+        regions: Collection[str] | None = None,
         deadline: float = 2.0,
         retry_mode: str = "standard",
         max_attempts: int = 4,
@@ -412,15 +454,51 @@ class KmsDiscoveryKeyring(_KmsKeyringBase):
             max_attempts=max_attempts,
             max_connections=max_connections,
         )
-        if mrk_aware and not settings.default_region():
+        home = settings.default_region()
+        if mrk_aware and not home:
             raise ConfigurationError("an MRK-aware discovery keyring needs a region_name")
+        if regions is None:
+            if not home:
+                raise ConfigurationError(
+                    "a KmsDiscoveryKeyring needs to know which regions it may call KMS in: "
+                    "give region_name= (its home region) or regions=[...], or set AWS_REGION"
+                )
+            regions = (home,)
+        allowed = _checked_regions(regions)
+        if mrk_aware and allowed != {home}:
+            raise ConfigurationError(
+                "an MRK-aware discovery keyring calls KMS only in its home region "
+                f"({home!r}): leave regions= out, or use mrk_aware=False"
+            )
         super().__init__(settings, grant_tokens)
         self.discovery_filter = discovery_filter
         self.mrk_aware = mrk_aware
-        self._home = settings.default_region()
+        self.regions = allowed
+        self._home = home
 
     def __repr__(self) -> str:
-        return f"KmsDiscoveryKeyring(discovery_filter={self.discovery_filter!r})"
+        return (
+            f"KmsDiscoveryKeyring(discovery_filter={self.discovery_filter!r}, "
+            f"regions={sorted(self.regions)!r})"
+        )
+
+    def _skipped_note(self, refused: Collection[str]) -> str:
+        if not refused:
+            return ""
+        note = (
+            f"; skipped encrypted data keys naming keys in regions this keyring may not "
+            f"call: {_shown(refused)}. "
+        )
+        if self.mrk_aware:
+            return note + (
+                f"An MRK-aware discovery keyring calls KMS only in its home region "
+                f"{self._home!r}, for multi-Region keys and keys of that region"
+            )
+        return note + (
+            f"It calls KMS only in {_shown(sorted(self.regions), limit=50)}; if keys in "
+            "other regions should open messages, list every region your keys live in "
+            "with KmsDiscoveryKeyring(regions=[...])"
+        )
 
     async def on_encrypt(self, materials: EncryptionMaterials) -> EncryptionMaterials:
         raise KeyringError(
@@ -433,16 +511,20 @@ class KmsDiscoveryKeyring(_KmsKeyringBase):
         if materials.plaintext_data_key is not None:
             return materials
         attempts = []
+        refused: dict[str, None] = {}  # regions not allowed, in order of appearance
         for edk in encrypted_data_keys:
             arn = _edk_arn(edk)
             if arn is None:
                 continue
             if self.discovery_filter is not None and not self.discovery_filter.allows(arn):
                 continue
-            if self.mrk_aware and self._home:
-                if arn.is_mrk:
-                    arn = arn.in_region(self._home)
-                elif arn.region != self._home:
-                    continue
+            if self.mrk_aware and self._home and arn.is_mrk:
+                arn = arn.in_region(self._home)  # its replica, in the one allowed region
+            elif arn.region not in self.regions:
+                # Never a client, a breaker or a call for a region the writer picked.
+                refused.setdefault(arn.region, None)
+                continue
             attempts.append((edk, str(arn), arn.region, str(arn)))
-        return await self._try_in_order(materials, attempts, len(encrypted_data_keys))
+        return await self._try_in_order(
+            materials, attempts, len(encrypted_data_keys), self._skipped_note(refused)
+        )

@@ -12,7 +12,6 @@ import collections
 import logging
 import os
 from collections.abc import Mapping
-from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 import aioboto3
@@ -21,13 +20,18 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ..errors import ConfigurationError, KMSError, KMSTimeoutError
+from ._log_redaction import release_redaction, retain_redaction
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
 
-__all__ = ["KmsClients", "KmsSettings"]
+__all__ = ["MAX_CLIENTS", "KmsClients", "KmsSettings"]
 
 log = logging.getLogger("aioenvelope.kms")
+
+# Clients one keyring keeps open at once (each holds a connection pool: about a MiB).
+# Keyrings call only regions their configuration names, so this is rarely reached.
+MAX_CLIENTS = 16
 
 _METHODS = {
     "GenerateDataKey": "generate_data_key",
@@ -95,40 +99,79 @@ class KmsSettings:
         return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
 
 
+class _Entry:
+    """One region's client: its connection gate, and how many calls are using it now.
+
+    ``context`` is the async context manager that opened the client (None for a client
+    the caller supplied, which we never close). An entry evicted while calls use it is
+    closed by the last of them.
+    """
+
+    __slots__ = ("client", "closed", "context", "evicted", "gate", "region", "users")
+
+    def __init__(self, region: str, client: Any, context: Any, max_connections: int) -> None:
+        self.region = region
+        self.client = client
+        self.context = context
+        self.gate = anyio.Semaphore(max_connections)
+        self.users = 0
+        self.evicted = False
+        self.closed = False
+
+
 class KmsClients:
     """The KMS clients of one keyring. Opened and closed with the ``EnvelopeClient``.
 
-    A caller-supplied client serves its own region and is never closed here.
+    One client per region, made on first use, at most ``max_clients`` at once: past that
+    the least recently used one is closed (once its calls in flight have finished). A
+    caller-supplied client serves its own region, does not count, and is never closed
+    here. While the keyring is open, botocore's loggers redact data keys
+    (:mod:`._log_redaction`).
     """
 
-    def __init__(self, settings: KmsSettings) -> None:
+    def __init__(self, settings: KmsSettings, *, max_clients: int = MAX_CLIENTS) -> None:
         self.settings = settings
         self.calls: collections.Counter[str] = collections.Counter()
         self.runtime: Runtime | None = None
-        self._clients: dict[str, Any] = {}
-        self._gates: dict[str, anyio.Semaphore] = {}
-        self._stack: AsyncExitStack | None = None
+        self.max_clients = max(1, max_clients)
+        self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
+        self._draining: set[_Entry] = set()  # evicted, closed when their last call ends
+        self._open = False
         self._lock = anyio.Lock()
         self._session = settings.session
+        self._supplied: _Entry | None = None
         if settings.client is not None:
             region = str(settings.client.meta.region_name)
-            self._clients[region] = settings.client
-            self._gates[region] = anyio.Semaphore(settings.max_connections)
+            self._supplied = _Entry(region, settings.client, None, settings.max_connections)
 
     async def open(self) -> None:
-        self._stack = AsyncExitStack()
+        if not self._open:
+            self._open = True
+            retain_redaction()
 
     async def close(self) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            # Owned clients only; a supplied one stays in _clients and stays open.
-            owned = [r for r, c in self._clients.items() if c is not self.settings.client]
-            try:
-                await stack.aclose()
-            finally:
-                for region in owned:
-                    self._clients.pop(region, None)
-                    self._gates.pop(region, None)
+        if not self._open:
+            return
+        self._open = False
+        owned = [*self._entries.values(), *self._draining]
+        self._entries.clear()
+        self._draining.clear()
+        try:
+            errors: list[BaseException] = []
+            for entry in reversed(owned):  # newest first, as an exit stack would
+                try:
+                    await self._close_entry(entry)
+                except Exception as exc:
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
+        finally:
+            release_redaction()
+
+    @property
+    def open_regions(self) -> tuple[str, ...]:
+        """Regions with an open client of ours, least recently used first."""
+        return tuple(self._entries)
 
     def region_for(self, key_id: str, arn_region: str | None) -> str:
         region = arn_region or self.settings.default_region()
@@ -139,49 +182,130 @@ class KmsClients:
             )
         return region
 
-    async def _client(self, region: str) -> tuple[Any, anyio.Semaphore]:
-        client = self._clients.get(region)
-        if client is not None:
-            return client, self._gates[region]
-        async with self._lock:
-            if region not in self._clients:
-                if self._stack is None:
-                    raise ConfigurationError(
-                        "the KMS keyring is not open: use it inside `async with EnvelopeClient(...)`"
-                    )
-                if self._session is None:
-                    self._session = aioboto3.Session()
-                config = Config(
-                    retries={
-                        "mode": self.settings.retry_mode,
-                        # botocore's "max_attempts" counts retries; this counts attempts.
-                        "total_max_attempts": self.settings.max_attempts,
-                    },
-                    connect_timeout=self.settings.deadline,
-                    read_timeout=self.settings.deadline,
-                    max_pool_connections=self.settings.max_connections,
+    @staticmethod
+    async def _close_entry(entry: _Entry) -> None:
+        if entry.closed or entry.context is None:
+            return
+        entry.closed = True
+        log.debug("closing the KMS client for region %s", entry.region)
+        with anyio.CancelScope(shield=True):  # a half-closed client would leak its pool
+            await entry.context.__aexit__(None, None, None)
+
+    async def _acquire(self, region: str, operation: str, key_id: str) -> _Entry:
+        """The region's entry, with one more user; opens (and evicts) under the lock."""
+        supplied = self._supplied
+        if supplied is not None and supplied.region == region:
+            supplied.users += 1
+            return supplied
+        entry = self._entries.get(region)
+        if entry is None:
+            async with self._lock:
+                entry = self._entries.get(region)
+                if entry is None:
+                    entry = await self._open_entry(region, operation, key_id)
+                    self._entries[region] = entry
+                    await self._evict_over_cap()
+                entry.users += 1
+        else:
+            entry.users += 1
+        if self._entries.get(region) is entry:
+            self._entries.move_to_end(region)
+        return entry
+
+    async def _release(self, entry: _Entry) -> None:
+        entry.users -= 1
+        if entry.evicted and entry.users == 0:
+            self._draining.discard(entry)
+            try:
+                await self._close_entry(entry)
+            except Exception as exc:  # the call itself is done: report, do not fail it
+                log.warning(
+                    "closing the evicted KMS client for %s failed: %s",
+                    entry.region,
+                    type(exc).__name__,
                 )
-                log.debug("opening a KMS client for region %s", region)
-                self._clients[region] = await self._stack.enter_async_context(
-                    self._session.client(
-                        "kms",
-                        region_name=region,
-                        endpoint_url=self.settings.endpoint_url,
-                        config=config,
-                    )
+
+    async def _evict_over_cap(self) -> None:
+        while len(self._entries) > self.max_clients:
+            _, victim = self._entries.popitem(last=False)
+            victim.evicted = True
+            if victim.users:
+                self._draining.add(victim)  # closed by _release, after its last call
+                continue
+            try:
+                await self._close_entry(victim)
+            except Exception as exc:
+                log.warning(
+                    "closing the evicted KMS client for %s failed: %s",
+                    victim.region,
+                    type(exc).__name__,
                 )
-                self._gates[region] = anyio.Semaphore(self.settings.max_connections)
-            return self._clients[region], self._gates[region]
+
+    async def _open_entry(self, region: str, operation: str, key_id: str) -> _Entry:
+        """Open a client for ``region``. Whatever botocore raises (a malformed region, an
+        unusable endpoint) becomes a :class:`KMSError` naming the region, not a botocore
+        exception escaping the library."""
+        if not self._open:
+            raise ConfigurationError(
+                "the KMS keyring is not open: use it inside `async with EnvelopeClient(...)`"
+            )
+        if self._session is None:
+            self._session = aioboto3.Session()
+        config = Config(
+            retries={
+                "mode": self.settings.retry_mode,
+                # botocore's "max_attempts" counts retries; this counts attempts.
+                "total_max_attempts": self.settings.max_attempts,
+            },
+            connect_timeout=self.settings.deadline,
+            read_timeout=self.settings.deadline,
+            max_pool_connections=self.settings.max_connections,
+        )
+        log.debug("opening a KMS client for region %s", region)
+        try:
+            context = self._session.client(
+                "kms",
+                region_name=region,
+                endpoint_url=self.settings.endpoint_url,
+                config=config,
+            )
+            client = await context.__aenter__()
+        except (BotoCoreError, ValueError) as exc:
+            raise KMSError(
+                f"KMS {operation} with key {key_id} failed: no KMS client could be opened "
+                f"for region {region[:64]!r} ({type(exc).__name__}: {str(exc)[:200]}). "
+                "Check region_name, the key ARN's region and endpoint_url",
+                operation=operation,
+                key_id=key_id,
+                error_code=type(exc).__name__,
+                transient=False,
+            ) from exc
+        return _Entry(region, client, context, self.settings.max_connections)
 
     async def call(
         self, operation: str, region: str, key_id: str, params: Mapping[str, Any]
     ) -> dict[str, Any]:
-        """Call ``operation`` and return its response, or raise a :class:`KMSError`."""
-        breaker = self.runtime.breaker(region) if self.runtime is not None else None
+        """Call ``operation`` and return its response, or raise a :class:`KMSError`.
+
+        In order: the region's breaker (fails fast while KMS is down, costing nothing),
+        for a Decrypt one token of the decrypt rate limit (before any await on I/O, so
+        concurrent requests meet the bucket in the order they came), the region's client
+        (opened on first use, errors mapped), then the call.
+        """
+        runtime = self.runtime
+        breaker = runtime.breaker(region) if runtime is not None else None
         if breaker is not None:
             breaker.before_call()  # fails fast, with no I/O, while KMS is down
         try:
-            response = await self._call(operation, region, key_id, params)
+            if operation == "Decrypt" and runtime is not None:
+                await runtime.admit_remote_decrypt()
+            entry = await self._acquire(region, operation, key_id)
+        except BaseException:
+            if breaker is not None:
+                breaker.record_abandoned()  # KMS was not asked: no verdict on it
+            raise
+        try:
+            response = await self._call(entry, operation, region, key_id, params)
         except KMSError as exc:
             log.log(
                 logging.WARNING if exc.transient else logging.INFO,
@@ -201,16 +325,22 @@ class KmsClients:
             if breaker is not None:
                 breaker.record_abandoned()  # cancelled before an answer
             raise
+        finally:
+            await self._release(entry)
         if breaker is not None:
             breaker.record_success()
         return response
 
     async def _call(
-        self, operation: str, region: str, key_id: str, params: Mapping[str, Any]
+        self,
+        entry: _Entry,
+        operation: str,
+        region: str,
+        key_id: str,
+        params: Mapping[str, Any],
     ) -> dict[str, Any]:
-        client, gate = await self._client(region)
-        method = getattr(client, _METHODS[operation])
-        async with gate:
+        method = getattr(entry.client, _METHODS[operation])
+        async with entry.gate:
             log.debug("KMS %s with key %s in %s", operation, key_id, region)
             self.calls[operation] += 1
             if self.runtime is not None:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.ciphers import (
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import ConfigurationError
+from . import nonce_log
 from .body import (
     AAD_TAIL_STRUCT,
     FINAL_FRAME_AAD,
@@ -56,6 +57,7 @@ _FINAL_OVERHEAD = 4 + 4 + 12 + 4 + _TAG
 _MAX_SIGNATURE = 2 + 2 + 2 * 72  # footer length field plus the longest P-384 DER
 _FINAL_PREFIX = struct.Struct(">II12sI")
 _REGULAR_PREFIX = struct.Struct(">I12s")
+_HEADER_IV = bytes(12)
 
 
 class MessageEncryptor:
@@ -99,10 +101,13 @@ class MessageEncryptor:
             suite_data=commitment,
         )
         self._aead = AESGCM(key)
-        self._key = key  # for sealing large frames piece by piece (see _update_large)
+        self._key = key  # for large frames sealed piece by piece, and nonce_log
         body = serialize_header_body(self.header_value, serialized_encryption_context)
         required = serialize_encryption_context(required_encryption_context or {})
-        tag = self._aead.encrypt(b"\x00" * 12, b"", body + required)
+        # The header's IV is fixed (all zero in v2): this is the one seal under this
+        # message's key with it, as the key is new with each message ID.
+        nonce_log.sealing(key, _HEADER_IV)
+        tag = self._aead.encrypt(_HEADER_IV, b"", body + required)
         self.header = body + serialize_header_auth(version, tag)
         self._message_id = message_id
         self._frame_length = frame_length
@@ -110,14 +115,14 @@ class MessageEncryptor:
         if signer is not None:
             signer.update(self.header)
         self._pending = bytearray()
-        # Large frames gather their plaintext in one reused buffer instead (see
+        # Large frames gather their plaintext in reused buffers instead (see
         # _update_large): a growing bytearray reallocates and page-faults on every piece.
         self._fill: mmap.mmap | None = None
         self._filled = 0
-        # The frame being filled, sealed as it fills on the guess that it is a regular
-        # frame (its AAD must come first); a guess that EOF proves wrong is redone.
-        self._guess: AEADEncryptionContext | None = None
-        self._guess_out: mmap.mmap | None = None
+        self._spare: mmap.mmap | None = None  # the other plaintext buffer, once free
+        # A full large frame known to be regular, sealed a piece at a time while the
+        # next one fills (see _update_large).
+        self._sealing: _LargeSeal | None = None
         self._sequence = 1
         self._finalized = False
         self._pool = FramePool()
@@ -126,8 +131,12 @@ class MessageEncryptor:
 
     @property
     def pending_bytes(self) -> int:
-        """Plaintext held back, waiting to become a frame (at most ``frame_length``)."""
-        return self._filled if self._fill is not None else len(self._pending)
+        """Plaintext taken but not yet sealed (at most ``frame_length``): what the next
+        frame, or :meth:`finalize_frames`, has left to seal."""
+        if self._fill is None and self._sealing is None:
+            return len(self._pending)
+        sealing = self._sealing
+        return self._filled + (sealing.remaining if sealing is not None else 0)
 
     def update(self, data: bytes | bytearray | memoryview) -> bytes:
         """Take plaintext; return the frames it completed (possibly b"")."""
@@ -177,63 +186,70 @@ class MessageEncryptor:
         return frames
 
     def _update_large(self, src: memoryview) -> list[Buffer]:
-        """:meth:`update_frames` for large frames: whole frames are sealed straight from
-        ``src``; the rest is copied into one frame-sized buffer, reused for every frame,
-        and sealed as it arrives, so each call does AES over about what it was given
-        (no call seals a whole large frame it only completed). A full frame is known to
-        be regular only when more data follows; if the message ends instead, it is the
-        final frame, whose AAD differs, and :meth:`finalize_frames` seals it again."""
+        """:meth:`update_frames` for large frames, doing AES over about what each call
+        was given (no call seals a whole large frame it only completed).
+
+        Whole frames are sealed straight from ``src`` when more follows them in it. The
+        rest is copied into a frame-sized buffer. A frame's kind (regular or final) is
+        in its AAD, which GCM takes before any plaintext, and is known only once the
+        frame is full and one more byte arrives; so a frame is never sealed before that
+        (sealing on a guess and again when the guess fails would use its IV twice).
+        Then it is sealed a piece at a time, as much per call as the next frame
+        receives, into a pooled output buffer; the two plaintext buffers alternate.
+        """
         f = self._frame_length
         frames: list[Buffer] = []
         while len(src):
             if self._filled == f:  # a full frame, and more follows: it is a regular one
-                frames += self._finish_guess()
-                self._filled = 0
-            if self._filled == 0 and len(src) > f:
+                frames += self._seal_remaining()  # done by now (it kept pace); for order
+                self._start_sealing()
+            if self._filled == 0 and self._sealing is None and len(src) > f:
                 frames += self._seal_large_frame(src[:f])
                 src = src[f:]
                 continue
             if self._fill is None:
-                self._fill = anonymous_buffer(f)
+                self._fill = self._spare or anonymous_buffer(f)
+                self._spare = None
             take = min(f - self._filled, len(src))
-            piece, src = src[:take], src[take:]
-            self._fill[self._filled : self._filled + take] = piece
-            self._guess_piece(piece)
+            self._fill[self._filled : self._filled + take] = src[:take]
+            src = src[take:]
             self._filled += take
+            frames += self._seal_some(take)
         if self._signer is not None:
             for frame in frames:
                 self._signer.update(frame)
         return frames
 
-    def _guess_piece(self, piece: memoryview) -> None:
-        """Seal ``piece`` as the next bytes of the current frame, guessed regular."""
-        if self._guess is None:
-            seq = self._sequence
-            context = Cipher(algorithms.AES(self._key), modes.GCM(frame_iv(seq))).encryptor()
-            context.authenticate_additional_data(
-                body_aad(self._message_id, FRAME_AAD, seq, self._frame_length)
-            )
-            # Body and tag in one buffer, as _seal_large makes them: the two kinds of
-            # frame then share the pool.
-            self._guess = context
-            self._guess_out = self._pool.take(self._frame_length + _TAG)
-        assert self._guess_out is not None
-        end = self._filled + len(piece)
-        self._guess.update_into(piece, memoryview(self._guess_out)[self._filled : end])
-
-    def _finish_guess(self) -> list[Buffer]:
-        """The full frame sealed by guessing, now known to be regular: prefix, then
-        body and tag in one buffer."""
-        assert self._guess is not None
-        assert self._guess_out is not None
+    def _start_sealing(self) -> None:
+        """The full frame in the fill buffer is regular: begin sealing it, and fill the
+        other buffer meanwhile."""
+        assert self._fill is not None
         self._check_frame_budget(self._sequence + 1)
-        self._guess.finalize()
-        body = self._guess_out
-        body[self._frame_length :] = self._guess.tag
         seq = self._sequence
         self._sequence = seq + 1
-        self._guess, self._guess_out = None, None
-        return [_REGULAR_PREFIX.pack(seq, frame_iv(seq)), body]
+        out = self._pool.take(self._frame_length + _TAG)
+        self._sealing = _LargeSeal(self._key, seq, self._message_id, self._fill, out)
+        self._fill, self._filled = self._spare, 0
+        self._spare = None
+
+    def _seal_some(self, n: int) -> list[Buffer]:
+        """Seal up to ``n`` more bytes of the frame being sealed; the frame once done."""
+        sealing = self._sealing
+        if sealing is None or not sealing.advance(n):
+            return []
+        return self._sealed(sealing)
+
+    def _seal_remaining(self) -> list[Buffer]:
+        sealing = self._sealing
+        if sealing is None:
+            return []
+        sealing.advance(sealing.remaining)
+        return self._sealed(sealing)
+
+    def _sealed(self, sealing: _LargeSeal) -> list[Buffer]:
+        self._sealing = None
+        self._spare = sealing.plaintext  # free for the frame after the filling one
+        return [_REGULAR_PREFIX.pack(sealing.seq, frame_iv(sealing.seq)), sealing.out]
 
     def finalize_frames(self) -> list[Buffer]:
         """The final frame (in two parts from 256 KiB, as in :meth:`update_frames`) and,
@@ -241,10 +257,8 @@ class MessageEncryptor:
         if self._finalized:
             raise ConfigurationError("finalize() called twice")
         self._finalized = True
+        earlier = self._seal_remaining()  # the last regular frame, if still being sealed
         self._check_frame_budget(self._sequence)
-        if self._guess_out is not None:  # the last frame was guessed regular: it is final
-            self._pool.give(self._guess_out)
-            self._guess, self._guess_out = None, None
         if self._fill is not None:
             chunk: bytes | bytearray | memoryview = memoryview(self._fill)[: self._filled]
         else:
@@ -256,10 +270,12 @@ class MessageEncryptor:
         prefix = _FINAL_PREFIX.pack(SEQUENCE_NUMBER_END, seq, iv, len(chunk))
         parts: list[Buffer]
         if len(chunk) < LARGE_FRAME:
+            nonce_log.sealing(self._key, iv)
             parts = [prefix + self._aead.encrypt(iv, chunk, aad)]
         else:
             parts = [prefix, self._seal_large(iv, chunk, aad)]
-        self._fill, self._filled = None, 0
+        self._fill, self._filled, self._spare = None, 0, None
+        parts = [*earlier, *parts]
         if self._signer is None:
             return parts
         for part in parts:
@@ -309,8 +325,11 @@ class MessageEncryptor:
         aad_head = self._message_id + FRAME_AAD
         iv_of, aad_tail, prefix_of = IV_STRUCT.pack, AAD_TAIL_STRUCT.pack, _REGULAR_PREFIX.pack
         frames = []
+        log, key = nonce_log.observers, self._key
         for chunk in chunks:
             iv = iv_of(seq)
+            if log:
+                nonce_log.sealing(key, iv)
             aad = aad_head + aad_tail(seq, len(chunk))
             frames.append(prefix_of(seq, iv) + encrypt(iv, chunk, aad))
             seq += 1
@@ -332,6 +351,7 @@ class MessageEncryptor:
         ``encrypt`` would allocate its output, zeroing and page-faulting it while holding
         the GIL. ``encrypt_into`` fills the buffer with the GIL released."""
         body = self._pool.take(len(chunk) + _TAG)
+        nonce_log.sealing(self._key, iv)
         self._aead.encrypt_into(iv, chunk, aad, memoryview(body))
         return body
 
@@ -347,6 +367,7 @@ class MessageEncryptor:
         pos += 16
         end = pos + len(chunk) + _TAG
         aad = body_aad(self._message_id, FRAME_AAD, seq, len(chunk))
+        nonce_log.sealing(self._key, iv)
         self._aead.encrypt_into(iv, chunk, aad, out[pos:end])
         self._sequence = seq + 1
         return end
@@ -358,6 +379,7 @@ class MessageEncryptor:
         pos += 24
         end = pos + len(chunk) + _TAG
         aad = body_aad(self._message_id, FINAL_FRAME_AAD, seq, len(chunk))
+        nonce_log.sealing(self._key, iv)
         self._aead.encrypt_into(iv, chunk, aad, out[pos:end])
         self._sequence = seq + 1
         return end
@@ -375,3 +397,40 @@ class MessageEncryptor:
             return bytes(view[:end])
         finally:
             view.release()
+
+
+class _LargeSeal:
+    """One large regular frame being sealed piece by piece with a ``Cipher`` context:
+    its plaintext (kept until done), its output buffer, how far it has got."""
+
+    __slots__ = ("_context", "done", "out", "plaintext", "seq")
+
+    def __init__(
+        self, key: bytes, seq: int, message_id: bytes, plaintext: mmap.mmap, out: mmap.mmap
+    ) -> None:
+        iv = frame_iv(seq)
+        nonce_log.sealing(key, iv)
+        context = Cipher(algorithms.AES(key), modes.GCM(iv)).encryptor()
+        context.authenticate_additional_data(body_aad(message_id, FRAME_AAD, seq, len(plaintext)))
+        self._context: AEADEncryptionContext = context
+        self.seq, self.plaintext, self.out, self.done = seq, plaintext, out, 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.plaintext) - self.done
+
+    def advance(self, n: int) -> bool:
+        """Seal up to ``n`` more bytes; True once the whole frame and its tag are in
+        ``out`` (body then tag, as :meth:`MessageEncryptor._seal_large` lays them)."""
+        end = min(self.done + n, len(self.plaintext))
+        if end > self.done:
+            self._context.update_into(
+                memoryview(self.plaintext)[self.done : end],
+                memoryview(self.out)[self.done : end],
+            )
+            self.done = end
+        if self.done < len(self.plaintext):
+            return False
+        self._context.finalize()
+        self.out[self.done :] = self._context.tag
+        return True

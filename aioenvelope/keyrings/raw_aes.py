@@ -9,6 +9,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import ConfigurationError, NoUsableKeyError
+from ..format import nonce_log
 from ..format.header import EncryptedDataKey
 from ._naming import check_raw_names
 from .base import DecryptionMaterials, EncryptionMaterials, Keyring
@@ -38,6 +39,7 @@ class RawAesKeyring(Keyring):
         self.key_name = key_name
         self._bits = len(wrapping_key) * 8
         self._aead = AESGCM(bytes(wrapping_key))
+        self._fingerprint = nonce_log.fingerprint(wrapping_key)  # for the (key, IV) seam
         self._info_prefix = (
             key_name.encode("utf-8") + _TAG_BITS.to_bytes(4, "big") + _IV_LENGTH.to_bytes(4, "big")
         )
@@ -52,7 +54,8 @@ class RawAesKeyring(Keyring):
         if materials.plaintext_data_key is None:
             materials = materials.generate_data_key()
         assert materials.plaintext_data_key is not None
-        iv = os.urandom(_IV_LENGTH)
+        iv = os.urandom(_IV_LENGTH)  # random 96-bit IVs: sound for 2^32 wraps per key
+        nonce_log.report(self._fingerprint, iv)
         wrapped = self._aead.encrypt(
             iv, materials.plaintext_data_key, materials.serialized_encryption_context
         )

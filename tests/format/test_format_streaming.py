@@ -14,8 +14,14 @@ from hypothesis import strategies as st
 from messages import build_encryptor
 
 from aioenvelope.errors import AuthenticationError, ConfigurationError
-from aioenvelope.format import END_OF_MESSAGE, AlgorithmSuite, MessageDecryptor, MessageEncryptor
-from aioenvelope.format.body import Buffer
+from aioenvelope.format import (
+    END_OF_MESSAGE,
+    AlgorithmSuite,
+    MessageDecryptor,
+    MessageEncryptor,
+    nonce_log,
+)
+from aioenvelope.format.body import Buffer, frame_iv
 from aioenvelope.format.decryptor import EndOfMessage
 from aioenvelope.format.encryption_context import PUBLIC_KEY_FIELD
 from aioenvelope.format.signing import Signer, Verifier
@@ -308,13 +314,16 @@ def test_a_recycled_large_frame_buffer_is_reused_for_the_next_frame() -> None:
     encryptor = twins.make()
     written = [encryptor.header]
     bodies: list[Buffer] = []  # kept alive, so no id is reused
-    for start in range(0, len(data), 100_000):  # frames fill across calls, as in a stream
-        for part in [*encryptor.update_frames(data[start : start + 100_000])]:
+    steps = [data[i : i + 100_000] for i in range(0, len(data), 100_000)]
+    # Frames fill across calls, as in a stream; the last regular frame is sealed only
+    # once the byte after it arrived, so finalize hands out its rest.
+    for step in [*steps, None]:
+        parts = encryptor.update_frames(step) if step else encryptor.finalize_frames()
+        for part in parts:
             written.append(bytes(part))
             if not isinstance(part, bytes):
                 bodies.append(part)
                 encryptor.recycle(part)
-    written += [bytes(p) for p in encryptor.finalize_frames()]
     message = b"".join(written)
     assert message == twins.make().encrypt_all(data)
     # The next frame's buffer is taken while the last one is still out: two alternate.
@@ -379,3 +388,35 @@ def test_a_tampered_piece_of_a_large_frame_releases_nothing_of_it() -> None:
     decryptor.receive_data(bytes(message[header_length + f :]))
     with pytest.raises(AuthenticationError, match="frame 1"):
         decryptor.next_plaintext()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    frames=st.integers(0, 3),
+    tail=st.sampled_from([0, 1, 5000, LARGE - 1]),
+    cuts=st.lists(st.integers(0, 4 * LARGE), max_size=10),
+)
+def test_large_frames_streamed_at_any_chunking_seal_each_iv_once_and_equal_encrypt_all(
+    frames: int, tail: int, cuts: list[int]
+) -> None:
+    """A large frame is sealed only once its kind is known (full, and a byte after it;
+    or the input ended): no frame is sealed on a guess and sealed again, so each IV
+    seals once under the message key, and the bytes are encrypt_all's."""
+    f = LARGE
+    twins = Twins(COMMIT, f)
+    data = os.urandom(frames * f + tail)
+    log: list[tuple[bytes, bytes]] = []
+    with nonce_log.observe_seals(lambda key, iv: log.append((key, iv))):
+        encryptor = twins.make()
+        written = [encryptor.header]
+        for piece in cut_at(data, cuts):
+            for part in encryptor.update_frames(piece):
+                written.append(bytes(part))
+                encryptor.recycle(part)
+                assert encryptor.pending_bytes <= f
+        written += [bytes(p) for p in encryptor.finalize_frames()]
+    assert b"".join(written) == twins.make().encrypt_all(data)
+    ivs = [iv for _, iv in log]
+    assert len({key for key, _ in log}) == 1
+    expected_frames = (len(data) - 1) // f + 1 if data else 1
+    assert ivs == [bytes(12)] + [frame_iv(seq) for seq in range(1, expected_frames + 1)]

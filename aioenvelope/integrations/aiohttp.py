@@ -134,7 +134,7 @@ async def envelope_error_middleware(request: web.Request, handler: Handler) -> w
 
 
 class _ByteStream(Protocol):
-    """What :meth:`EnvelopeClient.encrypt_stream`, ``decrypt_stream``, ``rewrap_stream``
+    """What :meth:`EnvelopeClient.encrypt_stream`, ``decrypt_stream``, ``reencrypt_stream``
     and ``reencrypt_stream`` return."""
 
     def __aiter__(self) -> AsyncIterator[bytes]: ...

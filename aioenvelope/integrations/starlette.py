@@ -245,7 +245,7 @@ def install_error_handlers(app: Starlette) -> None:
 
 
 class _ByteStream(Protocol):
-    """What :meth:`EnvelopeClient.encrypt_stream`, ``decrypt_stream``, ``rewrap_stream``
+    """What :meth:`EnvelopeClient.encrypt_stream`, ``decrypt_stream``, ``reencrypt_stream``
     and ``reencrypt_stream`` return."""
 
     def __aiter__(self) -> AsyncIterator[bytes]: ...

@@ -122,8 +122,9 @@ class _Entry:
 class KmsClients:
     """The KMS clients of one keyring. Opened and closed with the ``EnvelopeClient``.
 
-    One client per region, made on first use, at most ``max_clients`` at once: past that
-    the least recently used one is closed (once its calls in flight have finished). A
+    One client per region, made on first use, at most ``max_clients`` at once: to open
+    another, the least recently used one is closed (once its calls in flight have
+    finished; until then it is no longer used for new calls). A
     caller-supplied client serves its own region, does not count, and is never closed
     here. While the keyring is open, botocore's loggers redact data keys
     (:mod:`._log_redaction`).
@@ -202,9 +203,9 @@ class KmsClients:
             async with self._lock:
                 entry = self._entries.get(region)
                 if entry is None:
+                    await self._evict_to_make_room()
                     entry = await self._open_entry(region, operation, key_id)
                     self._entries[region] = entry
-                    await self._evict_over_cap()
                 entry.users += 1
         else:
             entry.users += 1
@@ -225,8 +226,10 @@ class KmsClients:
                     type(exc).__name__,
                 )
 
-    async def _evict_over_cap(self) -> None:
-        while len(self._entries) > self.max_clients:
+    async def _evict_to_make_room(self) -> None:
+        """Evict least recently used clients until one more fits under ``max_clients``
+        (before opening it, so that no more than that are ever open but idle)."""
+        while len(self._entries) >= self.max_clients:
             _, victim = self._entries.popitem(last=False)
             victim.evicted = True
             if victim.users:

@@ -31,6 +31,8 @@ MAX_NON_FRAMED_LENGTH = 2**36 - 32
 LARGE_FRAME = 256 << 10
 
 
+_PRIVATE = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}
+
 Buffer = bytes | bytearray | mmap.mmap
 """What the machines hand out for a frame: ``bytes``, or for large frames a pooled
 ``mmap`` the caller copies out and may hand back (see :class:`FramePool`)."""
@@ -45,8 +47,13 @@ def anonymous_buffer(size: int) -> mmap.mmap:
     costs nothing up front; its pages fault in when first written, a piece at a time
     (or inside a one-shot AEAD call, with the GIL released), and a pooled buffer only
     once per stream.
+
+    The mapping is private (where the platform has ``MAP_PRIVATE``): a forked child
+    does not share the plaintext, and the decryptor can grow it in place with
+    ``resize`` (Linux's mremap). A shared anonymous mapping cannot grow that way: its
+    new pages have no backing and the first write to them is a SIGBUS.
     """
-    return mmap.mmap(-1, size)
+    return mmap.mmap(-1, size, **_PRIVATE)
 
 
 class FramePool:
@@ -65,11 +72,16 @@ class FramePool:
 
     def take(self, size: int) -> mmap.mmap:
         """A buffer of ``size`` bytes with undefined contents (the caller overwrites it)."""
+        kept = self.reuse(size)
+        return anonymous_buffer(size) if kept is None else kept  # never size 0
+
+    def reuse(self, size: int) -> mmap.mmap | None:
+        """A kept buffer of exactly ``size`` bytes (contents undefined), or None."""
         free = self._free
         for i, buf in enumerate(free):
             if len(buf) == size:
                 return free.pop(i)
-        return anonymous_buffer(size)  # only large frames come here: never size 0
+        return None
 
     def give(self, buf: Buffer) -> None:
         """Take back a buffer from :meth:`take`; the caller keeps no reference to it."""

@@ -36,9 +36,10 @@ from ..errors import (
     AuthenticationError,
     ConfigurationError,
     MalformedMessageError,
+    MessageLimitError,
     TruncatedMessageError,
 )
-from ._cursor import Cursor, NeedMoreData
+from ._cursor import Cursor
 from .body import (
     FINAL_FRAME_AAD,
     FRAME_AAD,
@@ -49,16 +50,21 @@ from .body import (
     SINGLE_BLOCK_AAD,
     Buffer,
     FramePool,
+    anonymous_buffer,
     body_aad,
     frame_iv,
 )
-from .header import ContentType, ParsedHeader, parse_header
+from .header import ContentType, HeaderReader, ParsedHeader
 from .header_auth import authenticated_key
 from .signing import Verifier
 
 __all__ = ["END_OF_MESSAGE", "EndOfMessage", "MessageDecryptor"]
 
 _TAG = 16
+# AESGCM's one-shot calls take at most 2^31-1 bytes; a longer body is opened piece by
+# piece, each piece at most _PIECE_MAX.
+_ONE_SHOT_MAX = 2**31 - 1
+_PIECE_MAX = 1 << 30
 _U32 = struct.Struct(">I")
 _REGULAR_PREFIX = struct.Struct(">I12s")
 _FINAL_PREFIX = struct.Struct(">II12sI")
@@ -83,6 +89,11 @@ class EndOfMessage:
 END_OF_MESSAGE = EndOfMessage()
 
 
+def _what(seq: int) -> str:
+    """How errors name a frame; ``seq`` 0 is a non-framed body."""
+    return "the non-framed content" if seq == 0 else f"frame {seq}"
+
+
 def _forged(seq: int) -> AuthenticationError:
     """A frame's (or, for ``seq`` 0, a non-framed body's) tag did not verify."""
     what = "the message body" if seq == 0 else f"frame {seq}"
@@ -93,9 +104,11 @@ def _forged(seq: int) -> AuthenticationError:
 
 @dataclasses.dataclass(slots=True)
 class _Opening:
-    """A large frame being opened piece by piece: its AES-GCM context and plaintext."""
+    """A large frame (or non-framed body) being opened piece by piece: its AES-GCM
+    context and plaintext. ``plaintext`` grows as the ciphertext arrives (see
+    :meth:`MessageDecryptor._room`), up to ``length``."""
 
-    seq: int
+    seq: int  # 0: a non-framed body
     final: bool
     length: int
     context: AEADDecryptionContext
@@ -107,14 +120,15 @@ class MessageDecryptor:
     """Reads one message. Not reusable: make one per message."""
 
     def __init__(self, *, max_encrypted_data_keys: int) -> None:
-        self._max_edks = max_encrypted_data_keys
         self._buf: bytes | bytearray | memoryview = b""
         # Chunks received but not yet needed. Only a frame that straddles chunks is copied
         # (see _ensure); the rest of each chunk is read in place.
         self._queue: collections.deque[bytes | memoryview] = collections.deque()
+        self._queued = 0  # bytes in _queue: counted, never summed (input may be 1-byte chunks)
         self._pos = 0
         self._eof = False
         self._state = _State.HEADER
+        self._header = HeaderReader(max_encrypted_data_keys=max_encrypted_data_keys)
         self._parsed: ParsedHeader | None = None
         self._aead: AESGCM | None = None
         self._verifier: Verifier | None = None
@@ -149,11 +163,12 @@ class MessageDecryptor:
             self._buf, self._pos = data, 0  # zero-copy: whole frames open in place
         else:
             self._queue.append(data)
+            self._queued += len(data)
 
     @property
     def buffered_bytes(self) -> int:
         """Input received but not yet consumed (at most about one frame plus a chunk)."""
-        return len(self._buf) - self._pos + sum(len(chunk) for chunk in self._queue)
+        return len(self._buf) - self._pos + self._queued
 
     def receive_eof(self) -> None:
         self._eof = True
@@ -168,15 +183,18 @@ class MessageDecryptor:
         """The parsed header, or None until enough bytes have arrived."""
         if self._parsed is not None:
             return self._parsed
-        self._ensure(self.buffered_bytes)  # the header's length is unknown: join it all
-        try:
-            parsed = parse_header(
-                self._buf, max_encrypted_data_keys=self._max_edks, start=self._pos
-            )
-        except NeedMoreData:
-            self._short("the message header")
-            return None
-        self._pos += parsed.length
+        reader = self._header
+        while reader.parsed is None:
+            # Each call costs what arrived since the last, not the header so far: the
+            # reader goes on where it stopped, and is not woken before its next field
+            # can be read.
+            if self.buffered_bytes < reader.missing:
+                self._short("the message header")
+                return None
+            if self._pos == len(self._buf):
+                self._buf, self._pos = self._popleft(), 0
+            self._pos += reader.feed(self._buf, self._pos)
+        parsed = reader.parsed
         self._parsed = parsed
         self._state = _State.AWAIT_KEY
         return parsed
@@ -277,6 +295,11 @@ class MessageDecryptor:
                 "ciphertext was stored and read back"
             )
 
+    def _popleft(self) -> bytes | memoryview:
+        chunk = self._queue.popleft()
+        self._queued -= len(chunk)
+        return chunk
+
     def _ensure(self, n: int) -> bool:
         """Make ``n`` bytes available from ``_pos`` if enough were received.
 
@@ -289,22 +312,23 @@ class MessageDecryptor:
         if available >= n:
             return True
         queue = self._queue
-        if available + sum(len(chunk) for chunk in queue) < n:
+        if available + self._queued < n:
             return False
         if available == 0:
-            self._buf, self._pos = queue.popleft(), 0
+            self._buf, self._pos = self._popleft(), 0
             return self._ensure(n)
         parts: list[bytes | memoryview] = [memoryview(self._buf)[self._pos :]]
         missing = n - available
         while missing > 0:
             chunk = queue[0]
             if len(chunk) <= missing:
-                parts.append(queue.popleft())
+                parts.append(self._popleft())
                 missing -= len(chunk)
             else:
                 view = memoryview(chunk)
                 parts.append(view[:missing])
                 queue[0] = view[missing:]
+                self._queued -= missing
                 missing = 0
         self._buf, self._pos = b"".join(parts), 0
         return True
@@ -314,23 +338,60 @@ class MessageDecryptor:
         if self._pos == len(self._buf):
             if not self._queue:
                 return None
-            self._buf, self._pos = self._queue.popleft(), 0
+            self._buf, self._pos = self._popleft(), 0
         piece = memoryview(self._buf)[self._pos : self._pos + limit]
         self._pos += len(piece)
         return piece
 
     def _start_opening(self, seq: int, final: bool, iv: bytes, length: int, prefix: int) -> None:
-        """Consume a large frame's prefix and set up its piece-by-piece opening."""
+        """Consume a large frame's prefix (``seq`` 0: a non-framed body's) and set up its
+        piece-by-piece opening.
+
+        The plaintext buffer is reserved for what has arrived, not for the length the
+        prefix declares, and grows with the ciphertext (:meth:`_room`): a hostile
+        prefix alone reserves at most ``LARGE_FRAME`` bytes.
+        """
         assert self._parsed is not None
         if self._verifier is not None:
             self._verifier.update(memoryview(self._buf)[self._pos : self._pos + prefix])
         self._pos += prefix
         context = Cipher(algorithms.AES(self._key), modes.GCM(iv)).decryptor()
-        content = FINAL_FRAME_AAD if final else FRAME_AAD
-        context.authenticate_additional_data(
-            body_aad(self._parsed.header.message_id, content, seq, length)
-        )
-        self._opening = _Opening(seq, final, length, context, self._pool.take(length))
+        if seq == 0:
+            aad = body_aad(self._parsed.header.message_id, SINGLE_BLOCK_AAD, 1, length)
+        else:
+            content = FINAL_FRAME_AAD if final else FRAME_AAD
+            aad = body_aad(self._parsed.header.message_id, content, seq, length)
+        context.authenticate_additional_data(aad)
+        plaintext = self._pool.reuse(length)  # reserved earlier, when a frame arrived
+        if plaintext is None:
+            plaintext = self._reserve(min(length, max(LARGE_FRAME, self.buffered_bytes)), seq)
+        self._opening = _Opening(seq, final, length, context, plaintext)
+
+    def _reserve(self, size: int, seq: int) -> mmap.mmap:
+        """``size`` bytes for plaintext; failing that (a memory limit such as
+        RLIMIT_AS), :class:`MessageLimitError`, not a bare ``OSError``."""
+        try:
+            return anonymous_buffer(size)
+        except (OSError, MemoryError):
+            raise MessageLimitError(
+                f"{_what(seq)} needs {size} bytes of memory for its plaintext, more than "
+                "this process may allocate: decrypt it where more memory is available, "
+                "or check where the message came from"
+            ) from None
+
+    def _room(self, opening: _Opening, end: int) -> None:
+        """Grow ``opening.plaintext`` to hold ``end`` bytes: at least doubling (so the
+        cost stays linear), never past the body's length."""
+        old = opening.plaintext
+        size = min(opening.length, max(end, 2 * len(old)))
+        try:
+            old.resize(size)  # Linux moves the mapping (mremap): nothing is copied
+        except (OSError, SystemError):  # no mremap, or no room where the mapping is
+            bigger = self._reserve(size, opening.seq)
+            with memoryview(old) as kept:
+                bigger[: opening.done] = kept[: opening.done]
+            old.close()
+            opening.plaintext = bigger
 
     def _continue_opening(self) -> Buffer | None:
         """Open what has arrived of the frame in progress; its plaintext once the tag
@@ -338,19 +399,21 @@ class MessageDecryptor:
         opening = self._opening
         assert opening is not None
         verifier = self._verifier
-        out = memoryview(opening.plaintext)
         while opening.done < opening.length:
-            piece = self._take_received(opening.length - opening.done)
+            piece = self._take_received(min(opening.length - opening.done, _PIECE_MAX))
             if piece is None:
-                self._short(f"frame {opening.seq}")
+                self._short(_what(opening.seq))
                 return None
             end = opening.done + len(piece)
-            opening.context.update_into(piece, out[opening.done : end])
+            if end > len(opening.plaintext):
+                self._room(opening, end)
+            with memoryview(opening.plaintext) as out:
+                opening.context.update_into(piece, out[opening.done : end])
             if verifier is not None:
                 verifier.update(piece)
             opening.done = end
         if not self._ensure(_TAG):
-            self._short(f"frame {opening.seq}")
+            self._short(_what(opening.seq))
             return None
         tag = bytes(self._buf[self._pos : self._pos + _TAG])
         self._pos += _TAG
@@ -374,7 +437,9 @@ class MessageDecryptor:
         """As :meth:`_open`, into a pooled buffer (see
         ``MessageEncryptor._seal_large``). It is handed out only if the tag verified."""
         assert self._aead is not None
-        plaintext = self._pool.take(len(sealed) - _TAG)
+        plaintext = self._pool.reuse(len(sealed) - _TAG)
+        if plaintext is None:
+            plaintext = self._reserve(len(sealed) - _TAG, seq)
         try:
             self._aead.decrypt_into(iv, sealed, aad, memoryview(plaintext))
         except InvalidTag:
@@ -423,7 +488,9 @@ class MessageDecryptor:
             )
         if iv != frame_iv(seq):
             raise MalformedMessageError(f"frame {seq} has an IV that does not match it")
-        if length >= LARGE_FRAME and len(self._buf) - self._pos < prefix + length + _TAG:
+        if length >= LARGE_FRAME and (
+            len(self._buf) - self._pos < prefix + length + _TAG or length > _ONE_SHOT_MAX - _TAG
+        ):
             # Large and not all here in one piece: open it as it arrives, never joined.
             self._start_opening(seq, final, iv, length, prefix)
             return self._continue_opening()
@@ -448,8 +515,10 @@ class MessageDecryptor:
             self._state = self._after_body()
         return plaintext
 
-    def _read_non_framed(self) -> bytes | None:
+    def _read_non_framed(self) -> Buffer | None:
         assert self._parsed is not None
+        if self._opening is not None:
+            return self._continue_opening()
         header = self._parsed.header
         if not self._ensure(20):
             self._short("the non-framed content")
@@ -458,7 +527,16 @@ class MessageDecryptor:
         iv = c.take(12)
         length = c.u64()
         if length > MAX_NON_FRAMED_LENGTH:
-            raise MalformedMessageError("non-framed content is longer than the format allows")
+            raise MalformedMessageError(
+                f"non-framed content of {length} bytes is longer than the format allows "
+                f"({MAX_NON_FRAMED_LENGTH})"
+            )
+        if length >= LARGE_FRAME and (
+            len(self._buf) - self._pos < 20 + length + _TAG or length > _ONE_SHOT_MAX - _TAG
+        ):
+            # As a large frame: opened as it arrives, into memory that grows with it.
+            self._start_opening(0, True, iv, length, 20)
+            return self._continue_opening()
         if not self._ensure(20 + length + _TAG):
             self._short("the non-framed content")
             return None
@@ -466,7 +544,11 @@ class MessageDecryptor:
         end = start + 20 + length + _TAG
         view = memoryview(self._buf)
         aad = body_aad(header.message_id, SINGLE_BLOCK_AAD, 1, length)
-        plaintext = self._open(iv, view[start + 20 : end], aad, 0)
+        plaintext: Buffer
+        if length >= LARGE_FRAME:
+            plaintext = self._open_large(iv, view[start + 20 : end], aad, 0)
+        else:
+            plaintext = self._open(iv, view[start + 20 : end], aad, 0)
         if self._verifier is not None:
             self._verifier.update(view[start:end])
         del view

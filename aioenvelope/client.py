@@ -446,9 +446,10 @@ class EnvelopeClient:
 
         The whole old message is verified (every frame, the signature) before the new
         one is sealed. The new message has a new message ID, so a new derived key and
-        new frames; its data key comes from ``to_keyring`` through this client's data-key
-        cache (``CacheConfig``), so rotating many messages with the same context costs
-        one wrap per cached data key, not one KMS call per message.
+        new frames, and a data key other than the old message's; that data key comes
+        from ``to_keyring`` through a data-key cache of its own (this client's
+        ``CacheConfig``), so rotating many messages with the same context costs one wrap
+        per cached data key, not one KMS call per message.
 
         The new message keeps the old one's stored context and suite (a legacy suite
         becomes its key-committing successor, signed if it was signed) unless one is
@@ -585,12 +586,23 @@ class EnvelopeClient:
                 if suite.signing
                 else DEFAULT_SUITE
             )
-        plan = await self._managers[id(target)].encryption_plan(
+        manager = self._managers[id(target)]
+        plan = await manager.encryption_plan(
             encryption_context=context,
             algorithm_suite=suite,
             required_encryption_context_keys=frozenset(required),
             plaintext_length=length_bound,
         )
+        if not set(plan.materials.encrypted_data_keys).isdisjoint(old.encrypted_data_keys):
+            # The cache handed back the old message's own data key (re-encrypting under
+            # the same keyring, or twice to one target): the new message ID alone would
+            # keep nonces apart, but rotation promises a new data key, so get one.
+            plan = await manager.encryption_plan(
+                encryption_context=context,
+                algorithm_suite=suite,
+                required_encryption_context_keys=frozenset(required),
+                plaintext_length=None,
+            )
         return self._encryptor_for(plan, frame_length)
 
     async def _opened(self, keyring: Keyring) -> Keyring:

@@ -1,0 +1,57 @@
+"""Which data key a re-encrypted message gets: never the old message's, and otherwise
+one cached data key of the target shared by the rotation (one wrap, not one a message)."""
+
+from __future__ import annotations
+
+import os
+
+from aioenvelope import EnvelopeClient, RawAesKeyring, inspect
+
+
+def keyring(name: str) -> RawAesKeyring:
+    return RawAesKeyring("rotation", name, os.urandom(32))
+
+
+def edks(message: bytes) -> set[object]:
+    return set(inspect(message).encrypted_data_keys)
+
+
+async def test_reencrypting_under_the_same_keyring_gets_a_new_data_key() -> None:
+    own = keyring("own")
+    async with EnvelopeClient(own) as client:
+        message = await client.encrypt(b"record", encryption_context={"row": "1"})
+        # The cache holds the data key the message was written with, for this context.
+        again = await client.encrypt(b"other", encryption_context={"row": "1"})
+        assert edks(again) == edks(message)
+        rotated = await client.reencrypt(message, to_keyring=own)
+        assert edks(rotated).isdisjoint(edks(message))
+        assert inspect(rotated).message_id != inspect(message).message_id
+        assert await client.decrypt(rotated) == b"record"
+
+
+async def test_reencrypting_twice_to_one_target_changes_the_data_key_each_time() -> None:
+    target = keyring("target")
+    async with EnvelopeClient(keyring("old")) as client:
+        message = await client.encrypt(b"record")
+        once = await client.reencrypt(message, to_keyring=target)
+        async with EnvelopeClient(target) as reader:
+            twice = await reader.reencrypt(once, to_keyring=target)
+            assert await reader.decrypt(twice) == b"record"
+        assert edks(twice).isdisjoint(edks(once))
+
+
+async def test_a_rotation_wraps_one_cached_data_key_of_the_target_for_all_messages() -> None:
+    target = keyring("target")
+    async with EnvelopeClient(keyring("old")) as client:
+        plaintexts = [os.urandom(100) for _ in range(20)]
+        messages = [await client.encrypt(p) for p in plaintexts]
+        misses = client.stats.encrypt_cache_misses
+        rotated = [await client.reencrypt(m, to_keyring=target) for m in messages]
+        assert client.stats.encrypt_cache_misses == misses + 1  # one data key of target
+        assert len({frozenset(edks(m)) for m in rotated}) == 1
+        assert len({inspect(m).message_id for m in rotated}) == 20
+        streamed = await client.reencrypt_stream(messages[0], to_keyring=target).read_all()
+        assert edks(streamed) == edks(rotated[0])  # a bytes source uses the cache too
+    async with EnvelopeClient(target) as reader:
+        for plaintext, new in zip(plaintexts, rotated, strict=True):
+            assert await reader.decrypt(new) == plaintext

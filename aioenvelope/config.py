@@ -39,7 +39,8 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class RateLimit:
-    """A token bucket: ``rate`` tokens a second, at most ``burst`` saved up.
+    """A token bucket: ``rate`` tokens a second, at most ``burst`` saved up; each KMS
+    Decrypt call (each remote unwrap request) takes one.
 
     ``wait=False`` (default) refuses at once with ``KMSDecryptRateLimited`` (an HTTP
     429); ``wait=True`` waits for a token (batch jobs).

@@ -13,8 +13,8 @@ from typing import Any
 
 from ._cli_io import input_chunks
 from .errors import TruncatedMessageError
-from .format.header import EncryptedDataKey, MessageHeader
-from .inspection import inspect
+from .format.header import EncryptedDataKey, HeaderReader, MessageHeader
+from .inspection import INSPECT_MAX_EDKS, TRUNCATED_HEADER
 
 __all__ = ["header_json", "read_header"]
 
@@ -25,17 +25,16 @@ _RAW_AES_TRAILER = (128).to_bytes(4, "big") + (12).to_bytes(4, "big")
 
 async def read_header(source: Path | None) -> MessageHeader:
     """The header of the message in ``source`` (None: stdin), reading no further than the
-    chunk the header ends in."""
-    buffer = bytearray()
+    chunk the header ends in. Each chunk is parsed once (``HeaderReader``), not the
+    header so far again per chunk."""
+    reader = HeaderReader(max_encrypted_data_keys=INSPECT_MAX_EDKS)
     chunks = input_chunks(source)
     async with contextlib.aclosing(chunks):
         async for chunk in chunks:
-            buffer += chunk
-            try:
-                return inspect(buffer)
-            except TruncatedMessageError:
-                continue
-    return inspect(buffer)  # raises: the input ended inside the header
+            reader.feed(chunk)
+            if reader.parsed is not None:
+                return reader.parsed.header
+    raise TruncatedMessageError(TRUNCATED_HEADER)
 
 
 def header_json(header: MessageHeader) -> dict[str, Any]:

@@ -169,11 +169,6 @@ class KmsClients:
         finally:
             release_redaction()
 
-    @property
-    def open_regions(self) -> tuple[str, ...]:
-        """Regions with an open client of ours, least recently used first."""
-        return tuple(self._entries)
-
     def region_for(self, key_id: str, arn_region: str | None) -> str:
         region = arn_region or self.settings.default_region()
         if not region:

@@ -116,8 +116,9 @@ class KMSKeyCheckError(ConfigurationError):
 
 
 class KMSDecryptRateLimited(EnvelopeError):
-    """Too many cache-miss decryptions: the token bucket is empty. Map it to HTTP 429
-    with ``Retry-After: retry_after``."""
+    """Too many remote unwrap calls (KMS Decrypt on cache misses, one per EDK tried): the
+    decrypt rate limit's token bucket is empty. Map it to HTTP 429 with
+    ``Retry-After: retry_after``."""
 
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)

@@ -10,9 +10,11 @@ closed however iteration ends.
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
 import inspect
 import os
-import tempfile
+import secrets
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -46,6 +48,7 @@ __all__ = [
     "file_chunks",
     "save_stream",
     "write_atomically",
+    "write_atomically_at",
 ]
 
 # Bytes handed to the state machines per step. 1 MiB seals in ~0.3 ms on one core with
@@ -503,19 +506,51 @@ async def file_chunks(path: str | os.PathLike[str]) -> AsyncGenerator[bytes, Non
 async def write_atomically(
     destination: str | os.PathLike[str], chunks: AsyncIterator[bytes], *, overwrite: bool
 ) -> int:
-    """Write ``chunks`` to a temporary file beside ``destination`` (mode 0600), fsync,
-    then move it into place; on any failure remove it, so no partial output is left.
-    Returns the number of bytes written."""
+    """Write ``chunks`` to a new file (mode 0600) in ``destination``'s directory, fsync
+    it, then give it its name; on any failure nothing is left, so no partial output is
+    ever seen. Returns the number of bytes written.
+
+    Where Linux has ``O_TMPFILE`` the file has no name until it is complete, so not even
+    a killed process (SIGKILL, a power cut) leaves part of it behind; elsewhere it is a
+    hidden ``.NAME.*.partial`` file beside the destination, removed on failure. See
+    :func:`write_atomically_at`."""
     dest = Path(destination)
-    if not overwrite and await anyio.Path(dest).exists():
-        raise ConfigurationError(f"{dest} already exists; pass overwrite=True to replace it")
-    fd, tmp_name = await anyio.to_thread.run_sync(
-        lambda: tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
-    )
-    tmp = Path(tmp_name)
+    dir_fd = await anyio.to_thread.run_sync(_open_directory, dest.parent)
+    try:
+        return await write_atomically_at(
+            dir_fd, dest.name, chunks, overwrite=overwrite, display=str(dest)
+        )
+    finally:
+        os.close(dir_fd)
+
+
+async def write_atomically_at(
+    dir_fd: int,
+    name: str,
+    chunks: AsyncIterator[bytes],
+    *,
+    overwrite: bool,
+    display: str | None = None,
+) -> int:
+    """:func:`write_atomically` into the open directory ``dir_fd`` under ``name`` (a name
+    in it, not a path): whatever happens to the path that led to the directory, the
+    file lands in that directory. The command line opens each output directory one
+    component at a time without following symbolic links, then writes here.
+
+    Without ``overwrite`` the name is claimed by ``link``, which fails if it exists
+    (even as a dangling symbolic link): a file appearing meanwhile is never clobbered.
+    With it, the complete file is linked under a hidden name and renamed over the old
+    one, which replaces a symbolic link itself, never the file it points to. The one
+    window: a process killed between that link and the rename leaves the complete
+    file under its hidden ``.NAME.*.partial`` name. ``display`` names the destination
+    in errors (default ``name``)."""
+    shown = display if display is not None else name
+    if not overwrite and await anyio.to_thread.run_sync(_exists_at, dir_fd, name):
+        raise _exists(shown)
+    temporary = await anyio.to_thread.run_sync(_Temporary, dir_fd, name)
     written = 0
     try:
-        with os.fdopen(fd, "wb") as raw:
+        with os.fdopen(temporary.fd, "wb", closefd=False) as raw:
             pending: list[bytes] = []
             size = 0
             async for chunk in chunks:
@@ -527,12 +562,13 @@ async def write_atomically(
             await anyio.to_thread.run_sync(raw.writelines, pending)
             written += size
             await anyio.to_thread.run_sync(raw.flush)
-            await anyio.to_thread.run_sync(os.fsync, raw.fileno())
-        await anyio.to_thread.run_sync(_move_into_place, tmp, dest, overwrite)
+        await anyio.to_thread.run_sync(os.fsync, temporary.fd)
+        await anyio.to_thread.run_sync(temporary.move_into_place, name, overwrite, shown)
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
+            await anyio.to_thread.run_sync(temporary.discard)
         raise
+    temporary.close()
     return written
 
 
@@ -547,21 +583,131 @@ async def save_stream(
     return stream.header
 
 
-def _move_into_place(tmp: Path, dest: Path, overwrite: bool) -> None:
-    if overwrite:
-        os.replace(tmp, dest)
-        return
+_PROC_FD = "/proc/self/fd"
+# open(2) reports a kernel without O_TMPFILE as EISDIR (it sees O_DIRECTORY with write
+# access) and a filesystem without it as EOPNOTSUPP.
+_NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL})
+
+
+def _open_directory(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _exists_at(dir_fd: int, name: str) -> bool:
     try:
-        os.link(tmp, dest)  # fails if dest appeared meanwhile: never clobber
-    except FileExistsError:
-        raise ConfigurationError(
-            f"{dest} already exists; pass overwrite=True to replace it"
-        ) from None
-    except OSError:  # a filesystem without hard links
-        if dest.exists():
-            raise ConfigurationError(
-                f"{dest} already exists; pass overwrite=True to replace it"
-            ) from None
-        os.replace(tmp, dest)
-        return
-    tmp.unlink()
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _hidden_name(name: str) -> str:
+    return f".{name[:200]}.{secrets.token_hex(8)}.partial"  # within NAME_MAX (255)
+
+
+def _create_hidden(dir_fd: int, name: str) -> tuple[int, str]:
+    """A new hidden file beside ``name`` (mode 0600), open for writing, and its name.
+    ``O_EXCL``: never an existing file, nor a planted link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        hidden = _hidden_name(name)
+        try:
+            return os.open(hidden, flags, 0o600, dir_fd=dir_fd), hidden
+        except FileExistsError:
+            continue  # 64 random bits taken: try others
+
+
+class _Temporary:
+    """The file being written, open as ``fd``: unnamed (``O_TMPFILE``, Linux with
+    ``/proc``) when the kernel and filesystem allow, so nothing needs cleaning up
+    whatever kills the process; else a hidden file named ``hidden``."""
+
+    def __init__(self, dir_fd: int, name: str) -> None:
+        self.dir_fd = dir_fd
+        self.hidden: str | None = None
+        fd = self._open_unnamed(dir_fd)
+        if fd is None:
+            fd, self.hidden = _create_hidden(dir_fd, name)
+        self.fd = fd
+        self._closed = False
+
+    @staticmethod
+    def _open_unnamed(dir_fd: int) -> int | None:
+        flag = getattr(os, "O_TMPFILE", 0)
+        if not flag or not os.path.isdir(_PROC_FD):
+            return None
+        try:
+            return os.open(".", flag | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno in _NO_TMPFILE:
+                return None
+            raise
+
+    def move_into_place(self, name: str, overwrite: bool, shown: str) -> None:
+        """Give the complete, fsynced file ``name``, then fsync the directory so the
+        name survives a crash too."""
+        if self.hidden is None:
+            self._link_unnamed(name, overwrite, shown)
+        else:
+            self._move_hidden(self.hidden, name, overwrite, shown)
+            self.hidden = None
+        try:
+            os.fsync(self.dir_fd)
+        except OSError as exc:  # a filesystem that cannot sync directories
+            if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+                raise
+
+    def _link_unnamed(self, name: str, overwrite: bool, shown: str) -> None:
+        # linkat(AT_SYMLINK_FOLLOW) through /proc names an O_TMPFILE file (open(2)).
+        source = f"{_PROC_FD}/{self.fd}"
+        if not overwrite:
+            try:
+                os.link(source, name, dst_dir_fd=self.dir_fd)
+            except FileExistsError:
+                raise _exists(shown) from None
+            return
+        while True:
+            hidden = _hidden_name(name)
+            try:
+                os.link(source, hidden, dst_dir_fd=self.dir_fd)
+            except FileExistsError:
+                continue
+            break
+        try:
+            os.replace(hidden, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        except BaseException:
+            os.unlink(hidden, dir_fd=self.dir_fd)
+            raise
+
+    def _move_hidden(self, hidden: str, name: str, overwrite: bool, shown: str) -> None:
+        fd = self.dir_fd
+        if overwrite:
+            os.replace(hidden, name, src_dir_fd=fd, dst_dir_fd=fd)
+            return
+        try:
+            os.link(hidden, name, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
+        except FileExistsError:
+            raise _exists(shown) from None
+        except OSError:  # a filesystem without hard links
+            if _exists_at(fd, name):
+                raise _exists(shown) from None
+            os.replace(hidden, name, src_dir_fd=fd, dst_dir_fd=fd)
+            return
+        os.unlink(hidden, dir_fd=fd)
+
+    def discard(self) -> None:
+        """After a failure: close, and remove the hidden file if there is one."""
+        self.close()
+        if self.hidden is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.hidden, dir_fd=self.dir_fd)
+            self.hidden = None
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+
+def _exists(shown: str) -> ConfigurationError:
+    return ConfigurationError(f"{shown} already exists; pass overwrite=True to replace it")

@@ -87,6 +87,12 @@ def _io() -> argparse.ArgumentParser:
     )
     io.add_argument("--force", action="store_true", help="replace existing output files")
     io.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="in a directory INPUT, follow symbolic links (by default they are skipped, "
+        "each reported on stderr); nothing is ever written through a link in the output",
+    )
+    io.add_argument(
         "-c",
         "--encryption-context",
         dest="context",

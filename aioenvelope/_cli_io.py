@@ -4,6 +4,7 @@ library stream, to a file (atomically) or stdout, with a progress bar for people
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import stat
 import sys
@@ -13,8 +14,8 @@ from typing import Protocol
 
 import anyio.to_thread
 
-from ._cli_paths import Job, check_destination
-from .streams import STEP, StreamSource, file_chunks, write_atomically
+from ._cli_paths import CliError, Job, check_destination, open_directory, open_source
+from .streams import STEP, StreamSource, file_chunks, write_atomically, write_atomically_at
 
 __all__ = [
     "MessageStream",
@@ -80,10 +81,15 @@ def input_chunks(source: Path | None) -> AsyncGenerator[bytes, None]:
     return file_chunks(source) if source is not None else stdin_chunks()
 
 
-def _input_size(source: Path | None) -> int | None:
-    """The bytes left to read, when knowable: a file's size, or stdin redirected from one."""
-    if source is not None:
-        return source.stat().st_size
+async def fd_chunks(fd: int) -> AsyncGenerator[bytes, None]:
+    """An open file's bytes in :data:`STEP`-sized reads, each in a worker thread (the
+    caller owns ``fd`` and closes it)."""
+    while chunk := await anyio.to_thread.run_sync(os.read, fd, STEP):
+        yield chunk
+
+
+def _stdin_size() -> int | None:
+    """The bytes left to read on stdin, when it is redirected from a file."""
     try:
         fd = sys.stdin.fileno()
         info = os.fstat(fd)
@@ -122,24 +128,62 @@ async def write_stdout(chunks: AsyncIterator[bytes]) -> None:
 async def run_job(job: Job, transform: Transform, *, overwrite: bool, progress: bool) -> None:
     """Stream one input through ``transform`` into its destination.
 
-    A file destination is written by the library's ``write_atomically``: a temporary file
-    renamed into place once complete, removed on any failure. stdout cannot be taken
-    back: after a failure (non-zero exit) discard what was written.
+    A file destination is written by the library's ``write_atomically``: a file with no
+    name (or a hidden one) given its name once complete, so nothing partial is ever
+    left. A directory tree's output goes into the directory :func:`open_directory`
+    opened without following links (and its input is opened the same way, unless
+    ``--follow-symlinks``). stdout cannot be taken back: after a failure (non-zero
+    exit) discard what was written.
     """
-    if job.destination is not None:
+    tree = job.tree
+    if job.destination is not None and tree is None:
         check_destination(job.destination, overwrite)
-    size = _input_size(job.source)
-    bar = progress_bar(size, unit="B", desc=job.label) if progress else None
-    chunks = input_chunks(job.source)
-    source = chunks if bar is None else _counted(chunks, bar)
-    # The length lets encryption reuse a cached data key; only a file's is certain.
-    stream = transform(source, size if job.source is not None else None)
+    dir_fd = source_fd = None
     try:
-        async with contextlib.aclosing(stream):
-            if job.destination is None:
-                await write_stdout(stream)
-            else:
-                await write_atomically(job.destination, stream, overwrite=overwrite)
+        if tree is not None:
+            dir_fd = await anyio.to_thread.run_sync(
+                functools.partial(open_directory, tree.output_root, tree.parts, create=True)
+            )
+            if not overwrite and _exists_at(dir_fd, tree.output_name):
+                raise CliError(f"{job.destination} already exists; pass --force to replace it")
+        if job.source is not None:
+            source_fd = await anyio.to_thread.run_sync(open_source, job)
+            size: int | None = os.fstat(source_fd).st_size
+            chunks = fd_chunks(source_fd)
+        else:
+            size, chunks = _stdin_size(), stdin_chunks()
+        bar = progress_bar(size, unit="B", desc=job.label) if progress else None
+        source = chunks if bar is None else _counted(chunks, bar)
+        # The length lets encryption reuse a cached data key; only a file's is certain.
+        stream = transform(source, size if job.source is not None else None)
+        try:
+            async with contextlib.aclosing(stream):
+                if job.destination is None:
+                    await write_stdout(stream)
+                elif tree is None:
+                    await write_atomically(job.destination, stream, overwrite=overwrite)
+                else:
+                    assert dir_fd is not None
+                    await write_atomically_at(
+                        dir_fd,
+                        tree.output_name,
+                        stream,
+                        overwrite=overwrite,
+                        display=str(job.destination),
+                    )
+        finally:
+            if bar is not None:
+                bar.close()
     finally:
-        if bar is not None:
-            bar.close()
+        for fd in (source_fd, dir_fd):
+            if fd is not None:
+                os.close(fd)
+
+
+def _exists_at(dir_fd: int, name: str) -> bool:
+    """Whether ``name`` is taken in the directory, by anything (a link included)."""
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True

@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import anyio
+import anyio.abc
 
 from ._cli_args import PROG, build_parser
 from ._cli_inspect import header_json, read_header
@@ -67,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(args.debug)
     _quiet_libraries(debug)
     try:
-        return anyio.run(handlers[args.command], args)
+        return anyio.run(_terminable, handlers[args.command], args)
     except UsageError as exc:
         commands[args.command].print_usage(sys.stderr)
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
@@ -75,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         _exit_now(130)
+    except _Terminated:
+        _error("terminated")
+        _exit_now(128 + signal.SIGTERM)
     except Exception as exc:
         if debug:
             traceback.print_exc()
@@ -113,10 +118,47 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived, and the command was cancelled as Ctrl-C cancels it."""
+
+
+async def _terminable(handler: Handler, args: argparse.Namespace) -> int:
+    """Run ``handler`` with SIGTERM handled like SIGINT: the work is cancelled, so an
+    output file being written is discarded and the directories made for it removed,
+    instead of the default action killing the process mid-write. The status, then, is
+    143 (128 + SIGTERM). The receiver is in place before the handler starts."""
+    terminated = False
+    status = 0
+    failure: Exception | None = None
+    async with anyio.create_task_group() as group:
+
+        async def watch(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            nonlocal terminated
+            with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+                task_status.started()
+                async for _ in signals:
+                    terminated = True
+                    group.cancel_scope.cancel()
+                    return
+
+        await group.start(watch)
+        try:
+            status = await handler(args)
+        except Exception as exc:  # raised below, outside the group (not as a group)
+            failure = exc
+        finally:
+            group.cancel_scope.cancel()
+    if terminated:
+        raise _Terminated
+    if failure is not None:
+        raise failure
+    return status
+
+
 def _exit_now(status: int) -> NoReturn:
     """Exit without joining worker threads: one may be blocked reading stdin from a
     pipe that never closes, and the interpreter's normal exit would wait for it. Output
-    files are safe: write_atomically removed its temporary file when interrupted."""
+    files are safe: write_atomically discarded its unfinished file when interrupted."""
     sys.stderr.flush()
     os._exit(status)
 
@@ -166,7 +208,7 @@ def _keyrings(args: argparse.Namespace, *sides: KeyOptions) -> list[Keyring]:
 
 def _plan(args: argparse.Namespace, rename: Callable[[str], str]) -> Plan:
     """The jobs, with a single output checked before any key is used."""
-    plan = plan_jobs(args.input, args.output, rename)
+    plan = plan_jobs(args.input, args.output, rename, follow_symlinks=args.follow_symlinks)
     if not plan.batch and plan.jobs[0].destination is not None:
         check_destination(plan.jobs[0].destination, args.force)
     return plan
@@ -198,7 +240,9 @@ async def _run_tree(
 ) -> int:
     """Every file of a directory, ``concurrency`` at once; a failure is reported (one
     line per file) and the others still finish."""
-    make_dirs(plan.new_dirs)
+    for link in plan.skipped:  # reported, but not a failure: skipping is the default
+        print(f"{PROG}: skipped symbolic link {link} (see --follow-symlinks)", file=sys.stderr)
+    make_dirs(plan)
     bar = progress_bar(len(plan.jobs), unit="file") if progress else None
 
     def advance(_: BatchProgress) -> None:
@@ -215,7 +259,7 @@ async def _run_tree(
     finally:
         if bar is not None:
             bar.close()
-        remove_empty_dirs(plan.new_dirs)
+        remove_empty_dirs(plan)
     failed = [result for result in results if result.error is not None]
     for result in failed:
         assert result.error is not None

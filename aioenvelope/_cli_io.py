@@ -148,7 +148,9 @@ async def run_job(job: Job, transform: Transform, *, overwrite: bool, progress: 
                 raise CliError(f"{job.destination} already exists; pass --force to replace it")
         if job.source is not None:
             source_fd = await anyio.to_thread.run_sync(open_source, job)
-            size: int | None = os.fstat(source_fd).st_size
+            info = os.fstat(source_fd)
+            # Only a regular file's size is its length (a FIFO's is 0).
+            size: int | None = info.st_size if stat.S_ISREG(info.st_mode) else None
             chunks = fd_chunks(source_fd)
         else:
             size, chunks = _stdin_size(), stdin_chunks()

@@ -1,11 +1,12 @@
-"""Key rotation through the public API: ``rewrap`` (and its stream and file forms),
-``reencrypt_stream`` and ``inspect``.
+"""Key rotation through the public API: ``reencrypt``, ``reencrypt_stream`` and
+``reencrypt_file`` (and the operator's scan with ``inspect``).
 
-Rewrapping gives a message new encrypted data keys under another keyring without
-touching its body: the data key is unwrapped by the client's keyring (one KMS Decrypt
-or a cache hit), wrapped again by ``to_keyring`` alone, and the header re-authenticated
-with the same derived key, so the message ID and every body byte stay the same. Each
-case checks the result opens under the new keys only, and the ESDK reads it too.
+Rotation is re-encryption: the old message is decrypted and verified to its end
+(every frame, the signature) with the client's keyring, then sealed again as a new
+message with a new message ID, a data key from ``to_keyring`` (through that target's
+own data-key cache) and new frames. (Header-only rewrap, which re-tagged a new header
+under the old key and the fixed zero IV, is gone: see test_nonce_reuse_attack.py.)
+Each case checks the result opens under the new keys only, and the ESDK reads it too.
 """
 
 from __future__ import annotations
@@ -48,17 +49,18 @@ from aioenvelope import (
     MultiKeyring,
     RawAesKeyring,
     RawRsaKeyring,
-    RewrappingStream,
+    ReencryptingStream,
     errors,
     run_batch,
 )
+from aioenvelope.client import DEFAULT_FRAME_LENGTH
 from aioenvelope.format import ParsedHeader, parse_header
 from aioenvelope.runtime import Runtime
 
 COMMIT = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
 COMMIT_SIGN = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384
 CONTEXT = {"tenant": "t-42", "purpose": "rotation", "schlüssel": "wert ✓"}
-NAMESPACE = "aioenvelope-rewrap"
+NAMESPACE = "aioenvelope-reencrypt"
 PLAINTEXT = bytes(range(256)) * 5 + b"tail"  # several 64-byte frames, the last partial
 KMS_PROVIDER_ID = "aws-kms"
 LEGACY_UNSIGNED = [
@@ -111,8 +113,8 @@ class AesKey:
 
 
 class XorKeyring(Keyring):
-    """A deterministic test keyring: the EDK is the data key XOR a pad made from the
-    keyring's name (so rewraps are byte-reproducible). Counts its lifecycle calls."""
+    """A test keyring: the EDK is the data key XOR a pad made from the keyring's name.
+    Counts its lifecycle calls and every wrap (``on_encrypt``) and unwrap."""
 
     PROVIDER_ID = "test-xor"
 
@@ -162,7 +164,7 @@ class XorKeyring(Keyring):
         raise errors.NoUsableKeyError(f"{self!r} found no EDK of its own")
 
 
-async def drain(stream: RewrappingStream, into: list[bytes]) -> None:
+async def drain(stream: ReencryptingStream, into: list[bytes]) -> None:
     """Read ``stream`` to the end (closing it), collecting what it yields."""
     async with stream:
         async for chunk in stream:
@@ -272,46 +274,54 @@ class TrackingSession:
 # ---------------------------------------------------------------------------------------
 
 
-async def test_kms_rewrap_moves_a_message_from_key_a_to_key_b(
+async def test_kms_reencrypt_moves_a_message_from_key_a_to_key_b(
     kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
 ) -> None:
     key_a, key_b = kms(kms_key), kms(kms_key_2)
     async with EnvelopeClient(key_a, frame_length=64) as client:
         old = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
         calls_before = dict(key_a.kms_calls)
-        new = await client.rewrap(old, to_keyring=key_b, encryption_context=CONTEXT)
+        new = await client.reencrypt(old, to_keyring=key_b, encryption_context=CONTEXT)
 
-        # One Decrypt under A, one Encrypt under B, nothing else (B's DescribeKey is its
-        # start-up check when it is opened on first use).
+        # One Decrypt under A, one GenerateDataKey under B, nothing else (B's
+        # DescribeKey is its start-up check when it is opened on first use).
         assert key_a.kms_calls == {**calls_before, "Decrypt": 1}
         assert "Encrypt" not in key_a.kms_calls
-        assert key_b.kms_calls == {"DescribeKey": 1, "Encrypt": 1}
+        assert key_b.kms_calls == {"DescribeKey": 1, "GenerateDataKey": 1}
         # to_keyring reports to this client's counters too.
-        assert client.stats.kms_calls["Encrypt"] == 1
+        assert client.stats.kms_calls["GenerateDataKey"] == 2  # A's for old, B's for new
         assert client.stats.kms_calls["Decrypt"] == 1
 
-        # A second rewrap of the same message: the data key comes from the cache, and so
-        # does its wrapping under B (same data key, same context, same target).
+        # A second re-encryption of the same message: the old data key comes from the
+        # decrypt cache, the new one from B's data-key cache (same context, same target):
+        # no KMS call at all, yet a new message (new message ID, new frames).
         hits = client.stats.decrypt_cache_hits
-        again = await client.rewrap(old, to_keyring=key_b)
-        assert key_a.kms_calls["Decrypt"] == 1
-        assert key_b.kms_calls == {"DescribeKey": 1, "Encrypt": 1}
+        encrypt_hits = client.stats.encrypt_cache_hits
+        again = await client.reencrypt(old, to_keyring=key_b)
+        assert key_a.kms_calls == {**calls_before, "Decrypt": 1}
+        assert key_b.kms_calls == {"DescribeKey": 1, "GenerateDataKey": 1}
         assert client.stats.decrypt_cache_hits == hits + 1
-        assert client.stats.rewrap_cache_hits == 1
-        assert again == new
+        assert client.stats.encrypt_cache_hits == encrypt_hits + 1
 
     old_header, new_header = aioenvelope.inspect(old), aioenvelope.inspect(new)
-    assert new_header.message_id == old_header.message_id
-    assert body(new) == body(old)
-    assert body(again) == body(old)
+    again_header = aioenvelope.inspect(again)
+    assert len({old_header.message_id, new_header.message_id, again_header.message_id}) == 3
+    assert len(new_header.message_id) == 32
+    assert body(new) != body(old)
+    assert body(again) != body(new)
     assert new_header.algorithm_suite is old_header.algorithm_suite is COMMIT
     assert dict(new_header.encryption_context) == CONTEXT
+    assert new_header.frame_length == 64
     assert edk_arns(old_header) == {kms_key.arn}
     assert edk_arns(new_header) == {kms_key_2.arn}
+    # Both rotations of the message share B's cached data key; never A's.
+    assert again_header.encrypted_data_keys == new_header.encrypted_data_keys
+    assert set(new_header.encrypted_data_keys).isdisjoint(old_header.encrypted_data_keys)
 
     # The new message opens with B only, the old one (untouched) with A only.
     reader_b, reader_a = kms(kms_key_2), kms(kms_key)
     assert await decrypt_with(reader_b, new, CONTEXT) == PLAINTEXT
+    assert await decrypt_with(kms(kms_key_2), again, CONTEXT) == PLAINTEXT
     with pytest.raises(errors.NoUsableKeyError):
         await decrypt_with(reader_a, new, CONTEXT)
     assert reader_a.kms_calls.get("Decrypt", 0) == 0  # no EDK names A: not even tried
@@ -320,22 +330,49 @@ async def test_kms_rewrap_moves_a_message_from_key_a_to_key_b(
         await decrypt_with(kms(kms_key_2), old, CONTEXT)
 
 
-async def test_rewrapping_messages_that_share_a_data_key_wraps_it_once(
+ROWS = 50
+
+
+async def rotate_rows(
+    kms: Any, kms_key: KmsKey, kms_key_2: KmsKey, cache: aioenvelope.CacheConfig | None
+) -> tuple[dict[str, int], dict[str, int], list[bytes]]:
+    """Write ROWS rows with one context under A (default cache: one reused data key),
+    then rotate them all to B, concurrently, with a client configured with ``cache``.
+    Returns A's and B's KMS calls during the rotation, and the rotated rows."""
+    async with EnvelopeClient(kms(kms_key), frame_length=64) as writer:
+        rows = [
+            await writer.encrypt(b"row %d" % i, encryption_context=CONTEXT) for i in range(ROWS)
+        ]
+        assert writer.stats.kms_calls["GenerateDataKey"] == 1
+    key_a, key_b = kms(kms_key), kms(kms_key_2)
+    async with EnvelopeClient(key_a, frame_length=64, cache=cache) as client:
+        before = dict(key_a.kms_calls)
+        results = await run_batch(
+            rows, lambda m: client.reencrypt(m, to_keyring=key_b), concurrency=8
+        )
+        assert all(r.ok for r in results)
+        rotated = [r.value for r in results if r.value is not None]
+        calls_a = {k: v - before.get(k, 0) for k, v in key_a.kms_calls.items() if v != before.get(k)}
+        calls_b = dict(key_b.kms_calls)
+    assert len(rotated) == ROWS
+    assert len({aioenvelope.inspect(m).message_id for m in rotated}) == ROWS
+    for old, new in zip(rows, rotated, strict=True):
+        assert aioenvelope.inspect(new).message_id != aioenvelope.inspect(old).message_id
+        assert edk_arns(aioenvelope.inspect(new)) == {kms_key_2.arn}
+    return calls_a, calls_b, rotated
+
+
+async def test_rotating_fifty_rows_that_share_a_data_key_costs_one_decrypt_and_one_generate(
     kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
 ) -> None:
-    """A table encrypted with a reused data key rotates with one Decrypt and one
-    Encrypt, even with rewraps running concurrently, and the rotated messages still
-    share EDKs, so reading them back is one Decrypt too."""
-    key_a, key_b = kms(kms_key), kms(kms_key_2)
-    async with EnvelopeClient(key_a, frame_length=64) as client:
-        rows = [await client.encrypt(b"row %d" % i, encryption_context=CONTEXT) for i in range(40)]
-        assert client.stats.kms_calls["GenerateDataKey"] == 1
-        results = await run_batch(rows, lambda m: client.rewrap(m, to_keyring=key_b), concurrency=8)
-        rotated = [r.value for r in results if r.value is not None]
-        assert len(rotated) == len(rows)
-        assert key_a.kms_calls.get("Decrypt", 0) == 1
-        assert key_b.kms_calls == {"DescribeKey": 1, "Encrypt": 1}
-        assert client.stats.rewrap_cache_hits + client.stats.coalesced_waits >= 39
+    """A table written with a reused data key rotates with one Decrypt under A (the old
+    data key is cached, concurrent misses coalesced) and one GenerateDataKey under B
+    (B's data key is cached and shared by every new message), with re-encryptions
+    running concurrently; the new messages share EDKs, so reading them back under B is
+    one Decrypt too."""
+    calls_a, calls_b, rotated = await rotate_rows(kms, kms_key, kms_key_2, aioenvelope.CacheConfig())
+    assert calls_a == {"Decrypt": 1}
+    assert calls_b == {"DescribeKey": 1, "GenerateDataKey": 1}
     assert len({aioenvelope.inspect(m).encrypted_data_keys for m in rotated}) == 1
     reader = kms(kms_key_2)
     async with EnvelopeClient(reader) as client_b:
@@ -344,64 +381,88 @@ async def test_rewrapping_messages_that_share_a_data_key_wraps_it_once(
     assert reader.kms_calls.get("Decrypt", 0) == 1
 
 
-async def test_without_data_key_reuse_every_rewrap_wraps_afresh(
+async def test_without_data_key_reuse_every_reencryption_generates_its_own_data_key(
     kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
 ) -> None:
-    """``reuse_data_keys=False`` asks for a KMS call per message (a per-object audit
-    trail): rewraps honour it too."""
-    key_a, key_b = kms(kms_key), kms(kms_key_2)
+    """``reuse_data_keys=False`` asks for a KMS call per written message (a per-object
+    audit trail): re-encryption honours it (one GenerateDataKey under B per message),
+    while the old data key is still read once (decryption stays cached)."""
     config = aioenvelope.CacheConfig(reuse_data_keys=False)
-    async with EnvelopeClient(key_a, frame_length=64, cache=config) as client:
-        old = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
-        for _ in range(3):
-            await client.rewrap(old, to_keyring=key_b)
-        assert key_b.kms_calls["Encrypt"] == 3
-        assert client.stats.rewrap_cache_hits == 0
+    calls_a, calls_b, rotated = await rotate_rows(kms, kms_key, kms_key_2, config)
+    assert calls_a == {"Decrypt": 1}
+    assert calls_b == {"DescribeKey": 1, "GenerateDataKey": ROWS}
+    assert len({aioenvelope.inspect(m).encrypted_data_keys for m in rotated}) == ROWS
 
 
-async def test_rewrapped_keys_are_not_shared_between_target_keyrings(
+async def test_without_a_cache_every_reencryption_costs_a_decrypt_and_a_generate(
+    kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
+) -> None:
+    calls_a, calls_b, rotated = await rotate_rows(kms, kms_key, kms_key_2, None)
+    assert calls_a == {"Decrypt": ROWS}
+    assert calls_b == {"DescribeKey": 1, "GenerateDataKey": ROWS}
+    assert len({aioenvelope.inspect(m).encrypted_data_keys for m in rotated}) == ROWS
+
+
+async def test_data_keys_are_not_shared_between_target_keyrings(
     kms: Any, kms_key: KmsKey, kms_key_2: KmsKey, moto_kms: MotoKms
 ) -> None:
-    """Two targets with the same key name but different key material: each wraps for
-    itself (the cache is keyed by the target keyring object, never its name)."""
+    """Two targets with the same key name but different key material: each has a
+    data-key cache of its own (keyed by the target keyring object, never its name)."""
     target_1 = RawAesKeyring(NAMESPACE, "same-name", os.urandom(32))
     target_2 = RawAesKeyring(NAMESPACE, "same-name", os.urandom(32))
     async with EnvelopeClient(kms(kms_key), frame_length=64) as client:
         old = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
-        one = await client.rewrap(old, to_keyring=target_1)
-        two = await client.rewrap(old, to_keyring=target_2)
+        one = await client.reencrypt(old, to_keyring=target_1)
+        two = await client.reencrypt(old, to_keyring=target_2)
+    assert set(aioenvelope.inspect(one).encrypted_data_keys).isdisjoint(
+        aioenvelope.inspect(two).encrypted_data_keys
+    )
     async with EnvelopeClient(target_2) as reader:
         assert await reader.decrypt(two) == PLAINTEXT
         with pytest.raises(errors.NoUsableKeyError):
             await reader.decrypt(one)
 
 
-async def test_esdk_decrypts_a_kms_rewrapped_message_under_key_b_only(
+async def test_esdk_decrypts_a_kms_reencrypted_message_under_key_b_only(
     esdk_kms: MotoKms, kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
 ) -> None:
     async with EnvelopeClient(kms(kms_key), frame_length=64) as client:
         old = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
-        new = await client.rewrap(old, to_keyring=kms(kms_key_2))
+        new = await client.reencrypt(old, to_keyring=kms(kms_key_2))
     provider_b = aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[kms_key_2.arn])
     plaintext, peer_header = esdk_decrypt(provider_b, new)
     assert plaintext == PLAINTEXT
-    assert peer_header.message_id == aioenvelope.inspect(old).message_id
+    assert peer_header.message_id == aioenvelope.inspect(new).message_id
+    assert peer_header.message_id != aioenvelope.inspect(old).message_id
     assert peer_header.encryption_context == CONTEXT
     provider_a = aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[kms_key.arn])
     with pytest.raises(DecryptKeyError):
         esdk_decrypt(provider_a, new)
 
 
-async def test_kms_signed_message_is_refused_before_any_decrypt(
-    kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
+async def test_kms_signed_message_reencrypts_to_a_signed_committing_message(
+    esdk_kms: MotoKms, kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
 ) -> None:
+    """Signed messages are no longer refused: the old signature is verified, the new
+    message is signed with a fresh key, and the ESDK reads it under B."""
     key_a, key_b = kms(kms_key), kms(kms_key_2)
     async with EnvelopeClient(key_a) as client:
-        signed = await client.encrypt(PLAINTEXT, algorithm_suite=COMMIT_SIGN)
-        with pytest.raises(errors.ConfigurationError, match="reencrypt_stream"):
-            await client.rewrap(signed, to_keyring=key_b)
-        assert "Decrypt" not in key_a.kms_calls
-        assert "Encrypt" not in key_b.kms_calls
+        signed = await client.encrypt(
+            PLAINTEXT, algorithm_suite=COMMIT_SIGN, encryption_context=CONTEXT
+        )
+        new = await client.reencrypt(signed, to_keyring=key_b)
+        assert key_a.kms_calls["Decrypt"] == 1
+        assert key_b.kms_calls == {"DescribeKey": 1, "GenerateDataKey": 1}
+    header = aioenvelope.inspect(new)
+    assert header.algorithm_suite is COMMIT_SIGN
+    assert edk_arns(header) == {kms_key_2.arn}
+    public_key = "aws-crypto-public-key"
+    assert header.encryption_context[public_key] != (
+        aioenvelope.inspect(signed).encryption_context[public_key]
+    )
+    assert await decrypt_with(kms(kms_key_2), new, CONTEXT) == PLAINTEXT
+    provider_b = aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[kms_key_2.arn])
+    assert esdk_decrypt(provider_b, new)[0] == PLAINTEXT
 
 
 # ---------------------------------------------------------------------------------------
@@ -413,7 +474,7 @@ SIZES = [pytest.param(0, id="empty"), pytest.param(1, id="one-byte"), "frames"]
 
 @pytest.mark.parametrize("frame_length", [1, 64, 4096])
 @pytest.mark.parametrize("size", SIZES)
-async def test_aes_to_aes_rewrap_at_frame_lengths_and_sizes(
+async def test_aes_to_aes_reencrypt_at_frame_lengths_and_sizes(
     frame_length: int, size: int | str
 ) -> None:
     n = 3 * frame_length + 7 if size == "frames" else int(size)
@@ -421,9 +482,9 @@ async def test_aes_to_aes_rewrap_at_frame_lengths_and_sizes(
     key_a, key_b = AesKey("a"), AesKey("b")
     async with EnvelopeClient(key_a.keyring(), frame_length=frame_length) as client:
         old = await client.encrypt(plaintext, encryption_context=CONTEXT)
-        new = await client.rewrap(old, to_keyring=key_b.keyring())
-    assert body(new) == body(old)
-    assert aioenvelope.inspect(new).message_id == aioenvelope.inspect(old).message_id
+        new = await client.reencrypt(old, to_keyring=key_b.keyring())
+    assert body(new) != body(old)
+    assert aioenvelope.inspect(new).message_id != aioenvelope.inspect(old).message_id
     assert aioenvelope.inspect(new).frame_length == frame_length
     assert await decrypt_with(key_b.keyring(), new, CONTEXT) == plaintext
     await assert_refused_by(key_a.keyring(), new)
@@ -433,7 +494,21 @@ async def test_aes_to_aes_rewrap_at_frame_lengths_and_sizes(
     assert peer_header.encryption_context == CONTEXT
 
 
-async def test_aes_to_rsa_rewrap(rsa_private_key: rsa.RSAPrivateKey) -> None:
+async def test_reencrypt_takes_the_frame_length_asked_for_not_the_old_ones() -> None:
+    key_a, key_b = AesKey("a"), AesKey("b")
+    old = await encrypt_with(key_a.keyring())  # 64-byte frames
+    async with EnvelopeClient(key_a.keyring(), frame_length=4096) as client:
+        default = await client.reencrypt(old, to_keyring=key_b.keyring())
+        chosen = await client.reencrypt(old, to_keyring=key_b.keyring(), frame_length=100)
+        with pytest.raises(errors.ConfigurationError, match="frame_length"):
+            await client.reencrypt(old, to_keyring=key_b.keyring(), frame_length=0)
+    assert aioenvelope.inspect(default).frame_length == 4096
+    assert aioenvelope.inspect(chosen).frame_length == 100
+    for new in (default, chosen):
+        assert await decrypt_with(key_b.keyring(), new, CONTEXT) == PLAINTEXT
+
+
+async def test_aes_to_rsa_reencrypt(rsa_private_key: rsa.RSAPrivateKey) -> None:
     wrapping = RsaWrapping.OAEP_SHA256
     rsa_keyring = RawRsaKeyring(
         NAMESPACE, "rsa", private_key=rsa_private_key, padding=wrapping.padding()
@@ -441,12 +516,12 @@ async def test_aes_to_rsa_rewrap(rsa_private_key: rsa.RSAPrivateKey) -> None:
     key_a = AesKey("a")
     old = await encrypt_with(key_a.keyring())
     async with EnvelopeClient(key_a.keyring()) as client:
-        # Wrapping needs only the public half.
+        # Wrapping (and generating the new data key) needs only the public half.
         public_only = RawRsaKeyring(
             NAMESPACE, "rsa", public_key=rsa_private_key.public_key(), padding=wrapping.padding()
         )
-        new = await client.rewrap(old, to_keyring=public_only)
-    assert body(new) == body(old)
+        new = await client.reencrypt(old, to_keyring=public_only)
+    assert body(new) != body(old)
     (edk,) = aioenvelope.inspect(new).encrypted_data_keys
     assert edk.provider_id == NAMESPACE
     assert await decrypt_with(rsa_keyring, new, CONTEXT) == PLAINTEXT
@@ -455,37 +530,57 @@ async def test_aes_to_rsa_rewrap(rsa_private_key: rsa.RSAPrivateKey) -> None:
     assert esdk_decrypt(peer, new)[0] == PLAINTEXT
 
 
-@pytest.mark.parametrize("with_generator", [True, False], ids=["generator", "children-only"])
-async def test_aes_to_multi_keyring_rewrap_opens_with_each_member(
-    rsa_private_key: rsa.RSAPrivateKey, with_generator: bool
+async def test_aes_to_multi_keyring_reencrypt_opens_with_each_member(
+    rsa_private_key: rsa.RSAPrivateKey,
 ) -> None:
-    """Every member of the target wraps the same data key; each alone can decrypt. A
-    multi-keyring without a generator is fine here: the data key already exists."""
+    """The target's generator makes the new data key, every member wraps it; each
+    alone can decrypt."""
     key_a, key_b = AesKey("a"), AesKey("b")
     padding = RsaWrapping.OAEP_SHA1.padding()
     rsa_keyring = RawRsaKeyring(NAMESPACE, "rsa", private_key=rsa_private_key, padding=padding)
-    if with_generator:
-        target = MultiKeyring(key_b.keyring(), [rsa_keyring])
-    else:
-        target = MultiKeyring(children=[key_b.keyring(), rsa_keyring])
+    target = MultiKeyring(key_b.keyring(), [rsa_keyring])
     old = await encrypt_with(key_a.keyring())
     async with EnvelopeClient(key_a.keyring()) as client:
-        new = await client.rewrap(old, to_keyring=target)
+        new = await client.reencrypt(old, to_keyring=target)
     header = aioenvelope.inspect(new)
     assert [edk.provider_id for edk in header.encrypted_data_keys] == [NAMESPACE, NAMESPACE]
-    assert body(new) == body(old)
+    assert body(new) != body(old)
     assert await decrypt_with(key_b.keyring(), new, CONTEXT) == PLAINTEXT
     assert await decrypt_with(rsa_keyring, new, CONTEXT) == PLAINTEXT
     await assert_refused_by(key_a.keyring(), new)
 
 
-async def test_rewrap_to_a_keyring_making_too_many_edks_is_refused() -> None:
+async def test_reencrypt_to_a_multi_keyring_without_a_generator_is_refused(
+    rsa_private_key: rsa.RSAPrivateKey, tmp_path: Any
+) -> None:
+    """Re-encryption needs a new data key, so the target must be able to make one:
+    a children-only multi-keyring is refused (it could wrap the old data key, but
+    rotation never reuses it), and nothing is written."""
+    key_a, key_b = AesKey("a"), AesKey("b")
+    padding = RsaWrapping.OAEP_SHA1.padding()
+    rsa_keyring = RawRsaKeyring(NAMESPACE, "rsa", private_key=rsa_private_key, padding=padding)
+    target = MultiKeyring(children=[key_b.keyring(), rsa_keyring])
+    old = await encrypt_with(key_a.keyring())
+    (tmp_path / "c").write_bytes(old)
+    async with EnvelopeClient(key_a.keyring()) as client:
+        with pytest.raises(errors.KeyringError, match="generator"):
+            await client.reencrypt(old, to_keyring=target)
+        produced: list[bytes] = []
+        with pytest.raises(errors.KeyringError, match="generator"):
+            await drain(client.reencrypt_stream(old, to_keyring=target), produced)
+        assert produced == []
+        with pytest.raises(errors.KeyringError, match="generator"):
+            await client.reencrypt_file(tmp_path / "c", tmp_path / "r", to_keyring=target)
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+async def test_reencrypt_to_a_keyring_making_too_many_edks_is_refused() -> None:
     key_a = AesKey("a")
-    target = MultiKeyring(children=[AesKey(name).keyring() for name in "xyz"])
+    target = MultiKeyring(AesKey("w").keyring(), [AesKey(name).keyring() for name in "xyz"])
     old = await encrypt_with(key_a.keyring())
     async with EnvelopeClient(key_a.keyring(), max_encrypted_data_keys=2) as client:
         with pytest.raises(errors.MessageLimitError):
-            await client.rewrap(old, to_keyring=target)
+            await client.reencrypt(old, to_keyring=target)
 
 
 async def test_a_message_with_more_edks_than_the_client_accepts_is_refused() -> None:
@@ -494,28 +589,33 @@ async def test_a_message_with_more_edks_than_the_client_accepts_is_refused() -> 
     target = XorKeyring("t")
     async with EnvelopeClient(keys[0].keyring(), max_encrypted_data_keys=2) as client:
         with pytest.raises(errors.MessageLimitError):
-            await client.rewrap(old, to_keyring=target)
-    assert target.wrapped == 0
+            await client.reencrypt(old, to_keyring=target)
+    assert (target.opened, target.wrapped) == (0, 0)
 
 
-async def test_rewrap_to_the_clients_own_keyring_keeps_the_message_readable() -> None:
+async def test_reencrypt_to_the_clients_own_keyring_keeps_the_message_readable() -> None:
     key_a = AesKey("a")
     own = key_a.keyring()
     old = await encrypt_with(own)
     async with EnvelopeClient(own) as client:
-        new = await client.rewrap(old, to_keyring=own)
+        new = await client.reencrypt(old, to_keyring=own)
         assert await client.decrypt(new) == PLAINTEXT
-    assert body(new) == body(old)
+    assert body(new) != body(old)
+    assert aioenvelope.inspect(new).message_id != aioenvelope.inspect(old).message_id
+    assert set(aioenvelope.inspect(new).encrypted_data_keys).isdisjoint(
+        aioenvelope.inspect(old).encrypted_data_keys
+    )
 
 
 @pytest.mark.parametrize("frame_length", [pytest.param(128, id="framed"), 0])
 @pytest.mark.parametrize("suite", LEGACY_UNSIGNED)
-async def test_legacy_esdk_messages_rewrap_and_the_esdk_reads_them(
+async def test_legacy_esdk_messages_reencrypt_to_the_committing_suite_and_the_esdk_reads_them(
     suite: AlgorithmSuite, frame_length: int
 ) -> None:
     """v1 messages of every non-signing legacy suite (16-byte message IDs, header IV,
-    identity and HKDF-SHA256 KDFs, non-framed bodies) written by the ESDK rewrap under a
-    client that allows legacy decryption, and the ESDK reads the result with B only."""
+    identity and HKDF-SHA256 KDFs, non-framed bodies) written by the ESDK re-encrypt,
+    under a client that allows legacy decryption, into committing v2 messages, which the
+    ESDK (with its default, committing policy) reads with B only."""
     key_a, key_b = AesKey("a"), AesKey("b")
     plaintext = os.urandom(2 * 128 + 44)
     old, _ = esdk_encrypt(
@@ -528,38 +628,42 @@ async def test_legacy_esdk_messages_rewrap_and_the_esdk_reads_them(
     async with EnvelopeClient(
         key_a.keyring(), commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_ALLOW_DECRYPT
     ) as client:
-        new = await client.rewrap(old, to_keyring=key_b.keyring(), encryption_context=CONTEXT)
+        new = await client.reencrypt(old, to_keyring=key_b.keyring(), encryption_context=CONTEXT)
     old_header, new_header = aioenvelope.inspect(old), aioenvelope.inspect(new)
-    assert new_header.version == 1
-    assert new_header.algorithm_suite is suite
-    assert len(new_header.message_id) == 16
-    assert new_header.message_id == old_header.message_id
-    assert new_header.content_type == old_header.content_type
-    assert body(new) == body(old)
-    assert esdk_decrypt_allowing_legacy(key_b.peer(), new) == plaintext
+    assert old_header.version == 1
+    assert new_header.version == 2
+    assert new_header.algorithm_suite is COMMIT
+    assert len(new_header.message_id) == 32
+    assert new_header.frame_length == DEFAULT_FRAME_LENGTH  # framed, whatever the old was
+    assert dict(new_header.encryption_context) == CONTEXT
+    assert esdk_decrypt(key_b.peer(), new)[0] == plaintext
     with pytest.raises(DecryptKeyError):
-        esdk_decrypt_allowing_legacy(key_a.peer(), new)
-    async with EnvelopeClient(
-        key_b.keyring(), commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_ALLOW_DECRYPT
-    ) as reader:
+        esdk_decrypt(key_a.peer(), new)
+    async with EnvelopeClient(key_b.keyring()) as reader:  # the default, committing policy
         assert await reader.decrypt(new, encryption_context=CONTEXT) == plaintext
 
 
 @pytest.mark.parametrize("suite", LEGACY_SIGNED)
-async def test_legacy_signed_messages_are_refused(suite: AlgorithmSuite) -> None:
-    key_a = AesKey("a")
+async def test_legacy_signed_messages_reencrypt_to_the_signed_committing_suite(
+    suite: AlgorithmSuite,
+) -> None:
+    key_a, key_b = AesKey("a"), AesKey("b")
     old, _ = esdk_encrypt(
         key_a.peer(), b"signed", suite_id=suite.suite_id, encryption_context={}, frame_length=128
     )
     async with EnvelopeClient(
         key_a.keyring(), commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_ALLOW_DECRYPT
     ) as client:
-        with pytest.raises(errors.ConfigurationError, match="reencrypt_stream"):
-            await client.rewrap(old, to_keyring=AesKey("b").keyring())
+        new = await client.reencrypt(old, to_keyring=key_b.keyring())
+    header = aioenvelope.inspect(new)
+    assert (header.version, header.algorithm_suite) == (2, COMMIT_SIGN)
+    assert esdk_decrypt(key_b.peer(), new)[0] == b"signed"
+    assert await decrypt_with(key_b.keyring(), new) == b"signed"
 
 
-async def test_default_policy_refuses_to_rewrap_legacy_messages() -> None:
+async def test_default_policy_refuses_to_reencrypt_legacy_messages() -> None:
     key_a = AesKey("a")
+    target = XorKeyring("b")
     old, _ = esdk_encrypt(
         key_a.peer(),
         b"legacy",
@@ -569,101 +673,31 @@ async def test_default_policy_refuses_to_rewrap_legacy_messages() -> None:
     )
     async with EnvelopeClient(key_a.keyring()) as client:
         with pytest.raises(errors.CommitmentPolicyError):
-            await client.rewrap(old, to_keyring=AesKey("b").keyring())
+            await client.reencrypt(old, to_keyring=target)
+    assert target.wrapped == 0
 
 
-async def test_legacy_client_fixture_rewraps_its_own_v2_messages(
+async def test_legacy_client_fixture_reencrypts_its_own_v2_messages(
     legacy_client: EnvelopeClient,
 ) -> None:
-    """The legacy-reading client still writes committing v2 messages and rewraps them."""
+    """The legacy-reading client still writes committing v2 messages and rotates them."""
     key_b = AesKey("b")
     old = await legacy_client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
-    new = await legacy_client.rewrap(old, to_keyring=key_b.keyring())
+    new = await legacy_client.reencrypt(old, to_keyring=key_b.keyring())
     assert aioenvelope.inspect(new).version == 2
+    assert aioenvelope.inspect(new).algorithm_suite is COMMIT
     assert esdk_decrypt(key_b.peer(), new)[0] == PLAINTEXT
 
 
 # ---------------------------------------------------------------------------------------
-# 3. inspect: what a message says about itself, with no key
+# 3. Rotation as an operator runs it
 # ---------------------------------------------------------------------------------------
-
-
-async def test_inspect_shows_suite_id_context_edks_and_frame_length(
-    kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
-) -> None:
-    keyring = kms(kms_key, additional_key_ids=[kms_key_2.arn])
-    async with EnvelopeClient(keyring, frame_length=512) as client:
-        message = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
-        full = await client.decrypt_with_header(message, encryption_context=CONTEXT)
-        calls, stats = dict(keyring.kms_calls), client.stats.kms_calls
-        header = aioenvelope.inspect(message)
-        assert keyring.kms_calls == calls
-        assert client.stats.kms_calls == stats
-    assert header == full.header
-    assert header.algorithm_suite is COMMIT
-    assert header.version == 2
-    assert len(header.message_id) == 32
-    assert dict(header.encryption_context) == CONTEXT
-    assert header.frame_length == 512
-    assert [edk.provider_id for edk in header.encrypted_data_keys] == [KMS_PROVIDER_ID] * 2
-    assert [edk.provider_info for edk in header.encrypted_data_keys] == [
-        kms_key.arn.encode(),
-        kms_key_2.arn.encode(),
-    ]
-
-
-async def test_inspect_needs_only_the_header(client: EnvelopeClient) -> None:
-    message = await client.encrypt(os.urandom(10_000), encryption_context=CONTEXT)
-    length = parsed(message).length
-    whole = aioenvelope.inspect(message)
-    for prefix in (message[:length], message[: length + 1], message[:4096]):
-        assert aioenvelope.inspect(prefix) == whole
-    assert aioenvelope.inspect(bytearray(message[:length])) == whole
-    assert aioenvelope.inspect(memoryview(message)[:length]) == whole
-    for cut in (0, 1, 3, 40, length - 17, length - 1):
-        with pytest.raises(errors.TruncatedMessageError):
-            aioenvelope.inspect(message[:cut])
-
-
-@pytest.mark.parametrize("value", ["not bytes", None, [1, 2, 3], 42])
-def test_inspect_refuses_what_is_not_bytes(value: Any) -> None:
-    with pytest.raises(errors.ConfigurationError, match="bytes-like"):
-        aioenvelope.inspect(value)
-
-
-def test_inspect_refuses_garbage_as_malformed() -> None:
-    with pytest.raises(errors.MalformedMessageError):
-        aioenvelope.inspect(b"\x07" + os.urandom(100))
-
-
-async def test_inspect_reads_legacy_v1_messages_without_a_key() -> None:
-    suite = AlgorithmSuite.AES_128_GCM_IV12_TAG16_NO_KDF
-    old, peer = esdk_encrypt(
-        AesKey("a").peer(),
-        b"legacy",
-        suite_id=suite.suite_id,
-        encryption_context=CONTEXT,
-        frame_length=0,
-    )
-    header = aioenvelope.inspect(old)
-    assert (header.version, header.algorithm_suite, header.frame_length) == (1, suite, 0)
-    assert header.message_id == peer.message_id
-    assert dict(header.encryption_context) == CONTEXT
-
-
-async def test_inspect_does_not_authenticate(client: EnvelopeClient) -> None:
-    """It is for finding objects, not trusting them: a changed header still parses."""
-    message = await client.encrypt(PLAINTEXT, encryption_context={"tenant": "aaaa"})
-    tampered = flip(message, message.index(b"aaaa"))
-    assert aioenvelope.inspect(tampered).encryption_context["tenant"] == "`aaa"
-    with pytest.raises(errors.EnvelopeError):
-        await client.decrypt(tampered)
 
 
 async def test_operator_scan_finds_exactly_the_messages_still_under_key_a(
     kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
 ) -> None:
-    """Rotation as an operator runs it: rewrap part of a table, then scan every object's
+    """Rotation as an operator runs it: re-encrypt part of a table, then scan every object's
     header (no key, no KMS call) for those still wrapped under the old key."""
     key_a, key_b = kms(kms_key), kms(kms_key_2)
     rotated = {1, 4, 5, 9, 13, 18}
@@ -674,7 +708,7 @@ async def test_operator_scan_finds_exactly_the_messages_still_under_key_a(
         ]
 
         async def rotate(i: int) -> bytes:
-            return await client.rewrap(table[i], to_keyring=key_b)
+            return await client.reencrypt(table[i], to_keyring=key_b)
 
         results = await run_batch(sorted(rotated), rotate, concurrency=4)
         assert all(r.ok for r in results)
@@ -696,7 +730,7 @@ async def test_operator_scan_finds_exactly_the_messages_still_under_key_a(
 
 
 # ---------------------------------------------------------------------------------------
-# 4. rewrap_stream and rewrap_file
+# 4. reencrypt_stream and reencrypt_file
 # ---------------------------------------------------------------------------------------
 
 
@@ -724,14 +758,15 @@ class AsyncReader:
         return self._data.read(min(n, 7) if n > 0 else n)
 
 
-async def test_rewrap_stream_at_random_chunkings_equals_rewrap() -> None:
-    """A deterministic target keyring makes the rewrap byte-reproducible, so any way of
-    feeding the message must give exactly what ``rewrap`` gives."""
+async def test_reencrypt_stream_at_random_chunkings_gives_a_new_message_under_b() -> None:
+    """Any way of feeding the old message gives a complete new message under B: new
+    message ID each time, the header the stream reports, the same plaintext."""
     source, target = XorKeyring("a"), XorKeyring("b")
-    old = await encrypt_with(source, os.urandom(5_000))
+    plaintext = os.urandom(5_000)
+    old = await encrypt_with(source, plaintext)
     rng = random.Random(1234)
-    async with EnvelopeClient(source) as client:
-        expected = await client.rewrap(old, to_keyring=target)
+    message_ids = {aioenvelope.inspect(old).message_id}
+    async with EnvelopeClient(source, frame_length=300) as client:
         sources: list[Any] = [old, bytearray(old), memoryview(old), io.BytesIO(old)]
         sources.append(AsyncReader(old))
         for largest in (1, 3, 17, 100, 1000, len(old)):
@@ -739,22 +774,45 @@ async def test_rewrap_stream_at_random_chunkings_equals_rewrap() -> None:
             sources.append(agen(chunked(old, rng, largest)))
             sources.append(iter(chunked(old, rng, largest)))
         for src in sources:
-            stream = client.rewrap_stream(src, to_keyring=target)
+            stream = client.reencrypt_stream(src, to_keyring=target)
             assert stream.header is None
             async with stream:
-                assert await stream.read_all() == expected
-            assert stream.header == aioenvelope.inspect(expected)
-    assert body(expected) == body(old)
-    assert await decrypt_with(XorKeyring("b"), expected) == await decrypt_with(XorKeyring("a"), old)
+                new = await stream.read_all()
+            header = aioenvelope.inspect(new)
+            assert stream.header == header
+            assert header.frame_length == 300
+            message_ids.add(header.message_id)
+            assert await decrypt_with(XorKeyring("b"), new, CONTEXT) == plaintext
+            await assert_refused_by(XorKeyring("a"), new)
+    assert len(message_ids) == len(sources) + 1
 
 
-async def test_rewrap_stream_yields_the_header_then_passes_the_body_through_lazily() -> None:
-    """The new header comes first and alone; the body follows as the source delivers it,
-    and the source is read only as fast as the output is consumed (constant memory)."""
+async def test_reencrypt_stream_of_a_non_bytes_source_gets_a_fresh_data_key_each_time() -> None:
+    """Without a known length, a stream may not take a cached data key (it could outgrow
+    the key's byte limit): one wrap per stream. A bytes source may: one for all."""
     source, target = XorKeyring("a"), XorKeyring("b")
-    old = await encrypt_with(source, os.urandom(200_000))
-    header_length = parsed(old).length
-    pieces = [old[:header_length], *chunked(old[header_length:], random.Random(7), 4096)]
+    old = await encrypt_with(source)
+    async with EnvelopeClient(source) as client:
+        chunked_runs = [
+            await client.reencrypt_stream(iter([old]), to_keyring=target).read_all()
+            for _ in range(3)
+        ]
+        assert target.wrapped == 3
+        bytes_runs = [
+            await client.reencrypt_stream(old, to_keyring=target).read_all() for _ in range(3)
+        ]
+        assert target.wrapped == 4
+    assert len({aioenvelope.inspect(m).encrypted_data_keys for m in chunked_runs}) == 3
+    assert len({aioenvelope.inspect(m).encrypted_data_keys for m in bytes_runs}) == 1
+
+
+async def test_reencrypt_stream_reads_its_source_lazily() -> None:
+    """The source is read only as fast as the output is consumed (constant memory):
+    the first output chunk comes after a few source pieces, not the whole message."""
+    source, target = XorKeyring("a"), XorKeyring("b")
+    plaintext = os.urandom(200_000)
+    old = await encrypt_with(source, plaintext)
+    pieces = chunked(old, random.Random(7), 4096)
     pulled = 0
 
     async def counting() -> AsyncIterator[bytes]:
@@ -763,19 +821,17 @@ async def test_rewrap_stream_yields_the_header_then_passes_the_body_through_lazi
             pulled += 1
             yield piece
 
-    async with EnvelopeClient(source) as client:
-        stream = client.rewrap_stream(counting(), to_keyring=target)
+    async with EnvelopeClient(source, frame_length=4096) as client:
+        stream = client.reencrypt_stream(counting(), to_keyring=target)
         async with stream:
             iterator = aiter(stream)
             first = await anext(iterator)
-            assert parsed(first).length == len(first)
-            assert pulled == 1
+            assert pulled <= 3
+            assert len(first) < 2 * 4096
             rest = [chunk async for chunk in iterator]
     assert pulled == len(pieces)
-    assert rest == pieces[1:]
-    assert await decrypt_with(XorKeyring("b"), first + b"".join(rest)) == await decrypt_with(
-        XorKeyring("a"), old
-    )
+    new = first + b"".join(rest)
+    assert await decrypt_with(XorKeyring("b"), new) == plaintext
 
 
 class ClosableChunks:
@@ -798,21 +854,21 @@ class ClosableChunks:
         self.closed = True
 
 
-async def test_rewrap_stream_closed_early_closes_its_source() -> None:
+async def test_reencrypt_stream_closed_early_closes_its_source() -> None:
     source = XorKeyring("a")
     old = await encrypt_with(source)
     unread, partly = ClosableChunks(old), ClosableChunks(old)
     async with EnvelopeClient(source) as client:
-        async with client.rewrap_stream(unread, to_keyring=XorKeyring("b")):
+        async with client.reencrypt_stream(unread, to_keyring=XorKeyring("b")):
             pass
-        async with client.rewrap_stream(partly, to_keyring=XorKeyring("b")) as stream:
+        async with client.reencrypt_stream(partly, to_keyring=XorKeyring("b")) as stream:
             await anext(aiter(stream))
     assert unread.closed
     assert partly.closed
 
 
-async def test_rewrap_stream_of_a_truncated_header_raises_truncated() -> None:
-    source = XorKeyring("a")
+async def test_reencrypt_of_a_truncated_header_raises_truncated() -> None:
+    source, target = XorKeyring("a"), XorKeyring("b")
     old = await encrypt_with(source)
     length = parsed(old).length
     async with EnvelopeClient(source) as client:
@@ -820,64 +876,152 @@ async def test_rewrap_stream_of_a_truncated_header_raises_truncated() -> None:
             for src in (old[:cut], chunked(old[:cut], random.Random(cut), 5)):
                 produced: list[bytes] = []
                 with pytest.raises(errors.TruncatedMessageError):
-                    await drain(client.rewrap_stream(src, to_keyring=XorKeyring("b")), produced)
+                    await drain(client.reencrypt_stream(src, to_keyring=target), produced)
                 assert produced == []
             with pytest.raises(errors.TruncatedMessageError):
-                await client.rewrap(old[:cut], to_keyring=XorKeyring("b"))
+                await client.reencrypt(old[:cut], to_keyring=target)
     assert source.unwrapped == 0  # nothing was unwrapped for a header that never ended
+    assert (target.opened, target.wrapped) == (0, 0)
 
 
-async def test_rewrap_passes_a_truncated_body_through_and_decrypt_catches_it() -> None:
-    """The body is not verified by rewrap (it is not changed): reading it is."""
+def footer_length(signed: bytes) -> int:
+    """The length of a signed message's footer: a 2-byte length and a DER signature."""
+    (length,) = [n for n in range(64, 110) if int.from_bytes(signed[-n - 2 : -n], "big") == n]
+    return length + 2
+
+
+def body_damage(old: bytes, damage: str) -> bytes:
+    """The signed message ``old`` (64-byte frames) cut or changed after its header:
+    mid-body, just before the signature, inside the signature; one byte flipped in a
+    middle frame, in the final frame, in the signature; a byte after the message."""
+    header_length, footer = parsed(old).length, footer_length(old)
+    return {
+        "cut-mid-body": lambda: old[: header_length + 400],
+        "cut-before-signature": lambda: old[:-footer],
+        "cut-in-signature": lambda: old[:-10],
+        "flip-middle-frame": lambda: flip(old, header_length + 3 * 96 + 16 + 10),
+        "flip-final-frame": lambda: flip(old, len(old) - footer - 20),
+        "flip-signature": lambda: flip(old, len(old) - 5),
+        "trailing-byte": lambda: old + b"\x00",
+    }[damage]()
+
+
+BODY_DAMAGE = [
+    "cut-mid-body",
+    "cut-before-signature",
+    "cut-in-signature",
+    "flip-middle-frame",
+    "flip-final-frame",
+    "flip-signature",
+    "trailing-byte",
+]
+
+
+async def signed_old(source: Keyring) -> bytes:
+    """A signed message of 2,000 bytes in 64-byte frames."""
+    return await encrypt_with(source, os.urandom(2_000), algorithm_suite=COMMIT_SIGN)
+
+
+@pytest.mark.parametrize("damage", BODY_DAMAGE)
+async def test_reencrypt_of_a_damaged_body_raises_and_produces_nothing(
+    damage: str, tmp_path: Any
+) -> None:
+    """The old message is verified to its end before the new one is complete: a cut or
+    changed body (or signature, or bytes after the message) makes ``reencrypt`` raise,
+    and ``reencrypt_file`` leave no output."""
     source, target = XorKeyring("a"), XorKeyring("b")
-    old = await encrypt_with(source)
-    async with EnvelopeClient(source) as client:
-        new = await client.rewrap(old[:-10], to_keyring=target)
-    with pytest.raises(errors.TruncatedMessageError):
-        await decrypt_with(XorKeyring("b"), new)
+    damaged = body_damage(await signed_old(source), damage)
+    (tmp_path / "c").write_bytes(damaged)
+    async with EnvelopeClient(source, frame_length=64) as client:
+        with pytest.raises(errors.EnvelopeError) as raised:
+            await client.reencrypt(damaged, to_keyring=target)
+        with pytest.raises(type(raised.value)):
+            await client.reencrypt_file(tmp_path / "c", tmp_path / "r", to_keyring=target)
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no destination, no temporary
+    if damage.startswith("cut"):
+        assert isinstance(raised.value, errors.TruncatedMessageError)
+    elif damage.startswith("flip"):
+        assert isinstance(raised.value, errors.AuthenticationError)
 
 
-async def test_rewrap_file_round_trip(tmp_path: Any) -> None:
+@pytest.mark.parametrize("damage", BODY_DAMAGE)
+async def test_reencrypt_stream_of_a_damaged_body_never_yields_the_final_frame(
+    damage: str,
+) -> None:
+    """``reencrypt_stream`` releases new frames before the old message is verified to
+    its end (that is what streaming is for), but never the new message's final frame:
+    whatever it yielded before it raised is a message every reader refuses as
+    truncated. Fed in 200-byte chunks, so frames do come out before the damage."""
+    source, target = XorKeyring("a"), XorKeyring("b")
+    damaged = body_damage(await signed_old(source), damage)
+    async with EnvelopeClient(source, frame_length=64) as client:
+        for feed in (damaged, chunked(damaged, random.Random(5), 200)):
+            produced: list[bytes] = []
+            with pytest.raises(errors.EnvelopeError):
+                await drain(client.reencrypt_stream(feed, to_keyring=target), produced)
+            partial = b"".join(produced)
+            if isinstance(feed, list):
+                # New frames did come out (4 + 12 + 64 + 16 bytes each) ...
+                assert len(partial) >= parsed(partial).length + 96
+            if not partial:
+                continue
+            # ... but no reader takes them for a whole message.
+            with pytest.raises(errors.TruncatedMessageError):
+                await decrypt_with(XorKeyring("b"), partial)
+            async with EnvelopeClient(XorKeyring("b")) as reader:
+                with pytest.raises(errors.TruncatedMessageError):
+                    await reader.decrypt_stream(partial).read_all()
+
+
+async def test_reencrypt_file_round_trip(tmp_path: Any) -> None:
     key_a, key_b = AesKey("a"), AesKey("b")
-    plain, sealed, rewrapped, opened = (tmp_path / n for n in ("p", "c", "r", "o"))
+    plain, sealed, rotated, opened = (tmp_path / n for n in ("p", "c", "r", "o"))
     plain.write_bytes(os.urandom(70_000))
     async with EnvelopeClient(key_a.keyring(), frame_length=4096) as client:
         await client.encrypt_file(plain, sealed, encryption_context=CONTEXT)
-        header = await client.rewrap_file(sealed, rewrapped, to_keyring=key_b.keyring())
-    assert header == aioenvelope.inspect(rewrapped.read_bytes())
-    assert header.message_id == aioenvelope.inspect(sealed.read_bytes()).message_id
-    assert body(rewrapped.read_bytes()) == body(sealed.read_bytes())
-    assert rewrapped.stat().st_mode & 0o777 == 0o600
+        header = await client.reencrypt_file(sealed, rotated, to_keyring=key_b.keyring())
+    assert header == aioenvelope.inspect(rotated.read_bytes())
+    assert header.message_id != aioenvelope.inspect(sealed.read_bytes()).message_id
+    assert header.frame_length == 4096
+    assert dict(header.encryption_context) == CONTEXT
+    assert body(rotated.read_bytes()) != body(sealed.read_bytes())
+    assert rotated.stat().st_mode & 0o777 == 0o600
     async with EnvelopeClient(key_b.keyring()) as reader:
-        await reader.decrypt_file(rewrapped, opened, encryption_context=CONTEXT)
+        await reader.decrypt_file(rotated, opened, encryption_context=CONTEXT)
     assert opened.read_bytes() == plain.read_bytes()
+    await assert_refused_by(key_a.keyring(), rotated.read_bytes())
+    assert esdk_decrypt(key_b.peer(), rotated.read_bytes())[0] == plain.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "o", "p", "r"]
 
 
-async def test_rewrap_file_keeps_an_existing_destination_unless_overwrite(tmp_path: Any) -> None:
+async def test_reencrypt_file_keeps_an_existing_destination_unless_overwrite(
+    tmp_path: Any,
+) -> None:
     key_a, key_b = AesKey("a"), AesKey("b")
     sealed, dest = tmp_path / "c", tmp_path / "r"
     sealed.write_bytes(await encrypt_with(key_a.keyring()))
     dest.write_bytes(b"precious")
     async with EnvelopeClient(key_a.keyring()) as client:
         with pytest.raises(errors.ConfigurationError, match="already exists"):
-            await client.rewrap_file(sealed, dest, to_keyring=key_b.keyring())
+            await client.reencrypt_file(sealed, dest, to_keyring=key_b.keyring())
         assert dest.read_bytes() == b"precious"
-        await client.rewrap_file(sealed, dest, to_keyring=key_b.keyring(), overwrite=True)
+        await client.reencrypt_file(sealed, dest, to_keyring=key_b.keyring(), overwrite=True)
     assert await decrypt_with(key_b.keyring(), dest.read_bytes()) == PLAINTEXT
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "r"]
 
 
-async def test_rewrap_file_of_a_tampered_header_leaves_no_output(tmp_path: Any) -> None:
+async def test_reencrypt_file_of_a_tampered_header_leaves_no_output(tmp_path: Any) -> None:
     key_a, key_b = AesKey("a"), AesKey("b")
     old = await encrypt_with(MultiKeyring(key_a.keyring(), [key_b.keyring()]))
     other_edk = aioenvelope.inspect(old).encrypted_data_keys[1].ciphertext
     sealed, dest = tmp_path / "c", tmp_path / "r"
     sealed.write_bytes(flip(old, old.index(other_edk) + 5))
+    target = XorKeyring("c")
     async with EnvelopeClient(key_a.keyring()) as client:
         with pytest.raises(errors.AuthenticationError):
-            await client.rewrap_file(sealed, dest, to_keyring=AesKey("c").keyring())
+            await client.reencrypt_file(sealed, dest, to_keyring=target)
     assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no destination, no .partial
+    assert (target.opened, target.wrapped) == (0, 0)
 
 
 # ---------------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def _plan_tree(
     return Plan(
         tuple(jobs),
         batch=True,
-        new_dirs=_missing_dirs(out, jobs),
+        new_dirs=_missing_dirs(jobs),
         output_root=out,
         skipped=tuple(skipped),
     )
@@ -207,7 +207,7 @@ def _walk(root: Path, out: Path, follow_symlinks: bool) -> tuple[list[Path], lis
     return files, skipped
 
 
-def _missing_dirs(out: Path, jobs: list[Job]) -> tuple[Path, ...]:
+def _missing_dirs(jobs: list[Job]) -> tuple[Path, ...]:
     """Output directories that do not exist yet (a link counts as existing: it is
     refused when reached, never replaced or followed)."""
     missing: set[Path] = set()
@@ -217,10 +217,6 @@ def _missing_dirs(out: Path, jobs: list[Job]) -> tuple[Path, ...]:
         while parent not in missing and not os.path.lexists(parent):
             missing.add(parent)
             parent = parent.parent
-    parent = out
-    while parent not in missing and not os.path.lexists(parent):
-        missing.add(parent)  # an empty input tree still makes its output root
-        parent = parent.parent
     return tuple(sorted(missing))  # parents sort before their children
 
 

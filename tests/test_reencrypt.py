@@ -352,7 +352,9 @@ async def rotate_rows(
         )
         assert all(r.ok for r in results)
         rotated = [r.value for r in results if r.value is not None]
-        calls_a = {k: v - before.get(k, 0) for k, v in key_a.kms_calls.items() if v != before.get(k)}
+        calls_a = {
+            k: v - before.get(k, 0) for k, v in key_a.kms_calls.items() if v != before.get(k)
+        }
         calls_b = dict(key_b.kms_calls)
     assert len(rotated) == ROWS
     assert len({aioenvelope.inspect(m).message_id for m in rotated}) == ROWS
@@ -370,7 +372,9 @@ async def test_rotating_fifty_rows_that_share_a_data_key_costs_one_decrypt_and_o
     (B's data key is cached and shared by every new message), with re-encryptions
     running concurrently; the new messages share EDKs, so reading them back under B is
     one Decrypt too."""
-    calls_a, calls_b, rotated = await rotate_rows(kms, kms_key, kms_key_2, aioenvelope.CacheConfig())
+    calls_a, calls_b, rotated = await rotate_rows(
+        kms, kms_key, kms_key_2, aioenvelope.CacheConfig()
+    )
     assert calls_a == {"Decrypt": 1}
     assert calls_b == {"DescribeKey": 1, "GenerateDataKey": 1}
     assert len({aioenvelope.inspect(m).encrypted_data_keys for m in rotated}) == 1
@@ -457,8 +461,9 @@ async def test_kms_signed_message_reencrypts_to_a_signed_committing_message(
     assert header.algorithm_suite is COMMIT_SIGN
     assert edk_arns(header) == {kms_key_2.arn}
     public_key = "aws-crypto-public-key"
-    assert header.encryption_context[public_key] != (
-        aioenvelope.inspect(signed).encryption_context[public_key]
+    assert (
+        header.encryption_context[public_key]
+        != (aioenvelope.inspect(signed).encryption_context[public_key])
     )
     assert await decrypt_with(kms(kms_key_2), new, CONTEXT) == PLAINTEXT
     provider_b = aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[kms_key_2.arn])
@@ -1029,22 +1034,33 @@ async def test_reencrypt_file_of_a_tampered_header_leaves_no_output(tmp_path: An
 # ---------------------------------------------------------------------------------------
 
 
-async def test_rewrap_refuses_signed_messages_pointing_at_reencrypt_stream(
+async def test_signed_messages_reencrypt_to_a_signed_committing_suite_through_every_api(
     tmp_path: Any,
 ) -> None:
-    key_a = AesKey("a")
+    """Signed messages are no longer refused: the old signature is verified, and the new
+    message is signed under a fresh key by ``reencrypt``, ``reencrypt_stream`` and
+    ``reencrypt_file`` alike."""
+    key_a, key_b = AesKey("a"), AesKey("b")
     signed = await encrypt_with(key_a.keyring(), algorithm_suite=COMMIT_SIGN)
     (tmp_path / "c").write_bytes(signed)
     async with EnvelopeClient(key_a.keyring()) as client:
-        with pytest.raises(errors.ConfigurationError, match="reencrypt_stream"):
-            await client.rewrap(signed, to_keyring=AesKey("b").keyring())
-        produced: list[bytes] = []
-        with pytest.raises(errors.ConfigurationError, match="reencrypt_stream"):
-            await drain(client.rewrap_stream(signed, to_keyring=AesKey("b").keyring()), produced)
-        assert produced == []
-        with pytest.raises(errors.ConfigurationError, match="reencrypt_stream"):
-            await client.rewrap_file(tmp_path / "c", tmp_path / "r", to_keyring=key_a.keyring())
-    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+        whole = await client.reencrypt(signed, to_keyring=key_b.keyring())
+        streamed = await client.reencrypt_stream(
+            chunked(signed, random.Random(2), 50), to_keyring=key_b.keyring()
+        ).read_all()
+        await client.reencrypt_file(tmp_path / "c", tmp_path / "r", to_keyring=key_b.keyring())
+    public_key = "aws-crypto-public-key"
+    old_key = aioenvelope.inspect(signed).encryption_context[public_key]
+    new_keys = set()
+    for new in (whole, streamed, (tmp_path / "r").read_bytes()):
+        header = aioenvelope.inspect(new)
+        assert header.algorithm_suite is COMMIT_SIGN
+        new_keys.add(header.encryption_context[public_key])
+        assert await decrypt_with(key_b.keyring(), new, CONTEXT) == PLAINTEXT
+        await assert_refused_by(key_a.keyring(), new)
+        assert esdk_decrypt(key_b.peer(), new)[0] == PLAINTEXT
+    assert len(new_keys) == 3
+    assert old_key not in new_keys
 
 
 @pytest.mark.parametrize("suite", [COMMIT_SIGN, COMMIT], ids=["signed", "unsigned"])
@@ -1077,7 +1093,7 @@ async def test_reencrypt_stream_moves_a_message_to_the_new_keyring(
     assert esdk_decrypt(key_b.peer(), new)[0] == PLAINTEXT
 
 
-async def test_reencrypt_stream_to_an_unsigned_suite_can_then_be_rewrapped() -> None:
+async def test_reencrypt_stream_to_an_unsigned_suite_can_then_be_reencrypted() -> None:
     key_a, key_b, key_c = AesKey("a"), AesKey("b"), AesKey("c")
     signed = await encrypt_with(key_a.keyring(), algorithm_suite=COMMIT_SIGN)
     async with EnvelopeClient(key_a.keyring()) as client:
@@ -1090,7 +1106,8 @@ async def test_reencrypt_stream_to_an_unsigned_suite_can_then_be_rewrapped() -> 
     assert header.algorithm_suite is COMMIT
     assert dict(header.encryption_context) == CONTEXT
     async with EnvelopeClient(key_b.keyring()) as client:
-        again = await client.rewrap(unsigned, to_keyring=key_c.keyring())
+        again = await client.reencrypt(unsigned, to_keyring=key_c.keyring())
+    assert aioenvelope.inspect(again).algorithm_suite is COMMIT
     assert await decrypt_with(key_c.keyring(), again, CONTEXT) == PLAINTEXT
 
 
@@ -1122,14 +1139,14 @@ async def test_reencrypt_stream_moves_a_legacy_message_to_a_committing_suite() -
 async def test_reencrypt_stream_refuses_a_non_keyring_at_call_time(
     client: EnvelopeClient,
 ) -> None:
-    """Like rewrap_stream: a wrong ``to_keyring`` is the caller's mistake, reported as a
+    """A wrong ``to_keyring`` is the caller's mistake, reported as a
     ConfigurationError when the stream is made (not an AttributeError mid-iteration)."""
     message = await client.encrypt(PLAINTEXT)
     with pytest.raises(errors.ConfigurationError, match="Keyring"):
         client.reencrypt_stream(message, to_keyring="not a keyring")  # type: ignore[arg-type]
 
 
-async def test_required_context_must_be_given_to_rewrap_and_stays_required() -> None:
+async def test_required_context_must_be_given_to_reencrypt_and_stays_required() -> None:
     key_a, key_b = AesKey("a"), AesKey("b")
     full = {**CONTEXT, "secret": "s3"}
     old = await encrypt_with(
@@ -1138,16 +1155,16 @@ async def test_required_context_must_be_given_to_rewrap_and_stays_required() -> 
     assert "secret" not in aioenvelope.inspect(old).encryption_context
     async with EnvelopeClient(key_a.keyring()) as client:
         with pytest.raises(errors.EnvelopeError):
-            await client.rewrap(old, to_keyring=key_b.keyring())
+            await client.reencrypt(old, to_keyring=key_b.keyring())
         with pytest.raises(errors.EnvelopeError):
-            await client.rewrap(
+            await client.reencrypt(
                 old, to_keyring=key_b.keyring(), encryption_context={"secret": "wrong"}
             )
-        new = await client.rewrap(
+        new = await client.reencrypt(
             old, to_keyring=key_b.keyring(), encryption_context={"secret": "s3"}
         )
     assert "secret" not in aioenvelope.inspect(new).encryption_context
-    assert body(new) == body(old)
+    assert body(new) != body(old)
     assert await decrypt_with(key_b.keyring(), new, {"secret": "s3"}) == PLAINTEXT
     await assert_refused_by(key_b.keyring(), new)
     await assert_refused_by(key_b.keyring(), new, {"secret": "wrong"})
@@ -1177,14 +1194,14 @@ async def test_wrong_encryption_context_is_a_mismatch(client: EnvelopeClient) ->
     message = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
     target = XorKeyring("b")
     with pytest.raises(errors.EncryptionContextMismatchError):
-        await client.rewrap(message, to_keyring=target, encryption_context={"tenant": "other"})
+        await client.reencrypt(message, to_keyring=target, encryption_context={"tenant": "other"})
     with pytest.raises(errors.EncryptionContextMismatchError):
         await client.reencrypt_stream(
             message, to_keyring=target, encryption_context={"tenant": "other"}
         ).read_all()
     assert target.wrapped == 0
     # A subset of the stored pairs is fine.
-    new = await client.rewrap(message, to_keyring=target, encryption_context={"tenant": "t-42"})
+    new = await client.reencrypt(message, to_keyring=target, encryption_context={"tenant": "t-42"})
     assert await decrypt_with(XorKeyring("b"), new, CONTEXT) == PLAINTEXT
 
 
@@ -1221,48 +1238,48 @@ def tamper_offset(message: bytes, field: str) -> int:
 
 
 @pytest.mark.parametrize("field", TAMPERED_FIELDS)
-async def test_tampered_header_is_refused_and_nothing_is_produced(field: str) -> None:
+async def test_tampered_header_is_refused_and_nothing_is_produced(
+    field: str, tmp_path: Any
+) -> None:
+    """The old header is authenticated first, so a forged header produces nothing and
+    costs no wrap under the new key (for KMS, a GenerateDataKey call and a CloudTrail
+    entry for a message that is then refused): the target is not even opened."""
     key_a, key_b = AesKey("a"), AesKey("b")
     old = await encrypt_with(MultiKeyring(key_a.keyring(), [key_b.keyring()]))
     tampered = flip(old, tamper_offset(old, field))
+    (tmp_path / "c").write_bytes(tampered)
+    target = XorKeyring("c")
     async with EnvelopeClient(key_a.keyring()) as client:
         produced: list[bytes] = []
         with pytest.raises(errors.EnvelopeError) as info:
-            await drain(client.rewrap_stream(tampered, to_keyring=XorKeyring("c")), produced)
+            await drain(client.reencrypt_stream(tampered, to_keyring=target), produced)
         assert produced == []
-        with pytest.raises(errors.EnvelopeError):
-            await client.rewrap(tampered, to_keyring=XorKeyring("c"))
+        with pytest.raises(type(info.value)):
+            await client.reencrypt(tampered, to_keyring=target)
+        with pytest.raises(type(info.value)):
+            await client.reencrypt_file(tmp_path / "c", tmp_path / "r", to_keyring=target)
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+    assert (target.attached, target.opened, target.wrapped) == (0, 0, 0)
     if field in ("other-edk", "message-id", "frame-length", "commitment", "tag"):
         # The keyring unwraps fine; only the header check can catch these.
         assert isinstance(info.value, errors.AuthenticationError)
 
 
 @pytest.mark.parametrize("field", ["other-edk", "tag"])
-async def test_tampered_header_is_caught_before_the_new_keyring_wraps(field: str) -> None:
-    """The old header is authenticated first, so a forged header must not cost a wrap
-    under the new key (for KMS, an Encrypt call and a CloudTrail entry for a message
-    that is then refused)."""
-    key_a, key_b = AesKey("a"), AesKey("b")
-    old = await encrypt_with(MultiKeyring(key_a.keyring(), [key_b.keyring()]))
-    tampered = flip(old, tamper_offset(old, field))
-    target = XorKeyring("c")
-    async with EnvelopeClient(key_a.keyring()) as client:
-        with pytest.raises(errors.AuthenticationError):
-            await client.rewrap(tampered, to_keyring=target)
-    assert target.wrapped == 0
-
-
-async def test_tampered_header_with_kms_makes_no_encrypt_under_key_b(
-    kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
+async def test_tampered_header_with_kms_makes_no_call_under_key_b(
+    kms: Any, kms_key: KmsKey, kms_key_2: KmsKey, field: str
 ) -> None:
     key_a, key_b = kms(kms_key), kms(kms_key_2)
     extra = AesKey("x")
     old = await encrypt_with(MultiKeyring(key_a, [extra.keyring()]))
-    tampered = flip(old, tamper_offset(old, "other-edk"))
+    tampered = flip(old, tamper_offset(old, field))
     async with EnvelopeClient(key_a) as client:
         with pytest.raises(errors.AuthenticationError):
-            await client.rewrap(tampered, to_keyring=key_b)
-    assert "Encrypt" not in key_b.kms_calls
+            await client.reencrypt(tampered, to_keyring=key_b)
+        with pytest.raises(errors.AuthenticationError):
+            await client.reencrypt_stream(tampered, to_keyring=key_b).read_all()
+        assert key_a.kms_calls["Decrypt"] == 1  # the old data key was read (and cached)
+    assert key_b.kms_calls == {}  # not opened: no DescribeKey, GenerateDataKey or Encrypt
 
 
 # ---------------------------------------------------------------------------------------
@@ -1270,7 +1287,7 @@ async def test_tampered_header_with_kms_makes_no_encrypt_under_key_b(
 # ---------------------------------------------------------------------------------------
 
 
-async def test_to_keyring_is_opened_once_across_many_rewraps_and_closed_on_exit() -> None:
+async def test_to_keyring_is_opened_once_across_many_reencryptions_and_closed_on_exit() -> None:
     source = XorKeyring("a")
     target = XorKeyring("b", open_delay=0.01)  # concurrent first uses overlap its open()
     messages = [await encrypt_with(source, b"m%d" % i) for i in range(12)]
@@ -1279,19 +1296,20 @@ async def test_to_keyring_is_opened_once_across_many_rewraps_and_closed_on_exit(
         results: list[bytes] = [b""] * len(messages)
 
         async def one(i: int) -> None:
-            results[i] = await client.rewrap(messages[i], to_keyring=target)
+            results[i] = await client.reencrypt(messages[i], to_keyring=target)
 
         async with anyio.create_task_group() as tg:
             for i in range(len(messages)):
                 tg.start_soon(one, i)
         for message in messages:
-            await client.rewrap(message, to_keyring=target)
+            await client.reencrypt(message, to_keyring=target)
         await client.reencrypt_stream(messages[0], to_keyring=target).read_all()
         assert (target.attached, target.opened, target.closed) == (1, 1, 0)
-        # Each message has its own data key: wrapped once each; the second round reuses
-        # those wrappings; re-encryption makes a new data key.
-        assert target.wrapped == len(messages) + 1
-        assert client.stats.rewrap_cache_hits == len(messages)
+        # One context, so one data key of the target, made once (concurrent misses
+        # coalesced) and reused by the other 24 messages; each old message had its own
+        # data key: 12 unwraps, the second round from the decrypt cache.
+        assert target.wrapped == 1
+        assert source.unwrapped == len(messages)
     assert (target.attached, target.opened, target.closed) == (1, 1, 1)
     assert source.closed == 1
     for i, result in enumerate(results):
@@ -1303,7 +1321,7 @@ async def test_own_keyring_as_target_is_neither_reopened_nor_closed_twice() -> N
     message = await encrypt_with(own)
     own.opened = own.closed = 0
     async with EnvelopeClient(own) as client:
-        await client.rewrap(message, to_keyring=own)
+        await client.reencrypt(message, to_keyring=own)
     assert (own.opened, own.closed) == (1, 1)
 
 
@@ -1317,26 +1335,34 @@ async def test_kms_to_keyring_client_is_opened_once_and_closed_when_the_client_e
         messages = [await client.encrypt(b"m%d" % i, encryption_context=CONTEXT) for i in range(5)]
         assert tracking.events == []  # not opened until first used
         for message in messages:
-            await client.rewrap(message, to_keyring=key_b)
+            await client.reencrypt(message, to_keyring=key_b)
         assert tracking.events == ["open"]
-        assert key_b.kms_calls == {"DescribeKey": 1, "Encrypt": 1}  # one shared data key
+        assert key_b.kms_calls == {"DescribeKey": 1, "GenerateDataKey": 1}  # one data key
     assert tracking.events == ["open", "close"]
     assert tracking.open_clients == 0
 
 
-async def test_rewrap_needs_an_open_client_and_a_keyring() -> None:
+async def test_reencrypt_needs_an_open_client_and_a_keyring(tmp_path: Any) -> None:
     key_a = AesKey("a")
     message = await encrypt_with(key_a.keyring())
     client = EnvelopeClient(key_a.keyring())
     with pytest.raises(errors.ConfigurationError, match="not open"):
-        await client.rewrap(message, to_keyring=AesKey("b").keyring())
+        await client.reencrypt(message, to_keyring=AesKey("b").keyring())
     async with client:
         with pytest.raises(errors.ConfigurationError, match="to_keyring"):
-            await client.rewrap(message, to_keyring=object())  # type: ignore[arg-type]
+            await client.reencrypt(message, to_keyring=object())  # type: ignore[arg-type]
         with pytest.raises(errors.ConfigurationError, match="bytes-like"):
-            await client.rewrap("text", to_keyring=AesKey("b").keyring())  # type: ignore[arg-type]
+            await client.reencrypt("text", to_keyring=AesKey("b").keyring())  # type: ignore[arg-type]
+    target = XorKeyring("b")
     with pytest.raises(errors.ConfigurationError, match="closed"):
-        await client.rewrap(message, to_keyring=AesKey("b").keyring())
+        await client.reencrypt(message, to_keyring=target)
+    with pytest.raises(errors.ConfigurationError, match="closed"):
+        client.reencrypt_stream(message, to_keyring=target)
+    (tmp_path / "c").write_bytes(message)
+    with pytest.raises(errors.ConfigurationError, match="closed"):
+        await client.reencrypt_file(tmp_path / "c", tmp_path / "r", to_keyring=target)
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+    assert (target.attached, target.opened, target.wrapped) == (0, 0, 0)
 
 
 async def test_a_stream_read_after_the_client_exits_leaves_no_keyring_open() -> None:
@@ -1347,7 +1373,7 @@ async def test_a_stream_read_after_the_client_exits_leaves_no_keyring_open() -> 
     message = await encrypt_with(source)
     target = XorKeyring("b")
     async with EnvelopeClient(source) as client:
-        stream = client.rewrap_stream(message, to_keyring=target)
+        stream = client.reencrypt_stream(message, to_keyring=target)
     try:
         async with stream:
             await stream.read_all()
@@ -1365,7 +1391,7 @@ async def test_a_kms_to_keyring_first_used_after_the_client_exits_is_not_left_op
     key_b = kms(kms_key_2, session=tracking.session)
     async with EnvelopeClient(kms(kms_key)) as client:
         message = await client.encrypt(PLAINTEXT)
-        stream = client.rewrap_stream(message, to_keyring=key_b)
+        stream = client.reencrypt_stream(message, to_keyring=key_b)
     try:
         with pytest.raises(errors.EnvelopeError):
             await stream.read_all()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import aws_encryption_sdk
 import pytest
 from esdk_peer import esdk_decrypt, peer_keys, raw_aes_key
@@ -293,16 +294,16 @@ def test_pipes_round_trip_with_kms_and_raw_keys_combined(
     assert refused.stdout == b""
 
 
-def test_rewrap_from_key_a_to_key_b(
+def test_reencrypt_from_key_a_to_key_b(
     cli: Cli, kms_message: KmsMessage, kms_key: KmsKey, kms_key_2: KmsKey, tmp_path: Path
 ) -> None:
-    rewrapped = tmp_path / "rewrapped"
+    rotated = tmp_path / "rotated"
     ok(
         cli(
-            "rewrap",
+            "reencrypt",
             kms_message.path,
             "-o",
-            rewrapped,
+            rotated,
             "--kms-key",
             kms_key.arn,
             "--to-kms-key",
@@ -311,18 +312,21 @@ def test_rewrap_from_key_a_to_key_b(
             *cli.kms,
         )
     )
-    old, new = (
-        aioenvelope.inspect(kms_message.path.read_bytes()),
-        aioenvelope.inspect(rewrapped.read_bytes()),
-    )
-    assert new.message_id == old.message_id
+    assert rotated.stat().st_mode & 0o777 == 0o600
+    old_bytes, new_bytes = kms_message.path.read_bytes(), rotated.read_bytes()
+    old, new = aioenvelope.inspect(old_bytes), aioenvelope.inspect(new_bytes)
+    # A new message: new message ID, new frames; same context and suite.
+    assert new.message_id != old.message_id
+    assert new_bytes[-1000:] != old_bytes[-1000:]
     assert [edk.provider_info.decode() for edk in new.encrypted_data_keys] == [kms_key_2.arn]
+    assert dict(new.encryption_context) == {"tenant": "t1", "table": "cards"}
+    assert new.algorithm_suite is old.algorithm_suite
 
     out = tmp_path / "plain"
     ok(
         cli(
             "decrypt",
-            rewrapped,
+            rotated,
             "-o",
             out,
             "--kms-key",
@@ -334,22 +338,22 @@ def test_rewrap_from_key_a_to_key_b(
     assert out.read_bytes() == kms_message.plaintext
 
     error = failed(
-        cli("decrypt", rewrapped, "-o", out.with_name("nope"), "--kms-key", kms_key.arn, *cli.kms)
+        cli("decrypt", rotated, "-o", out.with_name("nope"), "--kms-key", kms_key.arn, *cli.kms)
     )
     assert "could not decrypt" in error[0]
-    assert listing(tmp_path) == {"rewrapped", "plain"}
+    assert listing(tmp_path) == {"rotated", "plain"}
 
 
-def test_rewrap_to_a_raw_key_file_which_the_esdk_reads(
+def test_reencrypt_to_a_raw_key_file_which_the_esdk_reads(
     cli: Cli, kms_message: KmsMessage, kms_key: KmsKey, raw_key: RawKeyFile, tmp_path: Path
 ) -> None:
-    rewrapped = tmp_path / "rewrapped"
+    rotated = tmp_path / "rotated"
     ok(
         cli(
-            "rewrap",
+            "reencrypt",
             kms_message.path,
             "-o",
-            rewrapped,
+            rotated,
             "--kms-key",
             kms_key.arn,
             "--to-raw-key-file",
@@ -357,9 +361,130 @@ def test_rewrap_to_a_raw_key_file_which_the_esdk_reads(
             *cli.kms,
         )
     )
-    plaintext, peer = esdk_decrypt(raw_key.esdk(), rewrapped.read_bytes())
+    plaintext, peer = esdk_decrypt(raw_key.esdk(), rotated.read_bytes())
     assert plaintext == kms_message.plaintext
     assert {edk[0] for edk in peer.encrypted_data_keys} == {"aioenvelope"}
+    assert peer.message_id != aioenvelope.inspect(kms_message.path.read_bytes()).message_id
+
+
+def test_reencrypt_of_a_directory_rotates_every_file_and_reports_a_truncated_one(
+    cli: Cli, raw_key: RawKeyFile, tmp_path: Path
+) -> None:
+    """A tree encrypted under key A is re-encrypted (same names) under key B: B reads
+    every file, A none. A truncated file in the tree is one error line and no output
+    (the others are still done); exit status 1."""
+    new_key = tmp_path / "new-key.json"
+    ok(cli("keygen", "-o", new_key))
+    tree = tmp_path / "tree"
+    files = {"a.txt": b"alpha\n", "empty": b"", "sub/b.bin": os.urandom(70_000)}
+    for name, data in files.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_bytes(data)
+    encrypted = tmp_path / "encrypted"
+    ok(cli("encrypt", tree, "-o", encrypted, "--raw-key-file", raw_key.path, "-c", "app=cli"))
+
+    rotated = tmp_path / "rotated"
+    ok(
+        cli(
+            "reencrypt",
+            encrypted,
+            "-o",
+            rotated,
+            "--raw-key-file",
+            raw_key.path,
+            "--to-raw-key-file",
+            new_key,
+            "-c",
+            "app=cli",
+        )
+    )
+    assert listing(rotated) == listing(encrypted)
+    for name in files:
+        old = aioenvelope.inspect((encrypted / f"{name}.encrypted").read_bytes())
+        new = aioenvelope.inspect((rotated / f"{name}.encrypted").read_bytes())
+        assert new.message_id != old.message_id
+    decrypted = tmp_path / "decrypted"
+    ok(cli("decrypt", rotated, "-o", decrypted, "--raw-key-file", new_key, "-c", "app=cli"))
+    assert {n: (decrypted / n).read_bytes() for n in files} == files
+    refused = tmp_path / "refused"
+    failed(cli("decrypt", rotated, "-o", refused, "--raw-key-file", raw_key.path), lines=4)
+    assert not refused.exists() or listing(refused) == set()
+
+    # A truncated file: its frames were already being sealed anew when the cut was found.
+    big = encrypted / "sub/b.bin.encrypted"
+    big.write_bytes(big.read_bytes()[:-5000])
+    again = tmp_path / "again"
+    errors = failed(
+        cli(
+            "reencrypt",
+            encrypted,
+            "-o",
+            again,
+            "--raw-key-file",
+            raw_key.path,
+            "--to-raw-key-file",
+            new_key,
+        ),
+        lines=2,
+    )
+    assert errors[0].startswith(f"{ERROR_PREFIX}{big}: ")
+    assert "truncated" in errors[0]
+    assert errors[1] == f"{ERROR_PREFIX}1 of 3 files failed"
+    assert listing(again) == {"a.txt.encrypted", "empty.encrypted"}
+
+
+def test_reencrypt_of_a_truncated_message_exits_1_and_leaves_no_output(
+    cli: Cli, kms_message: KmsMessage, kms_key: KmsKey, raw_key: RawKeyFile, tmp_path: Path
+) -> None:
+    """Cut inside the ninth of ten 4 KiB frames: eight frames of the new message were
+    already sealed when the cut was found; none of it may be left behind."""
+    source = tmp_path / "truncated.encrypted"
+    source.write_bytes(kms_message.path.read_bytes()[:-5000])
+    before = listing(tmp_path)
+    result = cli(
+        "reencrypt",
+        source,
+        "-o",
+        tmp_path / "rotated",
+        "--kms-key",
+        kms_key.arn,
+        "--to-raw-key-file",
+        raw_key.path,
+        *kms_message.context,
+        *cli.kms,
+    )
+    assert "truncated" in failed(result)[0]
+    assert listing(tmp_path) == before  # no output, and no temporary file either
+    piped = cli(
+        "reencrypt",
+        "-",
+        "-o",
+        "-",
+        "--kms-key",
+        kms_key.arn,
+        "--to-raw-key-file",
+        raw_key.path,
+        *cli.kms,
+        stdin=source.read_bytes(),
+    )
+    assert "truncated" in failed(piped)[0]
+    # On a pipe, new frames may go out before the cut is found (here the input arrives
+    # in one read and nothing does), but never the final one: no reader takes what came
+    # out for a whole message.
+    if piped.stdout:
+        with pytest.raises(aioenvelope.errors.TruncatedMessageError):
+            decrypt_in_process(piped.stdout, raw_key)
+
+
+def decrypt_in_process(message: bytes, raw_key: RawKeyFile) -> bytes:
+    """Decrypt ``message`` with the raw key file's key, with the library in process."""
+
+    async def run() -> bytes:
+        keyring = aioenvelope.RawAesKeyring(raw_key.namespace, raw_key.name, raw_key.key)
+        async with aioenvelope.EnvelopeClient(keyring) as client:
+            return await client.decrypt(message)
+
+    return anyio.run(run)
 
 
 @pytest.mark.parametrize("case", ["wrong-context", "wrong-key", "truncated", "existing-output"])

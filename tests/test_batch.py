@@ -259,49 +259,59 @@ async def test_a_base_exception_stops_the_batch() -> None:
     assert len(started) < 50
 
 
-async def test_batch_rewrap_of_fifty_messages_reports_exactly_the_corrupted_ones() -> None:
+async def test_batch_reencrypt_of_fifty_messages_reports_exactly_the_corrupted_ones() -> None:
+    """Rotation verifies every old message to its end, so damage in the body (a cut, a
+    flipped tag byte, bytes after the message) fails its item as header damage does; a
+    signed message is re-encrypted like any other. Every other item is rotated."""
     key_a, key_b = os.urandom(32), os.urandom(32)
     old_keyring = RawAesKeyring("batch", "a", key_a)
     new_keyring = RawAesKeyring("batch", "b", key_b)
     context = {"job": "rotate"}
+    signed_suite = aioenvelope.AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384
     async with EnvelopeClient(old_keyring, frame_length=128) as client:
         blobs = [
             await client.encrypt(os.urandom(i * 37), encryption_context=context) for i in range(50)
         ]
         signed = await client.encrypt(
-            b"signed",
-            encryption_context=context,
-            algorithm_suite=aioenvelope.AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384,
+            b"signed", encryption_context=context, algorithm_suite=signed_suite
         )
         plaintexts = [await client.decrypt(blob) for blob in blobs]
+        plaintexts[40] = b"signed"
         tag_offset = parse_header(blobs[11], max_encrypted_data_keys=10).length - 1
         corrupted = {
             3: blobs[3][:40],  # ends inside the header
             11: bytes(b ^ 1 if i == tag_offset else b for i, b in enumerate(blobs[11])),  # tag
+            15: blobs[15][:-10],  # ends inside the final frame
             27: b"\x09" + blobs[27][1:],  # not a message at all
-            40: signed,  # cannot be rewrapped
+            33: blobs[33][:-1] + bytes([blobs[33][-1] ^ 1]),  # the final frame's tag
+            45: blobs[45] + b"\x00",  # a byte after the message
         }
         items = [corrupted.get(i, blob) for i, blob in enumerate(blobs)]
+        items[40] = signed  # re-encrypted like the others
         seen: list[BatchProgress] = []
 
         async def rotate(blob: bytes) -> bytes:
-            return await client.rewrap(blob, to_keyring=new_keyring)
+            return await client.reencrypt(blob, to_keyring=new_keyring)
 
         results = await run_batch(items, rotate, concurrency=8, on_progress=seen.append)
 
     assert [r.item for r in results] == items
     failures = {i: r.error for i, r in enumerate(results) if not r.ok}
-    assert set(failures) == set(corrupted)
+    assert set(failures) == {3, 11, 15, 27, 33, 45}
     assert isinstance(failures[3], errors.TruncatedMessageError)
     assert isinstance(failures[11], errors.AuthenticationError)
+    assert isinstance(failures[15], errors.TruncatedMessageError)
     assert isinstance(failures[27], errors.MalformedMessageError)
-    assert isinstance(failures[40], errors.ConfigurationError)
-    assert (seen[-1].done, seen[-1].failed, seen[-1].total) == (50, 4, 50)
+    assert isinstance(failures[33], errors.AuthenticationError)
+    assert isinstance(failures[45], errors.MalformedMessageError)
+    assert (seen[-1].done, seen[-1].failed, seen[-1].total) == (50, 6, 50)
+    rotated = {i: r.value for i, r in enumerate(results) if r.value is not None}
+    assert len(rotated) == 44
+    assert aioenvelope.inspect(rotated[40]).algorithm_suite is signed_suite
     async with EnvelopeClient(new_keyring) as reader:
-        for i, result in enumerate(results):
-            if result.ok:
-                assert result.value is not None
-                assert (
-                    await reader.decrypt(result.value, encryption_context=context)
-                    == (plaintexts[i])
-                )
+        for i, value in rotated.items():
+            assert aioenvelope.inspect(value).message_id != aioenvelope.inspect(items[i]).message_id
+            assert await reader.decrypt(value, encryption_context=context) == plaintexts[i]
+    async with EnvelopeClient(old_keyring) as old_reader:
+        with pytest.raises(errors.NoUsableKeyError):
+            await old_reader.decrypt(rotated[0])

@@ -1,5 +1,5 @@
 """Batch job: seal the sensitive columns of a large SQLite table, rotate it to another KMS
-key without re-encrypting a byte of data, and verify it, with bounded concurrency.
+key by re-encrypting every row, and verify it, with bounded concurrency.
 
     python examples/batch_job.py demo --db /tmp/customers.db     # embedded KMS, end to end
     python examples/batch_job.py encrypt --db customers.db --key-id alias/old
@@ -9,9 +9,10 @@ key without re-encrypting a byte of data, and verify it, with bounded concurrenc
 Each row becomes one message. The row's id is sealed inside it (and checked on reading)
 rather than put in the encryption context: the data-key cache is keyed by context, so a
 context per row would cost one KMS call per row; this way the whole table shares a data
-key (each message still derives its own key from its own message ID). Work is committed a
-chunk at a time, so an interrupted job resumes where it stopped. Needs the ``examples``
-extra (aiosqlite, tqdm; moto for ``demo``).
+key (each message still derives its own key from its own message ID), and rotating it
+costs one Decrypt under the old key and one GenerateDataKey under the new one. Work is
+committed a chunk at a time, so an interrupted job resumes where it stopped. Needs the
+``examples`` extra (aiosqlite, tqdm; moto for ``demo``).
 """
 
 from __future__ import annotations
@@ -121,19 +122,24 @@ async def encrypt(
 async def rotate(
     db: aiosqlite.Connection, client: EnvelopeClient, args: argparse.Namespace
 ) -> Outcome:
-    """Rewrap each sealed row's data key under ``--to-key-id``; the body stays as it is."""
+    """Re-encrypt each sealed row under ``--to-key-id``: the old message is decrypted and
+    verified to its end, then sealed again as a new message (a new message ID, a data key
+    of the new key, new frames). A new header on the old body is not an option: it would
+    need a second header tag under the same key and IV (see ``aioenvelope.reencrypt``).
+    The new key's data key is cached like any encryption's, so the table shares one."""
     target = kms_keyring(args, args.to_key_id)
 
-    async def rewrap(row: Row) -> tuple[bytes, int]:
+    async def reencrypt(row: Row) -> tuple[bytes, int]:
         row_id, sealed = row
-        return await client.rewrap(sealed, to_keyring=target, encryption_context=CONTEXT), row_id
+        new = await client.reencrypt(sealed, to_keyring=target, encryption_context=CONTEXT)
+        return new, row_id
 
     return await for_each_row(
         db,
         args,
         columns="sealed",
         where="sealed IS NOT NULL",
-        operation=rewrap,
+        operation=reencrypt,
         update="UPDATE customers SET sealed = ? WHERE id = ?",
     )
 
@@ -173,7 +179,7 @@ def kms_keyring(args: argparse.Namespace, key_id: str, *also: str) -> KmsKeyring
 async def run_step(step: str, args: argparse.Namespace) -> bool:
     """One step with its own client; prints its outcome and KMS calls. True if all rows ok."""
     # Rotation decrypts with the old key or the new one, so a rerun after a partial
-    # failure redoes the failed rows and merely rewraps the done ones again.
+    # failure redoes the failed rows and merely re-encrypts the done ones again.
     also = (args.to_key_id,) if step == "rotate" else ()
     async with (
         aiosqlite.connect(args.db) as db,
@@ -210,7 +216,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="rows in flight at once")
     parser.add_argument("--chunk-size", type=int, default=1000, help="rows per transaction")
     parser.add_argument("--key-id", default=os.environ.get("AIOENVELOPE_KMS_KEY_ID"))
-    parser.add_argument("--to-key-id", help="rotate: the KMS key to rewrap the rows under")
+    parser.add_argument("--to-key-id", help="rotate: the KMS key to re-encrypt the rows under")
     parser.add_argument("--region", default=os.environ.get("AWS_REGION"))
     parser.add_argument("--endpoint-url", default=os.environ.get("AIOENVELOPE_KMS_ENDPOINT_URL"))
     args = parser.parse_args()

@@ -137,12 +137,13 @@ def test_encrypt_makes_one_kms_call_for_the_whole_table(encrypted: Table) -> Non
     assert "Decrypt" not in calls
 
 
-async def test_rotate_rewraps_every_row_under_the_new_key_and_leaves_the_body_untouched(
+async def test_rotate_reencrypts_every_row_under_the_new_key_which_alone_reads_it(
     encrypted: Table, rotated: Table, moto_kms: MotoKms, kms_key: KmsKey, kms_key_2: KmsKey
 ) -> None:
     assert rotated.run.returncode == 0, rotated.run.stderr
     assert f"rotate: {ROWS} rows, 0 failed" in rotated.run.stdout
     before, after = sealed(encrypted.path), sealed(rotated.path)
+    assert after.keys() == before.keys()
     async with (
         EnvelopeClient(keyring(moto_kms, kms_key_2)) as new_only,
         EnvelopeClient(keyring(moto_kms, kms_key)) as old_only,
@@ -154,46 +155,67 @@ async def test_rotate_rewraps_every_row_under_the_new_key_and_leaves_the_body_un
             with pytest.raises(errors.NoUsableKeyError):
                 await old_only.decrypt(blob)
             header = inspect(blob)
-            assert header.message_id == inspect(old).message_id
+            assert header.message_id != inspect(old).message_id  # a new message
             wrapped_by = [edk.provider_info.decode() for edk in header.encrypted_data_keys]
             assert wrapped_by == [kms_key_2.arn]
             old_body = old[parse_header(old, max_encrypted_data_keys=10).length :]
-            assert blob[parse_header(blob, max_encrypted_data_keys=10).length :] == old_body
+            assert blob[parse_header(blob, max_encrypted_data_keys=10).length :] != old_body
+    assert len({inspect(blob).message_id for blob in after.values()}) == ROWS
+    # The whole table shares one data key of the new key (the target's data-key cache).
+    assert len({inspect(blob).encrypted_data_keys for blob in after.values()}) == 1
+
+
+def test_rotate_makes_one_decrypt_and_one_generate_data_key_for_the_whole_table(
+    rotated: Table,
+) -> None:
+    """300 rows sharing one old data key: one Decrypt under the old key (then cached),
+    one GenerateDataKey under the new key (its data key cached and reused by every new
+    message). DescribeKey is the start-up check of each key of each keyring: the
+    client's reads old and new (so a rerun handles rows already rotated), the target
+    has the new. No Encrypt: a new data key is generated, the old one never wrapped."""
+    [calls] = kms_calls(rotated.run)
+    assert calls == {"Decrypt": 1, "DescribeKey": 3, "GenerateDataKey": 1}
 
 
 def test_a_failed_row_is_reported_by_id_and_the_others_still_go_through(
     job: Job, encrypted: Table, kms_key: KmsKey, kms_key_2: KmsKey, tmp_path: Path
 ) -> None:
-    """Row 42's header is corrupt (rewrap and decrypt refuse it); row 8 holds row 7's
+    """Row 42's header is corrupt and row 99's body is cut short (reencrypt, which
+    verifies the old message to its end, and decrypt refuse both); row 8 holds row 7's
     message (well-formed, so it rotates, but verify sees it belongs elsewhere)."""
     path = copy(encrypted, tmp_path)
     blobs = sealed(path)
     corrupt = bytearray(blobs[42])
     corrupt[10] ^= 0x01  # inside the message ID, which the header tag covers
+    cut = blobs[99][:-5]  # inside the final frame's tag
     with sqlite3.connect(path) as db:
         db.executemany(
-            "UPDATE customers SET sealed = ? WHERE id = ?", [(bytes(corrupt), 42), (blobs[7], 8)]
+            "UPDATE customers SET sealed = ? WHERE id = ?",
+            [(bytes(corrupt), 42), (blobs[7], 8), (cut, 99)],
         )
 
     rotation = job("rotate", path, "--key-id", kms_key.arn, "--to-key-id", kms_key_2.arn)
     assert rotation.returncode == 1
-    [failure] = rotation.stderr.splitlines()
-    assert failure.startswith("rotate: row 42 failed: ")
-    assert f"rotate: {ROWS} rows, 1 failed" in rotation.stdout
+    row_42, row_99 = rotation.stderr.splitlines()
+    assert row_42.startswith("rotate: row 42 failed: AuthenticationError")
+    assert row_99.startswith("rotate: row 99 failed: TruncatedMessageError")
+    assert f"rotate: {ROWS} rows, 2 failed" in rotation.stdout
     after = sealed(path)
     assert after[42] == bytes(corrupt)  # left as it was
+    assert after[99] == cut
     assert all(
         inspect(after[i]).encrypted_data_keys[0].provider_info.decode() == kms_key_2.arn
         for i in after
-        if i != 42
+        if i not in (42, 99)
     )
 
     check = job("verify", path, "--key-id", kms_key_2.arn)
     assert check.returncode == 1
-    row_8, row_42 = check.stderr.splitlines()  # in id order
+    row_8, row_42, row_99 = check.stderr.splitlines()  # in id order
     assert row_8 == "verify: row 8 failed: ValueError: sealed record belongs to row 7"
     assert row_42.startswith("verify: row 42 failed: ")
-    assert f"verify: {ROWS} rows, 2 failed" in check.stdout
+    assert row_99.startswith("verify: row 99 failed: ")
+    assert f"verify: {ROWS} rows, 3 failed" in check.stdout
 
 
 def test_a_step_without_a_kms_key_refuses_to_run_rather_than_seal_under_a_throwaway_key(
@@ -216,4 +238,5 @@ def test_demo_encrypts_rotates_and_verifies_on_the_embedded_kms(tmp_path: Path) 
     encrypt, rotate, _ = kms_calls(result)
     assert encrypt["GenerateDataKey"] == 1
     assert rotate["Decrypt"] == 1  # one data key to unwrap, cached for the other 49 rows
-    assert rotate["Encrypt"] == 1  # and one wrapping under the new key, reused likewise
+    assert rotate["GenerateDataKey"] == 1  # one new data key, cached for all 50 likewise
+    assert "Encrypt" not in rotate

@@ -26,14 +26,14 @@ import cryptography
 from cryptography.hazmat.backends.openssl.backend import backend
 
 import aioenvelope
-from bench import common, esdk, kms_cache, oneshot, rewrap, stream
+from bench import common, esdk, kms_cache, oneshot, reencrypt, stream
 
 Collector = Callable[[common.Settings, AsyncExitStack], Awaitable[list[common.Case]]]
 COLLECTORS: tuple[Collector, ...] = (
     oneshot.collect,
     kms_cache.collect,
     stream.collect,
-    rewrap.collect,
+    reencrypt.collect,
 )
 
 

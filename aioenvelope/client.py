@@ -615,6 +615,11 @@ class EnvelopeClient:
             if id(keyring) not in self._other_keyrings:
                 keyring.attach(self._runtime)
                 await keyring.open()
+                if self._state != "open":
+                    # The client exited while this keyring was opening: nothing would
+                    # close it later, so close it now and refuse the call.
+                    await keyring.close()
+                    self._require_open()
                 self._other_keyrings[id(keyring)] = keyring
                 self._managers[id(keyring)] = KeyManager(
                     DefaultMaterialsManager(

@@ -1400,3 +1400,27 @@ async def test_a_kms_to_keyring_first_used_after_the_client_exits_is_not_left_op
         assert tracking.open_clients == 0
     finally:
         await key_b.close()  # do not leak the client into other tests either way
+
+
+async def test_a_target_opened_while_the_client_exits_is_closed_and_the_call_refused() -> None:
+    """A re-encryption whose target was still opening when the client exited: the
+    target is closed (nothing else would close it) and the call fails, instead of a
+    target left open and a data key cached after the client's caches were wiped."""
+    source = XorKeyring("a")
+    message = await encrypt_with(source)
+    target = XorKeyring("b", open_delay=0.2)
+    outcome: list[object] = []
+
+    async def rotate(client: EnvelopeClient) -> None:
+        try:
+            outcome.append(await client.reencrypt(message, to_keyring=target))
+        except errors.ConfigurationError as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg, EnvelopeClient(source) as client:
+        tg.start_soon(rotate, client)
+        await anyio.sleep(0.05)  # the target's open() has started
+    assert (target.opened, target.closed) == (1, 1)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], errors.ConfigurationError)
+    assert "closed" in str(outcome[0])

@@ -218,6 +218,25 @@ def _frame_larger_than_the_memory_limit_arriving() -> Callable[[], object]:
     return lambda: asyncio.run(main())
 
 
+def _header_larger_than_the_memory_limit() -> Callable[[], object]:
+    """A header that really arrives, 512 MiB of it (65535 EDKs of 3 x 64 KiB would make
+    12.9 GB), fed 1 MiB at a time under a 256 MiB address-space allowance."""
+    field = struct.pack(">H", 0xFFFF) + bytes(0xFFFF)
+    edk = struct.pack(">H", 1) + b"p" + field + field  # provider ID, info, ciphertext
+    lead = b"\x02" + struct.pack(">H", COMMIT.suite_id) + bytes(32) + b"\x00\x00\xff\xff"
+    chunk = lead + edk * (MiB // len(edk))
+
+    def run() -> None:
+        decryptor = MessageDecryptor(max_encrypted_data_keys=0xFFFF)
+        decryptor.receive_data(chunk)
+        rest = chunk[len(lead) :]
+        for _ in range(512):
+            assert decryptor.read_header() is None
+            decryptor.receive_data(rest)
+
+    return run
+
+
 SHAPES: dict[str, Callable[[], Callable[[], object]]] = {
     "header in 1 KiB chunks": _header_in_1_kib_chunks,
     "header stream in 1 KiB chunks": _header_stream_in_1_kib_chunks,
@@ -225,6 +244,7 @@ SHAPES: dict[str, Callable[[], Callable[[], object]]] = {
     "non-framed 64 KiB stream one byte at a time": _non_framed_64_kib_stream_one_byte_at_a_time,
     "2 GiB frame declared, 1 MiB sent": _declared_2_gib_frame_with_1_mib_sent,
     "1 GiB frame arriving past the memory limit": _frame_larger_than_the_memory_limit_arriving,
+    "header arriving past the memory limit": _header_larger_than_the_memory_limit,
 }
 
 
@@ -314,5 +334,13 @@ def test_a_frame_that_outgrows_the_memory_limit_is_a_message_limit_error() -> No
     MemoryError, and it comes only once the bytes have arrived."""
     report = measure(
         "1 GiB frame arriving past the memory limit", cpu_budget=10.0, address_space=384 * MiB
+    )
+    assert report["outcome"] == "MessageLimitError"
+
+
+@linux_only
+def test_a_header_that_outgrows_the_memory_limit_is_a_message_limit_error() -> None:
+    report = measure(
+        "header arriving past the memory limit", cpu_budget=10.0, address_space=256 * MiB
     )
     assert report["outcome"] == "MessageLimitError"

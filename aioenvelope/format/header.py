@@ -170,15 +170,24 @@ class HeaderReader:
     def feed(self, data: bytes | bytearray | memoryview, start: int = 0) -> int:
         """Read header bytes from ``data[start:]``; return how many belonged to the
         header (all of them until it ends). Raises :class:`MalformedMessageError` (or
-        :class:`MessageLimitError`) at the first bad field, and again on later calls."""
+        :class:`MessageLimitError`, also when memory runs out) at the first bad field,
+        and again on later calls."""
         if self._error is not None:
             raise self._error
         if self.parsed is not None:
             return 0
         try:
-            if self._steps is None:
-                return self._first(data, start)
-            return self._more(data, start)
+            try:
+                if self._steps is None:
+                    return self._first(data, start)
+                return self._more(data, start)
+            except MemoryError:
+                # A header may legally run to gigabytes (65535 EDKs of 3 x 64 KiB); what
+                # this process cannot hold is the message's doing, not a crash.
+                raise MessageLimitError(
+                    "the message header is larger than this process may allocate: lower "
+                    "max_encrypted_data_keys, or check where the message came from"
+                ) from None
         except MalformedMessageError as exc:
             self._error = exc
             raise

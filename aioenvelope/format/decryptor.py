@@ -12,6 +12,12 @@ Push bytes in with :meth:`MessageDecryptor.receive_data` (and
 4. :meth:`read_all` is the one-shot path: everything verified, or nothing.
 
 Every error is one of :mod:`aioenvelope.errors`; nothing here blocks or awaits.
+
+Hostile input costs CPU linear in the bytes received and memory bounded by them: the
+header is parsed once however it is cut (:class:`~.header.HeaderReader`), queued bytes
+are counted rather than summed, and a body's plaintext buffer grows with the ciphertext
+that arrived, never reserved for the length a prefix declares (frames above 2^31-1 bytes
+are refused with the header). Allocation failure is :class:`MessageLimitError`.
 """
 
 from __future__ import annotations

@@ -391,8 +391,10 @@ class MessageDecryptor:
         old = opening.plaintext
         size = min(opening.length, max(end, 2 * len(old)))
         try:
-            old.resize(size)  # Linux moves the mapping (mremap): nothing is copied
-        except (OSError, SystemError):  # no mremap, or no room where the mapping is
+            old.resize(size)  # Linux moves the private mapping (mremap): nothing is copied
+        except (OSError, SystemError, ValueError):
+            # No room (a memory limit), or no mremap (macOS: SystemError; CPython refuses
+            # to grow some mappings with ValueError, see python/cpython#138204): copy.
             bigger = self._reserve(size, opening.seq)
             with memoryview(old) as kept:
                 bigger[: opening.done] = kept[: opening.done]

@@ -45,7 +45,7 @@ from ..errors import (
     MessageLimitError,
     TruncatedMessageError,
 )
-from ._cursor import Cursor
+from ._cursor import Cursor, NeedMoreData
 from .body import (
     FINAL_FRAME_AAD,
     FRAME_AAD,
@@ -60,7 +60,7 @@ from .body import (
     body_aad,
     frame_iv,
 )
-from .header import ContentType, HeaderReader, ParsedHeader
+from .header import ContentType, HeaderReader, ParsedHeader, parse_header
 from .header_auth import authenticated_key
 from .signing import Verifier
 
@@ -134,7 +134,8 @@ class MessageDecryptor:
         self._pos = 0
         self._eof = False
         self._state = _State.HEADER
-        self._header = HeaderReader(max_encrypted_data_keys=max_encrypted_data_keys)
+        self._max_edks = max_encrypted_data_keys
+        self._header: HeaderReader | None = None  # made when the header comes in pieces
         self._parsed: ParsedHeader | None = None
         self._aead: AESGCM | None = None
         self._verifier: Verifier | None = None
@@ -190,17 +191,30 @@ class MessageDecryptor:
         if self._parsed is not None:
             return self._parsed
         reader = self._header
-        while reader.parsed is None:
-            # Each call costs what arrived since the last, not the header so far: the
-            # reader goes on where it stopped, and is not woken before its next field
-            # can be read.
-            if self.buffered_bytes < reader.missing:
-                self._short("the message header")
-                return None
-            if self._pos == len(self._buf):
-                self._buf, self._pos = self._popleft(), 0
-            self._pos += reader.feed(self._buf, self._pos)
-        parsed = reader.parsed
+        if reader is None and self._eof and not self._queue:
+            # The whole input in one buffer (the one-shot path): parsed in place, without
+            # the bookkeeping of a reader that waits for more.
+            try:
+                parsed = parse_header(
+                    self._buf, max_encrypted_data_keys=self._max_edks, start=self._pos
+                )
+            except NeedMoreData:
+                raise self._truncated("the message header") from None
+            self._pos += parsed.length
+        else:
+            if reader is None:
+                reader = self._header = HeaderReader(max_encrypted_data_keys=self._max_edks)
+            while reader.parsed is None:
+                # Each call costs what arrived since the last, not the header so far: the
+                # reader goes on where it stopped, and is not woken before its next field
+                # can be read.
+                if self.buffered_bytes < reader.missing:
+                    self._short("the message header")
+                    return None
+                if self._pos == len(self._buf):
+                    self._buf, self._pos = self._popleft(), 0
+                self._pos += reader.feed(self._buf, self._pos)
+            parsed = reader.parsed
         self._parsed = parsed
         self._state = _State.AWAIT_KEY
         return parsed
@@ -296,10 +310,14 @@ class MessageDecryptor:
     def _short(self, what: str) -> None:
         """Out of input: at EOF that is a truncation; otherwise the caller waits."""
         if self._eof:
-            raise TruncatedMessageError(
-                f"the message is truncated: it ends inside {what}. Check that the whole "
-                "ciphertext was stored and read back"
-            )
+            raise self._truncated(what)
+
+    @staticmethod
+    def _truncated(what: str) -> TruncatedMessageError:
+        return TruncatedMessageError(
+            f"the message is truncated: it ends inside {what}. Check that the whole "
+            "ciphertext was stored and read back"
+        )
 
     def _popleft(self) -> bytes | memoryview:
         chunk = self._queue.popleft()

@@ -15,7 +15,14 @@ from typing import Protocol
 import anyio.to_thread
 
 from ._cli_paths import CliError, Job, check_destination, open_directory, open_source
-from .streams import STEP, StreamSource, file_chunks, write_atomically, write_atomically_at
+from .streams import (
+    STEP,
+    StreamSource,
+    _exists_at,
+    file_chunks,
+    write_atomically,
+    write_atomically_at,
+)
 
 __all__ = [
     "MessageStream",
@@ -180,12 +187,3 @@ async def run_job(job: Job, transform: Transform, *, overwrite: bool, progress: 
         for fd in (source_fd, dir_fd):
             if fd is not None:
                 os.close(fd)
-
-
-def _exists_at(dir_fd: int, name: str) -> bool:
-    """Whether ``name`` is taken in the directory, by anything (a link included)."""
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True

@@ -594,6 +594,7 @@ def _open_directory(path: Path) -> int:
 
 
 def _exists_at(dir_fd: int, name: str) -> bool:
+    """Whether ``name`` is taken in the directory, by anything (a link included)."""
     try:
         os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:

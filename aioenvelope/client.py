@@ -37,6 +37,7 @@ from .streams import (
     StreamSource,
     check_source,
     file_chunks,
+    flat,
     save_stream,
 )
 
@@ -64,9 +65,11 @@ class DecryptResult:
     header: MessageHeader
 
 
-def _check_bytes(value: object, name: str) -> None:
+def _checked_bytes(value: object, name: str) -> _BytesLike:
+    """``value`` if bytes-like, as one flat run of bytes (see :func:`streams.flat`)."""
     if not isinstance(value, (bytes, bytearray, memoryview)):
         raise ConfigurationError(f"{name} must be bytes-like, not {type(value).__name__}")
+    return flat(value)
 
 
 def _check_keyring(value: object, name: str) -> None:
@@ -226,7 +229,7 @@ class EnvelopeClient:
         store: the reader must supply them again to ``decrypt``.
         """
         self._require_open()
-        _check_bytes(plaintext, "plaintext")
+        plaintext = _checked_bytes(plaintext, "plaintext")
         length = memoryview(plaintext).nbytes
         encryptor = await self._new_encryptor(
             encryption_context,
@@ -366,7 +369,7 @@ class EnvelopeClient:
     ) -> DecryptResult:
         """Like :meth:`decrypt`, and also return the parsed header."""
         self._require_open()
-        _check_bytes(ciphertext, "ciphertext")
+        ciphertext = _checked_bytes(ciphertext, "ciphertext")
         if memoryview(ciphertext).nbytes >= OFFLOAD_THRESHOLD:
             stream = self.decrypt_stream(ciphertext, encryption_context=encryption_context)
             plaintext = await stream.read_all()
@@ -458,7 +461,7 @@ class EnvelopeClient:
         opened on first use and closed with this client.
         """
         self._require_open()
-        _check_bytes(message, "message")
+        message = _checked_bytes(message, "message")
         _check_keyring(to_keyring, "to_keyring")
         frame_length = self._frame_length_or_default(frame_length)
         old = await self.decrypt_with_header(message, encryption_context=encryption_context)

@@ -158,7 +158,18 @@ def _as_chunk(chunk: object) -> _BytesLike:
             f"the stream source yielded {type(chunk).__name__}; it must yield bytes-like "
             "chunks (encode text first)"
         )
-    return chunk
+    return flat(chunk)
+
+
+def flat(data: _BytesLike) -> _BytesLike:
+    """``data`` as one flat run of bytes: a memoryview of another shape or format (2-D,
+    of ints, strided) is cast, or copied where it is not contiguous, so that lengths
+    count bytes and slices cut bytes everywhere after this."""
+    if isinstance(data, memoryview) and (
+        data.ndim != 1 or data.format != "B" or not data.c_contiguous
+    ):
+        return data.cast("B") if data.c_contiguous else data.tobytes()
+    return data
 
 
 def _nbytes(chunk: _BytesLike) -> int:
@@ -198,7 +209,7 @@ async def _pieces(source: StreamSource, size: int) -> AsyncGenerator[_BytesLike,
     """The source as pieces of at most ``size`` bytes; closes the source's iterator (not
     a reader the caller opened) however iteration ends."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        for piece in _split(source, size):
+        for piece in _split(flat(source), size):
             yield piece
         return
     read = getattr(source, "read", None)

@@ -162,10 +162,13 @@ class MessageDecryptor:
                 isinstance(data, memoryview)
                 and isinstance(data.obj, bytes)
                 and data.format == "B"
+                and data.ndim == 1
                 and data.contiguous
             )
         ):
-            data = bytes(data)  # the caller may reuse its buffer: keep our own copy
+            # The caller may reuse its buffer: keep our own copy (flat, whatever the
+            # view's shape or format).
+            data = data.tobytes() if isinstance(data, memoryview) else bytes(data)
         if self._pos == len(self._buf) and not self._queue:
             self._buf, self._pos = data, 0  # zero-copy: whole frames open in place
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -521,7 +522,10 @@ class EnvelopeClient:
         """:meth:`reencrypt` from file to file at constant memory: ``destination``
         (mode 0600) appears only once the whole old message verified and the new one
         is complete; on any error nothing is left. Returns the new message's header."""
-        size = (await anyio.Path(source).stat()).st_size
+        info = await anyio.Path(source).stat()
+        # A regular file's size bounds its plaintext (and lets the new message use a
+        # cached data key); a pipe's or a device's says nothing.
+        size = info.st_size if stat.S_ISREG(info.st_mode) else None
         stream = self._reencrypt_stream(
             file_chunks(source),
             to_keyring=to_keyring,
@@ -561,7 +565,7 @@ class EnvelopeClient:
                 length_bound,
             )
 
-        return ReencryptingStream(plaintext, start)
+        return ReencryptingStream(plaintext, start, length_bound=length_bound)
 
     async def _reencryptor(
         self,

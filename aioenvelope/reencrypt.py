@@ -11,7 +11,9 @@ new data key, and every frame is sealed afresh.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 
+from .errors import ConfigurationError
 from .format.encryptor import MessageEncryptor
 from .format.header import MessageHeader
 from .streams import DecryptingStream, EncryptingStream, _Stream
@@ -32,10 +34,16 @@ class ReencryptingStream(_Stream):
         self,
         plaintext: DecryptingStream,
         start: Callable[[MessageHeader], Awaitable[MessageEncryptor]],
+        *,
+        length_bound: int | None = None,
     ) -> None:
+        """``length_bound``: what the data-key cache was charged for the new message
+        (the input's size); more plaintext than that is refused, so a key's byte limit
+        holds even for an input that grew after it was measured."""
         self._source = plaintext
         self._plaintext = plaintext
         self._start = start
+        self._bound = length_bound
         super().__init__()
 
     async def _run(self) -> AsyncGenerator[bytes, None]:
@@ -54,11 +62,26 @@ class ReencryptingStream(_Stream):
             async def ready() -> MessageEncryptor:
                 return encryptor
 
-            async def rest() -> AsyncGenerator[bytes, None]:
+            bound = self._bound
+
+            async def chunks() -> AsyncGenerator[bytes, None]:
                 if first is not None:
                     yield first
                 async for chunk in iterator:
                     yield chunk
+
+            async def rest() -> AsyncGenerator[bytes, None]:
+                total = 0
+                async with aclosing(chunks()) as all_chunks:
+                    async for chunk in all_chunks:
+                        total += len(chunk)
+                        if bound is not None and total > bound:
+                            raise ConfigurationError(
+                                f"the message holds more than the {bound} bytes its "
+                                "input measured when it was opened (did the file grow?); "
+                                "re-encrypt it again once it is complete"
+                            )
+                        yield chunk
 
             async with EncryptingStream(rest(), ready, plaintext_length=None) as out:
                 async for chunk in out:

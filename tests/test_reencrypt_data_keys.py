@@ -4,8 +4,13 @@ one cached data key of the target shared by the rotation (one wrap, not one a me
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import AsyncIterable
+from pathlib import Path
 
-from aioenvelope import EnvelopeClient, RawAesKeyring, inspect
+import pytest
+
+from aioenvelope import CacheConfig, EnvelopeClient, RawAesKeyring, errors, inspect
 
 
 def keyring(name: str) -> RawAesKeyring:
@@ -55,3 +60,55 @@ async def test_a_rotation_wraps_one_cached_data_key_of_the_target_for_all_messag
     async with EnvelopeClient(target) as reader:
         for plaintext, new in zip(plaintexts, rotated, strict=True):
             assert await reader.decrypt(new) == plaintext
+
+
+async def test_reencrypt_file_from_a_pipe_never_charges_the_cache_zero_bytes(
+    tmp_path: Path,
+) -> None:
+    """A FIFO's size is 0: taken as the plaintext's bound it let one cached data key
+    seal any amount past CacheConfig.max_bytes. A pipe now gets a fresh data key."""
+    old, new = keyring("old"), keyring("new")
+    async with EnvelopeClient(old, cache=CacheConfig(max_bytes=1000)) as client:
+        message = await client.encrypt(os.urandom(100_000))
+        outputs = []
+        for i in range(3):
+            fifo = tmp_path / f"in{i}"
+            os.mkfifo(fifo)
+            writer = threading.Thread(target=fifo.write_bytes, args=(message,))
+            writer.start()
+            await client.reencrypt_file(fifo, tmp_path / f"out{i}", to_keyring=new)
+            writer.join()
+            outputs.append((tmp_path / f"out{i}").read_bytes())
+    assert len({frozenset(edks(m)) for m in outputs}) == 3
+    async with EnvelopeClient(new) as reader:
+        for output in outputs:
+            assert len(await reader.decrypt(output)) == 100_000
+
+
+async def test_a_message_longer_than_the_bound_it_was_charged_for_is_refused() -> None:
+    """The bound a re-encryption charged the data-key cache with (an input file's size
+    when opened) is enforced: more plaintext than that, and the new message is never
+    completed."""
+    new = keyring("new")
+    out: list[bytes] = []
+
+    async def drain(stream: AsyncIterable[bytes]) -> None:
+        async for chunk in stream:
+            out.append(chunk)
+
+    async with EnvelopeClient(keyring("old")) as client:
+        message = await client.encrypt(os.urandom(5000), frame_length=1000)
+        stream = client._reencrypt_stream(
+            message,
+            to_keyring=new,
+            encryption_context=None,
+            algorithm_suite=None,
+            frame_length=1000,
+            length_bound=2500,
+        )
+        with pytest.raises(errors.ConfigurationError, match="more than the 2500 bytes"):
+            await drain(stream)
+    assert out  # the header and the frames up to the bound came out
+    async with EnvelopeClient(new) as reader:
+        with pytest.raises(errors.TruncatedMessageError):
+            await reader.decrypt(b"".join(out))

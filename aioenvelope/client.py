@@ -51,6 +51,9 @@ __all__ = [
 
 DEFAULT_FRAME_LENGTH = 65536
 DEFAULT_MAX_ENCRYPTED_DATA_KEYS = 10
+# Distinct ``to_keyring`` objects one client opens for re-encryption (each is kept open,
+# with its own data-key cache, until the client exits).
+MAX_REENCRYPTION_TARGETS = 16
 # Above this size the AES work moves to a worker thread (cryptography releases the GIL),
 # so one large message never holds the event loop for more than a fraction of a ms.
 OFFLOAD_THRESHOLD = 1 << 20
@@ -459,7 +462,8 @@ class EnvelopeClient:
         becomes its key-committing successor, signed if it was signed) unless one is
         given; pairs passed in ``encryption_context`` that the old header did not store
         stay required (authenticated, not stored) in the new one. ``to_keyring`` is
-        opened on first use and closed with this client.
+        opened on first use and closed with this client: pass the same object each time
+        (a client holds at most ``MAX_REENCRYPTION_TARGETS``, 16, distinct targets).
         """
         self._require_open()
         message = _checked_bytes(message, "message")
@@ -620,6 +624,14 @@ class EnvelopeClient:
             return keyring
         async with self._opening:
             if id(keyring) not in self._other_keyrings:
+                if len(self._other_keyrings) >= MAX_REENCRYPTION_TARGETS:
+                    # Each target stays open (a KMS client, a data-key cache) until the
+                    # client exits: a new keyring object per call would pile them up.
+                    raise ConfigurationError(
+                        f"this client already holds {MAX_REENCRYPTION_TARGETS} re-encryption "
+                        "target keyrings, each open until the client exits: pass the same "
+                        "keyring object every time you re-encrypt to the same keys"
+                    )
                 keyring.attach(self._runtime)
                 await keyring.open()
                 if self._state != "open":

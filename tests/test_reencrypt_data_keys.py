@@ -112,3 +112,18 @@ async def test_a_message_longer_than_the_bound_it_was_charged_for_is_refused() -
     async with EnvelopeClient(new) as reader:
         with pytest.raises(errors.TruncatedMessageError):
             await reader.decrypt(b"".join(out))
+
+
+async def test_a_client_opens_at_most_sixteen_target_keyrings_and_says_to_reuse_one() -> None:
+    """A new target keyring object per call would stay open (a KMS client, a data-key
+    cache) until the client exits: the seventeenth distinct one is refused."""
+    async with EnvelopeClient(keyring("old")) as client:
+        message = await client.encrypt(b"record")
+        targets = [keyring(f"t{i}") for i in range(17)]
+        for target in targets[:16]:
+            await client.reencrypt(message, to_keyring=target)
+        with pytest.raises(errors.ConfigurationError, match="pass the same keyring object"):
+            await client.reencrypt(message, to_keyring=targets[16])
+        again = await client.reencrypt(message, to_keyring=targets[3])  # reuse is fine
+    async with EnvelopeClient(targets[3]) as reader:
+        assert await reader.decrypt(again) == b"record"

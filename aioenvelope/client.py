@@ -195,14 +195,20 @@ class EnvelopeClient:
         tb: TracebackType | None,
     ) -> None:
         self._state = "closed"
+        failures: list[Exception] = []
         try:
             await self._coalescer.aclose()  # shared calls nobody awaits any more
-            for other in self._other_keyrings.values():
-                await other.close()
-            await self.keyring.close()
+            # Every keyring gets its close() even if one fails (each holds a client).
+            for keyring in [*self._other_keyrings.values(), self.keyring]:
+                try:
+                    await keyring.close()
+                except Exception as failure:
+                    failures.append(failure)
         finally:
             for manager in self._managers.values():
                 manager.close()  # zero the cached data keys
+        if failures:
+            raise failures[0]
 
     @property
     def stats(self) -> ClientStats:

@@ -1424,3 +1424,20 @@ async def test_a_target_opened_while_the_client_exits_is_closed_and_the_call_ref
     assert len(outcome) == 1
     assert isinstance(outcome[0], errors.ConfigurationError)
     assert "closed" in str(outcome[0])
+
+
+class FailingToClose(XorKeyring):
+    async def close(self) -> None:
+        await super().close()
+        raise errors.KeyringError("the key service did not answer the close")
+
+
+async def test_a_target_that_fails_to_close_does_not_keep_the_others_open() -> None:
+    source, broken, other = XorKeyring("a"), FailingToClose("b"), XorKeyring("c")
+    message = await encrypt_with(source)
+    with pytest.raises(errors.KeyringError, match="did not answer the close"):
+        async with EnvelopeClient(source) as client:
+            await client.reencrypt(message, to_keyring=broken)
+            await client.reencrypt(message, to_keyring=other)
+    # source: once more by encrypt_with's own client
+    assert [(k.opened, k.closed) for k in (source, broken, other)] == [(2, 2), (1, 1), (1, 1)]

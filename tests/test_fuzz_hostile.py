@@ -25,19 +25,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import math
 import os
-import resource
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
+from child_process import cap, linux_only, run_child
 from cryptography.hazmat.primitives.asymmetric import rsa
 from esdk_peer import RsaWrapping, esdk_encrypt, peer_keys, raw_aes_key, raw_rsa_key
 from hypothesis import HealthCheck, given, settings
@@ -419,54 +414,24 @@ FUZZERS: dict[str, Callable[[], None]] = {
 # -- the child and the parent ------------------------------------------------------------
 
 
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _vm_size() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmSize in /proc/self/status")
-
-
 def child(name: str, cpu_budget: float, address_space: int) -> None:
     """Build the corpus, cap address space and CPU time, run one fuzzer."""
     corpus()
-    limit = _vm_size() + address_space
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    soft = math.ceil(_cpu() + cpu_budget)
-    resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 5))
+    cap(cpu_budget, address_space)
     FUZZERS[name]()
 
 
 def fuzz_in_child(name: str, *, cpu_budget: float = 60.0) -> None:
-    tests = Path(__file__).parent
-    package_root = Path(aioenvelope.__file__).parent.parent
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(tests), str(package_root), *filter(None, [env.get("PYTHONPATH")])]
-    )
-    env["MALLOC_ARENA_MAX"] = "2"  # worker threads' arenas would reserve 64 MiB each
     code = f"import test_fuzz_hostile as t; t.child({name!r}, {cpu_budget!r}, {1 << 30})"
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        cwd=package_root,
-        capture_output=True,
-        text=True,
-        timeout=cpu_budget + 120,
-        check=False,
+    run_child(
+        f"fuzzing {name}",
+        code,
+        cpu_budget=cpu_budget,
+        # Worker threads' malloc arenas would reserve 64 MiB of address space each.
+        extra_env={"MALLOC_ARENA_MAX": "2"},
+        cwd=Path(aioenvelope.__file__).parent.parent,
+        stderr_tail=12000,
     )
-    if proc.returncode == -signal.SIGXCPU:
-        pytest.fail(f"fuzzing {name}: more than {cpu_budget} s of CPU (killed by SIGXCPU)")
-    assert proc.returncode == 0, f"fuzzing {name} failed:\n{proc.stderr[-12000:]}"
-
-
-linux_only = pytest.mark.skipif(
-    sys.platform != "linux", reason="reads /proc/self/status and relies on Linux RLIMIT_AS"
-)
 
 
 @linux_only

@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import resource
-import signal
 import struct
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
+from child_process import cap, cpu_seconds, linux_only, run_child
 
-import aioenvelope
 from aioenvelope import AlgorithmSuite, EnvelopeClient, RawAesKeyring, errors
 from aioenvelope.format import MessageDecryptor
 from aioenvelope.format.body import frame_iv
@@ -41,19 +37,6 @@ MiB = 1 << 20
 
 
 # -- the child -------------------------------------------------------------------------
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _vm_size() -> int:
-    """The process's address space now, in bytes (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmSize in /proc/self/status")
 
 
 def _outcome(run: Callable[[], object]) -> str:
@@ -71,15 +54,11 @@ def _outcome(run: Callable[[], object]) -> str:
 def child(name: str, cpu_budget: float, address_space: int | None) -> dict[str, Any]:
     """Entry point of the child process: prepare the shape, cap, run, report."""
     run = SHAPES[name]()
-    if address_space is not None:
-        limit = _vm_size() + address_space
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    soft = math.ceil(_cpu() + cpu_budget) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 5))
+    cap(cpu_budget, address_space, grace=1)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = _cpu()
+    start = cpu_seconds()
     outcome = _outcome(run)
-    cpu = _cpu() - start
+    cpu = cpu_seconds() - start
     rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
     return {"cpu": cpu, "outcome": outcome, "rss_growth": rss_growth}
 
@@ -254,34 +233,13 @@ SHAPES: dict[str, Callable[[], Callable[[], object]]] = {
 def measure(name: str, *, cpu_budget: float, address_space: int | None = None) -> dict[str, Any]:
     """Run shape ``name`` in a child Python; its report. Fails if the child died (over
     its CPU budget: SIGXCPU) or printed no report."""
-    tests = Path(__file__).parent
-    package_root = Path(aioenvelope.__file__).parent.parent  # the code under test
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(tests), str(package_root), *filter(None, [env.get("PYTHONPATH")])]
-    )
     code = (
         "import json, test_hostile_input as t; "
         f"print(json.dumps(t.child({name!r}, {cpu_budget!r}, {address_space!r})))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=cpu_budget + 120,
-        check=False,
-    )
-    if proc.returncode == -signal.SIGXCPU:
-        pytest.fail(f"{name}: more than {cpu_budget} s of CPU (killed by SIGXCPU)")
-    assert proc.returncode == 0, f"{name}: child failed\n{proc.stderr[-3000:]}"
-    report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    stdout = run_child(name, code, cpu_budget=cpu_budget)
+    report: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
     return report
-
-
-linux_only = pytest.mark.skipif(
-    sys.platform != "linux", reason="reads /proc/self/status and relies on Linux RLIMIT_AS"
-)
 
 
 @linux_only

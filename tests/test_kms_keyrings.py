@@ -18,6 +18,7 @@ import anyio
 import pytest
 from botocore.exceptions import ClientError
 from kms_server import KmsKey, MotoKms
+from tracking_session import TrackingSession
 
 from aioenvelope import (
     AlgorithmSuite,
@@ -107,50 +108,6 @@ def exception_chain(exc: BaseException) -> Iterator[BaseException]:
         todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
         members = getattr(current, "exceptions", ())  # an exception group's (3.10-safe)
         todo.extend(e for e in members if isinstance(e, BaseException))
-
-
-class _TrackedClientContext:
-    """Stands in for the async context manager ``Session.client()`` returns; logs enter/exit."""
-
-    def __init__(self, inner: Any, events: list[tuple[str, str]], region: str) -> None:
-        self._inner = inner
-        self._events = events
-        self._region = region
-
-    async def __aenter__(self) -> Any:
-        client = await self._inner.__aenter__()
-        self._events.append(("open", self._region))
-        return client
-
-    async def __aexit__(self, *exc_info: Any) -> Any:
-        try:
-            return await self._inner.__aexit__(*exc_info)
-        finally:
-            self._events.append(("close", self._region))
-
-
-class TrackingSession:
-    """A real ``aioboto3.Session`` whose ``client()`` calls are counted and whose clients'
-    opening and closing are logged, to observe the keyring's client lifetime."""
-
-    def __init__(self, **session_kwargs: Any) -> None:
-        self.session = aioboto3.Session(**session_kwargs)
-        self.created: list[str] = []
-        self.events: list[tuple[str, str]] = []
-        original = self.session.client
-
-        def client(service_name: str, **kwargs: Any) -> _TrackedClientContext:
-            region = str(kwargs.get("region_name"))
-            self.created.append(region)
-            return _TrackedClientContext(original(service_name, **kwargs), self.events, region)
-
-        self.session.client = client
-
-    @property
-    def open_clients(self) -> int:
-        opened = sum(1 for kind, _ in self.events if kind == "open")
-        closed = sum(1 for kind, _ in self.events if kind == "close")
-        return opened - closed
 
 
 # -- fixtures ----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import aioboto3
 import pytest
 from fault_proxy import FaultProxy
 from kms_server import REGION, KmsKey, MotoKms
+from tracking_session import TrackingSession
 
 from aioenvelope import (
     CircuitBreakerConfig,
@@ -98,51 +99,6 @@ async def forged_message(raw: RawAesKeyring, arns: Sequence[str]) -> bytes:
     writer = MultiKeyring(generator=raw, children=[ForgedKmsEdks(arns)])
     async with EnvelopeClient(writer, max_encrypted_data_keys=len(arns) + 1) as client:
         return await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
-
-
-class _TrackedClientContext:
-    def __init__(self, inner: Any, events: list[tuple[str, str]], region: str) -> None:
-        self._inner, self._events, self._region = inner, events, region
-
-    async def __aenter__(self) -> Any:
-        client = await self._inner.__aenter__()
-        self._events.append(("open", self._region))
-        return client
-
-    async def __aexit__(self, *exc_info: Any) -> Any:
-        try:
-            return await self._inner.__aexit__(*exc_info)
-        finally:
-            self._events.append(("close", self._region))
-
-
-class TrackingSession:
-    """A real aioboto3 session whose clients' opening and closing are logged in order."""
-
-    def __init__(self) -> None:
-        self.session = aioboto3.Session()
-        self.events: list[tuple[str, str]] = []
-        original = self.session.client
-
-        def client(service_name: str, **kwargs: Any) -> _TrackedClientContext:
-            region = str(kwargs.get("region_name"))
-            return _TrackedClientContext(original(service_name, **kwargs), self.events, region)
-
-        self.session.client = client
-
-    @property
-    def opened(self) -> list[str]:
-        return [region for kind, region in self.events if kind == "open"]
-
-    def open_now(self) -> int:
-        return sum(1 if kind == "open" else -1 for kind, _ in self.events)
-
-    def most_open_at_once(self) -> int:
-        most = current = 0
-        for kind, _ in self.events:
-            current += 1 if kind == "open" else -1
-            most = max(most, current)
-        return most
 
 
 def discovery(endpoint_url: str, session: Any = None, **kwargs: Any) -> KmsDiscoveryKeyring:
@@ -332,11 +288,11 @@ async def test_a_keyring_keeps_at_most_sixteen_clients_and_closes_the_evicted(
     async with EnvelopeClient(keyring, cache=None, max_encrypted_data_keys=18) as client:
         with pytest.raises(errors.NoUsableKeyError):
             await client.decrypt(blob, encryption_context=CONTEXT)
-        assert tracking.open_now() == MAX_CLIENTS
+        assert tracking.open_clients == MAX_CLIENTS
     assert tracking.opened == REAL_REGIONS
     assert tracking.most_open_at_once() == MAX_CLIENTS
     assert tracking.events[MAX_CLIENTS] == ("close", REAL_REGIONS[0])
-    assert tracking.open_now() == 0
+    assert tracking.open_clients == 0
     assert keyring.kms_calls == {"Decrypt": len(REAL_REGIONS)}
 
 
@@ -361,14 +317,14 @@ async def test_an_evicted_client_finishes_its_call_before_it_is_closed(
         ]
         await wait_for(lambda: proxy.requests().get("Decrypt") == 17, "all 17 Decrypts")
         assert ("close", REGION) not in tracking.events  # evicted, but in use
-        assert tracking.open_now() == MAX_CLIENTS + 1
+        assert tracking.open_clients == MAX_CLIENTS + 1
         proxy.hang(False)
         assert await asyncio.wait_for(held, 10) == PLAINTEXT
         outcomes = await asyncio.wait_for(asyncio.gather(*rest, return_exceptions=True), 10)
         assert all(isinstance(o, errors.NoUsableKeyError) for o in outcomes)
         assert ("close", REGION) in tracking.events  # closed by its last call
-        assert tracking.open_now() == MAX_CLIENTS
-    assert tracking.open_now() == 0
+        assert tracking.open_clients == MAX_CLIENTS
+    assert tracking.open_clients == 0
 
 
 def test_runtime_keeps_at_most_max_breakers_evicting_closed_ones_first() -> None:

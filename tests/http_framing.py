@@ -13,6 +13,7 @@ a cut-off tail), and a source that counts what the decryptor pulled from it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import anyio
 import h11
 
 TERMINATING_CHUNK = b"0\r\n\r\n"
+MIB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -131,3 +133,35 @@ class CountedSource:
                 yield chunk
         finally:
             self.closed = True
+
+
+def assert_streamed_then_cut_short(answer: Exchange, plaintext: bytes) -> None:
+    """A streamed HTTP/1.1 download whose message failed mid-way: a 200 whose chunked
+    body lacks its terminating chunk, holding only a verified prefix of the plaintext."""
+    assert answer.status == 200
+    assert answer.headers["transfer-encoding"] == "chunked"
+    assert not answer.complete
+    assert not answer.raw.endswith(TERMINATING_CHUNK)
+    # Streamed: verified plaintext went out before the damaged frame was reached.
+    assert 0 < len(answer.body) < len(plaintext)
+    assert plaintext.startswith(answer.body)
+
+
+def assert_http10_buffer_limit_held(
+    answers: dict[str, Exchange], source: CountedSource, plaintext: bytes, limit: int
+) -> None:
+    """``answers`` to HTTP/1.0 GETs of "big" (8 MiB), "at-limit" and "over-limit", and to
+    an HTTP/1.1 GET of "big" ("streamed"): 505 past the limit with decryption stopped
+    early, the whole body with a Content-Length at it, HTTP/1.1 unaffected."""
+    for refused in (answers["big"], answers["over-limit"]):
+        assert (refused.status, refused.complete, refused.framed) == (505, True, True)
+        assert json.loads(refused.body)["error"] == "http_1_1_required"
+    assert source.closed
+    # Decryption stopped near the limit: the stream reads ahead by a step or so, not
+    # the rest of the 8 MiB message.
+    assert source.pulled < 4 * MIB, source.pulled
+    at_limit, streamed = answers["at-limit"], answers["streamed"]
+    assert (at_limit.status, at_limit.headers["content-length"]) == (200, str(limit))
+    assert at_limit.body == plaintext[:limit]
+    # The limit is HTTP/1.0's alone: HTTP/1.1 streams the whole message.
+    assert (streamed.status, streamed.complete, streamed.body) == (200, True, plaintext)

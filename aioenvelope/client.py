@@ -147,23 +147,13 @@ class EnvelopeClient:
             breaker_config=circuit_breaker,
             decrypt_rate_limit=decrypt_rate_limit,
         )
-        self._materials = KeyManager(
-            DefaultMaterialsManager(
-                keyring,
-                commitment_policy=commitment_policy,
-                max_encrypted_data_keys=max_encrypted_data_keys,
-            ),
-            cache=cache,
-            coalescer=self._coalescer,
-            clock=clock,
-            stats=self._stats,
-        )
+        self._cache_config, self._clock = cache, clock
+        self._materials = self._key_manager(keyring)
         self.algorithm_suite = (
             self._materials.choose_suite(algorithm_suite)
             if (commitment_policy is not CommitmentPolicy.FORBID_ENCRYPT_ALLOW_DECRYPT)
             else None
         )
-        self._cache_config, self._clock = cache, clock
         self._state = "new"
         # Re-encryption targets, opened on first use, each with a key manager of its own
         # (its own data-key cache) on this client's coalescer and stats.
@@ -646,15 +636,21 @@ class EnvelopeClient:
                     await keyring.close()
                     self._require_open()
                 self._other_keyrings[id(keyring)] = keyring
-                self._managers[id(keyring)] = KeyManager(
-                    DefaultMaterialsManager(
-                        keyring,
-                        commitment_policy=self.commitment_policy,
-                        max_encrypted_data_keys=self.max_encrypted_data_keys,
-                    ),
-                    cache=self._cache_config,
-                    coalescer=self._coalescer,
-                    clock=self._clock,
-                    stats=self._stats,
-                )
+                self._managers[id(keyring)] = self._key_manager(keyring)
         return keyring
+
+    def _key_manager(self, keyring: Keyring) -> KeyManager:
+        """Caching and coalescing for ``keyring``'s data keys, on this client's
+        configuration, coalescer and stats (the client's own keyring, and each
+        re-encryption target, gets one)."""
+        return KeyManager(
+            DefaultMaterialsManager(
+                keyring,
+                commitment_policy=self.commitment_policy,
+                max_encrypted_data_keys=self.max_encrypted_data_keys,
+            ),
+            cache=self._cache_config,
+            coalescer=self._coalescer,
+            clock=self._clock,
+            stats=self._stats,
+        )

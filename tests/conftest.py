@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from esdk_vectors import VectorTally, vectors_required
 from kms_server import KmsKey, MotoKms, dummy_credentials, running_moto
+from moto_keyrings import moto_kms_keyring
 
-from aioenvelope import CommitmentPolicy, EnvelopeClient, RawAesKeyring
+from aioenvelope import CommitmentPolicy, EnvelopeClient, KmsKeyring, RawAesKeyring
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The ESDK vector tally: printed at the end of the run, checked in CI (esdk_vectors)."""
+    config.pluginmanager.register(VectorTally(required=vectors_required()), "esdk-vector-tally")
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +63,22 @@ def kms_key(moto_kms: MotoKms) -> KmsKey:
 @pytest.fixture(scope="session")
 def kms_key_2(moto_kms: MotoKms) -> KmsKey:
     return moto_kms.create_key("secondary")
+
+
+@pytest.fixture
+def make_kms_keyring(moto_kms: MotoKms) -> Callable[..., KmsKeyring]:
+    """``make_kms_keyring(key, **kwargs)``: a fresh KmsKeyring on ``key`` (its
+    ``kms_calls`` start at zero) talking to the moto server (see moto_keyrings)."""
+
+    def make(key: KmsKey, **kwargs: Any) -> KmsKeyring:
+        return moto_kms_keyring(moto_kms, key.arn, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def esdk_kms(moto_kms: MotoKms, monkeypatch: pytest.MonkeyPatch) -> MotoKms:
+    """Point the ESDK's own boto3 KMS clients at moto: botocore reads the endpoint from
+    ``AWS_ENDPOINT_URL_KMS`` when each client is made."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", moto_kms.endpoint_url)
+    return moto_kms

@@ -13,33 +13,53 @@ import functools
 import json
 import os
 import zipfile
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from aioenvelope import Keyring, MultiKeyring, RawAesKeyring, RawRsaKeyring
 
 __all__ = [
+    "BUNDLE_NAMES",
     "DEFAULT_DIR",
     "ENV_VAR",
+    "EXPECTED_RUN",
+    "REQUIRE_VAR",
     "DecryptVector",
     "KeySpec",
     "MasterKey",
     "VectorBundle",
     "VectorFormatError",
+    "VectorTally",
     "load_bundle",
+    "missing_vectors_message",
     "raw_keyring",
     "vectors_dir",
+    "vectors_required",
 ]
 
 ENV_VAR = "AIOENVELOPE_ESDK_VECTORS"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = (PROJECT_ROOT / ".." / "shared" / "esdk-vectors").resolve()
+# CI sets this (``.ci/run``): a missing folder, or any vector test not run as expected,
+# fails the session instead of skipping. A fresh clone without the folder gets a skip.
+REQUIRE_VAR = "AIOENVELOPE_REQUIRE_ESDK_VECTORS"
+BUNDLE_NAMES = ("v4-Net-4.0.1.zip", "valid-Net-4.0.0.zip", "invalid-Net-4.0.0.zip")
+ORIGIN = (
+    "https://github.com/aws/aws-encryption-sdk, folder TestVectors/dafny/TestVectors/test/ "
+    "(Apache-2.0): each of v4-Net-4.0.1/, valid-Net-4.0.0/ and invalid-Net-4.0.0/ zipped "
+    "as <name>.zip with that folder's keys.json beside its manifest.json"
+)
+# What a full run does with the 165 vectors: decrypt 99 + 5, refuse the 28 written by a
+# buggy encrypter, skip (with the reason) the 33 that need AWS's own KMS test account.
+EXPECTED_RUN = {"decrypted": 104, "refused": 28, "need AWS KMS (skipped)": 33}
 
 _FILE_URI = "file://"
 _CMMS = frozenset({"Default", "RequiredEncryptionContext"})
@@ -59,6 +79,92 @@ def vectors_dir() -> Path:
     """``$AIOENVELOPE_ESDK_VECTORS`` when set, else ``../shared/esdk-vectors`` from the root."""
     override = os.environ.get(ENV_VAR)
     return Path(override) if override else DEFAULT_DIR
+
+
+def vectors_required() -> bool:
+    """Whether this run must decrypt the vectors (CI), rather than skip them when absent."""
+    return os.environ.get(REQUIRE_VAR, "") not in ("", "0")
+
+
+def missing_vectors_message(path: Path) -> str:
+    """Why the vectors did not run, and where to get them."""
+    return (
+        f"ESDK test vectors not found at {path}: get them from {ORIGIN}; put "
+        f"{', '.join(BUNDLE_NAMES)} in ../shared/esdk-vectors beside the project, or set "
+        f"{ENV_VAR} to the folder holding them"
+    )
+
+
+class VectorTally:
+    """A pytest plugin: counts what the per-vector tests of ``test_esdk_vectors.py`` did,
+    prints it at the end of the run, and under ``$AIOENVELOPE_REQUIRE_ESDK_VECTORS``
+    fails the session unless every vector ran as :data:`EXPECTED_RUN` says.
+
+    Counting outcomes, not collected items, is the point: a loader that reads fewer
+    vectors, a skip that spreads, or a folder that went missing all change the figures.
+    """
+
+    MODULE = "test_esdk_vectors.py"
+    # (test function, outcome that counts, when) -> the tally's column
+    COLUMNS: Mapping[tuple[str, str], str] = MappingProxyType(
+        {
+            ("test_vector_decrypts_to_expected_plaintext", "passed"): "decrypted",
+            ("test_vector_from_buggy_encrypter_fails_authentication", "passed"): "refused",
+            ("test_kms_vector_needs_aws_test_account", "skipped"): "need AWS KMS (skipped)",
+        }
+    )
+
+    def __init__(self, required: bool) -> None:
+        self.required = required
+        self.counts: Counter[str] = Counter()
+        self.module_skipped: str | None = None
+        self.seen = False
+        self.failure: str | None = None
+
+    def _ours(self, nodeid: str) -> bool:
+        return nodeid.split("::", 1)[0].endswith(self.MODULE)
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if self._ours(report.nodeid) and "::" not in report.nodeid:
+            self.seen = True
+            if report.skipped and isinstance(report.longrepr, tuple):
+                self.module_skipped = str(report.longrepr[2]).removeprefix("Skipped: ")
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # A test's call counts; its setup only when that skipped it (no call follows).
+        counted = report.when == "call" or (report.when == "setup" and report.skipped)
+        if not (counted and self._ours(report.nodeid)):
+            return
+        self.seen = True
+        function = report.nodeid.split("::")[-1].split("[", 1)[0]
+        column = self.COLUMNS.get((function, report.outcome))
+        if column is not None:
+            self.counts[column] += 1
+
+    def summary(self) -> str:
+        if self.module_skipped is not None:
+            return f"ESDK vectors: not run: {self.module_skipped}"
+        return "ESDK vectors: " + ", ".join(
+            f"{self.counts[column]} {column}" for column in EXPECTED_RUN
+        )
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if not self.required:
+            return
+        got = {column: self.counts[column] for column in EXPECTED_RUN}
+        if got != EXPECTED_RUN:
+            expected = ", ".join(f"{n} {column}" for column, n in EXPECTED_RUN.items())
+            self.failure = f"{REQUIRE_VAR} is set, so every vector must run: expected {expected}"
+            if session.exitstatus == pytest.ExitCode.OK:
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not (self.seen or self.required):
+            return
+        terminalreporter.write_sep("-", "ESDK test vectors")
+        terminalreporter.write_line(self.summary())
+        if self.failure is not None:
+            terminalreporter.write_line(f"FAILED: {self.failure}", red=True, bold=True)
 
 
 @dataclass(frozen=True)

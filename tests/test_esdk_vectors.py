@@ -7,31 +7,38 @@ ESDK" means. See ``../shared/esdk-vectors/README.md`` for where they come from.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from esdk_vectors import (
+    BUNDLE_NAMES,
     DEFAULT_DIR,
     ENV_VAR,
+    EXPECTED_RUN,
+    REQUIRE_VAR,
     DecryptVector,
     load_bundle,
+    missing_vectors_message,
     raw_keyring,
     vectors_dir,
+    vectors_required,
 )
 
 from aioenvelope import CommitmentPolicy, EnvelopeClient, Keyring, MultiKeyring, errors
 
 VECTORS_DIR = vectors_dir()
 if not VECTORS_DIR.is_dir():
-    if os.environ.get(ENV_VAR):
-        # Asked for by name: a wrong path must not turn into a quiet skip.
-        pytest.fail(f"{ENV_VAR}={VECTORS_DIR} is not a directory", pytrace=False)
-    pytest.skip(
-        f"ESDK test vectors not found at {VECTORS_DIR}; set {ENV_VAR} to the folder "
-        "holding v4-Net-4.0.1.zip, valid-Net-4.0.0.zip and invalid-Net-4.0.0.zip",
-        allow_module_level=True,
-    )
+    if os.environ.get(ENV_VAR) or vectors_required():
+        # Asked for by name, or by CI: a wrong path must not turn into a quiet skip.
+        pytest.fail(
+            f"{REQUIRE_VAR if vectors_required() else ENV_VAR} is set, but "
+            + missing_vectors_message(VECTORS_DIR),
+            pytrace=False,
+        )
+    pytest.skip(missing_vectors_message(VECTORS_DIR), allow_module_level=True)
 
 # Vectors per bundle and kind, as the README lists them.
 EXPECTED_KINDS = {
@@ -78,8 +85,11 @@ def test_bundle_holds_the_vectors_its_readme_lists(bundle_name: str) -> None:
 
 
 def test_every_vector_is_run_exactly_once() -> None:
-    """99 + 5 decrypt, 28 are refused, 33 need KMS; ids are unique so each is one test."""
+    """99 + 5 decrypt, 28 are refused, 33 need KMS; ids are unique so each is one test.
+    The same figures are what CI's end-of-run tally requires (``EXPECTED_RUN``)."""
     assert (len(DECRYPTABLE), len(BUGGY), len(NEEDS_KMS)) == (104, 28, 33)
+    assert tuple(EXPECTED_RUN.values()) == (len(DECRYPTABLE), len(BUGGY), len(NEEDS_KMS))
+    assert tuple(EXPECTED_KINDS) == BUNDLE_NAMES
     ids = [vector.id for vector in DECRYPTABLE + BUGGY + NEEDS_KMS]
     assert len(ids) == len(set(ids)) == len(ALL_VECTORS) == 165
 
@@ -102,6 +112,62 @@ def test_vectors_dir_is_overridable_by_environment(
     monkeypatch.delenv(ENV_VAR)
     assert vectors_dir() == DEFAULT_DIR
     assert DEFAULT_DIR.parts[-2:] == ("shared", "esdk-vectors")
+
+
+def run_this_module(tmp_path: Path, env: dict[str, str], *args: str) -> tuple[int, str]:
+    """This module in a fresh pytest (so its collection and end-of-run tally are the
+    ones under test); the exit status and the output."""
+    environ = {k: v for k, v in os.environ.items() if k not in (ENV_VAR, REQUIRE_VAR)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", __file__, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**environ, **env},
+        check=False,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("how", [ENV_VAR, REQUIRE_VAR])
+def test_missing_folder_fails_the_run_when_asked_for_and_says_where_to_get_it(
+    tmp_path: Path, how: str
+) -> None:
+    """CI sets the requirement: a missing folder is an error, not a skip of 165 tests;
+    a folder named by the override must exist too."""
+    missing = tmp_path / "no-vectors-here"
+    env = {ENV_VAR: os.fspath(missing)} if how == ENV_VAR else {REQUIRE_VAR: "1"}
+    if how == REQUIRE_VAR:
+        env[ENV_VAR] = os.fspath(missing)  # the default folder exists on this machine
+    status, output = run_this_module(tmp_path, env, "-k", "overridable")
+    assert status == pytest.ExitCode.INTERRUPTED, output  # a collection error
+    assert f"{how} is set, but ESDK test vectors not found at {missing}" in output
+    assert "https://github.com/aws/aws-encryption-sdk" in output
+
+
+def test_missing_folder_is_a_skip_that_says_where_to_get_the_vectors() -> None:
+    """A fresh clone without the folder (nothing asked for) skips with the way to fix it."""
+    message = missing_vectors_message(Path("/nowhere"))
+    assert message.startswith("ESDK test vectors not found at /nowhere: get them from ")
+    assert "https://github.com/aws/aws-encryption-sdk" in message
+    assert "TestVectors/dafny/TestVectors/test/" in message
+    assert all(name in message for name in BUNDLE_NAMES)
+    assert ENV_VAR in message
+
+
+def test_required_run_fails_unless_every_vector_ran_and_prints_the_tally(tmp_path: Path) -> None:
+    """Counting outcomes: with the folder there but the vector tests deselected, the
+    tests that did run pass, yet a required run fails at the end, saying why."""
+    status, output = run_this_module(
+        tmp_path, {REQUIRE_VAR: "1", ENV_VAR: os.fspath(VECTORS_DIR)}, "-k", "overridable"
+    )
+    assert "1 passed" in output
+    assert status == pytest.ExitCode.TESTS_FAILED, output
+    assert "ESDK vectors: 0 decrypted, 0 refused, 0 need AWS KMS (skipped)" in output
+    assert (
+        f"FAILED: {REQUIRE_VAR} is set, so every vector must run: expected 104 decrypted" in output
+    )
 
 
 # -- one test per vector -----------------------------------------------------------------

@@ -250,6 +250,38 @@ TAMPERS: dict[str, Callable[[bytes], bytes]] = {
     "truncated-to-half": lambda b: b[: len(b) // 2],
     "extra-byte": lambda b: b + b"\x00",
 }
+# The refusal of each tampering of a 2 MiB + 5 message in 4096-byte frames (512 regular
+# frames and a final 513th), by (tamper, signed suite).
+TAMPER_REFUSALS: dict[tuple[str, bool], tuple[type[errors.EnvelopeError], str]] = {
+    **{
+        ("bit-flip-in-the-middle", signed): (
+            errors.AuthenticationError,
+            "^frame 256 failed authentication",
+        )
+        for signed in (False, True)
+    },
+    ("bit-flip-at-the-end", False): (
+        errors.AuthenticationError,
+        "^frame 513 failed authentication",
+    ),
+    ("bit-flip-at-the-end", True): (
+        errors.AuthenticationError,
+        "^message signature does not verify",
+    ),
+    ("truncated-by-one", False): (errors.TruncatedMessageError, "ends inside frame 513\\."),
+    ("truncated-by-one", True): (errors.TruncatedMessageError, "ends inside the signature footer"),
+    **{
+        ("truncated-to-half", signed): (errors.TruncatedMessageError, "ends inside frame 256\\.")
+        for signed in (False, True)
+    },
+    **{
+        ("extra-byte", signed): (
+            errors.MalformedMessageError,
+            "^unexpected bytes after the end of the message$",
+        )
+        for signed in (False, True)
+    },
+}
 
 
 @pytest.mark.parametrize("suite", SUITES, ids=lambda s: s.name)
@@ -262,7 +294,8 @@ async def test_tampered_file_leaves_no_destination_and_no_temporary_file(
         data, frame_length=4096, algorithm_suite=suite, plaintext_length=len(data)
     ).read_all()
     (tmp_path / "enc").write_bytes(TAMPERS[tamper](blob))
-    with pytest.raises(errors.EnvelopeError):
+    error, match = TAMPER_REFUSALS[tamper, suite.signing]
+    with pytest.raises(error, match=match):
         await client.decrypt_file(tmp_path / "enc", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert os.listdir(tmp_path) == ["enc"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from chunkers import (
     fixed_chunks,
 )
 from frame_layout import REGULAR_OVERHEAD, body_end, header_length
-from stream_outcome import Received, drain
+from stream_outcome import Received, assert_verified_prefix, drain
 from task_leaks import settle
 
 from aioenvelope import (
@@ -84,21 +85,35 @@ async def assert_stream_refused(
     plaintext: bytes,
     *,
     chunk: int | None = 37,
-    error: type[errors.EnvelopeError] = errors.EnvelopeError,
+    error: type[errors.EnvelopeError],
+    match: str,
 ) -> Received:
-    """decrypt_stream raises ``error``; what came before is a strict prefix of the
-    plaintext, in whole frames, without any of the final frame."""
+    """decrypt_stream raises ``error`` saying ``match``; what came before is exactly a
+    prefix of the plaintext, in whole frames, without any of the final frame."""
     source: StreamSource = message if chunk is None else agen(fixed_chunks(message, chunk))
     received = await drain(client.decrypt_stream(source))
     assert received.error is not None, "a tampered message was accepted"
     assert isinstance(received.error, error), received.error
-    got = received.plaintext
-    assert plaintext.startswith(got)
-    assert len(got) < len(plaintext)
-    assert len(got) <= REGULAR_PLAINTEXT
-    assert FINAL_CONTENT not in got
-    assert len(got) % FRAME == 0
+    assert re.search(match, str(received.error)), received.error
+    assert_verified_prefix(received.plaintext, plaintext, FRAME)
+    assert FINAL_CONTENT not in received.plaintext
     return received
+
+
+def truncated_inside(sealed: Sealed, cut: int) -> str:
+    """What the error for ``sealed.message[:cut]`` says the message ends inside."""
+    if cut < sealed.header_end:
+        return "the message header"
+    if cut >= sealed.body_end:
+        return "the signature footer"
+    return f"frame {(cut - sealed.header_end) // (FRAME + REGULAR_OVERHEAD) + 1}"
+
+
+TRUNCATED = "the message is truncated: it ends inside {}\\. Check that the whole ciphertext"
+OUT_OF_ORDER = "found where frame {} belongs: the frames are out of order"
+TRAILING = "unexpected bytes after the end of the message"
+FRAME_FORGED = "frame {} failed authentication: the message was changed or corrupted"
+SIGNATURE_FORGED = "message signature does not verify"
 
 
 async def test_untampered_message_streams_in_full(client: EnvelopeClient, sealed: Sealed) -> None:
@@ -117,7 +132,12 @@ async def test_truncating_at_a_frame_boundary_never_releases_the_final_frame(
         if cut >= len(sealed.message):
             continue
         received = await assert_stream_refused(
-            client, sealed.message[:cut], sealed.plaintext, chunk=chunk
+            client,
+            sealed.message[:cut],
+            sealed.plaintext,
+            chunk=chunk,
+            error=errors.TruncatedMessageError,
+            match=TRUNCATED.format(truncated_inside(sealed, cut)),
         )
         assert isinstance(received.error, errors.TruncatedMessageError), cut
 
@@ -126,7 +146,13 @@ async def test_truncating_at_any_offset_never_releases_the_final_frame(
     client: EnvelopeClient, sealed: Sealed
 ) -> None:
     for cut in range(len(sealed.message)):
-        await assert_stream_refused(client, sealed.message[:cut], sealed.plaintext)
+        await assert_stream_refused(
+            client,
+            sealed.message[:cut],
+            sealed.plaintext,
+            error=errors.TruncatedMessageError,
+            match=TRUNCATED.format(truncated_inside(sealed, cut)),
+        )
 
 
 @pytest.mark.parametrize("pair", [(0, 1), (1, 2)], ids=["frames-1-2", "frames-2-3"])
@@ -137,7 +163,13 @@ async def test_swapping_two_frames_is_refused_before_the_swapped_frame(
     m = sealed.message
     swapped = m[:a0] + m[b0:b1] + m[a0:a1] + m[b1:]
     assert len(swapped) == len(m)
-    received = await assert_stream_refused(client, swapped, sealed.plaintext)
+    received = await assert_stream_refused(
+        client,
+        swapped,
+        sealed.plaintext,
+        error=errors.MalformedMessageError,
+        match=OUT_OF_ORDER.format(pair[0] + 1),
+    )
     assert len(received.plaintext) <= pair[0] * FRAME
 
 
@@ -154,6 +186,7 @@ async def test_appending_bytes_is_refused_without_the_final_frame(
         sealed.plaintext,
         chunk=chunk,
         error=errors.MalformedMessageError,
+        match=TRAILING,
     )
 
 
@@ -163,8 +196,9 @@ async def test_appending_bytes_in_a_separate_chunk_is_refused(
     source = agen([sealed.message, b"", b"trailing"])
     received = await drain(client.decrypt_stream(source))
     assert isinstance(received.error, errors.MalformedMessageError)
+    assert str(received.error) == TRAILING
     assert FINAL_CONTENT not in received.plaintext
-    assert sealed.plaintext.startswith(received.plaintext)
+    assert_verified_prefix(received.plaintext, sealed.plaintext, FRAME)
 
 
 async def test_appending_a_second_message_is_refused(
@@ -175,6 +209,7 @@ async def test_appending_a_second_message_is_refused(
         sealed.message + sealed.message,
         sealed.plaintext,
         error=errors.MalformedMessageError,
+        match=TRAILING,
     )
 
 
@@ -185,8 +220,15 @@ async def test_flipping_a_bit_in_the_final_frame_never_releases_it(
 ) -> None:
     mutated = bytearray(sealed.message)
     mutated[sealed.body_end - back] ^= 0x10
-    received = await assert_stream_refused(client, bytes(mutated), sealed.plaintext, chunk=chunk)
     if back <= 16 + len(FINAL_CONTENT):  # in the ciphertext or tag: the tag check fails
+        error: type[errors.EnvelopeError] = errors.AuthenticationError
+        match = FRAME_FORGED.format(4)
+    else:  # in the sequence number: frame 4 now claims another number
+        error, match = errors.MalformedMessageError, OUT_OF_ORDER.format(4)
+    received = await assert_stream_refused(
+        client, bytes(mutated), sealed.plaintext, chunk=chunk, error=error, match=match
+    )
+    if back <= 16 + len(FINAL_CONTENT):
         assert isinstance(received.error, errors.AuthenticationError)
 
 
@@ -197,7 +239,14 @@ async def test_flipping_a_bit_in_an_earlier_frame_stops_at_that_frame(
     _, end = sealed.frame(1)
     mutated = bytearray(sealed.message)
     mutated[end - 3] ^= 0x01
-    received = await assert_stream_refused(client, bytes(mutated), sealed.plaintext, chunk=chunk)
+    received = await assert_stream_refused(
+        client,
+        bytes(mutated),
+        sealed.plaintext,
+        chunk=chunk,
+        error=errors.AuthenticationError,
+        match=FRAME_FORGED.format(2),
+    )
     assert isinstance(received.error, errors.AuthenticationError)
     assert len(received.plaintext) <= FRAME
 
@@ -215,7 +264,14 @@ async def test_corrupted_signature_never_releases_the_final_frame(
     )
     mutated = bytearray(message)
     mutated[index] ^= 0x01
-    received = await assert_stream_refused(client, bytes(mutated), plaintext, chunk=chunk)
+    if where == "length-field":  # a longer signature is announced than the message holds
+        error: type[errors.EnvelopeError] = errors.TruncatedMessageError
+        match = TRUNCATED.format("the signature footer")
+    else:
+        error, match = errors.AuthenticationError, SIGNATURE_FORGED
+    received = await assert_stream_refused(
+        client, bytes(mutated), plaintext, chunk=chunk, error=error, match=match
+    )
     if where != "length-field":
         assert isinstance(received.error, errors.AuthenticationError)
 

@@ -6,18 +6,21 @@ peak RSS it reads from ``/proc/self/status`` belongs to that scenario alone and 
 test's allocations, threads or event loop are in the way. The script prints one JSON
 object, which the test asserts on. Linux only: the measurements come from ``/proc``.
 
-Peak RSS: after a warm-up (client open, a small stream through the same path, so thread
-pools, imports and allocator arenas exist), the script resets the kernel's high-water
-mark (``echo 5 > /proc/self/clear_refs``; if that is refused it keeps the old mark as the
-baseline), streams the big message, and reads ``VmHWM`` again. A 32 MiB probe allocated
-afterwards must show up in the same counter, which proves the measurement is live.
+Peak memory, two ways: after a warm-up (client open, a small stream through the same
+path, so thread pools, imports and allocator arenas exist), the script starts
+``tracemalloc`` and resets the kernel's high-water mark (``echo 5 >
+/proc/self/clear_refs``; if that is refused it keeps the old mark as the baseline),
+streams the big message, and reads both peaks: the traced Python-heap peak (exact,
+whatever the allocator keeps resident) and ``VmHWM`` (everything, cryptography's own
+buffers included). The RSS counter is shown to be live by a 32 MiB probe afterwards,
+mapped straight from the kernel (an anonymous ``mmap``: no allocator can serve it from
+memory it already holds) after another reset, which must show up in the same counter.
 
-Loop lag: a ticker task sleeps 1 ms at a time and records how late each wake-up is,
-while the main task drains a 256 MiB stream into a pre-faulted buffer (a memcpy per chunk:
-anything heavier in the consumer would be the test's own lag, not the library's). The
-result is checked after the ticker stopped. For the record each run also measures a
-control: the same ticker beside 0.5 ms busy steps, i.e. what the machine's scheduler
-alone costs (on a loaded machine that alone can exceed the budget).
+Loop lag: a ticker task sleeps 1 ms at a time and records how late each wake-up is and
+how much CPU the loop's thread spent meanwhile, while the main task drains a 256 MiB
+stream into a pre-faulted buffer (a memcpy per chunk: anything heavier in the consumer
+would be the test's own lag, not the library's). Then, in the same process, a control:
+the same ticker beside 0.5 ms busy steps, i.e. what the machine's scheduler alone costs.
 """
 
 from __future__ import annotations
@@ -47,10 +50,12 @@ import asyncio
 import gc
 import hashlib
 import json
+import mmap
 import os
 import random
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 from aioenvelope import AlgorithmSuite, EnvelopeClient, RawAesKeyring
@@ -82,12 +87,31 @@ def reset_peak():
 
 
 def probe_mib():
-    """Touch 32 MiB and report how much VmHWM rose: the instrument must see it."""
-    before = status("VmHWM")
-    block = b"\x01" * (32 * MIB)
-    after = status("VmHWM")
-    del block
+    """Map and touch 32 MiB straight from the kernel and report how much the counter rose
+    (VmHWM after resetting it to the current RSS; VmRSS if the reset is refused): the
+    instrument must see it. An anonymous mmap, not a Python object, so no allocator can
+    serve the probe from memory it already holds resident."""
+    _, reset = reset_peak()
+    counter = "VmHWM" if reset else "VmRSS"
+    before = status(counter)
+    block = mmap.mmap(-1, 32 * MIB)
+    for offset in range(0, 32 * MIB, mmap.PAGESIZE):
+        block[offset] = 1
+    after = status(counter)
+    block.close()
     return (after - before) / MIB
+
+
+def start_tracing():
+    """Trace Python allocations from here on (after the warm-up): the traced peak is the
+    stream's own Python-heap high-water mark, whatever the allocator keeps resident."""
+    tracemalloc.start()
+
+
+def traced_peak_mib():
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak / MIB
 
 
 def chunks(total, seed):
@@ -129,6 +153,7 @@ async def pipe():
             warm_out.update(chunk)
         assert warm_in.digest() == warm_out.digest()
         hwm_before = status("VmHWM")
+        start_tracing()
         baseline, reset = reset_peak()
         digest_in, digest_out = hashlib.sha256(), hashlib.sha256()
         total = 0
@@ -143,7 +168,9 @@ async def pipe():
             header = plaintext.header
         elapsed = time.perf_counter() - start
         peak = status("VmHWM")
+        python_peak = traced_peak_mib()
     return {
+        "python_peak_mib": python_peak,
         "hwm_before_reset": hwm_before,
         "baseline": baseline,
         "hwm_reset": reset,
@@ -178,6 +205,7 @@ async def files():
         await client.encrypt_file(d / "warm", d / "warm.enc")
         await client.decrypt_file(d / "warm.enc", d / "warm.out")
         assert (d / "warm.out").read_bytes() == (d / "warm").read_bytes()
+        start_tracing()
         baseline, reset = reset_peak()
         start = time.perf_counter()
         written = await client.encrypt_file(d / "plain", d / "cipher")
@@ -187,7 +215,9 @@ async def files():
         read = await client.decrypt_file(d / "cipher", d / "out")
         decrypt_s = time.perf_counter() - start
         peak = status("VmHWM")
+        python_peak = traced_peak_mib()
     return {
+        "python_peak_mib": python_peak,
         "baseline": baseline,
         "hwm_reset": reset,
         "peak_after_encrypt": peak_encrypt,
@@ -207,17 +237,34 @@ async def files():
 
 
 class Ticker:
-    """Sleeps 1 ms at a time and records how late each wake-up was."""
+    """Sleeps 1 ms at a time and records, per wake-up, how late it was (wall clock) and
+    how much CPU the loop's thread spent meanwhile (``time.thread_time``): the time the
+    loop was held by code running on it. A stall of the whole VM or process (vCPU steal,
+    descheduling) makes a wake-up late without adding CPU time on the loop's thread."""
 
     def __init__(self):
         self.lags = []
+        self.held = []
         self.running = True
 
     async def run(self):
         while self.running:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             await asyncio.sleep(0.001)
             self.lags.append(time.perf_counter() - start - 0.001)
+            self.held.append(time.thread_time() - cpu)
+
+    def figures(self, prefix=""):
+        lags, held = sorted(self.lags), sorted(self.held)
+        p99 = int(0.99 * (len(lags) - 1))
+        return {
+            prefix + "worst_lag_ms": lags[-1] * 1e3,
+            prefix + "p99_lag_ms": lags[p99] * 1e3,
+            prefix + "median_lag_ms": lags[len(lags) // 2] * 1e3,
+            prefix + "worst_held_ms": held[-1] * 1e3,
+            prefix + "p99_held_ms": held[p99] * 1e3,
+            prefix + "ticks": len(lags),
+        }
 
 
 async def sliced(data):
@@ -274,28 +321,25 @@ async def under_ticker(stream, sink):
     threads = THREAD_CALLS[0] - threads_before
     ticker.running = False
     await task
-    lags = sorted(ticker.lags)
     return total, {
+        **ticker.figures(),
         "worker_thread_steps": threads,
-        "worst_lag_ms": lags[-1] * 1e3,
-        "p99_lag_ms": lags[int(0.99 * (len(lags) - 1))] * 1e3,
-        "median_lag_ms": lags[len(lags) // 2] * 1e3,
-        "ticks": len(lags),
         "seconds": elapsed,
         "mib_per_s": P["total"] / MIB / elapsed,
         "stream_bytes": total,
     }
 
 
-async def control():
+async def control(seconds):
     """The same ticker beside a loop of 0.5 ms busy steps with a checkpoint between
-    them: what this machine's scheduler alone does to the ticker (for the record)."""
+    them, for as long as the stream took: what this machine's scheduler alone does to
+    the ticker, measured in the same process and minute as the stream."""
     import anyio.lowlevel
 
     ticker = Ticker()
     task = asyncio.create_task(ticker.run())
     await asyncio.sleep(0.01)
-    end = time.perf_counter() + 0.2
+    end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         step_end = time.perf_counter() + 0.0005
         while time.perf_counter() < step_end:
@@ -303,7 +347,7 @@ async def control():
         await anyio.lowlevel.checkpoint()
     ticker.running = False
     await task
-    return max(ticker.lags) * 1e3
+    return ticker.figures("control_")
 
 
 async def lag():
@@ -312,7 +356,6 @@ async def lag():
     async with new_client(P["frame_length"]) as client:
         warm = os.urandom(3 * MIB + 1)
         assert await client.decrypt_stream(client.encrypt_stream(warm)).read_all() == warm
-        control_ms = await control()  # after the warm-up: anyio's first use imports its backend
         if P["direction"] == "encrypt":
             # Room for the header and 32 bytes of framing per frame, with slack.
             sink = touched(total + total // 1024 + MIB)
@@ -324,8 +367,9 @@ async def lag():
             sink = touched(total)
             n, result = await under_ticker(client.decrypt_stream(sliced(ciphertext)), sink)
             round_trip_ok = n == total and sink == data
+        # After the stream (the warm-up imported anyio's backend), as long as it took.
+        result.update(await control(max(0.2, result["seconds"])))
     result["round_trip_ok"] = round_trip_ok
-    result["control_worst_lag_ms"] = control_ms
     result["frame_length"] = P["frame_length"]
     return result
 
@@ -354,9 +398,12 @@ def run_scenario(params: dict[str, Any], *, timeout: float) -> dict[str, Any]:
     return result
 
 
-def assert_rss_measured(result: dict[str, Any]) -> None:
-    """The instrument works: the 32 MiB probe is visible in the same counter."""
+def assert_memory_bounded(result: dict[str, Any]) -> None:
+    """Neither the Python heap's traced peak nor the process's peak RSS grew by 16 MiB,
+    and the RSS instrument works: the 32 MiB probe is visible in the same counter."""
     assert result["probe_mib"] >= 31, result
+    assert result["python_peak_mib"] * MIB < RSS_GROWTH_BUDGET, result
+    assert result["growth_mib"] * MIB < RSS_GROWTH_BUDGET, result
 
 
 # ---------------------------------------------------------------------------------------
@@ -373,12 +420,13 @@ def assert_rss_measured(result: dict[str, Any]) -> None:
         pytest.param(0x0578, 256 * MIB, id="0x0578-256MiB"),
     ],
 )
-def test_piped_encrypt_and_decrypt_stream_grows_peak_rss_by_under_16mib(
+def test_piped_encrypt_and_decrypt_stream_grows_peak_memory_by_under_16mib(
     suite: int, total: int, record_property: Any
 ) -> None:
     """decrypt_stream(encrypt_stream(source)) over a GiB generated on the fly: the
-    ciphertext exists only a step at a time, so the process's peak RSS may not grow by
-    more than one frame plus a few steps, however large the message. The output must
+    ciphertext exists only a step at a time, so neither the Python heap's peak nor the
+    process's peak RSS may grow by more than one frame plus a few steps, however large
+    the message. The output must
     hash to what went in."""
     result = run_scenario(
         {"mode": "pipe", "total": total, "seed": 20240601, "suite": suite}, timeout=120
@@ -387,8 +435,7 @@ def test_piped_encrypt_and_decrypt_stream_grows_peak_rss_by_under_16mib(
     assert result["bytes"] == total
     assert result["same_digest"]
     assert result["suite"] == suite
-    assert_rss_measured(result)
-    assert result["growth_mib"] * MIB < RSS_GROWTH_BUDGET, result
+    assert_memory_bounded(result)
 
 
 # ---------------------------------------------------------------------------------------
@@ -407,32 +454,39 @@ def test_piped_encrypt_and_decrypt_stream_grows_peak_rss_by_under_16mib(
 def test_256mib_stream_never_holds_the_event_loop_for_10ms(
     direction: str, frame_length: int, record_property: Any
 ) -> None:
-    """A 1 ms ticker running beside a 256 MiB encrypt_stream or decrypt_stream must
-    never wake more than 10 ms late, whatever the frame length. With 64 KiB frames each
+    """A 1 ms ticker running beside a 256 MiB encrypt_stream or decrypt_stream: the loop
+    may never be held for 10 ms, whatever the frame length. With 64 KiB frames each
     1 MiB step seals or opens whole frames; with 8 MiB frames a frame is sealed as it
     fills and opened as it arrives, a piece at a time (pinned by sans-I/O tests), so
     every step stays about 1 MiB of AES-GCM either way. Steps the library moves to a
     worker thread (``anyio.to_thread.run_sync``, wrapped in the subprocess to count
-    them) are recorded, not required. Each run also records a control lag (see the
-    module docstring).
+    them) are recorded, not required.
+
+    One run, no retry, two judgements that a loaded VM cannot fail and a step that
+    holds the loop cannot pass:
+
+    - held: the CPU time the loop's thread spent between two ticker wake-ups stays
+      under 10 ms. Code that holds the loop is CPU on that thread, in every run; a
+      whole-VM or process stall (10-18 ms of vCPU steal is seen on shared 2-core CI
+      VMs) is wall time with no CPU time, so it cannot fail this.
+    - late: the 99th percentile of how late the ticker woke stays under 10 ms plus the
+      99th percentile of a control measured in the same process right after (the same
+      ticker beside 0.5 ms busy steps, as long as the stream took): a rare stall moves
+      neither percentile, a loop held at every step moves the stream's.
+
+    The worst wall-clock lag on a quiet machine is the bench's figure (``bench/run.py``,
+    "loop lag"); here it is recorded only.
     """
-    params = {"mode": "lag", "direction": direction, "frame_length": frame_length}
-    attempts: list[dict[str, Any]] = []
-    # Another attempt only if one is over budget. On the shared 2-core VMs this runs on,
-    # an idle process's 1 ms ticker alone sees 3-7 ms hiccups per second (vCPU steal),
-    # and now and then the whole process stalls for 10-18 ms with no code of ours
-    # running (seen by tracing every step, thread and GC). A stream that holds the loop itself is over budget
-    # in every attempt, so the best of five still fails it; each attempt is recorded.
-    while len(attempts) < 5:
-        result = run_scenario({**params, "total": 256 * MIB}, timeout=120)
-        assert result["round_trip_ok"]
-        assert result["ticks"] >= 20, result  # the ticker really ran beside the stream
-        attempts.append(result)
-        if result["worst_lag_ms"] < LAG_BUDGET_MS:
-            break
-    record_property("loop_lag", attempts)
-    best = min(attempts, key=lambda r: float(r["worst_lag_ms"]))
-    assert best["worst_lag_ms"] < LAG_BUDGET_MS, attempts
+    result = run_scenario(
+        {"mode": "lag", "direction": direction, "frame_length": frame_length, "total": 256 * MIB},
+        timeout=120,
+    )
+    record_property("loop_lag", result)
+    assert result["round_trip_ok"]
+    assert result["ticks"] >= 20, result  # the ticker really ran beside the stream
+    assert result["control_ticks"] >= 20, result
+    assert result["worst_held_ms"] < LAG_BUDGET_MS, result
+    assert result["p99_lag_ms"] < LAG_BUDGET_MS + result["control_p99_lag_ms"], result
 
 
 # ---------------------------------------------------------------------------------------
@@ -440,7 +494,7 @@ def test_256mib_stream_never_holds_the_event_loop_for_10ms(
 # ---------------------------------------------------------------------------------------
 
 
-def test_encrypt_file_and_decrypt_file_grow_peak_rss_by_under_16mib(
+def test_encrypt_file_and_decrypt_file_grow_peak_memory_by_under_16mib(
     tmp_path: Path, record_property: Any
 ) -> None:
     """encrypt_file then decrypt_file of a 1 GiB file (256 MiB when under 4 GiB are free):
@@ -460,6 +514,5 @@ def test_encrypt_file_and_decrypt_file_grow_peak_rss_by_under_16mib(
     assert result["cipher_bytes"] > total
     assert result["same_digest"]
     assert result["same_message_id"]
-    assert_rss_measured(result)
-    assert result["growth_mib"] * MIB < RSS_GROWTH_BUDGET, result
+    assert_memory_bounded(result)
     assert not leftovers  # no partial files left behind by the atomic writer

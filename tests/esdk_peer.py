@@ -11,6 +11,8 @@ module is the only place that touches them.
 from __future__ import annotations
 
 import enum
+import io
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,15 +26,22 @@ from aws_encryption_sdk.key_providers.raw import RawMasterKey, RawMasterKeyConfi
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from aioenvelope import Keyring, MessageHeader, RawAesKeyring, RawRsaKeyring
+
 __all__ = [
+    "KEY_KINDS",
     "PeerHeader",
     "PeerKeys",
     "RsaWrapping",
+    "SharedKey",
+    "assert_headers_agree",
     "esdk_decrypt",
     "esdk_encrypt",
+    "kms_master_keys",
     "peer_keys",
     "raw_aes_key",
     "raw_rsa_key",
+    "shared_key",
 ]
 
 PUBLIC_KEY_FIELD = "aws-crypto-public-key"
@@ -183,6 +192,29 @@ def _peer_header(header: Any) -> PeerHeader:
     )
 
 
+def kms_master_keys(*key_arns: str) -> Any:
+    """The ESDK's strict KMS provider for ``key_arns`` (its boto3 clients find moto
+    through ``AWS_ENDPOINT_URL_KMS``: see the ``esdk_kms`` fixture)."""
+    return aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=list(key_arns))
+
+
+def _edk_set(header: MessageHeader) -> frozenset[tuple[str, bytes, bytes]]:
+    return frozenset(
+        (edk.provider_id, edk.provider_info, edk.ciphertext) for edk in header.encrypted_data_keys
+    )
+
+
+def assert_headers_agree(ours: MessageHeader, peer: PeerHeader) -> None:
+    """Both parsers read the same bytes into the same header: suite, message ID, frame
+    length and framing, encryption context and every encrypted data key."""
+    assert ours.algorithm_suite.suite_id == peer.suite_id
+    assert ours.message_id == peer.message_id
+    assert ours.frame_length == peer.frame_length
+    assert (ours.frame_length != 0) == peer.framed
+    assert dict(ours.encryption_context) == peer.encryption_context
+    assert _edk_set(ours) == peer.encrypted_data_keys
+
+
 def _client(allow_legacy_writes: bool) -> Any:
     policy = (
         aws_encryption_sdk.CommitmentPolicy.FORBID_ENCRYPT_ALLOW_DECRYPT
@@ -199,27 +231,97 @@ def esdk_encrypt(
     suite_id: int,
     encryption_context: Mapping[str, str],
     frame_length: int,
+    streaming: bool = False,
 ) -> tuple[bytes, PeerHeader]:
     """Encrypt with the ESDK. Non-committing suites use a FORBID_ENCRYPT_ALLOW_DECRYPT client
-    (the only policy under which the ESDK writes them); ``frame_length=0`` is non-framed."""
+    (the only policy under which the ESDK writes them); ``frame_length=0`` is non-framed.
+    ``streaming`` uses its streaming API (``stream(mode="e")``, iterated chunk by chunk)
+    instead of the one-shot ``encrypt``."""
     algorithm = Algorithm.get_by_id(suite_id)
     client = _client(allow_legacy_writes=not algorithm.is_committing())
-    ciphertext, header = client.encrypt(
-        source=plaintext,
-        key_provider=keys,
-        encryption_context=dict(encryption_context),
-        algorithm=algorithm,
-        frame_length=frame_length,
-    )
-    return bytes(ciphertext), _peer_header(header)
+    options = {
+        "key_provider": keys,
+        "encryption_context": dict(encryption_context),
+        "algorithm": algorithm,
+        "frame_length": frame_length,
+    }
+    if not streaming:
+        ciphertext, header = client.encrypt(source=plaintext, **options)
+        return bytes(ciphertext), _peer_header(header)
+    with client.stream(mode="e", source=io.BytesIO(plaintext), **options) as encryptor:
+        chunks = [bytes(chunk) for chunk in encryptor]
+        return b"".join(chunks), _peer_header(encryptor.header)
 
 
-def esdk_decrypt(keys: PeerKeys, ciphertext: bytes) -> tuple[bytes, PeerHeader]:
-    """Decrypt with a strict (REQUIRE_ENCRYPT_REQUIRE_DECRYPT) ESDK client.
+def esdk_decrypt(
+    keys: PeerKeys, ciphertext: bytes, *, streaming: bool = False
+) -> tuple[bytes, PeerHeader]:
+    """Decrypt with a strict (REQUIRE_ENCRYPT_REQUIRE_DECRYPT) ESDK client; ``streaming``
+    with its streaming API (``stream(mode="d")``, iterated chunk by chunk).
 
     The ESDK does not check the context itself; callers compare the returned header's.
     """
-    plaintext, header = _client(allow_legacy_writes=False).decrypt(
-        source=ciphertext, key_provider=keys
-    )
-    return bytes(plaintext), _peer_header(header)
+    client = _client(allow_legacy_writes=False)
+    if not streaming:
+        plaintext, header = client.decrypt(source=ciphertext, key_provider=keys)
+        return bytes(plaintext), _peer_header(header)
+    with client.stream(mode="d", source=io.BytesIO(ciphertext), key_provider=keys) as decryptor:
+        chunks = [bytes(chunk) for chunk in decryptor]
+        return b"".join(chunks), _peer_header(decryptor.header)
+
+
+# -- one wrapping key seen by both libraries ---------------------------------------------
+
+KEY_KINDS = [
+    "aes-128",
+    "aes-192",
+    "aes-256",
+    "rsa-pkcs1",
+    "rsa-oaep-sha1",
+    "rsa-oaep-sha256",
+    "rsa-oaep-sha384",
+    "rsa-oaep-sha512",
+]
+_RSA_WRAPPINGS = {
+    "rsa-pkcs1": RsaWrapping.PKCS1,
+    "rsa-oaep-sha1": RsaWrapping.OAEP_SHA1,
+    "rsa-oaep-sha256": RsaWrapping.OAEP_SHA256,
+    "rsa-oaep-sha384": RsaWrapping.OAEP_SHA384,
+    "rsa-oaep-sha512": RsaWrapping.OAEP_SHA512,
+}
+
+
+@dataclass(frozen=True)
+class SharedKey:
+    """One wrapping key as our keyring and as the ESDK master key with the same identity
+    (``peer``: bundle it with :func:`peer_keys`)."""
+
+    ours: Keyring
+    peer: Any  # an ESDK RawMasterKey
+
+
+def shared_key(
+    kind: str,
+    rsa_key: rsa.RSAPrivateKey | None = None,
+    *,
+    namespace: str,
+    name: str,
+    public_only: bool = False,
+) -> SharedKey:
+    """Build ``kind`` (see :data:`KEY_KINDS`; AES keys are fresh random bytes) for both
+    libraries. ``public_only`` gives RSA keys without their private half (encrypt-only)
+    on both sides."""
+    if kind.startswith("aes-"):
+        key = os.urandom(int(kind[4:]) // 8)
+        return SharedKey(RawAesKeyring(namespace, name, key), raw_aes_key(namespace, name, key))
+    if rsa_key is None:
+        raise ValueError(f"shared_key({kind!r}) needs rsa_key")
+    wrapping = _RSA_WRAPPINGS[kind]
+    public_key = rsa_key.public_key()
+    if public_only:
+        ours = RawRsaKeyring(namespace, name, public_key=public_key, padding=wrapping.padding())
+        peer = raw_rsa_key(namespace, name, wrapping, public_key=public_key)
+    else:
+        ours = RawRsaKeyring(namespace, name, private_key=rsa_key, padding=wrapping.padding())
+        peer = raw_rsa_key(namespace, name, wrapping, private_key=rsa_key)
+    return SharedKey(ours, peer)

@@ -19,13 +19,13 @@ import pytest
 from aws_encryption_sdk.exceptions import SerializationError
 from cryptography.hazmat.primitives.asymmetric import rsa
 from esdk_peer import (
-    PeerHeader,
-    RsaWrapping,
+    KEY_KINDS,
+    assert_headers_agree,
     esdk_decrypt,
     esdk_encrypt,
     peer_keys,
     raw_aes_key,
-    raw_rsa_key,
+    shared_key,
 )
 
 from aioenvelope import (
@@ -33,10 +33,8 @@ from aioenvelope import (
     CommitmentPolicy,
     EnvelopeClient,
     Keyring,
-    MessageHeader,
     MultiKeyring,
     RawAesKeyring,
-    RawRsaKeyring,
     errors,
 )
 
@@ -57,70 +55,6 @@ ASCII_CONTEXT = {"purpose": "interop", "tenant": "t-42"}
 
 
 # ---------------------------------------------------------------------------------------
-# Keys: one wrapping key seen by both libraries
-# ---------------------------------------------------------------------------------------
-
-KEY_KINDS = [
-    "aes-128",
-    "aes-192",
-    "aes-256",
-    "rsa-pkcs1",
-    "rsa-oaep-sha1",
-    "rsa-oaep-sha256",
-    "rsa-oaep-sha384",
-    "rsa-oaep-sha512",
-]
-_RSA_WRAPPINGS = {
-    "rsa-pkcs1": RsaWrapping.PKCS1,
-    "rsa-oaep-sha1": RsaWrapping.OAEP_SHA1,
-    "rsa-oaep-sha256": RsaWrapping.OAEP_SHA256,
-    "rsa-oaep-sha384": RsaWrapping.OAEP_SHA384,
-    "rsa-oaep-sha512": RsaWrapping.OAEP_SHA512,
-}
-
-
-@dataclass(frozen=True)
-class SharedKey:
-    """One wrapping key as our keyring and as the ESDK master key with the same identity."""
-
-    ours: Keyring
-    peer: Any  # an ESDK RawMasterKey
-
-
-def shared_key(
-    kind: str,
-    rsa_key: rsa.RSAPrivateKey,
-    *,
-    namespace: str = NAMESPACE,
-    name: str = KEY_NAME,
-    public_only: bool = False,
-) -> SharedKey:
-    """Build ``kind`` (see :data:`KEY_KINDS`) for both libraries.
-
-    ``public_only`` gives RSA keys without their private half (encrypt-only) on both sides.
-    """
-    if kind.startswith("aes-"):
-        key = os.urandom(int(kind[4:]) // 8)
-        return SharedKey(RawAesKeyring(namespace, name, key), raw_aes_key(namespace, name, key))
-    wrapping = _RSA_WRAPPINGS[kind]
-    public_key = rsa_key.public_key()
-    if public_only:
-        ours = RawRsaKeyring(namespace, name, public_key=public_key, padding=wrapping.padding())
-        peer = raw_rsa_key(namespace, name, wrapping, public_key=public_key)
-    else:
-        ours = RawRsaKeyring(namespace, name, private_key=rsa_key, padding=wrapping.padding())
-        peer = raw_rsa_key(namespace, name, wrapping, private_key=rsa_key)
-    return SharedKey(ours, peer)
-
-
-@pytest.fixture(scope="module")
-def module_rsa_key() -> rsa.RSAPrivateKey:
-    """One RSA-2048 key for the whole module: generating keys is the slow part, and one
-    key serves every padding since the padding, not the key, is what is under test."""
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-# ---------------------------------------------------------------------------------------
 # The two directions
 # ---------------------------------------------------------------------------------------
 
@@ -137,20 +71,22 @@ class Case:
     encryption_context: Mapping[str, str] = field(default_factory=dict)
 
 
-def edk_set(header: MessageHeader) -> frozenset[tuple[str, bytes, bytes]]:
-    return frozenset(
-        (edk.provider_id, edk.provider_info, edk.ciphertext) for edk in header.encrypted_data_keys
+def aes_case(
+    plaintext: bytes,
+    suite: AlgorithmSuite,
+    frame_length: int = SMALL_FRAME,
+    context: Mapping[str, str] = ASCII_CONTEXT,
+) -> Case:
+    """A case under one fresh AES-256 key held by both libraries."""
+    key = os.urandom(32)
+    return Case(
+        RawAesKeyring(NAMESPACE, KEY_NAME, key),
+        peer_keys(raw_aes_key(NAMESPACE, KEY_NAME, key)),
+        plaintext,
+        suite,
+        frame_length,
+        context,
     )
-
-
-def assert_headers_agree(ours: MessageHeader, peer: PeerHeader) -> None:
-    """Both parsers read the same bytes into the same header."""
-    assert ours.algorithm_suite.suite_id == peer.suite_id
-    assert ours.message_id == peer.message_id
-    assert ours.frame_length == peer.frame_length
-    assert (ours.frame_length != 0) == peer.framed
-    assert dict(ours.encryption_context) == peer.encryption_context
-    assert edk_set(ours) == peer.encrypted_data_keys
 
 
 async def aioenvelope_encrypts_esdk_decrypts(case: Case) -> None:
@@ -202,12 +138,12 @@ DIRECTIONS = [
 @pytest.mark.parametrize("suite", COMMITTING_SUITES)
 @pytest.mark.parametrize("kind", KEY_KINDS)
 async def test_raw_keyring_edks_are_interchangeable_with_esdk_raw_master_keys(
-    direction: Direction, suite: AlgorithmSuite, kind: str, module_rsa_key: rsa.RSAPrivateKey
+    direction: Direction, suite: AlgorithmSuite, kind: str, rsa_private_key: rsa.RSAPrivateKey
 ) -> None:
     """Each raw wrapping (AES-128/192/256-GCM, RSA PKCS1v15 and OAEP-SHA1..512) must
     produce EDKs the other library unwraps: provider info layout, IV and tag placement,
     RSA padding and the context-as-AAD of AES wrapping all have to match byte for byte."""
-    key = shared_key(kind, module_rsa_key)
+    key = shared_key(kind, rsa_private_key, namespace=NAMESPACE, name=KEY_NAME)
     plaintext = os.urandom(2 * SMALL_FRAME + 44)
     await direction(
         Case(key.ours, peer_keys(key.peer), plaintext, suite, SMALL_FRAME, ASCII_CONTEXT)
@@ -234,15 +170,7 @@ async def test_frame_boundaries_match_esdk(
     """Framing is where off-by-one bugs live: the empty final frame, a final frame that is
     exactly full (the ESDK writes an extra empty one, a writer may not), and a final frame
     of one byte must all be read the way the other side wrote them."""
-    key = os.urandom(32)
-    case = Case(
-        RawAesKeyring(NAMESPACE, KEY_NAME, key),
-        peer_keys(raw_aes_key(NAMESPACE, KEY_NAME, key)),
-        os.urandom(size),
-        suite,
-        SMALL_FRAME,
-        ASCII_CONTEXT,
-    )
+    case = aes_case(os.urandom(size), suite, SMALL_FRAME, ASCII_CONTEXT)
     await direction(case)
 
 
@@ -252,10 +180,7 @@ async def test_default_frame_length_multi_frame_message_matches_esdk(
 ) -> None:
     """Our default frame length (65536) with several full frames and a partial last one:
     the one case that uses realistic frame sizes rather than tiny test frames."""
-    key = os.urandom(32)
-    case = Case(
-        RawAesKeyring(NAMESPACE, KEY_NAME, key),
-        peer_keys(raw_aes_key(NAMESPACE, KEY_NAME, key)),
+    case = aes_case(
         os.urandom(3 * DEFAULT_FRAME + 1000),
         AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384,
         DEFAULT_FRAME,
@@ -287,10 +212,7 @@ LARGEST_FRAME = 2**31 - 1
 async def test_largest_frame_length_both_write_interoperates(direction: Direction) -> None:
     """A frame length near 2^31 in the header with a short plaintext: the reader must take
     the single short final frame without sizing anything by the declared frame length."""
-    key = os.urandom(32)
-    case = Case(
-        RawAesKeyring(NAMESPACE, KEY_NAME, key),
-        peer_keys(raw_aes_key(NAMESPACE, KEY_NAME, key)),
+    case = aes_case(
         os.urandom(300),
         AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY,
         LARGEST_ESDK_FRAME,
@@ -310,10 +232,7 @@ async def test_largest_frame_length_both_write_interoperates(direction: Directio
 async def test_esdk_reads_our_frame_lengths_that_it_would_not_write(frame_length: int) -> None:
     """We accept any frame length from 1 to 2^31 - 1; the ESDK writer is stricter, so pin
     that its reader still takes every length we may write."""
-    key = os.urandom(32)
-    case = Case(
-        RawAesKeyring(NAMESPACE, KEY_NAME, key),
-        peer_keys(raw_aes_key(NAMESPACE, KEY_NAME, key)),
+    case = aes_case(
         os.urandom(250),
         AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384,
         frame_length,
@@ -354,15 +273,7 @@ async def test_encryption_context_serialization_matches_esdk(
     """The context is serialized into the header AAD and is the AAD of AES key wrapping, so
     its byte form (UTF-8 lengths, sort by UTF-8 bytes, empty context = no bytes at all) must
     be identical in both libraries or the header tag and the EDK unwrap both fail."""
-    key = os.urandom(32)
-    case = Case(
-        RawAesKeyring(NAMESPACE, KEY_NAME, key),
-        peer_keys(raw_aes_key(NAMESPACE, KEY_NAME, key)),
-        os.urandom(SMALL_FRAME + 3),
-        suite,
-        SMALL_FRAME,
-        context,
-    )
+    case = aes_case(os.urandom(SMALL_FRAME + 3), suite, SMALL_FRAME, context)
     await direction(case)
 
 
@@ -386,10 +297,7 @@ async def test_context_of_exactly_65535_serialized_bytes_matches_esdk(
 ) -> None:
     """The header's AAD length is a UInt16, so 65535 serialized bytes is the largest
     context; for signing suites that budget includes the public key the CMM adds."""
-    key = os.urandom(32)
-    case = Case(
-        RawAesKeyring(NAMESPACE, KEY_NAME, key),
-        peer_keys(raw_aes_key(NAMESPACE, KEY_NAME, key)),
+    case = aes_case(
         b"at the limit",
         suite,
         SMALL_FRAME,
@@ -435,12 +343,12 @@ async def test_non_ascii_key_namespace_and_name_match_esdk(
     kind: str,
     namespace: str,
     name: str,
-    module_rsa_key: rsa.RSAPrivateKey,
+    rsa_private_key: rsa.RSAPrivateKey,
 ) -> None:
     """Provider ID and key name are UTF-8 in the EDK with byte-count lengths (ESDK-Python
     before 4.0.1 wrote character counts); the AES provider info embeds the name, so a
     miscounted length shifts the tag-length, IV-length and IV fields after it."""
-    key = shared_key(kind, module_rsa_key, namespace=namespace, name=name)
+    key = shared_key(kind, rsa_private_key, namespace=namespace, name=name)
     case = Case(
         key.ours,
         peer_keys(key.peer),
@@ -494,12 +402,12 @@ async def test_we_read_legacy_esdk_messages_when_policy_allows_decrypt(
     kind: str,
     frame_length: int,
     policy: CommitmentPolicy,
-    module_rsa_key: rsa.RSAPrivateKey,
+    rsa_private_key: rsa.RSAPrivateKey,
 ) -> None:
     """Data written by older ESDK clients (v1 headers, 16-byte message IDs, 128/192-bit
     data keys, no-KDF and HKDF-SHA256/384 suites, non-framed bodies) must decrypt once the
     caller opts in with a policy that allows non-committing decryption."""
-    key = shared_key(kind, module_rsa_key)
+    key = shared_key(kind, rsa_private_key, namespace=NAMESPACE, name=KEY_NAME)
     plaintext = os.urandom(2 * SMALL_FRAME + 44)
     context = {"legacy": "yes", "鍵": "𐀂"}
     blob, peer_header = esdk_encrypt(
@@ -569,17 +477,17 @@ async def test_default_policy_refuses_legacy_esdk_messages(
 @pytest.mark.parametrize("known", ["aes", "rsa", "multi-keyring-child"])
 @pytest.mark.parametrize("suite", COMMITTING_SUITES)
 async def test_we_decrypt_esdk_multi_key_message_knowing_one_key(
-    known: str, suite: AlgorithmSuite, module_rsa_key: rsa.RSAPrivateKey
+    known: str, suite: AlgorithmSuite, rsa_private_key: rsa.RSAPrivateKey
 ) -> None:
     """The ESDK wraps one data key under every master key (an AES generator and an
     encrypt-only RSA key here); a keyring that knows either one must skip the other's EDK
     and recover the data key from its own, also when it is a MultiKeyring child behind a
     generator whose same-named AES key does not unwrap anything."""
-    aes = shared_key("aes-256", module_rsa_key, namespace="ns-aes", name="aes-key")
+    aes = shared_key("aes-256", rsa_private_key, namespace="ns-aes", name="aes-key")
     rsa_writer = shared_key(
-        "rsa-oaep-sha256", module_rsa_key, namespace="ns-rsa", name="rsa-key", public_only=True
+        "rsa-oaep-sha256", rsa_private_key, namespace="ns-rsa", name="rsa-key", public_only=True
     )
-    rsa_reader = shared_key("rsa-oaep-sha256", module_rsa_key, namespace="ns-rsa", name="rsa-key")
+    rsa_reader = shared_key("rsa-oaep-sha256", rsa_private_key, namespace="ns-rsa", name="rsa-key")
     plaintext = os.urandom(3 * SMALL_FRAME)
     blob, peer_header = esdk_encrypt(
         peer_keys(aes.peer, rsa_writer.peer),
@@ -605,16 +513,16 @@ async def test_we_decrypt_esdk_multi_key_message_knowing_one_key(
 @pytest.mark.parametrize("known", ["generator", "child"])
 @pytest.mark.parametrize("suite", COMMITTING_SUITES)
 async def test_esdk_decrypts_our_multi_keyring_message_knowing_one_key(
-    known: str, suite: AlgorithmSuite, module_rsa_key: rsa.RSAPrivateKey
+    known: str, suite: AlgorithmSuite, rsa_private_key: rsa.RSAPrivateKey
 ) -> None:
     """Our MultiKeyring(generator, children) writes one EDK per keyring for the same data
     key; the ESDK holding only the generator's key, or only the (encrypt-only) child's,
     must decrypt it."""
-    aes = shared_key("aes-256", module_rsa_key, namespace="ns-aes", name="aes-key")
+    aes = shared_key("aes-256", rsa_private_key, namespace="ns-aes", name="aes-key")
     rsa_writer = shared_key(
-        "rsa-oaep-sha512", module_rsa_key, namespace="ns-rsa", name="rsa-key", public_only=True
+        "rsa-oaep-sha512", rsa_private_key, namespace="ns-rsa", name="rsa-key", public_only=True
     )
-    rsa_reader = shared_key("rsa-oaep-sha512", module_rsa_key, namespace="ns-rsa", name="rsa-key")
+    rsa_reader = shared_key("rsa-oaep-sha512", rsa_private_key, namespace="ns-rsa", name="rsa-key")
     plaintext = os.urandom(3 * SMALL_FRAME - 1)
     async with EnvelopeClient(MultiKeyring(aes.ours, [rsa_writer.ours])) as client:
         blob = await client.encrypt(

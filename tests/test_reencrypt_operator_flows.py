@@ -5,10 +5,9 @@ under B only, signed messages, and a scan of a partly rotated table by header al
 
 from __future__ import annotations
 
-import aws_encryption_sdk
 import pytest
 from aws_encryption_sdk.exceptions import DecryptKeyError
-from esdk_peer import esdk_decrypt
+from esdk_peer import esdk_decrypt, kms_master_keys
 from kms_server import KmsKey, MotoKms
 from moto_keyrings import KmsKeyringFactory
 from rotation import (
@@ -96,13 +95,13 @@ async def test_esdk_decrypts_a_kms_reencrypted_message_under_key_b_only(
     async with EnvelopeClient(make_kms_keyring(kms_key), frame_length=64) as client:
         old = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
         new = await client.reencrypt(old, to_keyring=make_kms_keyring(kms_key_2))
-    provider_b = aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[kms_key_2.arn])
+    provider_b = kms_master_keys(kms_key_2.arn)
     plaintext, peer_header = esdk_decrypt(provider_b, new)
     assert plaintext == PLAINTEXT
     assert peer_header.message_id == aioenvelope.inspect(new).message_id
     assert peer_header.message_id != aioenvelope.inspect(old).message_id
     assert peer_header.encryption_context == CONTEXT
-    provider_a = aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[kms_key.arn])
+    provider_a = kms_master_keys(kms_key.arn)
     with pytest.raises(DecryptKeyError):
         esdk_decrypt(provider_a, new)
 
@@ -129,7 +128,7 @@ async def test_kms_signed_message_reencrypts_to_a_signed_committing_message(
         != (aioenvelope.inspect(signed).encryption_context[public_key])
     )
     assert await decrypt_with(make_kms_keyring(kms_key_2), new, CONTEXT) == PLAINTEXT
-    provider_b = aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[kms_key_2.arn])
+    provider_b = kms_master_keys(kms_key_2.arn)
     assert esdk_decrypt(provider_b, new)[0] == PLAINTEXT
 
 

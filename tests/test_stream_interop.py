@@ -15,28 +15,30 @@ boto3 clients pointed at it through ``AWS_ENDPOINT_URL_KMS``.
 
 from __future__ import annotations
 
-import io
-import os
 import random
 import zlib
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
-import aws_encryption_sdk
 import pytest
-from aws_encryption_sdk.identifiers import Algorithm
+from chunkers import (
+    AsyncShortReader,
+    BlockingShortReader,
+    agen,
+    mixed_chunks,
+    random_up_to,
+    up_to,
+)
 from cryptography.hazmat.primitives.asymmetric import rsa
 from esdk_peer import (
     PeerHeader,
-    RsaWrapping,
-    _client,
-    _peer_header,
+    SharedKey,
+    assert_headers_agree,
     esdk_decrypt,
     esdk_encrypt,
+    kms_master_keys,
     peer_keys,
-    raw_aes_key,
-    raw_rsa_key,
+    shared_key,
 )
 from kms_server import KmsKey, MotoKms
 
@@ -44,11 +46,8 @@ from aioenvelope import (
     AlgorithmSuite,
     CommitmentPolicy,
     EnvelopeClient,
-    Keyring,
     KmsKeyring,
     MessageHeader,
-    RawAesKeyring,
-    RawRsaKeyring,
     StreamSource,
 )
 
@@ -65,6 +64,7 @@ LEGACY_SUITES = [
     if not suite.committing
 ]
 ESDK_WRITERS = ["esdk-one-shot", "esdk-stream"]
+KEY_KINDS_BY_NAME = {"aes": "aes-256", "rsa": "rsa-oaep-sha256"}
 
 
 def test_there_are_nine_legacy_suites() -> None:
@@ -80,69 +80,6 @@ def test_there_are_nine_legacy_suites() -> None:
 def rng_for(*parts: object) -> random.Random:
     """A generator seeded by the test case, so every failure replays exactly."""
     return random.Random(zlib.crc32(repr(parts).encode()))
-
-
-def cut(data: bytes, rng: random.Random, largest: int) -> list[bytes | bytearray | memoryview]:
-    """``data`` as chunks of 1..``largest`` bytes, with the odd empty chunk, each one
-    randomly ``bytes``, ``bytearray`` or a ``memoryview`` (all are bytes-like)."""
-    chunks: list[bytes | bytearray | memoryview] = []
-    pos = 0
-    while pos < len(data):
-        if rng.random() < 0.05:
-            chunks.append(b"")
-            continue
-        n = rng.randint(1, largest)
-        piece = data[pos : pos + n]
-        kind = rng.randrange(3)
-        chunks.append(piece if kind == 0 else bytearray(piece) if kind == 1 else memoryview(piece))
-        pos += n
-    return chunks
-
-
-async def async_chunks(
-    chunks: list[bytes | bytearray | memoryview],
-) -> AsyncIterator[bytes | bytearray | memoryview]:
-    for chunk in chunks:
-        yield chunk
-
-
-class AsyncReader:
-    """An object with ``async read(n)`` (like aiohttp's ``StreamReader``) that returns
-    short reads of random size, as a socket does."""
-
-    def __init__(self, data: bytes, rng: random.Random, largest: int) -> None:
-        self._data = data
-        self._pos = 0
-        self._rng = rng
-        self._largest = largest
-
-    async def read(self, n: int = -1) -> bytes:
-        limit = len(self._data) - self._pos if n < 0 else n
-        take = min(limit, self._rng.randint(1, self._largest))
-        chunk = self._data[self._pos : self._pos + take]
-        self._pos += len(chunk)
-        return chunk
-
-
-class ShortReadingFile(io.RawIOBase):
-    """A blocking binary reader whose ``read(n)`` returns random short reads."""
-
-    def __init__(self, data: bytes, rng: random.Random, largest: int) -> None:
-        super().__init__()
-        self._data = data
-        self._pos = 0
-        self._rng = rng
-        self._largest = largest
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        limit = len(self._data) - self._pos if n < 0 else n
-        take = min(limit, self._rng.randint(1, self._largest))
-        chunk = self._data[self._pos : self._pos + take]
-        self._pos += len(chunk)
-        return chunk
 
 
 SOURCE_KINDS = [
@@ -166,81 +103,16 @@ def source_of(kind: str, data: bytes, rng: random.Random, largest: int) -> Strea
     if kind == "memoryview":
         return memoryview(data)
     if kind == "async-generator":
-        return async_chunks(cut(data, rng, largest))
+        return agen(mixed_chunks(data, rng, largest))
     if kind == "sync-list":
-        return cut(data, rng, largest)
+        return mixed_chunks(data, rng, largest)
     if kind == "sync-generator":
-        return iter(cut(data, rng, largest))
+        return iter(mixed_chunks(data, rng, largest))
     if kind == "async-reader":
-        return AsyncReader(data, rng, largest)
+        return AsyncShortReader(data, random_up_to(rng, largest))
     if kind == "blocking-reader":
-        return ShortReadingFile(data, rng, largest)
+        return BlockingShortReader(data, random_up_to(rng, largest))
     raise AssertionError(kind)
-
-
-# ---------------------------------------------------------------------------------------
-# The ESDK's streaming API
-# ---------------------------------------------------------------------------------------
-
-
-def esdk_stream_decrypt(
-    keys: Any, ciphertext: bytes, *, allow_legacy: bool = False
-) -> tuple[bytes, PeerHeader]:
-    """Decrypt with ``EncryptionSDKClient.stream(mode="d")``, iterating its chunks."""
-    client = _client(allow_legacy_writes=allow_legacy)
-    chunks: list[bytes] = []
-    with client.stream(mode="d", source=io.BytesIO(ciphertext), key_provider=keys) as decryptor:
-        for chunk in decryptor:
-            chunks.append(bytes(chunk))
-        header = decryptor.header
-    return b"".join(chunks), _peer_header(header)
-
-
-def esdk_stream_encrypt(
-    keys: Any,
-    plaintext: bytes,
-    *,
-    suite_id: int,
-    encryption_context: Mapping[str, str],
-    frame_length: int,
-) -> tuple[bytes, PeerHeader]:
-    """Encrypt with ``EncryptionSDKClient.stream(mode="e")``, iterating its chunks; a
-    non-committing suite needs the FORBID_ENCRYPT_ALLOW_DECRYPT client, as in
-    :func:`esdk_peer.esdk_encrypt`. ``frame_length=0`` is non-framed."""
-    algorithm = Algorithm.get_by_id(suite_id)
-    client = _client(allow_legacy_writes=not algorithm.is_committing())
-    chunks: list[bytes] = []
-    with client.stream(
-        mode="e",
-        source=io.BytesIO(plaintext),
-        key_provider=keys,
-        encryption_context=dict(encryption_context),
-        algorithm=algorithm,
-        frame_length=frame_length,
-    ) as encryptor:
-        for chunk in encryptor:
-            chunks.append(bytes(chunk))
-        header = encryptor.header
-    return b"".join(chunks), _peer_header(header)
-
-
-def esdk_write(
-    writer: str,
-    keys: Any,
-    plaintext: bytes,
-    *,
-    suite_id: int,
-    encryption_context: Mapping[str, str],
-    frame_length: int,
-) -> tuple[bytes, PeerHeader]:
-    write = esdk_encrypt if writer == "esdk-one-shot" else esdk_stream_encrypt
-    return write(
-        keys,
-        plaintext,
-        suite_id=suite_id,
-        encryption_context=encryption_context,
-        frame_length=frame_length,
-    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,51 +120,16 @@ def esdk_write(
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SharedKey:
-    ours: Keyring
-    peer: Any  # esdk_peer.PeerKeys
+def esdk_write(
+    writer: str, keys: Any, plaintext: bytes, **options: Any
+) -> tuple[bytes, PeerHeader]:
+    """``writer`` (see :data:`ESDK_WRITERS`): the ESDK's one-shot or streaming encrypt."""
+    return esdk_encrypt(keys, plaintext, streaming=writer == "esdk-stream", **options)
 
 
-@pytest.fixture(scope="module")
-def module_rsa_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def shared_key(kind: str, rsa_key: rsa.RSAPrivateKey) -> SharedKey:
-    if kind == "aes":
-        key = os.urandom(32)
-        return SharedKey(
-            RawAesKeyring(NAMESPACE, KEY_NAME, key),
-            peer_keys(raw_aes_key(NAMESPACE, KEY_NAME, key)),
-        )
-    wrapping = RsaWrapping.OAEP_SHA256
-    return SharedKey(
-        RawRsaKeyring(NAMESPACE, KEY_NAME, private_key=rsa_key, padding=wrapping.padding()),
-        peer_keys(raw_rsa_key(NAMESPACE, KEY_NAME, wrapping, private_key=rsa_key)),
-    )
-
-
-def aes_shared_key() -> SharedKey:
-    key = os.urandom(32)
-    return SharedKey(
-        RawAesKeyring(NAMESPACE, KEY_NAME, key), peer_keys(raw_aes_key(NAMESPACE, KEY_NAME, key))
-    )
-
-
-def edk_set(header: MessageHeader) -> frozenset[tuple[str, bytes, bytes]]:
-    return frozenset(
-        (edk.provider_id, edk.provider_info, edk.ciphertext) for edk in header.encrypted_data_keys
-    )
-
-
-def assert_headers_agree(ours: MessageHeader, peer: PeerHeader) -> None:
-    assert ours.algorithm_suite.suite_id == peer.suite_id
-    assert ours.message_id == peer.message_id
-    assert ours.frame_length == peer.frame_length
-    assert (ours.frame_length != 0) == peer.framed
-    assert dict(ours.encryption_context) == peer.encryption_context
-    assert edk_set(ours) == peer.encrypted_data_keys
+def interop_key(kind: str = "aes-256", rsa_key: rsa.RSAPrivateKey | None = None) -> SharedKey:
+    """A fresh wrapping key held by both libraries (see :func:`esdk_peer.shared_key`)."""
+    return shared_key(kind, rsa_key, namespace=NAMESPACE, name=KEY_NAME)
 
 
 async def our_stream_encrypt(
@@ -330,9 +167,9 @@ def assert_esdk_reads_both_ways(
 ) -> None:
     """The ESDK's one-shot decrypt and its streaming decrypt both recover ``plaintext``
     and parse the header we wrote the way we do."""
-    for read in (esdk_decrypt, esdk_stream_decrypt):
-        decrypted, peer_header = read(keys, ciphertext)
-        assert decrypted == plaintext, read.__name__
+    for streaming in (False, True):
+        decrypted, peer_header = esdk_decrypt(keys, ciphertext, streaming=streaming)
+        assert decrypted == plaintext, f"streaming={streaming}"
         assert peer_header.user_context == dict(CONTEXT)
         assert_headers_agree(ours, peer_header)
 
@@ -364,7 +201,7 @@ async def test_esdk_decrypts_our_stream_one_shot_and_streaming(
     suite: AlgorithmSuite,
     frame_length: int,
     size: str,
-    module_rsa_key: rsa.RSAPrivateKey,
+    rsa_private_key: rsa.RSAPrivateKey,
 ) -> None:
     """encrypt_stream from an async source cut at random sizes (frame boundaries fall
     inside chunks, across chunks and on chunk edges) must be a message the ESDK reads
@@ -372,9 +209,9 @@ async def test_esdk_decrypts_our_stream_one_shot_and_streaming(
     and one over, and several frames."""
     rng = rng_for(key_kind, suite, frame_length, size)
     plaintext = rng.randbytes(size_of(size, frame_length))
-    key = shared_key(key_kind, module_rsa_key)
+    key = interop_key(KEY_KINDS_BY_NAME[key_kind], rsa_private_key)
     async with EnvelopeClient(key.ours) as client:
-        source = async_chunks(cut(plaintext, rng, 2 * frame_length + 100))
+        source = agen(mixed_chunks(plaintext, rng, 2 * frame_length + 100))
         ciphertext, header = await our_stream_encrypt(
             client, source, suite=suite, frame_length=frame_length
         )
@@ -382,7 +219,7 @@ async def test_esdk_decrypts_our_stream_one_shot_and_streaming(
         assert await client.decrypt(ciphertext, encryption_context=CONTEXT) == plaintext
     assert header.frame_length == frame_length
     assert header.algorithm_suite is suite
-    assert_esdk_reads_both_ways(key.peer, ciphertext, plaintext, header)
+    assert_esdk_reads_both_ways(peer_keys(key.peer), ciphertext, plaintext, header)
 
 
 @pytest.mark.parametrize("source_kind", SOURCE_KINDS)
@@ -393,7 +230,7 @@ async def test_esdk_decrypts_our_stream_from_every_source_kind(source_kind: str)
     rng = rng_for(source_kind)
     frame_length = 4096
     plaintext = rng.randbytes(5 * frame_length + 123)
-    key = aes_shared_key()
+    key = interop_key()
     known_length = source_kind in {"bytes", "bytearray", "memoryview"}
     async with EnvelopeClient(key.ours) as client:
         ciphertext, header = await our_stream_encrypt(
@@ -403,7 +240,7 @@ async def test_esdk_decrypts_our_stream_from_every_source_kind(source_kind: str)
             frame_length=frame_length,
             plaintext_length=len(plaintext) if known_length else None,
         )
-    assert_esdk_reads_both_ways(key.peer, ciphertext, plaintext, header)
+    assert_esdk_reads_both_ways(peer_keys(key.peer), ciphertext, plaintext, header)
 
 
 # ---------------------------------------------------------------------------------------
@@ -435,10 +272,10 @@ async def test_we_stream_decrypt_esdk_committing_messages(
     several lengths and non-framed, through decrypt_stream from random-size chunks."""
     rng = rng_for(suite, writer, frame_length, size)
     plaintext = rng.randbytes(size)
-    key = aes_shared_key()
+    key = interop_key()
     ciphertext, peer_header = esdk_write(
         writer,
-        key.peer,
+        peer_keys(key.peer),
         plaintext,
         suite_id=suite.suite_id,
         encryption_context=CONTEXT,
@@ -447,7 +284,7 @@ async def test_we_stream_decrypt_esdk_committing_messages(
     assert peer_header.framed == (frame_length != 0)
     async with EnvelopeClient(key.ours) as client:
         decrypted, header = await our_stream_decrypt(
-            client, async_chunks(cut(ciphertext, rng, 2 * max(frame_length, 1024) + 100))
+            client, agen(mixed_chunks(ciphertext, rng, 2 * max(frame_length, 1024) + 100))
         )
     assert decrypted == plaintext
     assert header.algorithm_suite is suite
@@ -468,10 +305,10 @@ async def test_we_stream_decrypt_esdk_legacy_messages(
     by a client whose policy allows legacy reads."""
     rng = rng_for(suite, writer, frame_length)
     plaintext = rng.randbytes(3 * 4096 + 17)
-    key = aes_shared_key()
+    key = interop_key()
     ciphertext, peer_header = esdk_write(
         writer,
-        key.peer,
+        peer_keys(key.peer),
         plaintext,
         suite_id=suite.suite_id,
         encryption_context=CONTEXT,
@@ -482,7 +319,7 @@ async def test_we_stream_decrypt_esdk_legacy_messages(
         key.ours, commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_ALLOW_DECRYPT
     ) as client:
         decrypted, header = await our_stream_decrypt(
-            client, async_chunks(cut(ciphertext, rng, 3000))
+            client, agen(mixed_chunks(ciphertext, rng, 3000))
         )
     assert decrypted == plaintext
     assert header.algorithm_suite is suite
@@ -514,10 +351,11 @@ async def test_we_stream_decrypt_esdk_message_fed_one_byte_at_a_time(
     chunk or per read: the header, each frame prefix, the signature length and the
     signature all arrive split at every possible offset."""
     plaintext = rng_for(suite, frame_length).randbytes(300)
-    key = aes_shared_key()
-    ciphertext, peer_header = esdk_stream_encrypt(
-        key.peer,
+    key = interop_key()
+    ciphertext, peer_header = esdk_encrypt(
+        peer_keys(key.peer),
         plaintext,
+        streaming=True,
         suite_id=suite.suite_id,
         encryption_context=CONTEXT,
         frame_length=frame_length,
@@ -525,10 +363,10 @@ async def test_we_stream_decrypt_esdk_message_fed_one_byte_at_a_time(
     one_byte = random.Random(0)
     source: StreamSource
     if source_kind == "async-reader":
-        source = AsyncReader(ciphertext, one_byte, 1)
+        source = AsyncShortReader(ciphertext, up_to(1))
     else:
-        chunks = cut(ciphertext, one_byte, 1)
-        source = chunks if source_kind == "sync-list" else async_chunks(chunks)
+        chunks = mixed_chunks(ciphertext, one_byte, 1)
+        source = chunks if source_kind == "sync-list" else agen(chunks)
     async with EnvelopeClient(
         key.ours, commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_ALLOW_DECRYPT
     ) as client:
@@ -540,18 +378,6 @@ async def test_we_stream_decrypt_esdk_message_fed_one_byte_at_a_time(
 # ---------------------------------------------------------------------------------------
 # 3. KMS, against the moto server
 # ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def esdk_kms(moto_kms: MotoKms, monkeypatch: pytest.MonkeyPatch) -> MotoKms:
-    """Point the ESDK's boto3 KMS clients at moto (botocore reads the endpoint from
-    ``AWS_ENDPOINT_URL_KMS`` when each client is made), as in test_kms_interop.py."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", moto_kms.endpoint_url)
-    return moto_kms
-
-
-def esdk_kms_provider(key: KmsKey) -> Any:
-    return aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[key.arn])
 
 
 def kms_edk_arns(header: MessageHeader) -> set[str]:
@@ -570,11 +396,11 @@ async def test_esdk_decrypts_our_kms_stream(
     keyring = KmsKeyring(kms_key.arn, endpoint_url=esdk_kms.endpoint_url)
     async with EnvelopeClient(keyring) as client:
         ciphertext, header = await our_stream_encrypt(
-            client, async_chunks(cut(plaintext, rng, 5000)), suite=suite, frame_length=4096
+            client, agen(mixed_chunks(plaintext, rng, 5000)), suite=suite, frame_length=4096
         )
     assert kms_edk_arns(header) == {kms_key.arn}
     assert keyring.kms_calls["GenerateDataKey"] == 1
-    assert_esdk_reads_both_ways(esdk_kms_provider(kms_key), ciphertext, plaintext, header)
+    assert_esdk_reads_both_ways(kms_master_keys(kms_key.arn), ciphertext, plaintext, header)
 
 
 @pytest.mark.parametrize("writer", ESDK_WRITERS)
@@ -588,7 +414,7 @@ async def test_we_stream_decrypt_esdk_kms_messages(
     plaintext = rng.randbytes(3 * 4096 + 17)
     ciphertext, peer_header = esdk_write(
         writer,
-        esdk_kms_provider(kms_key),
+        kms_master_keys(kms_key.arn),
         plaintext,
         suite_id=suite.suite_id,
         encryption_context=CONTEXT,
@@ -597,7 +423,7 @@ async def test_we_stream_decrypt_esdk_kms_messages(
     keyring = KmsKeyring(kms_key.arn, endpoint_url=esdk_kms.endpoint_url)
     async with EnvelopeClient(keyring) as client:
         decrypted, header = await our_stream_decrypt(
-            client, async_chunks(cut(ciphertext, rng, 5000))
+            client, agen(mixed_chunks(ciphertext, rng, 5000))
         )
     assert decrypted == plaintext
     assert kms_edk_arns(header) == {kms_key.arn}

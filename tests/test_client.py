@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import enum
+import inspect
 import os
+import typing
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from messages import build_encryptor
 
 import aioenvelope
@@ -25,19 +31,128 @@ from aioenvelope.format import EncryptedDataKey
 
 COMMIT = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
 COMMIT_SIGN = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384
+WRONG_KEY_OR_CONTEXT = (
+    r"could not decrypt any of the message's 1 encrypted data keys \(1 named this key\): "
+    "wrong key, or the encryption context differs"
+)
 
 
-def test_public_api_names_are_exported() -> None:
-    for name in (
-        "EnvelopeClient",
-        "RawAesKeyring",
-        "RawRsaKeyring",
-        "MultiKeyring",
-        "AlgorithmSuite",
-        "CommitmentPolicy",
-        "errors",
-    ):
-        assert name in aioenvelope.__all__
+PUBLIC_NAMES = {
+    "AlgorithmSuite",
+    "BatchProgress",
+    "BatchResult",
+    "CacheConfig",
+    "CircuitBreakerConfig",
+    "ClientStats",
+    "CommitmentPolicy",
+    "DecryptResult",
+    "DecryptingStream",
+    "DecryptionMaterials",
+    "DiscoveryFilter",
+    "EncryptedDataKey",
+    "EncryptingStream",
+    "EncryptionMaterials",
+    "EnvelopeClient",
+    "Keyring",
+    "KmsDiscoveryKeyring",
+    "KmsKeyring",
+    "MessageHeader",
+    "MultiKeyring",
+    "RateLimit",
+    "RawAesKeyring",
+    "RawRsaKeyring",
+    "ReencryptingStream",
+    "StreamSource",
+    "errors",
+    "inspect",
+    "run_batch",
+}
+KEYRINGS = {"KmsDiscoveryKeyring", "KmsKeyring", "MultiKeyring", "RawAesKeyring", "RawRsaKeyring"}
+STREAMS = {"DecryptingStream", "EncryptingStream", "ReencryptingStream"}
+ENUMS = {"AlgorithmSuite", "CommitmentPolicy"}
+VALUE_TYPES = {  # frozen-or-not dataclasses: values a caller reads or builds
+    "BatchProgress",
+    "BatchResult",
+    "CacheConfig",
+    "CircuitBreakerConfig",
+    "ClientStats",
+    "DecryptResult",
+    "DecryptionMaterials",
+    "DiscoveryFilter",
+    "EncryptedDataKey",
+    "EncryptionMaterials",
+    "MessageHeader",
+    "RateLimit",
+}
+# Each error's direct base classes: the hierarchy callers catch by.
+ERROR_BASES: dict[str, tuple[type, ...]] = {
+    "EnvelopeError": (Exception,),
+    "ConfigurationError": (errors.EnvelopeError, ValueError),
+    "EncryptionContextError": (errors.ConfigurationError,),
+    "MalformedMessageError": (errors.EnvelopeError,),
+    "TruncatedMessageError": (errors.MalformedMessageError,),
+    "MessageLimitError": (errors.MalformedMessageError,),
+    "AuthenticationError": (errors.EnvelopeError,),
+    "CommitmentPolicyError": (errors.EnvelopeError,),
+    "SignedStreamRefusedError": (errors.EnvelopeError,),
+    "EncryptionContextMismatchError": (errors.EnvelopeError,),
+    "KeyringError": (errors.EnvelopeError,),
+    "NoUsableKeyError": (errors.KeyringError,),
+    "KMSError": (errors.KeyringError,),
+    "KMSTimeoutError": (errors.KMSError,),
+    "KMSKeyCheckError": (errors.ConfigurationError,),
+    "KMSDecryptRateLimited": (errors.EnvelopeError,),
+    "CircuitOpenError": (errors.EnvelopeError,),
+}
+
+
+def test_the_public_api_is_exactly_these_names_and_star_import_gives_them() -> None:
+    """A name added to or dropped from ``__all__`` fails here, so either is deliberate."""
+    assert len(aioenvelope.__all__) == len(set(aioenvelope.__all__))
+    assert set(aioenvelope.__all__) == PUBLIC_NAMES
+    namespace: dict[str, object] = {}
+    exec("from aioenvelope import *", namespace)
+    assert set(namespace) - {"__builtins__"} == PUBLIC_NAMES
+    assert (
+        KEYRINGS
+        | STREAMS
+        | ENUMS
+        | VALUE_TYPES
+        | {
+            "EnvelopeClient",
+            "Keyring",
+            "StreamSource",
+            "errors",
+            "inspect",
+            "run_batch",
+        }
+        == PUBLIC_NAMES
+    )
+
+
+def test_every_public_name_is_what_it_says() -> None:
+    for name in PUBLIC_NAMES - {"StreamSource", "errors", "inspect", "run_batch"}:
+        exported = getattr(aioenvelope, name)
+        assert isinstance(exported, type), name
+        assert exported.__name__ == name  # not an alias of some other class
+        assert exported.__module__.startswith("aioenvelope."), name
+        assert not name.startswith("_")
+    for name in KEYRINGS:
+        assert issubclass(getattr(aioenvelope, name), Keyring), name
+    for name in STREAMS:
+        stream = getattr(aioenvelope, name)
+        for method in ("__aiter__", "__anext__", "aclose", "__aenter__", "__aexit__"):
+            assert callable(getattr(stream, method, None)), (name, method)
+    for name in ENUMS:
+        assert issubclass(getattr(aioenvelope, name), enum.Enum), name
+    for name in VALUE_TYPES:
+        assert dataclasses.is_dataclass(getattr(aioenvelope, name)), name
+    assert issubclass(EnvelopeClient, contextlib.AbstractAsyncContextManager)
+    assert aioenvelope.errors is errors
+    assert errors.__name__ == "aioenvelope.errors"
+    assert inspect.isfunction(aioenvelope.inspect)
+    assert inspect.iscoroutinefunction(aioenvelope.run_batch)
+    assert typing.get_args(aioenvelope.StreamSource)[:3] == (bytes, bytearray, memoryview)
     assert AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY.value == 0x0478
     assert AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384.value == 0x0578
     assert len(AlgorithmSuite) == 11
@@ -48,9 +163,60 @@ def test_public_api_names_are_exported() -> None:
     }
 
 
-def test_every_error_derives_from_envelope_error() -> None:
-    for name in errors.__all__:
-        assert issubclass(getattr(errors, name), errors.EnvelopeError)
+async def test_the_client_hands_back_the_exported_types(client: EnvelopeClient) -> None:
+    """The classes a caller imports are the ones it gets: isinstance works on them."""
+    message = await client.encrypt(b"typed")
+    result = await client.decrypt_with_header(message)
+    assert type(result) is aioenvelope.DecryptResult
+    assert type(result.header) is aioenvelope.MessageHeader
+    assert type(aioenvelope.inspect(message)) is aioenvelope.MessageHeader
+    assert type(result.header.encrypted_data_keys[0]) is aioenvelope.EncryptedDataKey
+    assert type(client.stats) is aioenvelope.ClientStats
+    async with client.encrypt_stream(b"typed") as encrypting:
+        assert type(encrypting) is aioenvelope.EncryptingStream
+        streamed = b"".join([chunk async for chunk in encrypting])
+    async with client.decrypt_stream(streamed) as decrypting:
+        assert type(decrypting) is aioenvelope.DecryptingStream
+        assert b"".join([chunk async for chunk in decrypting]) == b"typed"
+    other = RawAesKeyring("ns", "other", os.urandom(32))
+    async with client.reencrypt_stream(message, to_keyring=other) as reencrypting:
+        assert type(reencrypting) is aioenvelope.ReencryptingStream
+        assert b"".join([chunk async for chunk in reencrypting])[:1] == b"\x02"
+    (batch,) = await aioenvelope.run_batch([message], client.decrypt)
+    assert type(batch) is aioenvelope.BatchResult
+    assert batch.value == b"typed"
+
+
+def test_errors_exports_exactly_its_hierarchy() -> None:
+    """Every error is importable from ``aioenvelope.errors``, derives from
+    ``EnvelopeError`` and has exactly the bases callers catch it by; nothing else is
+    exported, and no error class of the module is left out."""
+    assert len(errors.__all__) == len(set(errors.__all__))
+    assert set(errors.__all__) == set(ERROR_BASES)
+    for name, bases in ERROR_BASES.items():
+        error = getattr(errors, name)
+        assert error.__name__ == name
+        assert error.__module__ == "aioenvelope.errors"
+        assert error.__bases__ == bases, name
+        assert issubclass(error, errors.EnvelopeError)
+    defined = {
+        name
+        for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, BaseException)
+    }
+    assert defined == set(ERROR_BASES)
+
+
+def test_configuration_error_is_a_value_error_and_an_envelope_error(
+    aes_keyring: RawAesKeyring,
+) -> None:
+    """Code that guards arguments with ``except ValueError`` catches a misuse."""
+    with pytest.raises(ValueError, match="frame_length") as info:
+        EnvelopeClient(aes_keyring, frame_length=0)
+    assert type(info.value) is errors.ConfigurationError
+    assert isinstance(info.value, errors.EnvelopeError)
+    with pytest.raises(ValueError, match="namespace"):
+        RawAesKeyring("", "k", bytes(32))
 
 
 # -- lifecycle ---------------------------------------------------------------------------
@@ -142,6 +308,80 @@ async def test_forbid_policy_is_read_only(aes_keyring: RawAesKeyring) -> None:
             await client.encrypt(b"new")
 
 
+async def test_client_algorithm_suite_is_the_default_of_encrypt_and_encrypt_stream(
+    aes_keyring: RawAesKeyring,
+) -> None:
+    """``EnvelopeClient(algorithm_suite=...)`` is what every message gets unless the call
+    names another; re-encryption keeps the old message's suite (README, Key rotation)."""
+    async with EnvelopeClient(aes_keyring, algorithm_suite=COMMIT_SIGN) as client:
+        assert client.algorithm_suite is COMMIT_SIGN
+        one_shot = await client.encrypt(b"one shot")
+        async with client.encrypt_stream(b"streamed") as stream:
+            streamed = b"".join([chunk async for chunk in stream])
+        overridden = await client.encrypt(b"per call", algorithm_suite=COMMIT)
+        async with client.encrypt_stream(b"per call", algorithm_suite=COMMIT) as stream:
+            overridden_stream = b"".join([chunk async for chunk in stream])
+        rotated = await client.reencrypt(overridden, to_keyring=aes_keyring)
+        assert await client.decrypt(streamed) == b"streamed"
+    suites = [
+        aioenvelope.inspect(m).algorithm_suite
+        for m in (one_shot, streamed, overridden, overridden_stream, rotated)
+    ]
+    assert suites == [COMMIT_SIGN, COMMIT_SIGN, COMMIT, COMMIT, COMMIT]
+    assert "aws-crypto-public-key" in aioenvelope.inspect(one_shot).encryption_context
+
+
+NON_COMMITTING = [s for s in AlgorithmSuite if not s.committing]
+
+
+@pytest.mark.parametrize("suite", NON_COMMITTING, ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "policy",
+    [
+        CommitmentPolicy.REQUIRE_ENCRYPT_REQUIRE_DECRYPT,
+        CommitmentPolicy.REQUIRE_ENCRYPT_ALLOW_DECRYPT,
+    ],
+    ids=lambda p: p.name,
+)
+def test_a_non_committing_default_suite_is_refused_when_the_client_may_write(
+    aes_keyring: RawAesKeyring, suite: AlgorithmSuite, policy: CommitmentPolicy
+) -> None:
+    """Refused at construction, before any message could be written with it."""
+    with pytest.raises(errors.ConfigurationError, match=f"^{suite.name} is readable but not"):
+        EnvelopeClient(aes_keyring, algorithm_suite=suite, commitment_policy=policy)
+
+
+@pytest.mark.parametrize("suite", [*NON_COMMITTING, COMMIT], ids=lambda s: s.name)
+async def test_a_default_suite_under_the_forbid_policy_is_ignored_and_encrypt_refused(
+    aes_keyring: RawAesKeyring, suite: AlgorithmSuite
+) -> None:
+    """FORBID_ENCRYPT_ALLOW_DECRYPT is read-only: whatever default suite is given, the
+    client is built (it has none) and every encrypt fails with the policy error."""
+    legacy = await legacy_message(aes_keyring, AlgorithmSuite.AES_256_GCM_IV12_TAG16_NO_KDF, b"old")
+    async with EnvelopeClient(
+        aes_keyring,
+        algorithm_suite=suite,
+        commitment_policy=CommitmentPolicy.FORBID_ENCRYPT_ALLOW_DECRYPT,
+    ) as client:
+        assert client.algorithm_suite is None
+        assert await client.decrypt(legacy) == b"old"
+        for call_suite in (None, suite):
+            with pytest.raises(
+                errors.CommitmentPolicyError,
+                match=r"^this client's policy FORBID_ENCRYPT_ALLOW_DECRYPT forbids",
+            ):
+                await client.encrypt(b"new", algorithm_suite=call_suite)
+
+
+def test_a_default_suite_that_is_not_an_algorithm_suite_is_refused(
+    aes_keyring: RawAesKeyring,
+) -> None:
+    with pytest.raises(
+        errors.ConfigurationError, match=r"^algorithm_suite must be an AlgorithmSuite, not 1144$"
+    ):
+        EnvelopeClient(aes_keyring, algorithm_suite=0x478)  # type: ignore[arg-type]
+
+
 async def legacy_message(keyring: Keyring, suite: AlgorithmSuite, plaintext: bytes = b"x") -> bytes:
     """A v1 message wrapped by ``keyring``, written through the sans-I/O writer."""
     from aioenvelope.format.encryption_context import PUBLIC_KEY_FIELD
@@ -182,10 +422,11 @@ async def test_required_context_is_authenticated_but_not_stored(client: Envelope
         required_encryption_context_keys={"tenant"},
     )
     assert b"t1" not in message
-    with pytest.raises(errors.EnvelopeError):
-        await client.decrypt(message)
-    with pytest.raises(errors.EnvelopeError):
-        await client.decrypt(message, encryption_context={"tenant": "t2"})
+    # Without the value, or with another, the data key does not unwrap: the raw AES
+    # keyring binds the whole context (stored or not) into its wrapping.
+    for context in (None, {"tenant": "t2"}):
+        with pytest.raises(errors.NoUsableKeyError, match=WRONG_KEY_OR_CONTEXT):
+            await client.decrypt(message, encryption_context=context)
     result = await client.decrypt_with_header(message, encryption_context={"tenant": "t1"})
     assert result.plaintext == b"secret"
     assert dict(result.header.encryption_context) == {"kind": "note"}
@@ -360,9 +601,30 @@ async def test_a_user_written_keyring_works() -> None:
 # -- secrets stay secret -----------------------------------------------------------------
 
 
+def shown_forms(secret: bytes) -> tuple[str, ...]:
+    """The ways key bytes would show in a text: hex, and as a ``bytes`` repr shows them."""
+    return (secret.hex(), repr(secret)[2:-1])
+
+
+def leaked(secrets: list[bytes], text: str) -> bool:
+    return any(form in text for secret in secrets for form in shown_forms(secret))
+
+
+def message_data_key(wrapping_key: bytes, message: bytes) -> bytes:
+    """The data key ``message`` was written under, unwrapped from its one EDK with the
+    raw AES wrapping key (the ESDK's layout: the IV is the provider info's last 12
+    bytes, the encryption context, empty here, is the AAD)."""
+    (edk,) = aioenvelope.inspect(message).encrypted_data_keys
+    assert aioenvelope.inspect(message).encryption_context == {}
+    return AESGCM(wrapping_key).decrypt(edk.provider_info[-12:], edk.ciphertext, b"")
+
+
 async def test_no_key_material_in_reprs_or_error_messages(
     rsa_private_key: rsa.RSAPrivateKey,
 ) -> None:
+    """Scanned for: the wrapping key, the data key of the very message whose reprs and
+    errors are scanned (recovered from the message, so the scan cannot look for some
+    other key by mistake), and the data key of the materials whose repr is scanned."""
     wrapping_key = bytes(range(32))
     keyring = RawAesKeyring("ns", "k", wrapping_key)
     texts = [repr(keyring), repr(RawRsaKeyring("ns", "r", private_key=rsa_private_key))]
@@ -371,8 +633,14 @@ async def test_no_key_material_in_reprs_or_error_messages(
         message = await client.encrypt(b"plaintext-marker")
         result = await client.decrypt_with_header(message)
         texts += [repr(result), repr(result.header)]
-        for bad in (message[:-1], message[:40], message + b"!", b"\x01" + message[1:]):
-            with pytest.raises(errors.EnvelopeError) as info:
+        refusals = [
+            (message[:-1], errors.TruncatedMessageError, "ends inside frame 1"),
+            (message[:40], errors.TruncatedMessageError, "ends inside the message header"),
+            (message + b"!", errors.MalformedMessageError, "unexpected bytes after the end"),
+            (b"\x01" + message[1:], errors.MalformedMessageError, "unknown message type 0x04"),
+        ]
+        for bad, error, says in refusals:
+            with pytest.raises(error, match=says) as info:
                 await client.decrypt(bad)
             texts.append(str(info.value))
     materials = await keyring.on_encrypt(
@@ -380,8 +648,12 @@ async def test_no_key_material_in_reprs_or_error_messages(
     )
     texts.append(repr(materials))
     assert materials.plaintext_data_key is not None
-    for text in texts:
-        for secret in (wrapping_key, materials.plaintext_data_key):
-            assert secret.hex() not in text
-            assert repr(secret)[2:-1] not in text
-        assert "plaintext-marker" not in text
+    data_key = message_data_key(wrapping_key, message)
+    secrets = [wrapping_key, data_key, materials.plaintext_data_key]
+    assert len(set(secrets)) == 3
+    # The scan finds each key in every form it looks for: it cannot pass by not looking.
+    for secret in secrets:
+        for form in shown_forms(secret):
+            assert leaked(secrets, f"{texts[0]} {form} {texts[-1]}")
+    assert [text for text in texts if leaked(secrets, text)] == []
+    assert [text for text in texts if "plaintext-marker" in text] == []

@@ -75,16 +75,16 @@ async def run_batch(
     async def one(index: int, item: T) -> None:
         nonlocal done, failed
         try:
-            try:
-                results[index] = BatchResult(item, value=await operation(item))
-            except Exception as exc:
-                results[index] = BatchResult(item, error=exc)
-                failed += 1
-            done += 1
-            if on_progress is not None:
-                on_progress(BatchProgress(done, failed, total))
-        finally:
-            limiter.release()
+            results[index] = BatchResult(item, value=await operation(item))
+        except Exception as exc:
+            results[index] = BatchResult(item, error=exc)
+            failed += 1
+        done += 1
+        if on_progress is not None:
+            on_progress(BatchProgress(done, failed, total))
+        # Only a finished item frees its slot: one ended by a BaseException (which stops
+        # the batch) must not let the loop below start another item meanwhile.
+        limiter.release()
 
     async with anyio.create_task_group() as tg:
         index = 0

@@ -84,7 +84,10 @@ async def test_inspect_needs_only_the_header(client: EnvelopeClient) -> None:
     assert aioenvelope.inspect(bytearray(message[:length])) == whole
     assert aioenvelope.inspect(memoryview(message)[:length]) == whole
     for cut in (0, 1, 3, 40, length - 17, length - 1):
-        with pytest.raises(errors.TruncatedMessageError):
+        with pytest.raises(
+            errors.TruncatedMessageError,
+            match=r"^the bytes end inside the message header: pass more of the message$",
+        ):
             aioenvelope.inspect(message[:cut])
 
 
@@ -95,7 +98,10 @@ def test_inspect_refuses_what_is_not_bytes(value: Any) -> None:
 
 
 def test_inspect_refuses_garbage_as_malformed() -> None:
-    with pytest.raises(errors.MalformedMessageError):
+    with pytest.raises(
+        errors.MalformedMessageError,
+        match=r"^not an AWS Encryption SDK message: unknown version byte 0x07$",
+    ):
         aioenvelope.inspect(b"\x07" + os.urandom(100))
 
 
@@ -115,9 +121,14 @@ async def test_inspect_reads_legacy_v1_messages_without_a_key() -> None:
 
 
 async def test_inspect_does_not_authenticate(client: EnvelopeClient) -> None:
-    """It is for finding objects, not trusting them: a changed header still parses."""
+    """It is for finding objects, not trusting them: a changed header still parses.
+    Decrypt refuses it: the raw AES keyring binds the context into the data key's
+    wrapping, so the key does not unwrap under the changed context."""
     message = await client.encrypt(PLAINTEXT, encryption_context={"tenant": "aaaa"})
     tampered = flip(message, message.index(b"aaaa"))
     assert aioenvelope.inspect(tampered).encryption_context["tenant"] == "`aaa"
-    with pytest.raises(errors.EnvelopeError):
+    with pytest.raises(
+        errors.NoUsableKeyError,
+        match=r"could not decrypt any of the message's 1 encrypted data keys \(1 named this key\)",
+    ):
         await client.decrypt(tampered)

@@ -14,6 +14,9 @@ from moto_keyrings import moto_kms_keyring
 
 from aioenvelope import CommitmentPolicy, EnvelopeClient, KmsKeyring, RawAesKeyring
 
+# The keyring conformance suite's per-keyring harness fixtures (test_keyring_conformance).
+pytest_plugins = ["keyring_harness"]
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """The ESDK vector tally: printed at the end of the run, checked in CI (esdk_vectors)."""

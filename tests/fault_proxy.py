@@ -7,14 +7,16 @@ through real sockets and botocore's real retry logic.
 
 The proxy is an aiohttp server on its own event loop in a background thread, so it
 outlives pytest-asyncio's per-test loops and keeps serving while a test's loop is busy.
-Every control (:meth:`throttle_next`, :meth:`fail_next`, :meth:`hang`, :meth:`requests`)
-runs *in* the proxy's loop and returns once applied, so a fault set before a call is in
-force for that call; all waits across threads are bounded.
+Every control (:meth:`throttle_next`, :meth:`fail_next`, :meth:`refuse_next`,
+:meth:`slow_next`, :meth:`hang`) and every reading (:meth:`requests`, :meth:`received`,
+:meth:`most_in_flight`) runs *in* the proxy's loop and returns once applied, so a fault
+set before a call is in force for that call; all waits across threads are bounded.
 
 Faults queue up in order and each one answers one request in place of moto (the next
 request of its KMS operation, if it names one). While :meth:`hang` is on, requests are
 read and counted but held unanswered until it is turned off (then they go on as usual)
-or the proxy stops (then they get a 503).
+or the proxy stops (then they get a 503). Every request is also recorded (operation,
+retry header, JSON body), so a test can check what reached KMS, not only how often.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-__all__ = ["FaultProxy"]
+__all__ = ["FaultProxy", "Received"]
 
 T = TypeVar("T")
 
@@ -55,6 +57,28 @@ _HOP_HEADERS = frozenset(
         "upgrade",
     }
 )
+
+
+@dataclass(frozen=True)
+class Received:
+    """One request as it reached the proxy: its KMS operation, botocore's
+    ``amz-sdk-request`` header (``attempt=N; max=M``, or None), and its JSON body.
+    Bodies are kept whole, data keys in Encrypt requests included: test use only."""
+
+    operation: str
+    sdk_request: str | None
+    body: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class _Delay:
+    """Hold one request ``seconds`` before forwarding it to moto (a slow KMS)."""
+
+    seconds: float
+    operation: str | None
+
+    def applies_to(self, operation: str) -> bool:
+        return self.operation is None or self.operation == operation
 
 
 @dataclass(frozen=True)
@@ -101,6 +125,10 @@ class FaultProxy:
         # Proxy-loop state: touched only from the proxy's own thread.
         self._faults: collections.deque[_Fault] = collections.deque()
         self._counts: collections.Counter[str] = collections.Counter()
+        self._received: list[Received] = []
+        self._delays: collections.deque[_Delay] = collections.deque()
+        self._in_flight = 0
+        self._most_in_flight = 0
         self._released: asyncio.Event | None = None
         self._stopping: asyncio.Event | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -158,6 +186,24 @@ class FaultProxy:
         fault = _Fault(status, error_type, "Injected server error", operation)
         self._apply(lambda: self._faults.extend([fault] * n))
 
+    def refuse_next(
+        self,
+        n: int,
+        error_type: str = "AccessDeniedException",
+        *,
+        operation: str | None = None,
+    ) -> None:
+        """Answer the next ``n`` requests (for ``operation`` only, if given) with HTTP 400
+        ``error_type``: an answer, not an outage (KMS is up and says no)."""
+        fault = _Fault(400, error_type, "Injected refusal", operation)
+        self._apply(lambda: self._faults.extend([fault] * n))
+
+    def slow_next(self, n: int, seconds: float, *, operation: str | None = None) -> None:
+        """Hold each of the next ``n`` requests (for ``operation`` only, if given)
+        ``seconds`` before forwarding it to moto: a slow, not a failing, KMS."""
+        delay = _Delay(seconds, operation)
+        self._apply(lambda: self._delays.extend([delay] * n))
+
     def hang(self, on: bool) -> None:
         """While on, hold every request unanswered; turning it off lets them through."""
 
@@ -174,6 +220,14 @@ class FaultProxy:
         """Requests received so far by KMS operation (from ``X-Amz-Target``), faults and
         held requests included."""
         return self._apply(lambda: dict(self._counts))
+
+    def received(self, operation: str | None = None) -> list[Received]:
+        """Every request received so far (of ``operation`` only, if given), in order."""
+        return self._apply(lambda: [r for r in self._received if operation in (None, r.operation)])
+
+    def most_in_flight(self) -> int:
+        """The most requests the proxy was handling at one time (held ones included)."""
+        return self._apply(lambda: self._most_in_flight)
 
     def _apply(self, fn: Callable[[], T]) -> T:
         if self._loop is None or self._thread is None or not self._thread.is_alive():
@@ -217,12 +271,23 @@ class FaultProxy:
                 await runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self._in_flight += 1
+        self._most_in_flight = max(self._most_in_flight, self._in_flight)
+        try:
+            return await self._answer(request)
+        finally:
+            self._in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         assert self._released is not None
         assert self._stopping is not None
         assert self._session is not None
         operation = request.headers.get("X-Amz-Target", "").rpartition(".")[2] or "<none>"
         self._counts[operation] += 1
         body = await request.read()
+        self._received.append(
+            Received(operation, request.headers.get("amz-sdk-request"), _json_body(body))
+        )
         await self._released.wait()
         if self._stopping.is_set():
             return web.Response(status=503, text="fault proxy stopping")
@@ -230,6 +295,10 @@ class FaultProxy:
         if fault is not None:
             self._faults.remove(fault)  # the first equal one, which is this one
             return fault.response()
+        delay = next((d for d in self._delays if d.applies_to(operation)), None)
+        if delay is not None:
+            self._delays.remove(delay)
+            await asyncio.sleep(delay.seconds)
         headers = _end_to_end(request.headers)
         try:
             async with self._session.request(
@@ -244,6 +313,15 @@ class FaultProxy:
                 return web.Response(status=upstream.status, body=payload, headers=out)
         except (aiohttp.ClientError, TimeoutError) as exc:
             return web.Response(status=502, text=f"fault proxy: upstream failed: {exc!r}")
+
+
+def _json_body(body: bytes) -> Mapping[str, Any]:
+    """A KMS request's JSON body (AWS JSON 1.1), or {} for anything else."""
+    try:
+        parsed = json.loads(body) if body else {}
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
 
 
 def _end_to_end(headers: Mapping[str, str]) -> CIMultiDict[str]:

@@ -17,7 +17,6 @@ import pytest
 from esdk_peer import peer_keys, raw_aes_key
 
 from aioenvelope import (
-    AlgorithmSuite,
     DecryptionMaterials,
     EncryptedDataKey,
     EncryptionMaterials,
@@ -31,8 +30,6 @@ from aioenvelope import (
 from aioenvelope.format import ParsedHeader, parse_header
 from aioenvelope.runtime import Runtime
 
-COMMIT = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
-COMMIT_SIGN = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384
 CONTEXT = {"tenant": "t-42", "purpose": "rotation", "schlüssel": "wert ✓"}
 NAMESPACE = "aioenvelope-reencrypt"
 PLAINTEXT = bytes(range(256)) * 5 + b"tail"  # several 64-byte frames, the last partial

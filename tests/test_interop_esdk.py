@@ -27,6 +27,7 @@ from esdk_peer import (
     raw_aes_key,
     shared_key,
 )
+from suites import COMMITTING_SUITES, LEGACY_SUITES
 
 from aioenvelope import (
     AlgorithmSuite,
@@ -38,15 +39,6 @@ from aioenvelope import (
     errors,
 )
 
-COMMITTING_SUITES = [
-    pytest.param(AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY, id="0x0478"),
-    pytest.param(AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384, id="0x0578"),
-]
-LEGACY_SUITES = [
-    pytest.param(suite, id=f"0x{suite.suite_id:04x}")
-    for suite in AlgorithmSuite
-    if not suite.committing
-]
 SMALL_FRAME = 128
 DEFAULT_FRAME = 65536
 NAMESPACE = "aioenvelope-interop"

@@ -21,8 +21,6 @@ from esdk_peer import RsaWrapping, esdk_decrypt, esdk_encrypt, peer_keys, raw_rs
 from kms_server import KmsKey
 from moto_keyrings import KmsKeyringFactory
 from rotation import (
-    COMMIT,
-    COMMIT_SIGN,
     CONTEXT,
     NAMED_BUT_WRONG,
     NAMESPACE,
@@ -38,6 +36,7 @@ from rotation import (
     flip,
     parsed,
 )
+from suites import COMMIT, COMMIT_SIGN
 
 import aioenvelope
 from aioenvelope import (

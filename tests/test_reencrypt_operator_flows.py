@@ -11,8 +11,6 @@ from esdk_peer import esdk_decrypt, kms_master_keys
 from kms_server import KmsKey, MotoKms
 from moto_keyrings import KmsKeyringFactory
 from rotation import (
-    COMMIT,
-    COMMIT_SIGN,
     CONTEXT,
     PLAINTEXT,
     PUBLIC_KEY_FIELD,
@@ -20,6 +18,7 @@ from rotation import (
     decrypt_with,
     edk_arns,
 )
+from suites import COMMIT, COMMIT_SIGN
 
 import aioenvelope
 from aioenvelope import (

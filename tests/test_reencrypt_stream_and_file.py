@@ -16,8 +16,6 @@ import pytest
 from chunkers import AsyncShortReader, ClosableChunks, agen, fixed_chunks, random_chunks, up_to
 from esdk_peer import esdk_decrypt, esdk_encrypt
 from rotation import (
-    COMMIT,
-    COMMIT_SIGN,
     CONTEXT,
     NOT_NAMED,
     PLAINTEXT,
@@ -32,6 +30,7 @@ from rotation import (
     flip,
     parsed,
 )
+from suites import COMMIT, COMMIT_SIGN
 
 import aioenvelope
 from aioenvelope import (

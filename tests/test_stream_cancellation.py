@@ -17,10 +17,10 @@ from chunkers import (
 )
 from frame_layout import REGULAR_OVERHEAD
 from stream_outcome import assert_verified_prefix
+from suites import KIB, MIB
 from task_leaks import other_tasks, settle
 
 from aioenvelope import (
-    AlgorithmSuite,
     DecryptingStream,
     EncryptingStream,
     EnvelopeClient,
@@ -28,12 +28,7 @@ from aioenvelope import (
     StreamSource,
 )
 
-COMMIT = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
-COMMIT_SIGN = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384
-SUITES = [COMMIT, COMMIT_SIGN]
 CONTEXT = {"tenant": "t1", "purpose": "streams"}
-KIB = 1024
-MIB = 1024 * KIB
 
 # -- 4. backpressure, early stop, cancellation -------------------------------------------
 

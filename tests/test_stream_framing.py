@@ -20,6 +20,7 @@ from chunkers import (
 from frame_layout import body_end
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from suites import COMMIT, COMMIT_SIGN, MIB, SUITES
 from twin_encryptors import Twins
 
 from aioenvelope import (
@@ -30,12 +31,7 @@ from aioenvelope import (
 )
 from aioenvelope.format import parse_header
 
-COMMIT = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
-COMMIT_SIGN = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384
-SUITES = [COMMIT, COMMIT_SIGN]
 CONTEXT = {"tenant": "t1", "purpose": "streams"}
-KIB = 1024
-MIB = 1024 * KIB
 
 # -- 2. byte-identical output ------------------------------------------------------------
 

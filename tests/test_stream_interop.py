@@ -41,6 +41,7 @@ from esdk_peer import (
     shared_key,
 )
 from kms_server import KmsKey, MotoKms
+from suites import COMMITTING_SUITES, LEGACY_SUITES
 
 from aioenvelope import (
     AlgorithmSuite,
@@ -54,15 +55,6 @@ from aioenvelope import (
 NAMESPACE = "aioenvelope-stream-interop"
 KEY_NAME = "stream-key"
 CONTEXT = {"purpose": "stream-interop", "鍵": "値 𐀂"}
-COMMITTING_SUITES = [
-    pytest.param(AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY, id="0x0478"),
-    pytest.param(AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384, id="0x0578"),
-]
-LEGACY_SUITES = [
-    pytest.param(suite, id=f"0x{suite.suite_id:04x}")
-    for suite in AlgorithmSuite
-    if not suite.committing
-]
 ESDK_WRITERS = ["esdk-one-shot", "esdk-stream"]
 KEY_KINDS_BY_NAME = {"aes": "aes-256", "rsa": "rsa-oaep-sha256"}
 

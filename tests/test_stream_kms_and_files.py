@@ -20,6 +20,7 @@ from frame_layout import header_length
 from kms_server import KmsKey, MotoKms
 from moto_keyrings import moto_kms_keyring
 from stream_outcome import drain
+from suites import COMMIT_SIGN, MIB, SUITES
 
 from aioenvelope import (
     AlgorithmSuite,
@@ -29,12 +30,7 @@ from aioenvelope import (
 )
 from aioenvelope.format import parse_header
 
-COMMIT = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
-COMMIT_SIGN = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384
-SUITES = [COMMIT, COMMIT_SIGN]
 CONTEXT = {"tenant": "t1", "purpose": "streams"}
-KIB = 1024
-MIB = 1024 * KIB
 
 
 def nonzero(counts: Mapping[str, int]) -> dict[str, int]:

@@ -27,6 +27,7 @@ from frame_layout import header_length
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from stream_outcome import drain
+from suites import SUITES
 
 from aioenvelope import (
     AlgorithmSuite,
@@ -39,12 +40,7 @@ from aioenvelope import (
     errors,
 )
 
-COMMIT = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
-COMMIT_SIGN = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384
-SUITES = [COMMIT, COMMIT_SIGN]
 CONTEXT = {"tenant": "t1", "purpose": "streams"}
-KIB = 1024
-MIB = 1024 * KIB
 
 SOURCE_KINDS = [
     "bytes",

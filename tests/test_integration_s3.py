@@ -237,12 +237,16 @@ async def test_downloads_refuse_a_truncated_object_and_a_wrong_context(
         async with download_decrypted(
             client, s3, bucket=bucket, key="cut", encryption_context=CONTEXT
         ) as plaintext:
-            released.extend([chunk async for chunk in plaintext])
+            async for chunk in plaintext:  # kept one by one: the refusal ends the loop
+                released.append(chunk)
 
-    with pytest.raises(errors.TruncatedMessageError):
+    # 3 MiB in 4 KiB frames is 768 regular frames and an empty final frame (40 bytes on
+    # the wire), so the cut of 100 bytes ends inside frame 768.
+    with pytest.raises(errors.TruncatedMessageError, match="it ends inside frame 768"):
         await drain()
-    released_bytes = sum(map(len, released))
-    assert released_bytes < len(data)  # the final frame was never released
+    # Released: exactly the 767 frames verified before the cut, in order; never frame
+    # 768, nor the final frame (whose release would pass the object off as whole).
+    assert b"".join(released) == data[: 767 * 4096]
     with pytest.raises(errors.EncryptionContextMismatchError):
         await download_decrypted(
             client, s3, bucket=bucket, key="t", encryption_context={"upload": "u2"}

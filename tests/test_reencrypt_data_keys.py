@@ -86,8 +86,9 @@ async def test_reencrypt_file_from_a_pipe_never_charges_the_cache_zero_bytes(
 
 
 async def test_a_message_longer_than_the_bound_it_was_charged_for_is_refused() -> None:
-    """The bound a re-encryption charged the data-key cache with (an input file's size
-    when opened) is enforced: more plaintext than that, and the new message is never
+    """The bound a re-encryption charged the data-key cache with (its input's size when
+    it was opened: a file's, or here a bytearray's) is enforced: an input that grew
+    after that holds more plaintext than measured, and the new message is never
     completed."""
     new = keyring("new")
     out: list[bytes] = []
@@ -98,17 +99,12 @@ async def test_a_message_longer_than_the_bound_it_was_charged_for_is_refused() -
 
     async with EnvelopeClient(keyring("old")) as client:
         message = await client.encrypt(os.urandom(5000), frame_length=1000)
-        stream = client._reencrypt_stream(
-            message,
-            to_keyring=new,
-            encryption_context=None,
-            algorithm_suite=None,
-            frame_length=1000,
-            length_bound=2500,
-        )
+        growing = bytearray(message[:2500])
+        stream = client.reencrypt_stream(growing, to_keyring=new, frame_length=1000)
+        growing.extend(message[2500:])  # the rest arrives after the size was taken
         with pytest.raises(errors.ConfigurationError, match="more than the 2500 bytes"):
             await drain(stream)
-    assert out  # the header and the frames up to the bound came out
+    assert out  # the new header (at least) came out before the refusal
     async with EnvelopeClient(new) as reader:
         with pytest.raises(errors.TruncatedMessageError):
             await reader.decrypt(b"".join(out))

@@ -26,7 +26,7 @@ import cryptography
 from cryptography.hazmat.backends.openssl.backend import backend
 
 import aioenvelope
-from bench import common, esdk, kms_cache, oneshot, reencrypt, stream
+from bench import common, esdk, kms_cache, latency, oneshot, reencrypt, stream
 
 Collector = Callable[[common.Settings, AsyncExitStack], Awaitable[list[common.Case]]]
 COLLECTORS: tuple[Collector, ...] = (
@@ -34,6 +34,7 @@ COLLECTORS: tuple[Collector, ...] = (
     kms_cache.collect,
     stream.collect,
     reencrypt.collect,
+    latency.collect,
 )
 
 

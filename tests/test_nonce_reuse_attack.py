@@ -188,5 +188,5 @@ async def test_reencryption_leaves_the_attack_nothing_to_work_on() -> None:
     # attacker can do is guess it, and a guessed H's forgery is refused.
     async with EnvelopeClient(old, frame_length=F) as client:
         forged = truncation_forgery(message, key, int.from_bytes(os.urandom(16), "big"))
-        with pytest.raises(errors.AuthenticationError):
+        with pytest.raises(errors.AuthenticationError, match=r"^frame 1 failed authentication"):
             await client.decrypt(forged, encryption_context={"t": "1"})

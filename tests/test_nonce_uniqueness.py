@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import collections
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from chunkers import agen, fixed_chunks
 
 from aioenvelope import AlgorithmSuite, CacheConfig, EnvelopeClient, RawAesKeyring, inspect
 from aioenvelope.format import nonce_log
@@ -50,11 +51,6 @@ def frames_of(message: bytes, plaintext_length: int) -> int:
     return (plaintext_length - 1) // f + 1 if plaintext_length else 1
 
 
-async def chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
-    for i in range(0, len(data), size):
-        yield data[i : i + size]
-
-
 class Wrapping:
     """A raw AES keyring and the fingerprint its wraps are logged under."""
 
@@ -81,7 +77,7 @@ async def test_every_sealing_path_uses_each_key_and_iv_once(seals: SealLog, tmp_
         # Large frames in streams of unknown length: partial, exact and one-over ends.
         for size in (LARGE - 1, 2 * LARGE, 2 * LARGE + 1, 3 * LARGE + 12345):
             data = os.urandom(size)
-            stream = client.encrypt_stream(chunks(data, 100_000), frame_length=LARGE)
+            stream = client.encrypt_stream(agen(fixed_chunks(data, 100_000)), frame_length=LARGE)
             message = await stream.read_all()
             assert await client.decrypt(message) == data
             made.append((message, size))
@@ -95,7 +91,7 @@ async def test_every_sealing_path_uses_each_key_and_iv_once(seals: SealLog, tmp_
             made.append((again, size))
         for message, size in list(made[:3]):
             again = await client.reencrypt_stream(
-                chunks(message, 7), to_keyring=new.keyring
+                agen(fixed_chunks(message, 7)), to_keyring=new.keyring
             ).read_all()
             made.append((again, size))
 
@@ -120,7 +116,9 @@ async def test_a_large_frame_stream_ending_on_a_frame_boundary_seals_no_iv_twice
     the stream ended right after it: same key, same IV, two seals."""
     async with EnvelopeClient(Wrapping("k").keyring) as client:
         data = os.urandom(2 * LARGE)
-        message = await client.encrypt_stream(chunks(data, 65536), frame_length=LARGE).read_all()
+        message = await client.encrypt_stream(
+            agen(fixed_chunks(data, 65536)), frame_length=LARGE
+        ).read_all()
         assert await client.decrypt(message) == data
         # The last frame is a full final frame (the format's SHOULD), not an empty one.
         assert len(message) == len(await client.encrypt(data, frame_length=LARGE))

@@ -330,7 +330,9 @@ async def test_required_context_stays_required_through_reencrypt_stream() -> Non
     await assert_no_usable_key(key_b.keyring(), new, match=NAMED_BUT_WRONG)
 
 
-async def test_wrong_encryption_context_is_a_mismatch(client: EnvelopeClient) -> None:
+async def test_reencrypt_under_a_wrong_encryption_context_is_a_mismatch_and_wraps_nothing(
+    client: EnvelopeClient,
+) -> None:
     message = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
     target = XorKeyring("b")
     with pytest.raises(errors.EncryptionContextMismatchError):

@@ -108,7 +108,7 @@ async def test_streams_with_a_known_length_and_one_context_share_one_generate_da
     assert h1.message_id != h2.message_id
 
 
-async def test_streams_without_a_length_each_get_a_fresh_data_key(
+async def test_streams_without_plaintext_length_each_get_a_fresh_data_key(
     writer_keyring: KmsKeyring,
 ) -> None:
     async with EnvelopeClient(writer_keyring) as client:
@@ -149,7 +149,9 @@ async def test_kms_failure_on_encrypt_surfaces_at_first_pull_and_closes_the_sour
     async with EnvelopeClient(keyring) as client:
         stream = client.encrypt_stream(generator, encryption_context=CONTEXT)
         received = await drain(stream)
-    assert isinstance(received.error, errors.KeyringError)
+    assert isinstance(received.error, errors.KMSError)
+    assert "GenerateDataKey" in str(received.error)
+    assert "failed with NotFoundException" in str(received.error)
     assert received.plaintext == b""  # not even a header
     assert started == []  # nothing was read before the data key existed
     with pytest.raises(StopAsyncIteration):  # and the source was closed

@@ -49,14 +49,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fault_proxy import FaultProxy
 from kms_server import KmsKey, MotoKms
-from moto_keyrings import shared_session
+from moto_keyrings import moto_kms_keyring
 
 from aioenvelope import (
     DecryptionMaterials,
     EncryptedDataKey,
     EncryptionMaterials,
     Keyring,
-    KmsKeyring,
     MultiKeyring,
     RawAesKeyring,
     RawRsaKeyring,
@@ -201,23 +200,19 @@ def aws_kms_harness(
 
     with FaultProxy(moto_kms.endpoint_url) as proxy:
 
-        def options(one_attempt: bool) -> dict[str, Any]:
-            return {
-                "endpoint_url": proxy.url,
-                "region_name": moto_kms.region,
-                "session": shared_session(),
-                "deadline": KMS_DEADLINE,
-                "max_attempts": 1 if one_attempt else 4,
-            }
-
-        def keyring(key: Key, *, one_attempt: bool = False) -> Keyring:
-            return KmsKeyring(arns[key], **options(one_attempt))
+        def keyring(key: Key, *, one_attempt: bool = False, **options: Any) -> Keyring:
+            return moto_kms_keyring(
+                moto_kms,
+                arns[key],
+                endpoint_url=proxy.url,
+                deadline=KMS_DEADLINE,
+                max_attempts=1 if one_attempt else 4,
+                **options,
+            )
 
         def several(keys: Sequence[Key]) -> Keyring:
             first, *rest = keys
-            return KmsKeyring(
-                arns[first], additional_key_ids=[arns[k] for k in rest], **options(False)
-            )
+            return keyring(first, additional_key_ids=[arns[k] for k in rest])
 
         yield KeyringHarness(
             name="aws-kms",

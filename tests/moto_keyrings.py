@@ -13,7 +13,7 @@ from typing import Any
 import aioboto3
 from kms_server import MotoKms
 
-from aioenvelope import KmsKeyring
+from aioenvelope import KmsDiscoveryKeyring, KmsKeyring
 
 _shared: list[Any] = []
 
@@ -27,11 +27,21 @@ def shared_session() -> Any:
 
 def moto_kms_keyring(moto_kms: MotoKms, key_arn: str, **kwargs: Any) -> KmsKeyring:
     """A KmsKeyring on ``key_arn`` talking to moto; ``kwargs`` as KmsKeyring takes them
-    (``check_keys=False`` skips the start-up DescribeKey, ``session=`` another session)."""
+    (``check_keys=False`` skips the start-up DescribeKey, ``session=`` another session,
+    ``endpoint_url=`` a fault proxy in front of moto, ``region_name=`` another region)."""
     kwargs.setdefault("session", shared_session())
-    return KmsKeyring(
-        key_arn, endpoint_url=moto_kms.endpoint_url, region_name=moto_kms.region, **kwargs
-    )
+    kwargs.setdefault("endpoint_url", moto_kms.endpoint_url)
+    kwargs.setdefault("region_name", moto_kms.region)
+    return KmsKeyring(key_arn, **kwargs)
+
+
+def moto_kms_discovery_keyring(moto_kms: MotoKms, **kwargs: Any) -> KmsDiscoveryKeyring:
+    """A KmsDiscoveryKeyring talking to moto, home region moto's; ``kwargs`` as for
+    :func:`moto_kms_keyring`, and as KmsDiscoveryKeyring takes them."""
+    kwargs.setdefault("session", shared_session())
+    kwargs.setdefault("endpoint_url", moto_kms.endpoint_url)
+    kwargs.setdefault("region_name", moto_kms.region)
+    return KmsDiscoveryKeyring(**kwargs)
 
 
 KmsKeyringFactory = Callable[..., KmsKeyring]

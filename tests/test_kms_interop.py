@@ -4,8 +4,9 @@ Byte compatibility with raw keys (``test_interop_esdk.py``) says nothing about K
 EDKs: the provider ID, the provider info (the key ARN KMS returned) and the encryption
 context sent to KMS must match too, or a message written by one library cannot be
 unwrapped by the other. Here the ESDK's ``StrictAwsKmsMasterKeyProvider`` and our KMS
-keyrings talk to the same moto server; each case checks the plaintext, the context,
-and that both parsers see the same encrypted data keys.
+keyrings talk to the same moto server (the ESDK's through conftest's ``esdk_kms``); each
+case checks the plaintext, the context, and that both parsers see the same encrypted
+data keys.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import aws_encryption_sdk
 import pytest
 from esdk_peer import PeerHeader, esdk_decrypt, esdk_encrypt
 from kms_server import KmsKey, MotoKms
+from moto_keyrings import moto_kms_discovery_keyring, moto_kms_keyring
 
 from aioenvelope import (
     AlgorithmSuite,
@@ -37,17 +39,6 @@ SUITES = [
     pytest.param(AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY, id="0x0478"),
     pytest.param(AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384, id="0x0578"),
 ]
-
-
-@pytest.fixture
-def esdk_kms(moto_kms: MotoKms, monkeypatch: pytest.MonkeyPatch) -> MotoKms:
-    """Point the ESDK's boto3 KMS clients at moto.
-
-    The ESDK builds its own regional clients from a botocore session; botocore reads the
-    service endpoint from ``AWS_ENDPOINT_URL_KMS`` when each client is made.
-    """
-    monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", moto_kms.endpoint_url)
-    return moto_kms
 
 
 def esdk_provider(*keys: KmsKey) -> Any:
@@ -79,9 +70,9 @@ def our_decrypting_keyring(
     kind: str, moto: MotoKms, key: KmsKey
 ) -> KmsKeyring | KmsDiscoveryKeyring:
     if kind == "strict":
-        return KmsKeyring(key.arn, endpoint_url=moto.endpoint_url)
+        return moto_kms_keyring(moto, key.arn)
     discovery_filter = DiscoveryFilter([key.account]) if kind == "discovery-filtered" else None
-    return KmsDiscoveryKeyring(discovery_filter=discovery_filter, endpoint_url=moto.endpoint_url)
+    return moto_kms_discovery_keyring(moto, discovery_filter=discovery_filter)
 
 
 @pytest.mark.parametrize("suite", SUITES)
@@ -115,9 +106,7 @@ async def test_our_kms_message_decrypts_with_the_esdk_naming_either_key(
 ) -> None:
     """Every key our keyring wraps under yields an EDK the ESDK can use on its own: the
     generator's from GenerateDataKey and the additional key's from Encrypt."""
-    keyring = KmsKeyring(
-        kms_key.arn, additional_key_ids=[kms_key_2.arn], endpoint_url=esdk_kms.endpoint_url
-    )
+    keyring = moto_kms_keyring(esdk_kms, kms_key.arn, additional_key_ids=[kms_key_2.arn])
     async with EnvelopeClient(keyring, frame_length=FRAME_LENGTH) as client:
         blob = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT, algorithm_suite=suite)
         ours = await client.decrypt_with_header(blob, encryption_context=CONTEXT)

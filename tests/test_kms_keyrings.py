@@ -3,21 +3,25 @@
 Strict keyrings (every way of naming a key, additional keys), discovery keyrings and
 their filters, start-up key checks, failures (each a clear library error, never
 plaintext), client lifetime, the encryption context reaching KMS, multi-Region keys,
-and credentials never leaking into error messages.
+and credentials never leaking into error messages. What every keyring must do (round
+trips, several keys, a wrong context, outages and the breaker, call counts, no key bytes
+in reprs and errors) is checked for KMS by the conformance suite, test_keyring_conformance.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aioboto3
 import anyio
 import pytest
 from botocore.exceptions import ClientError
+from keyring_harness import exception_chain
 from kms_server import KmsKey, MotoKms
+from moto_keyrings import moto_kms_discovery_keyring, moto_kms_keyring, shared_session
 from tracking_session import TrackingSession
 
 from aioenvelope import (
@@ -25,13 +29,11 @@ from aioenvelope import (
     DiscoveryFilter,
     EnvelopeClient,
     Keyring,
-    KmsDiscoveryKeyring,
     KmsKeyring,
     MultiKeyring,
     RawAesKeyring,
 )
 from aioenvelope.errors import (
-    EncryptionContextMismatchError,
     EnvelopeError,
     KeyringError,
     KMSError,
@@ -46,31 +48,6 @@ OTHER_ACCOUNT = "111122223333"
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-_shared_session: list[Any] = []
-
-
-def shared_session() -> Any:
-    """One aioboto3 session for the module's keyrings: a fresh session reloads botocore's
-    service models (~0.1 s per keyring). Made lazily, under the dummy credentials."""
-    if not _shared_session:
-        _shared_session.append(aioboto3.Session())
-    return _shared_session[0]
-
-
-def strict(moto_kms: MotoKms, generator: str, **kwargs: Any) -> KmsKeyring:
-    """A KmsKeyring that talks to the moto server."""
-    kwargs.setdefault("region_name", moto_kms.region)
-    kwargs.setdefault("session", shared_session())
-    return KmsKeyring(generator, endpoint_url=moto_kms.endpoint_url, **kwargs)
-
-
-def discovery(moto_kms: MotoKms, **kwargs: Any) -> KmsDiscoveryKeyring:
-    """A KmsDiscoveryKeyring that talks to the moto server."""
-    kwargs.setdefault("region_name", moto_kms.region)
-    kwargs.setdefault("session", shared_session())
-    return KmsDiscoveryKeyring(endpoint_url=moto_kms.endpoint_url, **kwargs)
 
 
 async def encrypt_with(
@@ -93,21 +70,6 @@ async def edks_of(blob: bytes, keyring: Keyring) -> list[Any]:
         result = await client.decrypt_with_header(blob)
     assert result.plaintext == PLAINTEXT
     return list(result.header.encrypted_data_keys)
-
-
-def exception_chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and everything chained to it (causes, contexts, group members)."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        current = todo.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
-        members = getattr(current, "exceptions", ())  # an exception group's (3.10-safe)
-        todo.extend(e for e in members if isinstance(e, BaseException))
 
 
 # -- fixtures ----------------------------------------------------------------------------
@@ -193,7 +155,7 @@ async def test_round_trip_with_generator_named_any_way(
     """Users name keys by ID, ARN, alias or alias ARN; all must work, and the EDK must
     record the key's full ARN (as the ESDK does) so that any reader can find the key."""
     identifier = getattr(kms_key, naming)
-    keyring = strict(moto_kms, identifier, session=None)  # the library makes its own
+    keyring = moto_kms_keyring(moto_kms, identifier, session=None)  # the library makes its own
     async with EnvelopeClient(keyring) as client:
         blob = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
         result = await client.decrypt_with_header(blob, encryption_context=CONTEXT)
@@ -210,8 +172,8 @@ async def test_message_decrypts_with_keyring_naming_same_key_differently(
 ) -> None:
     """Writer and reader may name the key differently (alias vs ARN...); the reader's
     start-up check resolves its name to the ARN that the EDK records."""
-    blob = await encrypt_with(strict(moto_kms, kms_key.alias_arn))
-    reader = strict(moto_kms, getattr(kms_key, naming))
+    blob = await encrypt_with(moto_kms_keyring(moto_kms, kms_key.alias_arn))
+    reader = moto_kms_keyring(moto_kms, getattr(kms_key, naming))
     assert await decrypt_with(reader, blob) == PLAINTEXT
     assert reader.kms_calls["Decrypt"] == 1
 
@@ -222,24 +184,11 @@ async def test_unchecked_keyring_round_trips_without_describe_key(
 ) -> None:
     """check_keys=False skips DescribeKey; an unresolved key ID must still match its EDK
     (by key ID) and an alias must still work (KMS decides, and its answer is checked)."""
-    keyring = strict(moto_kms, getattr(kms_key, naming), check_keys=False)
+    keyring = moto_kms_keyring(moto_kms, getattr(kms_key, naming), check_keys=False)
     blob = await encrypt_with(keyring)
     assert await decrypt_with(keyring, blob) == PLAINTEXT
     assert "DescribeKey" not in keyring.kms_calls
     assert keyring.kms_calls == {"GenerateDataKey": 1, "Decrypt": 1}
-
-
-async def test_round_trip_with_signing_suite(moto_kms: MotoKms, kms_key: KmsKey) -> None:
-    """The signing suite adds the public key to the context sent to KMS; it must still
-    round-trip (the reader sends KMS the same, complete, context)."""
-    keyring = strict(moto_kms, kms_key.arn)
-    async with EnvelopeClient(keyring) as client:
-        blob = await client.encrypt(
-            PLAINTEXT,
-            encryption_context=CONTEXT,
-            algorithm_suite=AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384,
-        )
-        assert await client.decrypt(blob, encryption_context=CONTEXT) == PLAINTEXT
 
 
 # -- additional keys ---------------------------------------------------------------------
@@ -250,7 +199,9 @@ async def test_additional_key_wraps_data_key_with_one_encrypt_call(
 ) -> None:
     """One GenerateDataKey under the generator and one Encrypt per additional key; the
     message carries one EDK per key, in order, each naming its key's ARN."""
-    keyring = strict(moto_kms, kms_key.alias_name, additional_key_ids=[kms_key_2.alias_name])
+    keyring = moto_kms_keyring(
+        moto_kms, kms_key.alias_name, additional_key_ids=[kms_key_2.alias_name]
+    )
     async with EnvelopeClient(keyring) as client:
         blob = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
         assert keyring.kms_calls == {"DescribeKey": 2, "GenerateDataKey": 1, "Encrypt": 1}
@@ -260,29 +211,16 @@ async def test_additional_key_wraps_data_key_with_one_encrypt_call(
     assert all(edk.provider_id == "aws-kms" for edk in result.header.encrypted_data_keys)
 
 
-@pytest.mark.parametrize("reader", ["generator", "additional"])
-async def test_message_with_additional_key_decrypts_with_either_key_alone(
-    moto_kms: MotoKms, kms_key: KmsKey, kms_key_2: KmsKey, reader: str
-) -> None:
-    """Additional keys exist so that holders of any one key can read: a keyring naming
-    only that key decrypts, with one Decrypt call (the other key's EDK is not tried)."""
-    blob = await encrypt_with(strict(moto_kms, kms_key.arn, additional_key_ids=[kms_key_2.arn]))
-    key = kms_key if reader == "generator" else kms_key_2
-    keyring = strict(moto_kms, key.key_id)
-    assert await decrypt_with(keyring, blob) == PLAINTEXT
-    assert keyring.kms_calls["Decrypt"] == 1
-
-
 async def test_kms_keyring_as_multikeyring_child_wraps_existing_data_key(
     moto_kms: MotoKms, kms_key: KmsKey
 ) -> None:
     """As a MultiKeyring child the KMS keyring is handed a data key and wraps it with
     Encrypt (no GenerateDataKey); either keyring alone then reads the message."""
     aes = RawAesKeyring("ns", "k", os.urandom(32))
-    kms = strict(moto_kms, kms_key.arn)
+    kms = moto_kms_keyring(moto_kms, kms_key.arn)
     blob = await encrypt_with(MultiKeyring(generator=aes, children=[kms]))
     assert kms.kms_calls == {"DescribeKey": 1, "Encrypt": 1}
-    assert await decrypt_with(strict(moto_kms, kms_key.arn), blob) == PLAINTEXT
+    assert await decrypt_with(moto_kms_keyring(moto_kms, kms_key.arn), blob) == PLAINTEXT
     assert await decrypt_with(aes, blob) == PLAINTEXT
 
 
@@ -294,8 +232,8 @@ async def test_discovery_keyring_decrypts_message_under_any_key(
 ) -> None:
     """A discovery keyring names no key: it asks KMS to decrypt under the key the EDK
     names, with no DescribeKey, one Decrypt."""
-    blob = await encrypt_with(strict(moto_kms, kms_key.arn))
-    keyring = discovery(moto_kms)
+    blob = await encrypt_with(moto_kms_keyring(moto_kms, kms_key.arn))
+    keyring = moto_kms_discovery_keyring(moto_kms)
     assert await decrypt_with(keyring, blob) == PLAINTEXT
     assert keyring.kms_calls == {"Decrypt": 1}
 
@@ -304,8 +242,8 @@ async def test_discovery_filter_with_keys_account_decrypts(
     moto_kms: MotoKms, kms_key: KmsKey
 ) -> None:
     """A filter listing the key's account (among others) lets the EDK through."""
-    blob = await encrypt_with(strict(moto_kms, kms_key.arn))
-    keyring = discovery(
+    blob = await encrypt_with(moto_kms_keyring(moto_kms, kms_key.arn))
+    keyring = moto_kms_discovery_keyring(
         moto_kms, discovery_filter=DiscoveryFilter([OTHER_ACCOUNT, kms_key.account])
     )
     assert await decrypt_with(keyring, blob) == PLAINTEXT
@@ -322,8 +260,8 @@ async def test_discovery_filter_rejecting_key_makes_no_kms_call(
 ) -> None:
     """The filter is a security boundary: a key outside it must never be sent to KMS,
     and the caller gets NoUsableKeyError, not plaintext."""
-    blob = await encrypt_with(strict(moto_kms, kms_key.arn))
-    keyring = discovery(
+    blob = await encrypt_with(moto_kms_keyring(moto_kms, kms_key.arn))
+    keyring = moto_kms_discovery_keyring(
         moto_kms,
         discovery_filter=DiscoveryFilter(accounts or [kms_key.account], partition=partition),
     )
@@ -335,7 +273,7 @@ async def test_discovery_filter_rejecting_key_makes_no_kms_call(
 async def test_discovery_keyring_cannot_encrypt(moto_kms: MotoKms) -> None:
     """Discovery names no key to encrypt under: encrypting must fail clearly, not quietly
     produce a message nobody can read."""
-    keyring = discovery(moto_kms)
+    keyring = moto_kms_discovery_keyring(moto_kms)
     async with EnvelopeClient(keyring) as client:
         with pytest.raises(KeyringError, match="only decrypts"):
             await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
@@ -343,18 +281,6 @@ async def test_discovery_keyring_cannot_encrypt(moto_kms: MotoKms) -> None:
 
 
 # -- failures: every one a library error, never plaintext ---------------------------------
-
-
-async def test_wrong_encryption_context_is_refused_before_kms(
-    moto_kms: MotoKms, kms_key: KmsKey
-) -> None:
-    """A reader expecting another context must get EncryptionContextMismatchError, and
-    the mismatch is visible in the header, so KMS is not even asked."""
-    blob = await encrypt_with(strict(moto_kms, kms_key.arn))
-    keyring = strict(moto_kms, kms_key.arn)
-    with pytest.raises(EncryptionContextMismatchError, match="tenant"):
-        await decrypt_with(keyring, blob, {**CONTEXT, "tenant": "t2"})
-    assert keyring.kms_calls.get("Decrypt", 0) == 0
 
 
 @pytest.mark.parametrize(
@@ -365,13 +291,13 @@ async def test_wrong_required_context_is_refused_by_kms(
 ) -> None:
     """A required (unstored) context pair is only checked by KMS: a reader supplying a
     wrong one, or none, must be refused (InvalidCiphertextException), not decrypted."""
-    writer = strict(moto_kms, kms_key.arn)
+    writer = moto_kms_keyring(moto_kms, kms_key.arn)
     async with EnvelopeClient(writer) as client:
         blob = await client.encrypt(
             PLAINTEXT, encryption_context=CONTEXT, required_encryption_context_keys={"tenant"}
         )
         assert await client.decrypt(blob, encryption_context=CONTEXT) == PLAINTEXT
-    reader = strict(moto_kms, kms_key.arn)
+    reader = moto_kms_keyring(moto_kms, kms_key.arn)
     with pytest.raises(NoUsableKeyError, match="InvalidCiphertextException"):
         await decrypt_with(reader, blob, reader_context)
     assert reader.kms_calls["Decrypt"] == 1
@@ -382,7 +308,7 @@ async def test_unknown_key_fails_start_up_check_naming_it(moto_kms: MotoKms) -> 
     the first encrypt in production."""
     missing = "00000000-0000-4000-8000-000000000000"
     with pytest.raises(KMSKeyCheckError, match=missing) as info:
-        async with EnvelopeClient(strict(moto_kms, missing)):
+        async with EnvelopeClient(moto_kms_keyring(moto_kms, missing)):
             pass
     assert "does not exist" in str(info.value)
     cause = info.value.__cause__
@@ -399,7 +325,7 @@ async def test_key_pending_deletion_fails_start_up_check(moto_kms: MotoKms) -> N
     key = moto_kms.create_key()
     moto_kms.admin.schedule_key_deletion(KeyId=key.key_id, PendingWindowInDays=7)
     with pytest.raises(KMSKeyCheckError, match="PendingDeletion") as info:
-        async with EnvelopeClient(strict(moto_kms, key.arn)):
+        async with EnvelopeClient(moto_kms_keyring(moto_kms, key.arn)):
             pass
     assert key.arn in str(info.value)
 
@@ -409,7 +335,7 @@ async def test_disabled_key_fails_start_up_check(moto_kms: MotoKms) -> None:
     key = moto_kms.create_key()
     moto_kms.admin.disable_key(KeyId=key.key_id)
     with pytest.raises(KMSKeyCheckError, match="Disabled") as info:
-        async with EnvelopeClient(strict(moto_kms, key.alias_name)):
+        async with EnvelopeClient(moto_kms_keyring(moto_kms, key.alias_name)):
             pass
     assert key.alias_name in str(info.value)
 
@@ -421,7 +347,9 @@ async def test_disabled_additional_key_fails_start_up_check(
     key = moto_kms.create_key()
     moto_kms.admin.disable_key(KeyId=key.key_id)
     with pytest.raises(KMSKeyCheckError, match="Disabled") as info:
-        async with EnvelopeClient(strict(moto_kms, kms_key.arn, additional_key_ids=[key.key_id])):
+        async with EnvelopeClient(
+            moto_kms_keyring(moto_kms, kms_key.arn, additional_key_ids=[key.key_id])
+        ):
             pass
     assert key.key_id in str(info.value)
 
@@ -440,7 +368,7 @@ async def test_asymmetric_key_fails_start_up_check(
     configuration mistake, reported at start-up with what is wrong with it."""
     key = moto_kms.create_key(KeySpec=spec, KeyUsage=usage)
     with pytest.raises(KMSKeyCheckError, match=expected) as info:
-        async with EnvelopeClient(strict(moto_kms, key.arn)):
+        async with EnvelopeClient(moto_kms_keyring(moto_kms, key.arn)):
             pass
     assert key.arn in str(info.value)
 
@@ -449,7 +377,7 @@ async def test_failed_start_up_check_leaves_no_client_open(moto_kms: MotoKms) ->
     """When entering the EnvelopeClient fails, the KMS clients opened for the check must
     be closed (there is no __aexit__ to do it later)."""
     tracking = TrackingSession()
-    keyring = strict(moto_kms, "alias/does-not-exist", session=tracking.session)
+    keyring = moto_kms_keyring(moto_kms, "alias/does-not-exist", session=tracking.session)
     with pytest.raises(KMSKeyCheckError):
         async with EnvelopeClient(keyring):
             pass
@@ -462,7 +390,7 @@ async def test_unchecked_unknown_generator_fails_on_generate_data_key(moto_kms: 
     """With check_keys=False a bad key surfaces on the first call, as a KMSError saying
     which operation, which key and AWS's error code."""
     missing = "00000000-0000-4000-8000-000000000001"
-    keyring = strict(moto_kms, missing, check_keys=False)
+    keyring = moto_kms_keyring(moto_kms, missing, check_keys=False)
     async with EnvelopeClient(keyring) as client:
         with pytest.raises(KMSError) as info:
             await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
@@ -483,7 +411,7 @@ async def test_unchecked_unknown_additional_key_fails_on_encrypt(
 ) -> None:
     """A bad additional key fails the Encrypt call as a KMSError (the same error type as
     a bad generator), so one ``except KMSError`` handles both."""
-    keyring = strict(
+    keyring = moto_kms_keyring(
         moto_kms, kms_key.arn, additional_key_ids=["alias/does-not-exist"], check_keys=False
     )
     async with EnvelopeClient(keyring) as client:
@@ -505,7 +433,7 @@ async def test_failing_kms_child_of_multikeyring_raises_kms_error(
     """A KMS child that cannot wrap the data key fails the encrypt with its KMSError, as
     it would alone, not with an error of some other type."""
     aes = RawAesKeyring("ns", "k", os.urandom(32))
-    kms = strict(moto_kms, "alias/does-not-exist", check_keys=False)
+    kms = moto_kms_keyring(moto_kms, "alias/does-not-exist", check_keys=False)
     async with EnvelopeClient(MultiKeyring(generator=aes, children=[kms])) as client:
         with pytest.raises(KMSError) as info:
             await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
@@ -518,8 +446,8 @@ async def test_unchecked_unknown_alias_fails_decrypt_with_kms_error_code(
 ) -> None:
     """An alias cannot be matched to an EDK without KMS, so KMS is asked; its refusal
     must come back as NoUsableKeyError naming operation, key and AWS error code."""
-    blob = await encrypt_with(strict(moto_kms, kms_key.arn))
-    keyring = strict(moto_kms, "alias/does-not-exist", check_keys=False)
+    blob = await encrypt_with(moto_kms_keyring(moto_kms, kms_key.arn))
+    keyring = moto_kms_keyring(moto_kms, "alias/does-not-exist", check_keys=False)
     with pytest.raises(NoUsableKeyError) as info:
         await decrypt_with(keyring, blob)
     for part in ("Decrypt", "alias/does-not-exist", "NotFoundException"):
@@ -533,8 +461,8 @@ async def test_keyring_naming_another_key_makes_no_decrypt_call(
 ) -> None:
     """No EDK names the reader's key, so there is nothing to ask KMS: NoUsableKeyError
     at once, zero Decrypt calls (whether the key ID was resolved by DescribeKey or not)."""
-    blob = await encrypt_with(strict(moto_kms, kms_key.arn))
-    keyring = strict(moto_kms, kms_key_2.key_id, check_keys=check_keys)
+    blob = await encrypt_with(moto_kms_keyring(moto_kms, kms_key.arn))
+    keyring = moto_kms_keyring(moto_kms, kms_key_2.key_id, check_keys=check_keys)
     with pytest.raises(NoUsableKeyError, match="0 tried"):
         await decrypt_with(keyring, blob)
     assert keyring.kms_calls.get("Decrypt", 0) == 0
@@ -545,8 +473,8 @@ async def test_unchecked_alias_of_another_key_is_refused_by_kms(
 ) -> None:
     """An unresolved alias of another key is sent to KMS with the EDK, and KMS refuses
     (AWS: IncorrectKeyException, moto: AccessDeniedException): no plaintext."""
-    blob = await encrypt_with(strict(moto_kms, kms_key.arn))
-    keyring = strict(moto_kms, kms_key_2.alias_name, check_keys=False)
+    blob = await encrypt_with(moto_kms_keyring(moto_kms, kms_key.arn))
+    keyring = moto_kms_keyring(moto_kms, kms_key_2.alias_name, check_keys=False)
     with pytest.raises(NoUsableKeyError) as info:
         await decrypt_with(keyring, blob)
     message = str(info.value)
@@ -562,8 +490,8 @@ async def test_corrupted_edk_is_refused_by_kms(
 ) -> None:
     """An EDK whose ciphertext was altered must be refused by KMS and reported as
     NoUsableKeyError with KMS's reason; the header tag is never reached."""
-    blob = await encrypt_with(strict(moto_kms, kms_key.arn))
-    (edk,) = await edks_of(blob, strict(moto_kms, kms_key.arn))
+    blob = await encrypt_with(moto_kms_keyring(moto_kms, kms_key.arn))
+    (edk,) = await edks_of(blob, moto_kms_keyring(moto_kms, kms_key.arn))
     original = bytes(edk.ciphertext)
     if corruption == "bit-flip":
         bad = original[:-1] + bytes([original[-1] ^ 0x01])
@@ -571,7 +499,7 @@ async def test_corrupted_edk_is_refused_by_kms(
         bad = os.urandom(len(original))
     assert blob.count(original) == 1
     tampered = blob.replace(original, bad)
-    keyring = strict(moto_kms, kms_key.arn)
+    keyring = moto_kms_keyring(moto_kms, kms_key.arn)
     with pytest.raises(NoUsableKeyError) as info:
         await decrypt_with(keyring, tampered)
     message = str(info.value)
@@ -590,7 +518,7 @@ async def test_message_without_kms_edk_makes_no_kms_call(
     """EDKs of other providers are skipped, not sent to KMS."""
     aes = RawAesKeyring("ns", "k", os.urandom(32))
     blob = await encrypt_with(aes)
-    for keyring in (strict(moto_kms, kms_key.arn), discovery(moto_kms)):
+    for keyring in (moto_kms_keyring(moto_kms, kms_key.arn), moto_kms_discovery_keyring(moto_kms)):
         with pytest.raises(NoUsableKeyError):
             await decrypt_with(keyring, blob)
         assert keyring.kms_calls.get("Decrypt", 0) == 0
@@ -604,7 +532,7 @@ async def test_full_encryption_context_is_bound_to_edk_by_kms(
 ) -> None:
     """KMS must authenticate the message's whole context (including the signing suite's
     public key): the EDK decrypts under exactly that context and under no other."""
-    keyring = strict(moto_kms, kms_key.arn)
+    keyring = moto_kms_keyring(moto_kms, kms_key.arn)
     async with EnvelopeClient(keyring) as client:
         blob = await client.encrypt(
             PLAINTEXT,
@@ -638,7 +566,7 @@ async def test_one_client_per_region_reused_and_closed_on_exit(
     region must be created, even under concurrent first use, reused for every call, and
     closed when the EnvelopeClient exits."""
     tracking = TrackingSession()
-    keyring = strict(
+    keyring = moto_kms_keyring(
         moto_kms,
         kms_key.key_id,
         additional_key_ids=[other_region_key.arn],
@@ -664,7 +592,7 @@ async def test_one_client_per_region_reused_and_closed_on_exit(
     assert tracking.open_clients == 0
     assert sorted(kind for kind, _ in tracking.events) == ["close", "close", "open", "open"]
     # The other region's client really was used: its EDK names the eu-west-1 key.
-    reader = strict(moto_kms, other_region_key.arn)
+    reader = moto_kms_keyring(moto_kms, other_region_key.arn)
     assert await decrypt_with(reader, blobs[0]) == PLAINTEXT + b"\x00"
 
 
@@ -700,12 +628,12 @@ async def test_mrk_aware_keyring_decrypts_with_replica_in_its_region(
     """With mrk_aware=True a reader in eu-west-1, configured with the replica, reads a
     message made under the us-west-2 primary, calling KMS only in its own region."""
     primary, replica = mrk
-    writer = strict(moto_kms, primary)
+    writer = moto_kms_keyring(moto_kms, primary)
     blob = await encrypt_with(writer)
     (edk,) = await edks_of(blob, writer)
     assert edk.provider_info == primary.encode()
     tracking = TrackingSession()
-    reader = strict(moto_kms, replica, mrk_aware=True, session=tracking.session)
+    reader = moto_kms_keyring(moto_kms, replica, mrk_aware=True, session=tracking.session)
     assert await decrypt_with(reader, blob) == PLAINTEXT
     assert tracking.created == [OTHER_REGION]
     assert reader.kms_calls == {"DescribeKey": 1, "Decrypt": 1}
@@ -717,8 +645,8 @@ async def test_mrk_unaware_keyring_refuses_replica_arn(
     """Without mrk_aware a replica ARN is a different key: the EDK (naming the primary)
     does not match, so NoUsableKeyError and no Decrypt call."""
     primary, replica = mrk
-    blob = await encrypt_with(strict(moto_kms, primary))
-    reader = strict(moto_kms, replica, region_name=OTHER_REGION)
+    blob = await encrypt_with(moto_kms_keyring(moto_kms, primary))
+    reader = moto_kms_keyring(moto_kms, replica, region_name=OTHER_REGION)
     with pytest.raises(NoUsableKeyError):
         await decrypt_with(reader, blob)
     assert reader.kms_calls.get("Decrypt", 0) == 0
@@ -731,9 +659,11 @@ async def test_mrk_aware_discovery_decrypts_with_replica_in_home_region(
     """An MRK-aware discovery keyring in eu-west-1 decrypts a us-west-2 MRK message
     through the eu-west-1 replica, never calling the primary's region."""
     primary, _ = mrk
-    blob = await encrypt_with(strict(moto_kms, primary))
+    blob = await encrypt_with(moto_kms_keyring(moto_kms, primary))
     tracking = TrackingSession()
-    reader = discovery(moto_kms, region_name=OTHER_REGION, mrk_aware=True, session=tracking.session)
+    reader = moto_kms_discovery_keyring(
+        moto_kms, region_name=OTHER_REGION, mrk_aware=True, session=tracking.session
+    )
     assert await decrypt_with(reader, blob) == PLAINTEXT
     assert tracking.created == [OTHER_REGION]
     assert reader.kms_calls == {"Decrypt": 1}
@@ -744,8 +674,8 @@ async def test_mrk_aware_discovery_skips_single_region_key_of_other_region(
 ) -> None:
     """An MRK-aware discovery keyring stays in its region: an ordinary key from another
     region is skipped, not called cross-region."""
-    blob = await encrypt_with(strict(moto_kms, kms_key.arn))
-    reader = discovery(moto_kms, region_name=OTHER_REGION, mrk_aware=True)
+    blob = await encrypt_with(moto_kms_keyring(moto_kms, kms_key.arn))
+    reader = moto_kms_discovery_keyring(moto_kms, region_name=OTHER_REGION, mrk_aware=True)
     with pytest.raises(NoUsableKeyError):
         await decrypt_with(reader, blob)
     assert reader.kms_calls.get("Decrypt", 0) == 0
@@ -769,14 +699,18 @@ async def test_kms_errors_never_contain_credentials(
         region_name=moto_kms.region,
     )
     missing = "alias/does-not-exist"
-    blob = await encrypt_with(strict(moto_kms, kms_key.arn))
+    blob = await encrypt_with(moto_kms_keyring(moto_kms, kms_key.arn))
     try:
         if failure == "start-up":
-            await encrypt_with(strict(moto_kms, missing, session=session))
+            await encrypt_with(moto_kms_keyring(moto_kms, missing, session=session))
         elif failure == "generate":
-            await encrypt_with(strict(moto_kms, missing, session=session, check_keys=False))
+            await encrypt_with(
+                moto_kms_keyring(moto_kms, missing, session=session, check_keys=False)
+            )
         else:
-            await decrypt_with(strict(moto_kms, missing, session=session, check_keys=False), blob)
+            await decrypt_with(
+                moto_kms_keyring(moto_kms, missing, session=session, check_keys=False), blob
+            )
     except BaseException as exc:  # whatever the type: this test is about the text
         caught: BaseException = exc
     else:

@@ -16,10 +16,10 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import aioboto3
 import pytest
 from fault_proxy import FaultProxy
 from kms_server import REGION, KmsKey, MotoKms
+from moto_keyrings import moto_kms_discovery_keyring, moto_kms_keyring
 from tracking_session import TrackingSession
 
 from aioenvelope import (
@@ -29,7 +29,6 @@ from aioenvelope import (
     EnvelopeClient,
     Keyring,
     KmsDiscoveryKeyring,
-    KmsKeyring,
     MultiKeyring,
     RawAesKeyring,
     errors,
@@ -66,15 +65,6 @@ MAX_CLIENTS = 16
 
 # -- helpers -----------------------------------------------------------------------------
 
-_shared_session: list[Any] = []
-
-
-def shared_session() -> Any:
-    """One aioboto3 session for the module (a fresh one reloads botocore's models)."""
-    if not _shared_session:
-        _shared_session.append(aioboto3.Session())
-    return _shared_session[0]
-
 
 def forged_arn(region: str) -> str:
     return f"arn:aws:kms:{region}:{ACCOUNT}:key/{uuid.uuid4()}"
@@ -99,13 +89,6 @@ async def forged_message(raw: RawAesKeyring, arns: Sequence[str]) -> bytes:
     writer = MultiKeyring(generator=raw, children=[ForgedKmsEdks(arns)])
     async with EnvelopeClient(writer, max_encrypted_data_keys=len(arns) + 1) as client:
         return await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
-
-
-def discovery(endpoint_url: str, session: Any = None, **kwargs: Any) -> KmsDiscoveryKeyring:
-    kwargs.setdefault("region_name", REGION)
-    return KmsDiscoveryKeyring(
-        endpoint_url=endpoint_url, session=session or shared_session(), **kwargs
-    )
 
 
 async def wait_for(predicate: Any, what: str) -> None:
@@ -147,7 +130,7 @@ async def test_forged_edk_regions_open_no_client_no_breaker_and_make_no_call(
         for m in range(10)
     ]
     tracking = TrackingSession()
-    keyring = discovery(moto_kms.endpoint_url, tracking.session)
+    keyring = moto_kms_discovery_keyring(moto_kms, session=tracking.session)
     async with EnvelopeClient(keyring, cache=None, max_encrypted_data_keys=11) as client:
         for blob in messages:
             with pytest.raises(errors.NoUsableKeyError):
@@ -173,13 +156,13 @@ async def test_malformed_edk_region_is_skipped_so_a_multikeyring_falls_back(
     blob = await forged_message(raw, [forged_arn(region)])
     tracking = TrackingSession()
     reader = MultiKeyring(
-        generator=discovery(moto_kms.endpoint_url, tracking.session), children=[raw]
+        generator=moto_kms_discovery_keyring(moto_kms, session=tracking.session), children=[raw]
     )
     async with EnvelopeClient(reader) as client:
         assert await client.decrypt(blob, encryption_context=CONTEXT) == PLAINTEXT
     assert tracking.opened == []
 
-    alone = discovery(moto_kms.endpoint_url, tracking.session)
+    alone = moto_kms_discovery_keyring(moto_kms, session=tracking.session)
     with pytest.raises(errors.NoUsableKeyError) as info:
         async with EnvelopeClient(alone) as client:
             await client.decrypt(blob, encryption_context=CONTEXT)
@@ -197,13 +180,11 @@ async def test_edk_of_a_region_not_allowed_is_named_with_how_to_allow_it(
     """A genuine message under a key in eu-west-1 is refused by a us-west-2 discovery
     keyring without a call; the error names the region and ``regions=``; listing both
     regions decrypts it."""
-    writer = KmsKeyring(
-        other_region_key.arn, session=shared_session(), endpoint_url=moto_kms.endpoint_url
-    )
+    writer = moto_kms_keyring(moto_kms, other_region_key.arn)
     async with EnvelopeClient(writer) as client:
         blob = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
 
-    home_only = discovery(moto_kms.endpoint_url)
+    home_only = moto_kms_discovery_keyring(moto_kms)
     with pytest.raises(errors.NoUsableKeyError) as info:
         async with EnvelopeClient(home_only) as client:
             await client.decrypt(blob, encryption_context=CONTEXT)
@@ -212,7 +193,7 @@ async def test_edk_of_a_region_not_allowed_is_named_with_how_to_allow_it(
     assert "regions=" in str(info.value)
     assert home_only.kms_calls == {}
 
-    both = discovery(moto_kms.endpoint_url, regions=[REGION, OTHER_REGION])
+    both = moto_kms_discovery_keyring(moto_kms, regions=[REGION, OTHER_REGION])
     async with EnvelopeClient(both) as client:
         assert await client.decrypt(blob, encryption_context=CONTEXT) == PLAINTEXT
     assert both.kms_calls == {"Decrypt": 1}
@@ -245,7 +226,7 @@ def test_a_discovery_keyring_needs_a_home_region_or_regions(
 )
 def test_regions_must_be_region_names(moto_kms: MotoKms, options: dict[str, Any]) -> None:
     with pytest.raises(errors.ConfigurationError):
-        discovery(moto_kms.endpoint_url, **options)
+        moto_kms_discovery_keyring(moto_kms, **options)
 
 
 # -- client creation inside the error mapping --------------------------------------------
@@ -259,16 +240,14 @@ async def test_a_key_in_a_region_botocore_refuses_is_a_kms_error_and_multikeyrin
     on decrypt, and a MultiKeyring goes on to its next child."""
     bad = forged_arn("bad_region")
     with pytest.raises(errors.KMSError) as info:
-        async with EnvelopeClient(
-            KmsKeyring(bad, check_keys=False, endpoint_url=moto_kms.endpoint_url)
-        ) as client:
+        async with EnvelopeClient(moto_kms_keyring(moto_kms, bad, check_keys=False)) as client:
             await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
     assert info.value.error_code == "InvalidRegionError"
     assert info.value.transient is False
     assert "'bad_region'" in str(info.value)
 
     blob = await forged_message(raw, [bad])
-    strict = KmsKeyring(bad, check_keys=False, endpoint_url=moto_kms.endpoint_url)
+    strict = moto_kms_keyring(moto_kms, bad, check_keys=False)
     async with EnvelopeClient(MultiKeyring(generator=strict, children=[raw])) as client:
         assert await client.decrypt(blob, encryption_context=CONTEXT) == PLAINTEXT
 
@@ -284,7 +263,7 @@ async def test_a_keyring_keeps_at_most_sixteen_clients_and_closes_the_evicted(
     closed to make room, all closed on exit."""
     blob = await forged_message(raw, [forged_arn(region) for region in REAL_REGIONS])
     tracking = TrackingSession()
-    keyring = discovery(moto_kms.endpoint_url, tracking.session, regions=REAL_REGIONS)
+    keyring = moto_kms_discovery_keyring(moto_kms, session=tracking.session, regions=REAL_REGIONS)
     async with EnvelopeClient(keyring, cache=None, max_encrypted_data_keys=18) as client:
         with pytest.raises(errors.NoUsableKeyError):
             await client.decrypt(blob, encryption_context=CONTEXT)
@@ -302,12 +281,18 @@ async def test_an_evicted_client_finishes_its_call_before_it_is_closed(
     """A client evicted while a call is in flight on it is closed when that call ends,
     not under it: the held us-west-2 Decrypt still succeeds after sixteen other regions
     pushed its client out."""
-    writer = KmsKeyring(kms_key.arn, session=shared_session(), endpoint_url=moto_kms.endpoint_url)
+    writer = moto_kms_keyring(moto_kms, kms_key.arn)
     async with EnvelopeClient(writer) as client:
         genuine = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
     others = [await forged_message(raw, [forged_arn(region)]) for region in REAL_REGIONS[1:]]
     tracking = TrackingSession()
-    keyring = discovery(proxy.url, tracking.session, regions=REAL_REGIONS, deadline=30.0)
+    keyring = moto_kms_discovery_keyring(
+        moto_kms,
+        endpoint_url=proxy.url,
+        session=tracking.session,
+        regions=REAL_REGIONS,
+        deadline=30.0,
+    )
     async with EnvelopeClient(keyring, cache=None) as client:
         proxy.hang(True)
         held = asyncio.create_task(client.decrypt(genuine, encryption_context=CONTEXT))

@@ -3,20 +3,22 @@
 One miss on a message with N EDKs can make N KMS Decrypt calls, so a token per miss let
 a caller spend up to ``max_encrypted_data_keys`` calls per token. Now each Decrypt
 request takes one (counted at the fault proxy in front of a real moto KMS); a breaker
-that fails fast costs none; keyrings that unwrap locally cost none; and a keyring of
-your own that calls a remote service charges the same bucket through the runtime.
+that fails fast costs none; and a keyring of your own that calls a remote service
+charges the same bucket through the runtime. That keyrings which unwrap locally take
+no token, and each remote unwrap one, every keyring shows in test_keyring_conformance.
+The clock is a FakeClock that nobody moves: no token comes back during a test.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
 
-import aioboto3
 import pytest
+from fake_clock import FakeClock
 from fault_proxy import FaultProxy
 from kms_server import KmsKey, MotoKms
+from moto_keyrings import moto_kms_keyring
 
 from aioenvelope import (
     DecryptionMaterials,
@@ -24,7 +26,6 @@ from aioenvelope import (
     EncryptionMaterials,
     EnvelopeClient,
     Keyring,
-    KmsKeyring,
     MultiKeyring,
     RateLimit,
     RawAesKeyring,
@@ -35,13 +36,6 @@ from aioenvelope.runtime import Runtime
 CONTEXT = {"tenant": "t1", "purpose": "rate-limit-per-call-tests"}
 PLAINTEXT = b"attack at dawn " * 7
 N = 4  # EDKs per message: N - 1 that KMS refuses, then the genuine one
-
-
-class StillClock:
-    """Time stands still: no token comes back during a test."""
-
-    def __call__(self) -> float:
-        return 1024.0
 
 
 class BogusFirst(Keyring):
@@ -59,24 +53,10 @@ class BogusFirst(Keyring):
         return materials
 
 
-_shared_session: list[Any] = []
-
-
-def session() -> Any:
-    if not _shared_session:
-        _shared_session.append(aioboto3.Session())
-    return _shared_session[0]
-
-
-def kms_keyring(endpoint_url: str, key: KmsKey, **kwargs: Any) -> KmsKeyring:
-    return KmsKeyring(
-        key.arn, endpoint_url=endpoint_url, session=session(), check_keys=False, **kwargs
-    )
-
-
 async def message_with_failing_edks_first(moto_kms: MotoKms, key: KmsKey) -> bytes:
     writer = MultiKeyring(
-        generator=BogusFirst(key.arn, N - 1), children=[kms_keyring(moto_kms.endpoint_url, key)]
+        generator=BogusFirst(key.arn, N - 1),
+        children=[moto_kms_keyring(moto_kms, key.arn, check_keys=False)],
     )
     async with EnvelopeClient(writer, cache=None) as client:
         return await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
@@ -100,9 +80,9 @@ async def test_a_message_whose_first_edks_fail_costs_a_token_per_decrypt_call(
     refused (429) before it is sent."""
     blob = await message_with_failing_edks_first(moto_kms, kms_key)
     limit = RateLimit(rate=1.0, burst=N)
-    reader = kms_keyring(proxy.url, kms_key)
+    reader = moto_kms_keyring(moto_kms, kms_key.arn, endpoint_url=proxy.url, check_keys=False)
     async with EnvelopeClient(
-        reader, cache=None, decrypt_rate_limit=limit, clock=StillClock()
+        reader, cache=None, decrypt_rate_limit=limit, clock=FakeClock()
     ) as client:
         assert await client.decrypt(blob, encryption_context=CONTEXT) == PLAINTEXT
         assert decrypts(proxy) == N
@@ -112,9 +92,9 @@ async def test_a_message_whose_first_edks_fail_costs_a_token_per_decrypt_call(
         assert client.stats.rate_limited == 1
 
     short = RateLimit(rate=1.0, burst=N - 1)
-    reader = kms_keyring(proxy.url, kms_key)
+    reader = moto_kms_keyring(moto_kms, kms_key.arn, endpoint_url=proxy.url, check_keys=False)
     async with EnvelopeClient(
-        reader, cache=None, decrypt_rate_limit=short, clock=StillClock()
+        reader, cache=None, decrypt_rate_limit=short, clock=FakeClock()
     ) as client:
         with pytest.raises(errors.KMSDecryptRateLimited):
             await client.decrypt(blob, encryption_context=CONTEXT)
@@ -127,10 +107,12 @@ async def test_a_region_whose_breaker_is_open_costs_no_token(
     """Failing fast sends nothing, so it spends nothing: after five failed calls (five
     tokens) open the breaker, any number of refused decrypts leave the bucket alone."""
     blob = await message_with_failing_edks_first(moto_kms, kms_key)
-    reader = kms_keyring(proxy.url, kms_key, max_attempts=1)
+    reader = moto_kms_keyring(
+        moto_kms, kms_key.arn, endpoint_url=proxy.url, check_keys=False, max_attempts=1
+    )
     limit = RateLimit(rate=1.0, burst=5)
     async with EnvelopeClient(
-        reader, cache=None, decrypt_rate_limit=limit, clock=StillClock()
+        reader, cache=None, decrypt_rate_limit=limit, clock=FakeClock()
     ) as client:
         proxy.fail_next(5, 500, operation="Decrypt")
         with pytest.raises(errors.KMSError):
@@ -143,19 +125,6 @@ async def test_a_region_whose_breaker_is_open_costs_no_token(
                 await client.decrypt(blob, encryption_context=CONTEXT)
         assert client.stats.rate_limited == 0
     assert decrypts(proxy) == 5
-
-
-async def test_keyrings_that_unwrap_locally_take_no_token() -> None:
-    """A raw AES key costs nobody anything: with a burst of 1 and time standing still,
-    any number of uncached decryptions go through."""
-    raw = RawAesKeyring("n", "k", os.urandom(32))
-    async with EnvelopeClient(
-        raw, cache=None, decrypt_rate_limit=RateLimit(rate=1.0, burst=1), clock=StillClock()
-    ) as client:
-        blob = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
-        for _ in range(5):
-            assert await client.decrypt(blob, encryption_context=CONTEXT) == PLAINTEXT
-        assert client.stats.rate_limited == 0
 
 
 class RemoteUnwrapKeyring(Keyring):
@@ -194,7 +163,7 @@ async def test_a_remote_keyring_of_ones_own_charges_the_same_bucket() -> None:
     remote = RemoteUnwrapKeyring()
     limit = RateLimit(rate=1.0, burst=2)
     async with EnvelopeClient(
-        remote, cache=None, decrypt_rate_limit=limit, clock=StillClock()
+        remote, cache=None, decrypt_rate_limit=limit, clock=FakeClock()
     ) as client:
         blob = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
         assert await client.decrypt(blob, encryption_context=CONTEXT) == PLAINTEXT

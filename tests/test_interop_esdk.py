@@ -70,10 +70,10 @@ def aes_case(
     context: Mapping[str, str] = ASCII_CONTEXT,
 ) -> Case:
     """A case under one fresh AES-256 key held by both libraries."""
-    key = os.urandom(32)
+    key = shared_key("aes-256", namespace=NAMESPACE, name=KEY_NAME)
     return Case(
-        RawAesKeyring(NAMESPACE, KEY_NAME, key),
-        peer_keys(raw_aes_key(NAMESPACE, KEY_NAME, key)),
+        key.ours,
+        peer_keys(key.peer),
         plaintext,
         suite,
         frame_length,
@@ -184,11 +184,11 @@ async def test_default_frame_length_multi_frame_message_matches_esdk(
 async def test_client_default_frame_length_is_what_esdk_reads() -> None:
     """Encrypting without a frame_length uses the client default, and the ESDK must parse
     that frame length (65536) from the header we wrote."""
-    key = os.urandom(32)
+    key = shared_key("aes-256", namespace=NAMESPACE, name=KEY_NAME)
     plaintext = os.urandom(DEFAULT_FRAME + 1)
-    async with EnvelopeClient(RawAesKeyring(NAMESPACE, KEY_NAME, key)) as client:
+    async with EnvelopeClient(key.ours) as client:
         blob = await client.encrypt(plaintext)
-    decrypted, header = esdk_decrypt(peer_keys(raw_aes_key(NAMESPACE, KEY_NAME, key)), blob)
+    decrypted, header = esdk_decrypt(peer_keys(key.peer), blob)
     assert decrypted == plaintext
     assert header.frame_length == DEFAULT_FRAME
     assert header.framed
@@ -305,17 +305,17 @@ async def test_context_one_byte_over_the_limit_is_refused_like_the_esdk_refuses_
     """Both writers must draw the line at the same byte: the ESDK refuses a 65536-byte
     context, and we must too (with EncryptionContextError) rather than write a header
     whose AAD length field has wrapped around."""
-    key = os.urandom(32)
+    key = shared_key("aes-256", namespace=NAMESPACE, name=KEY_NAME)
     context = context_of_serialized_size(MAX_SERIALIZED_CONTEXT + 1, suite)
     with pytest.raises(SerializationError):
         esdk_encrypt(
-            peer_keys(raw_aes_key(NAMESPACE, KEY_NAME, key)),
+            peer_keys(key.peer),
             b"over",
             suite_id=suite.suite_id,
             encryption_context=context,
             frame_length=SMALL_FRAME,
         )
-    async with EnvelopeClient(RawAesKeyring(NAMESPACE, KEY_NAME, key)) as client:
+    async with EnvelopeClient(key.ours) as client:
         with pytest.raises(errors.EncryptionContextError):
             await client.encrypt(b"over", encryption_context=context, algorithm_suite=suite)
 
@@ -356,17 +356,17 @@ async def test_non_ascii_key_namespace_and_name_match_esdk(
 async def test_we_read_esdk_non_framed_committing_messages(suite: AlgorithmSuite) -> None:
     """The ESDK still writes non-framed (content type 1) v2 messages when frame_length=0;
     nothing in the decrypt spec forbids them, so data written that way must stay readable."""
-    key = os.urandom(32)
+    key = shared_key("aes-256", namespace=NAMESPACE, name=KEY_NAME)
     plaintext = os.urandom(300)
     blob, peer_header = esdk_encrypt(
-        peer_keys(raw_aes_key(NAMESPACE, KEY_NAME, key)),
+        peer_keys(key.peer),
         plaintext,
         suite_id=suite.suite_id,
         encryption_context=ASCII_CONTEXT,
         frame_length=0,
     )
     assert not peer_header.framed
-    async with EnvelopeClient(RawAesKeyring(NAMESPACE, KEY_NAME, key)) as client:
+    async with EnvelopeClient(key.ours) as client:
         result = await client.decrypt_with_header(blob, encryption_context=ASCII_CONTEXT)
     assert result.plaintext == plaintext
     assert_headers_agree(result.header, peer_header)
@@ -425,17 +425,17 @@ async def test_we_read_legacy_esdk_messages_when_policy_allows_decrypt(
 async def test_we_read_legacy_esdk_messages_of_edge_sizes(frame_length: int, size: int) -> None:
     """Empty and tiny legacy messages, framed and non-framed: the non-framed body has its
     own length field (UInt64) and single-block AAD that the framed tests never touch."""
-    key = os.urandom(32)
+    key = shared_key("aes-256", namespace=NAMESPACE, name=KEY_NAME)
     plaintext = os.urandom(size)
     blob, _ = esdk_encrypt(
-        peer_keys(raw_aes_key(NAMESPACE, KEY_NAME, key)),
+        peer_keys(key.peer),
         plaintext,
         suite_id=AlgorithmSuite.AES_256_GCM_IV12_TAG16_HKDF_SHA256.suite_id,
         encryption_context={},
         frame_length=frame_length,
     )
     async with EnvelopeClient(
-        RawAesKeyring(NAMESPACE, KEY_NAME, key),
+        key.ours,
         commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_ALLOW_DECRYPT,
     ) as client:
         assert await client.decrypt(blob) == plaintext
@@ -448,15 +448,15 @@ async def test_default_policy_refuses_legacy_esdk_messages(
 ) -> None:
     """The default policy (REQUIRE_ENCRYPT_REQUIRE_DECRYPT) must refuse every
     non-committing suite, with the dedicated error, even though the key would unwrap."""
-    key = os.urandom(32)
+    key = shared_key("aes-256", namespace=NAMESPACE, name=KEY_NAME)
     blob, _ = esdk_encrypt(
-        peer_keys(raw_aes_key(NAMESPACE, KEY_NAME, key)),
+        peer_keys(key.peer),
         b"legacy secret",
         suite_id=suite.suite_id,
         encryption_context=ASCII_CONTEXT,
         frame_length=frame_length,
     )
-    async with EnvelopeClient(RawAesKeyring(NAMESPACE, KEY_NAME, key)) as client:
+    async with EnvelopeClient(key.ours) as client:
         with pytest.raises(errors.CommitmentPolicyError):
             await client.decrypt(blob)
 
@@ -548,14 +548,14 @@ async def test_esdk_message_under_keys_we_do_not_hold_is_refused_with_no_usable_
 async def test_esdk_message_with_a_different_reproduced_context_is_refused() -> None:
     """The context the reader supplies must match the one the ESDK stored; a mismatched
     value must raise EncryptionContextMismatchError before any plaintext is released."""
-    key = os.urandom(32)
+    key = shared_key("aes-256", namespace=NAMESPACE, name=KEY_NAME)
     blob, _ = esdk_encrypt(
-        peer_keys(raw_aes_key(NAMESPACE, KEY_NAME, key)),
+        peer_keys(key.peer),
         b"secret",
         suite_id=AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384.suite_id,
         encryption_context={"tenant": "t-42"},
         frame_length=SMALL_FRAME,
     )
-    async with EnvelopeClient(RawAesKeyring(NAMESPACE, KEY_NAME, key)) as client:
+    async with EnvelopeClient(key.ours) as client:
         with pytest.raises(errors.EncryptionContextMismatchError):
             await client.decrypt(blob, encryption_context={"tenant": "t-43"})

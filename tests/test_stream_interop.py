@@ -119,6 +119,23 @@ def esdk_write(
     return esdk_encrypt(keys, plaintext, streaming=writer == "esdk-stream", **options)
 
 
+def esdk_wrote(
+    writer: str, plaintext: bytes, suite: AlgorithmSuite, frame_length: int
+) -> tuple[SharedKey, bytes, PeerHeader]:
+    """A fresh shared key, and ``plaintext`` written under it (with :data:`CONTEXT`) by
+    the ESDK's ``writer``."""
+    key = interop_key()
+    ciphertext, peer_header = esdk_write(
+        writer,
+        peer_keys(key.peer),
+        plaintext,
+        suite_id=suite.suite_id,
+        encryption_context=CONTEXT,
+        frame_length=frame_length,
+    )
+    return key, ciphertext, peer_header
+
+
 def interop_key(kind: str = "aes-256", rsa_key: rsa.RSAPrivateKey | None = None) -> SharedKey:
     """A fresh wrapping key held by both libraries (see :func:`esdk_peer.shared_key`)."""
     return shared_key(kind, rsa_key, namespace=NAMESPACE, name=KEY_NAME)
@@ -264,15 +281,7 @@ async def test_we_stream_decrypt_esdk_committing_messages(
     several lengths and non-framed, through decrypt_stream from random-size chunks."""
     rng = rng_for(suite, writer, frame_length, size)
     plaintext = rng.randbytes(size)
-    key = interop_key()
-    ciphertext, peer_header = esdk_write(
-        writer,
-        peer_keys(key.peer),
-        plaintext,
-        suite_id=suite.suite_id,
-        encryption_context=CONTEXT,
-        frame_length=frame_length,
-    )
+    key, ciphertext, peer_header = esdk_wrote(writer, plaintext, suite, frame_length)
     assert peer_header.framed == (frame_length != 0)
     async with EnvelopeClient(key.ours) as client:
         decrypted, header = await our_stream_decrypt(
@@ -297,15 +306,7 @@ async def test_we_stream_decrypt_esdk_legacy_messages(
     by a client whose policy allows legacy reads."""
     rng = rng_for(suite, writer, frame_length)
     plaintext = rng.randbytes(3 * 4096 + 17)
-    key = interop_key()
-    ciphertext, peer_header = esdk_write(
-        writer,
-        peer_keys(key.peer),
-        plaintext,
-        suite_id=suite.suite_id,
-        encryption_context=CONTEXT,
-        frame_length=frame_length,
-    )
+    key, ciphertext, peer_header = esdk_wrote(writer, plaintext, suite, frame_length)
     assert peer_header.suite_id == suite.suite_id
     async with EnvelopeClient(
         key.ours, commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_ALLOW_DECRYPT
@@ -343,15 +344,7 @@ async def test_we_stream_decrypt_esdk_message_fed_one_byte_at_a_time(
     chunk or per read: the header, each frame prefix, the signature length and the
     signature all arrive split at every possible offset."""
     plaintext = rng_for(suite, frame_length).randbytes(300)
-    key = interop_key()
-    ciphertext, peer_header = esdk_encrypt(
-        peer_keys(key.peer),
-        plaintext,
-        streaming=True,
-        suite_id=suite.suite_id,
-        encryption_context=CONTEXT,
-        frame_length=frame_length,
-    )
+    key, ciphertext, peer_header = esdk_wrote("esdk-stream", plaintext, suite, frame_length)
     one_byte = random.Random(0)
     source: StreamSource
     if source_kind == "async-reader":

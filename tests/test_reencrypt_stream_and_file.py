@@ -30,6 +30,7 @@ from rotation import (
     flip,
     parsed,
 )
+from stream_outcome import assert_verified_prefix, drain
 from suites import COMMIT, COMMIT_SIGN
 
 import aioenvelope
@@ -231,9 +232,12 @@ async def test_reencrypt_stream_of_a_damaged_body_never_yields_the_final_frame(
     """``reencrypt_stream`` releases new frames before the old message is verified to
     its end (that is what streaming is for), but never the new message's final frame:
     whatever it yielded before it raised is a message every reader refuses as
-    truncated. Fed in 200-byte chunks, so frames do come out before the damage."""
+    truncated, and the frames it holds are exactly the old plaintext's first frames.
+    Fed in 200-byte chunks, so frames do come out before the damage."""
     source, target = XorKeyring("a"), XorKeyring("b")
-    damaged = body_damage(await signed_old(source), damage)
+    old = await signed_old(source)
+    damaged = body_damage(old, damage)
+    plaintext = await decrypt_with(source, old)
     async with EnvelopeClient(source, frame_length=64) as client:
         for feed in (damaged, random_chunks(damaged, random.Random(5), 200)):
             produced: list[bytes] = []
@@ -252,6 +256,9 @@ async def test_reencrypt_stream_of_a_damaged_body_never_yields_the_final_frame(
             async with EnvelopeClient(XorKeyring("b")) as reader:
                 with pytest.raises(errors.TruncatedMessageError):
                     await reader.decrypt_stream(partial).read_all()
+                released = await drain(reader.decrypt_stream(partial))
+            assert isinstance(released.error, errors.TruncatedMessageError)
+            assert_verified_prefix(released.plaintext, plaintext, 64)
 
 
 async def test_reencrypt_file_round_trip(tmp_path: Any) -> None:

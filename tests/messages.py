@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 from hypothesis import strategies as st
 
+from aioenvelope import EncryptionMaterials, Keyring
 from aioenvelope.format import AlgorithmSuite, EncryptedDataKey, MessageEncryptor
 from aioenvelope.format.encryption_context import PUBLIC_KEY_FIELD
 from aioenvelope.format.signing import Signer
@@ -48,3 +49,33 @@ context_text = st.text(
     alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12
 ).filter(lambda s: not s.startswith("aws-crypto-"))
 encryption_contexts = st.dictionaries(context_text, context_text, max_size=5)
+
+
+async def sealed_for(
+    keyring: Keyring,
+    suite: AlgorithmSuite,
+    plaintext: bytes,
+    *,
+    context: Mapping[str, str] | None = None,
+    frame_length: int = 16,
+) -> bytes:
+    """A framed message of any suite (v1 included) whose data key ``keyring`` wrapped,
+    so the keyring can open it: the EDK is made through the public keyring seam
+    (``on_encrypt``) over the context the header stores (with the signing key's entry
+    for signing suites, which raw AES binds as its AAD)."""
+    stored = dict(context or {})
+    signer = Signer(suite) if suite.signing else None
+    if signer is not None:
+        stored[PUBLIC_KEY_FIELD] = signer.encoded_public_key
+    materials = EncryptionMaterials(algorithm_suite=suite, encryption_context=stored)
+    materials = await keyring.on_encrypt(materials)
+    assert materials.plaintext_data_key is not None
+    encryptor = build_encryptor(
+        suite,
+        data_key=materials.plaintext_data_key,
+        context=context,
+        frame_length=frame_length,
+        edks=materials.encrypted_data_keys,
+        signer=signer,
+    )
+    return encryptor.encrypt_all(plaintext)

@@ -11,68 +11,29 @@ line on stderr and no output file (not even a temporary one); usage errors exit 
 from __future__ import annotations
 
 import base64
-import fcntl
 import json
 import os
-import pty
-import struct
-import subprocess
-import sys
-import sysconfig
-import termios
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio
 import aws_encryption_sdk
 import pytest
-from esdk_peer import esdk_decrypt, peer_keys, raw_aes_key
+from cli_runner import (
+    ERROR_PREFIX,
+    Cli,
+    RawKeyFile,
+    clean_env,
+    failed,
+    keygen,
+    listing,
+    ok,
+    on_a_terminal,
+)
+from esdk_peer import esdk_decrypt
 from kms_server import DUMMY_CREDENTIALS, REGION, KmsKey, MotoKms
 
 import aioenvelope
-
-
-def _command() -> list[str]:
-    """The console script pip installed beside this interpreter (what users run); the
-    module if the package was not installed with its scripts."""
-    script = Path(sysconfig.get_path("scripts")) / "aioenvelope"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "aioenvelope.cli"]
-
-
-COMMAND = _command()
-ERROR_PREFIX = "aioenvelope: error: "
-
-
-@dataclass(frozen=True)
-class Cli:
-    env: dict[str, str]
-    kms: tuple[str, ...]  # how to reach the moto KMS: --endpoint-url URL --region REGION
-
-    def __call__(
-        self, *args: str | Path, stdin: bytes = b"", stderr: int = subprocess.PIPE
-    ) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            [*COMMAND, *map(str, args)],
-            input=stdin,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            env=self.env,
-            timeout=60,
-            check=False,
-        )
-
-
-@dataclass(frozen=True)
-class RawKeyFile:
-    path: Path
-    namespace: str
-    name: str
-    key: bytes
-
-    def esdk(self) -> Any:
-        """The same key as an ESDK master key provider."""
-        return peer_keys(raw_aes_key(self.namespace, self.name, self.key))
 
 
 @dataclass(frozen=True)
@@ -82,43 +43,16 @@ class KmsMessage:
     context: tuple[str, ...] = ("-c", "tenant=t1", "-c", "table=cards")
 
 
-def ok(result: subprocess.CompletedProcess[bytes]) -> subprocess.CompletedProcess[bytes]:
-    assert result.returncode == 0, result.stderr.decode()
-    assert result.stderr == b""  # nothing on stderr when it is a pipe: no progress bar
-    return result
-
-
-def failed(result: subprocess.CompletedProcess[bytes], *, lines: int = 1) -> list[str]:
-    """Exit status 1 and ``lines`` readable error lines, no traceback."""
-    errors = result.stderr.decode().splitlines()
-    assert result.returncode == 1, errors
-    assert len(errors) == lines, errors
-    assert all(line.startswith(ERROR_PREFIX) for line in errors), errors
-    return errors
-
-
-def listing(root: Path) -> set[str]:
-    """Every file and directory under ``root`` (temporary files would show up here)."""
-    return {p.relative_to(root).as_posix() for p in root.rglob("*")}
-
-
 @pytest.fixture(scope="module")
 def cli(moto_kms: MotoKms) -> Cli:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AIOENVELOPE_"))}
+    env = clean_env()
     env.update(DUMMY_CREDENTIALS)  # never real credentials: nothing may reach AWS
     return Cli(env, ("--endpoint-url", moto_kms.endpoint_url, "--region", REGION))
 
 
 @pytest.fixture(scope="module")
 def raw_key(cli: Cli, tmp_path_factory: pytest.TempPathFactory) -> RawKeyFile:
-    path = tmp_path_factory.mktemp("keys") / "key.json"
-    ok(cli("keygen", "-o", path))
-    document = json.loads(path.read_text())
-    assert document["type"] == "aioenvelope-raw-aes"
-    assert document["namespace"] == "aioenvelope"
-    return RawKeyFile(
-        path, document["namespace"], document["name"], base64.b64decode(document["key"])
-    )
+    return keygen(cli, tmp_path_factory.mktemp("keys") / "key.json")
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +79,36 @@ def kms_message(cli: Cli, kms_key: KmsKey, tmp_path_factory: pytest.TempPathFact
     return message
 
 
-@pytest.fixture
-def esdk_kms(moto_kms: MotoKms, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Point the ESDK's own boto3 KMS clients at moto (see test_kms_interop.py)."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", moto_kms.endpoint_url)
+def write_tree(root: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+
+
+def reencrypt(
+    cli: Cli,
+    message: KmsMessage,
+    key: KmsKey,
+    output: Path,
+    *to_keys: str | Path,
+    context: bool = True,
+) -> None:
+    """``message`` (read with ``key``, and its context checked unless ``context`` is
+    false) re-encrypted under ``to_keys`` (``--to-...`` options) into ``output``."""
+    checked = message.context if context else ()
+    ok(
+        cli(
+            "reencrypt",
+            message.path,
+            "-o",
+            output,
+            "--kms-key",
+            key.arn,
+            *to_keys,
+            *checked,
+            *cli.kms,
+        )
+    )
 
 
 def test_keygen_writes_a_private_key_file_and_never_overwrites_without_force(
@@ -171,7 +131,7 @@ def test_keygen_writes_a_private_key_file_and_never_overwrites_without_force(
 
 
 def test_kms_file_round_trip_inspect_and_the_esdk_reads_it(
-    cli: Cli, kms_message: KmsMessage, kms_key: KmsKey, tmp_path: Path, esdk_kms: None
+    cli: Cli, kms_message: KmsMessage, kms_key: KmsKey, tmp_path: Path, esdk_kms: MotoKms
 ) -> None:
     header = json.loads(ok(cli("inspect", kms_message.path)).stdout)
     assert header["algorithm_suite"] == {
@@ -219,9 +179,7 @@ def test_directory_tree_round_trip_and_per_file_failures(
         "sub/b.bin": os.urandom(70_000),  # more than one 64 KiB frame
         "sub/deeper/c.csv": b"id,amount\n1,7\n",
     }
-    for name, data in files.items():
-        (tree / name).parent.mkdir(parents=True, exist_ok=True)
-        (tree / name).write_bytes(data)
+    write_tree(tree, files)
 
     encrypted = tmp_path / "encrypted"
     ok(cli("encrypt", tree, "-o", encrypted, "--raw-key-file", raw_key.path, "-c", "app=cli"))
@@ -298,20 +256,7 @@ def test_reencrypt_from_key_a_to_key_b(
     cli: Cli, kms_message: KmsMessage, kms_key: KmsKey, kms_key_2: KmsKey, tmp_path: Path
 ) -> None:
     rotated = tmp_path / "rotated"
-    ok(
-        cli(
-            "reencrypt",
-            kms_message.path,
-            "-o",
-            rotated,
-            "--kms-key",
-            kms_key.arn,
-            "--to-kms-key",
-            kms_key_2.alias_name,
-            *kms_message.context,
-            *cli.kms,
-        )
-    )
+    reencrypt(cli, kms_message, kms_key, rotated, "--to-kms-key", kms_key_2.alias_name)
     assert rotated.stat().st_mode & 0o777 == 0o600
     old_bytes, new_bytes = kms_message.path.read_bytes(), rotated.read_bytes()
     old, new = aioenvelope.inspect(old_bytes), aioenvelope.inspect(new_bytes)
@@ -348,19 +293,7 @@ def test_reencrypt_to_a_raw_key_file_which_the_esdk_reads(
     cli: Cli, kms_message: KmsMessage, kms_key: KmsKey, raw_key: RawKeyFile, tmp_path: Path
 ) -> None:
     rotated = tmp_path / "rotated"
-    ok(
-        cli(
-            "reencrypt",
-            kms_message.path,
-            "-o",
-            rotated,
-            "--kms-key",
-            kms_key.arn,
-            "--to-raw-key-file",
-            raw_key.path,
-            *cli.kms,
-        )
-    )
+    reencrypt(cli, kms_message, kms_key, rotated, "--to-raw-key-file", raw_key.path, context=False)
     plaintext, peer = esdk_decrypt(raw_key.esdk(), rotated.read_bytes())
     assert plaintext == kms_message.plaintext
     assert {edk[0] for edk in peer.encrypted_data_keys} == {"aioenvelope"}
@@ -377,9 +310,7 @@ def test_reencrypt_of_a_directory_rotates_every_file_and_reports_a_truncated_one
     ok(cli("keygen", "-o", new_key))
     tree = tmp_path / "tree"
     files = {"a.txt": b"alpha\n", "empty": b"", "sub/b.bin": os.urandom(70_000)}
-    for name, data in files.items():
-        (tree / name).parent.mkdir(parents=True, exist_ok=True)
-        (tree / name).write_bytes(data)
+    write_tree(tree, files)
     encrypted = tmp_path / "encrypted"
     ok(cli("encrypt", tree, "-o", encrypted, "--raw-key-file", raw_key.path, "-c", "app=cli"))
 
@@ -480,8 +411,7 @@ def decrypt_in_process(message: bytes, raw_key: RawKeyFile) -> bytes:
     """Decrypt ``message`` with the raw key file's key, with the library in process."""
 
     async def run() -> bytes:
-        keyring = aioenvelope.RawAesKeyring(raw_key.namespace, raw_key.name, raw_key.key)
-        async with aioenvelope.EnvelopeClient(keyring) as client:
+        async with aioenvelope.EnvelopeClient(raw_key.keyring()) as client:
             return await client.decrypt(message)
 
     return anyio.run(run)
@@ -537,32 +467,10 @@ def test_progress_bar_appears_on_a_terminal(cli: Cli, raw_key: RawKeyFile, tmp_p
     """On a pipe stderr stays empty (checked by every ``ok``); on a terminal, a bar."""
     source = tmp_path / "big"
     source.write_bytes(os.urandom(3 << 20))
-    parent, child = pty.openpty()
-    # A new pseudo-terminal is 0 columns wide, and tqdm draws nothing in 0 columns.
-    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    try:
-        result = cli(
-            "encrypt",
-            source,
-            "-o",
-            tmp_path / "big.enc",
-            "--raw-key-file",
-            raw_key.path,
-            stderr=child,
-        )
-        os.close(child)
-        shown = b""
-        while True:
-            try:
-                data = os.read(parent, 4096)
-            except OSError:  # EIO: the terminal's other end is closed and drained
-                break
-            if not data:
-                break
-            shown += data
-    finally:
-        os.close(parent)
-    assert result.returncode == 0
+    status, shown = on_a_terminal(
+        cli, "encrypt", source, "-o", tmp_path / "big.enc", "--raw-key-file", raw_key.path
+    )
+    assert status == 0
     assert b"%|" in shown  # tqdm's bar
 
 
@@ -573,3 +481,113 @@ def test_demo_runs_the_quickstart_on_an_embedded_kms(cli: Cli) -> None:
     assert "tampered record refused" in out
     assert "wrong tenant refused" in out
     assert "KMS calls made: 5 (Decrypt 2, DescribeKey 1, GenerateDataKey 2)" in out
+
+
+# -- global flags and --force, -q, --profile -----------------------------------------------
+
+
+def test_version_prints_the_package_version(cli: Cli) -> None:
+    result = ok(cli("--version"))
+    assert result.stdout.decode() == f"aioenvelope {aioenvelope.__version__}\n"
+    assert aioenvelope.__version__ == "0.1.0"
+
+
+def test_force_replaces_an_existing_output_file_that_is_refused_without_it(
+    cli: Cli, raw_key: RawKeyFile, tmp_path: Path
+) -> None:
+    """encrypt and decrypt alike: without --force the old file stays, byte for byte; with
+    it the file is the new output, whole (mode 0600, no temporary file left)."""
+    source = tmp_path / "plain"
+    source.write_bytes(os.urandom(70_000))
+    sealed, opened = tmp_path / "sealed", tmp_path / "opened"
+    for path in (sealed, opened):
+        path.write_bytes(b"precious")
+    key = ("--raw-key-file", raw_key.path)
+    for args, output in (
+        (("encrypt", source, "-o", sealed, *key), sealed),
+        (("decrypt", sealed, "-o", opened, *key), opened),
+    ):
+        error = failed(cli(*args))[0]
+        assert error == f"{ERROR_PREFIX}{output} already exists; pass --force to replace it"
+        assert output.read_bytes() == b"precious"
+        ok(cli(*args, "--force"))
+        assert output.stat().st_mode & 0o777 == 0o600
+    assert opened.read_bytes() == source.read_bytes()
+    assert decrypt_in_process(sealed.read_bytes(), raw_key) == source.read_bytes()
+    assert listing(tmp_path) == {"plain", "sealed", "opened"}
+
+
+def test_debug_adds_the_traceback_to_a_failure_and_the_library_logs_to_a_success(
+    cli: Cli, kms_key: KmsKey, raw_key: RawKeyFile
+) -> None:
+    """Without --debug a failure is one line and a success prints nothing on stderr
+    (``failed`` and ``ok`` check that); --debug, before or after the command, adds the
+    traceback above that line, and the library's debug log (here its KMS calls)."""
+    garbage = ("decrypt", "-", "-o", "-", "--raw-key-file", raw_key.path)
+    line = f"{ERROR_PREFIX}not an AWS Encryption SDK message: unknown version byte 0x67"
+    assert failed(cli(*garbage, stdin=b"garbage")) == [line]
+    for debug in (("--debug", *garbage), (*garbage, "--debug")):
+        result = cli(*debug, stdin=b"garbage")
+        assert result.returncode == 1
+        shown = result.stderr.decode().splitlines()
+        assert shown[0] == "Traceback (most recent call last):"
+        assert shown[-2:] == [
+            f"aioenvelope.errors.MalformedMessageError: {line.removeprefix(ERROR_PREFIX)}",
+            line,
+        ]
+
+    encrypt = ("encrypt", "-", "-o", "-", "--kms-key", kms_key.arn, *cli.kms)
+    assert ok(cli(*encrypt, stdin=b"x")).stdout[:1] == b"\x02"
+    logged = cli(*encrypt, "--debug", stdin=b"x")
+    assert logged.returncode == 0
+    assert logged.stdout[:1] == b"\x02"
+    assert logged.stderr.decode().splitlines() == [
+        f"aioenvelope.kms: opening a KMS client for region {REGION}",
+        f"aioenvelope.kms: KMS DescribeKey with key {kms_key.arn} in {REGION}",
+        f"aioenvelope.kms: KMS GenerateDataKey with key {kms_key.arn} in {REGION}",
+        f"aioenvelope.kms: closing the KMS client for region {REGION}",
+    ]
+
+
+def test_quiet_draws_no_progress_bar_on_a_terminal(
+    cli: Cli, raw_key: RawKeyFile, tmp_path: Path
+) -> None:
+    """The same run that draws a bar (see above) shows nothing at all with -q."""
+    source = tmp_path / "big"
+    source.write_bytes(os.urandom(3 << 20))
+    for quiet in ("-q", "--quiet"):
+        out = tmp_path / f"big{quiet}.enc"
+        status, shown = on_a_terminal(
+            cli, "encrypt", source, "-o", out, "--raw-key-file", raw_key.path, quiet
+        )
+        assert (status, shown) == (0, b"")
+        assert decrypt_in_process(out.read_bytes(), raw_key) == source.read_bytes()
+
+
+def test_profile_is_the_aws_profile_botocore_reads(
+    cli: Cli, moto_kms: MotoKms, kms_key: KmsKey, tmp_path: Path
+) -> None:
+    """The profile's region (from AWS_CONFIG_FILE) locates a key given by alias; without
+    --profile there is no region, and a profile that does not exist is botocore's error,
+    naming it, as the one line of a failure."""
+    config = tmp_path / "aws-config"
+    config.write_text(
+        f"[profile moto]\nregion = {REGION}\n"
+        "aws_access_key_id = testing\naws_secret_access_key = testing\n"
+    )
+    env = clean_env()  # no AWS_* credentials or region: only the profile gives them
+    env.update(AWS_CONFIG_FILE=str(config), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    by_alias = ("encrypt", "-", "-o", "-", "--kms-key", kms_key.alias_name)
+    endpoint = ("--endpoint-url", moto_kms.endpoint_url)
+    profiled = Cli(env)
+
+    blob = ok(profiled(*by_alias, *endpoint, "--profile", "moto", stdin=b"profiled")).stdout
+    wrapped_by = aioenvelope.inspect(blob).encrypted_data_keys[0].provider_info.decode()
+    assert wrapped_by == kms_key.arn
+    assert failed(profiled(*by_alias, *endpoint, stdin=b"x")) == [
+        f"{ERROR_PREFIX}no AWS region for KMS key {kms_key.alias_name!r}: give a key ARN, "
+        "region_name, or set AWS_REGION"
+    ]
+    assert failed(profiled(*by_alias, *endpoint, "--profile", "no-such-profile")) == [
+        f"{ERROR_PREFIX}The config profile (no-such-profile) could not be found"
+    ]

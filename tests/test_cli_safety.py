@@ -19,39 +19,32 @@ from pathlib import Path
 
 import anyio
 import pytest
-from test_cli import COMMAND, ERROR_PREFIX, listing
+from cli_runner import COMMAND, ERROR_PREFIX, Cli, RawKeyFile, clean_env, keygen, listing
 
 from aioenvelope import EnvelopeClient, RawAesKeyring
-from aioenvelope._cli_keys import RawKey, write_raw_key
 
 MIB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def raw_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RawKey]:
-    key = RawKey.generate()
-    path = tmp_path_factory.mktemp("keys") / "key.json"
-    write_raw_key(path, key, force=False)
-    return path, key
+def cli() -> Cli:
+    return Cli(clean_env())
 
 
 @pytest.fixture(scope="module")
-def env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AIOENVELOPE_"))}
+def raw_key(cli: Cli, tmp_path_factory: pytest.TempPathFactory) -> RawKeyFile:
+    return keygen(cli, tmp_path_factory.mktemp("keys") / "key.json")
 
 
-def run(env: dict[str, str], *args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*COMMAND, *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
+def run(cli: Cli, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``cli`` with its output as text."""
+    result = cli(*args)
+    return subprocess.CompletedProcess(
+        result.args, result.returncode, result.stdout.decode(), result.stderr.decode()
     )
 
 
-async def encrypt(key: RawKey, data: bytes) -> bytes:
+async def encrypt(key: RawKeyFile, data: bytes) -> bytes:
     async with EnvelopeClient(key.keyring()) as client:
         return await client.encrypt(data)
 
@@ -75,11 +68,11 @@ def open_files_under(pid: int | str, directory: Path) -> list[int]:
 
 
 def test_sigterm_during_a_decrypt_to_a_file_leaves_nothing_and_exits_143(
-    env: dict[str, str], raw_key: tuple[Path, RawKey], tmp_path: Path
+    cli: Cli, raw_key: RawKeyFile, tmp_path: Path
 ) -> None:
     """The decrypt reads stdin, which the test keeps open, so the process is certainly
     mid-write (plaintext in its output file) when the signal arrives."""
-    key_file, key = raw_key
+    key_file, key = raw_key.path, raw_key
     blob = anyio.run(encrypt, key, os.urandom(4 * MIB))
     out = tmp_path / "out"
     out.mkdir()
@@ -88,7 +81,7 @@ def test_sigterm_during_a_decrypt_to_a_file_leaves_nothing_and_exits_143(
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=env,
+        env=cli.env,
     )
     try:
         assert child.stdin is not None
@@ -114,13 +107,13 @@ def test_sigterm_during_a_decrypt_to_a_file_leaves_nothing_and_exits_143(
 
 
 def test_output_tree_symlinks_with_force_never_write_outside_the_output_root(
-    env: dict[str, str], raw_key: tuple[Path, RawKey], tmp_path: Path
+    cli: Cli, raw_key: RawKeyFile, tmp_path: Path
 ) -> None:
     """Planted: a directory link ``out/sub -> elsewhere`` and a file link
     ``out/c.txt.encrypted -> elsewhere/victim``. Neither the file the links reach nor
     the directory they point to changes; the file link itself is replaced (--force
     asked for that name), the files below the directory link fail, one line each."""
-    key_file, key = raw_key
+    key_file, key = raw_key.path, raw_key
     tree = tmp_path / "in"
     for name in ("c.txt", "sub/b.txt", "sub/new.txt", "sub/deeper/d.txt"):
         (tree / name).parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +127,7 @@ def test_output_tree_symlinks_with_force_never_write_outside_the_output_root(
     (out / "sub").symlink_to(elsewhere, target_is_directory=True)
     (out / "c.txt.encrypted").symlink_to(elsewhere / "victim")
 
-    result = run(env, "encrypt", tree, "-o", out, "--raw-key-file", key_file, "--force")
+    result = run(cli, "encrypt", tree, "-o", out, "--raw-key-file", key_file, "--force")
 
     assert result.returncode == 1, result.stderr
     errors = result.stderr.splitlines()
@@ -153,23 +146,23 @@ def test_output_tree_symlinks_with_force_never_write_outside_the_output_root(
     assert plaintext == b"c.txt"
 
 
-async def _decrypt(key: RawKey, blob: bytes) -> bytes:
+async def _decrypt(key: RawKeyFile, blob: bytes) -> bytes:
     async with EnvelopeClient(key.keyring()) as client:
         return await client.decrypt(blob)
 
 
 def test_an_output_file_symlink_without_force_is_an_existing_file(
-    env: dict[str, str], raw_key: tuple[Path, RawKey], tmp_path: Path
+    cli: Cli, raw_key: RawKeyFile, tmp_path: Path
 ) -> None:
     """Even dangling: a link is never written through, whether or not it leads anywhere."""
-    key_file, _ = raw_key
+    key_file = raw_key.path
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a").write_bytes(b"a")
     out = tmp_path / "out"
     out.mkdir()
     (out / "a.encrypted").symlink_to(tmp_path / "planted")
 
-    result = run(env, "encrypt", tmp_path / "in", "-o", out, "--raw-key-file", key_file)
+    result = run(cli, "encrypt", tmp_path / "in", "-o", out, "--raw-key-file", key_file)
 
     assert result.returncode == 1
     assert f"{out / 'a.encrypted'} already exists; pass --force" in result.stderr
@@ -181,9 +174,9 @@ def test_an_output_file_symlink_without_force_is_an_existing_file(
 
 
 def test_input_tree_symlinks_are_skipped_and_reported_unless_follow_symlinks(
-    env: dict[str, str], raw_key: tuple[Path, RawKey], tmp_path: Path
+    cli: Cli, raw_key: RawKeyFile, tmp_path: Path
 ) -> None:
-    key_file, key = raw_key
+    key_file, key = raw_key.path, raw_key
     (tmp_path / "secret.txt").write_bytes(b"outside the tree")
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "s.txt").write_bytes(b"outside too")
@@ -195,7 +188,7 @@ def test_input_tree_symlinks_are_skipped_and_reported_unless_follow_symlinks(
     (tree / "loop").symlink_to(".", target_is_directory=True)
 
     out = tmp_path / "out"
-    skipped = run(env, "encrypt", tree, "-o", out, "--raw-key-file", key_file)
+    skipped = run(cli, "encrypt", tree, "-o", out, "--raw-key-file", key_file)
     assert skipped.returncode == 0, skipped.stderr  # skipping is the default, not a failure
     assert skipped.stderr.splitlines() == [
         f"aioenvelope: skipped symbolic link {tree / name} (see --follow-symlinks)"
@@ -205,7 +198,7 @@ def test_input_tree_symlinks_are_skipped_and_reported_unless_follow_symlinks(
 
     followed_out = tmp_path / "followed"
     followed = run(
-        env, "encrypt", tree, "-o", followed_out, "--raw-key-file", key_file, "--follow-symlinks"
+        cli, "encrypt", tree, "-o", followed_out, "--raw-key-file", key_file, "--follow-symlinks"
     )
     assert followed.returncode == 0, followed.stderr
     # A link back to a directory being walked is still skipped: it would never end.

@@ -8,7 +8,6 @@ each KMS call in ~10 ms), so module fixtures share the encrypted and the rotated
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sqlite3
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_runner import clean_env
 from kms_server import DUMMY_CREDENTIALS, REGION, KmsKey, MotoKms
 
 from aioenvelope import EnvelopeClient, KmsKeyring, errors, inspect
@@ -49,10 +49,6 @@ class Job:
 class Table:
     path: Path
     run: subprocess.CompletedProcess[str]  # the run that produced it
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AIOENVELOPE_"))}
 
 
 def kms_calls(run: subprocess.CompletedProcess[str]) -> list[dict[str, int]]:
@@ -133,8 +129,7 @@ def test_encrypt_makes_one_kms_call_for_the_whole_table(encrypted: Table) -> Non
     """The data-key cache at work: every row shares one data key (and the context that
     KMS sees), so 300 rows cost one GenerateDataKey and no Decrypt."""
     [calls] = kms_calls(encrypted.run)
-    assert calls.get("GenerateDataKey") == 1
-    assert "Decrypt" not in calls
+    assert calls == {"DescribeKey": 1, "GenerateDataKey": 1}  # the start-up key check
 
 
 async def test_rotate_reencrypts_every_row_under_the_new_key_which_alone_reads_it(
@@ -235,8 +230,10 @@ def test_demo_encrypts_rotates_and_verifies_on_the_embedded_kms(tmp_path: Path) 
     assert "started an embedded KMS (moto) at http://127.0.0.1:" in result.stdout
     for step in ("encrypt", "rotate", "verify"):
         assert f"{step}: 50 rows, 0 failed" in result.stdout
-    encrypt, rotate, _ = kms_calls(result)
-    assert encrypt["GenerateDataKey"] == 1
-    assert rotate["Decrypt"] == 1  # one data key to unwrap, cached for the other 49 rows
-    assert rotate["GenerateDataKey"] == 1  # one new data key, cached for all 50 likewise
-    assert "Encrypt" not in rotate
+    encrypt, rotate, verify = kms_calls(result)
+    assert encrypt == {"DescribeKey": 1, "GenerateDataKey": 1}
+    # One data key to unwrap, cached for the other 49 rows; one new data key, cached for
+    # all 50 likewise; no Encrypt: the old data key is never wrapped anew. DescribeKey:
+    # each keyring's start-up check, as in the rotation of the table above.
+    assert rotate == {"Decrypt": 1, "DescribeKey": 3, "GenerateDataKey": 1}
+    assert verify == {"Decrypt": 1, "DescribeKey": 1}  # one data key, then cached

@@ -1,7 +1,7 @@
 """Helpers and fixtures for the key manager tests (``test_key_manager_*.py``).
 
 Keyrings on the session's moto server (named by ARN, no start-up DescribeKey, one shared
-aioboto3 session), messages and their EDKs read without KMS, and a keyring whose decrypts
+aioboto3 session: ``moto_keyrings``), messages and their EDKs read without KMS, and a keyring whose decrypts
 wait at a gate so that a cache miss stays in flight for as long as a test needs. Test
 modules bind the fixtures they use by name (``keyring = support.keyring``).
 """
@@ -9,13 +9,13 @@ modules bind the fixtures they use by name (``keyring = support.keyring``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import aioboto3
 import pytest
 from fake_clock import FakeClock
 from kms_server import KmsKey, MotoKms
+from moto_keyrings import moto_kms_keyring
 
 from aioenvelope import (
     AlgorithmSuite,
@@ -46,29 +46,11 @@ PUBLIC_KEY_FIELD = "aws-crypto-public-key"
 # -- helpers -----------------------------------------------------------------------------
 
 
-_shared_session: list[Any] = []
-
-
-def shared_session() -> Any:
-    """One aioboto3 session for the module's keyrings (a fresh one reloads botocore's
-    service models). Made lazily, under the session's dummy credentials."""
-    if not _shared_session:
-        _shared_session.append(aioboto3.Session())
-    return _shared_session[0]
-
-
 def kms_keyring(moto_kms: MotoKms, key_arn: str, *, deadline: float = 2.0) -> KmsKeyring:
     """A keyring on the moto server. Named by ARN without the start-up DescribeKey, so the
     only KMS calls are the data-key calls under test. ``deadline`` is KmsKeyring's default
     unless a burst test needs room (see :data:`BURST_DEADLINE`)."""
-    return KmsKeyring(
-        key_arn,
-        endpoint_url=moto_kms.endpoint_url,
-        region_name=moto_kms.region,
-        session=shared_session(),
-        check_keys=False,
-        deadline=deadline,
-    )
+    return moto_kms_keyring(moto_kms, key_arn, check_keys=False, deadline=deadline)
 
 
 def payload(i: int) -> bytes:
@@ -129,20 +111,6 @@ async def encrypt_messages(
     """``count`` messages of ``payload(i)`` from one client (by default sharing a data key)."""
     async with EnvelopeClient(keyring, cache=cache) as client:
         return [await client.encrypt(payload(i), encryption_context=context) for i in range(count)]
-
-
-async def settle(predicate: Callable[[], bool], what: str) -> None:
-    """Let other tasks run until ``predicate`` holds (a bounded number of loop turns)."""
-    for _ in range(10_000):
-        if predicate():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"never happened: {what}")
-
-
-def other_tasks() -> set[asyncio.Task[Any]]:
-    """The loop's unfinished tasks, except the test itself."""
-    return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
 
 
 class GatedKeyring(Keyring):

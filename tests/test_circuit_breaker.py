@@ -18,11 +18,11 @@ import time
 import uuid
 from collections.abc import Awaitable, Iterator, Sequence
 
-import aioboto3
 import pytest
 from fake_clock import FakeClock
 from fault_proxy import FaultProxy
 from kms_server import REGION, KmsKey, MotoKms
+from moto_keyrings import shared_session
 
 from aioenvelope import (
     CacheConfig,
@@ -53,16 +53,6 @@ CONCURRENT = 8
 # -- fixtures and helpers ---------------------------------------------------------------
 
 
-_shared_session: list[aioboto3.Session] = []
-
-
-def session() -> aioboto3.Session:
-    """One aioboto3 session for the module: a fresh one reloads botocore's models."""
-    if not _shared_session:
-        _shared_session.append(aioboto3.Session())
-    return _shared_session[0]
-
-
 @pytest.fixture
 def proxy(moto_kms: MotoKms) -> Iterator[FaultProxy]:
     """A fresh proxy per test, so no fault, hold or request count leaks between tests."""
@@ -83,7 +73,7 @@ def other_region_key(moto_kms: MotoKms) -> KmsKey:
 def via_proxy(proxy: FaultProxy, generator: str, deadline: float = DEADLINE) -> KmsKeyring:
     return KmsKeyring(
         generator,
-        session=session(),
+        session=shared_session(),
         region_name=REGION,
         endpoint_url=proxy.url,
         check_keys=False,
@@ -104,7 +94,7 @@ def missing_key_arn(key: KmsKey) -> str:
 
 async def message_under(moto: MotoKms, key: KmsKey, context: dict[str, str] = CONTEXT) -> bytes:
     """A message made straight on moto (no proxy, no breaker): something to decrypt."""
-    keyring = KmsKeyring(key.arn, session=session(), endpoint_url=moto.endpoint_url)
+    keyring = KmsKeyring(key.arn, session=shared_session(), endpoint_url=moto.endpoint_url)
     async with EnvelopeClient(keyring, cache=None) as writer:
         return await writer.encrypt(PLAINTEXT, encryption_context=context)
 
@@ -112,7 +102,7 @@ async def message_under(moto: MotoKms, key: KmsKey, context: dict[str, str] = CO
 async def kms_round_trip_seconds(moto: MotoKms, key: KmsKey, count: int) -> list[float]:
     """The control for "fails fast": seconds of each of ``count`` encrypts that do reach
     KMS (moto, no proxy, no cache), timed like :func:`refused` times a refusal."""
-    keyring = KmsKeyring(key.arn, session=session(), endpoint_url=moto.endpoint_url)
+    keyring = KmsKeyring(key.arn, session=shared_session(), endpoint_url=moto.endpoint_url)
     async with EnvelopeClient(keyring, cache=None) as client:
         await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)  # connection warm
         gc.collect()
@@ -302,7 +292,7 @@ async def test_answered_decrypt_refusal_does_not_count_and_resets_the_failure_st
     blob = await message_under(moto_kms, kms_key)
     if answer == "InvalidCiphertextException":
         async with EnvelopeClient(
-            KmsKeyring(kms_key.arn, session=session(), endpoint_url=moto_kms.endpoint_url),
+            KmsKeyring(kms_key.arn, session=shared_session(), endpoint_url=moto_kms.endpoint_url),
             cache=None,
         ) as reader:
             (edk,) = (await reader.decrypt_with_header(blob)).header.encrypted_data_keys
@@ -521,7 +511,7 @@ async def test_breaker_is_per_region(
     here = await message_under(moto_kms, kms_key)
     there = await message_under(moto_kms, other_region_key)
     keyring = KmsDiscoveryKeyring(
-        session=session(),
+        session=shared_session(),
         endpoint_url=proxy.url,
         deadline=DEADLINE,
         max_attempts=1,
@@ -554,13 +544,13 @@ async def test_open_region_is_skipped_for_a_message_also_wrapped_in_another_regi
     writer = KmsKeyring(
         kms_key.arn,
         additional_key_ids=[other_region_key.arn],
-        session=session(),
+        session=shared_session(),
         endpoint_url=moto_kms.endpoint_url,
     )
     async with EnvelopeClient(writer, cache=None) as write:
         both = await write.encrypt(PLAINTEXT, encryption_context=CONTEXT)
     keyring = KmsDiscoveryKeyring(
-        session=session(),
+        session=shared_session(),
         endpoint_url=proxy.url,
         deadline=DEADLINE,
         max_attempts=1,
@@ -588,7 +578,7 @@ async def test_multi_keyring_falls_back_to_a_raw_key_while_its_kms_child_is_refu
     not: with the KMS child's breaker open, the MultiKeyring goes on to the next child."""
     backup = RawAesKeyring("break-glass", "backup-1", bytes(range(32)))
     writer = MultiKeyring(
-        KmsKeyring(kms_key.arn, session=session(), endpoint_url=moto_kms.endpoint_url),
+        KmsKeyring(kms_key.arn, session=shared_session(), endpoint_url=moto_kms.endpoint_url),
         [backup],
     )
     async with EnvelopeClient(writer, cache=None) as write:

@@ -18,10 +18,9 @@ from key_manager_support import (
     GatedKeyring,
     bogus_messages,
     encrypt_messages,
-    other_tasks,
     payload,
-    settle,
 )
+from task_leaks import other_tasks, settle
 
 from aioenvelope import (
     EnvelopeClient,

@@ -21,8 +21,8 @@ from key_manager_support import (
     encrypt_messages,
     nonzero,
     payload,
-    settle,
 )
+from task_leaks import settle
 
 from aioenvelope import (
     CacheConfig,

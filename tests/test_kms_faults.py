@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from fault_proxy import FaultProxy
 from kms_server import KmsKey, MotoKms
+from task_leaks import other_tasks
 
 from aioenvelope import EnvelopeClient, KmsKeyring, errors
 
@@ -46,11 +47,6 @@ def proxied_keyring(proxy: FaultProxy, key: KmsKey, **kwargs: Any) -> KmsKeyring
     options: dict[str, Any] = {"check_keys": False, "deadline": RETRY_DEADLINE}
     options.update(kwargs)
     return KmsKeyring(key.arn, endpoint_url=proxy.url, **options)
-
-
-def other_tasks() -> set[asyncio.Task[Any]]:
-    """The loop's unfinished tasks, except the test itself."""
-    return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
 
 
 @contextlib.contextmanager

@@ -282,28 +282,57 @@ async def test_a_file_round_trips_through_s3_as_an_object_the_esdk_decrypts(
     assert header.suite_id == AlgorithmSuite[answer["suite"]].suite_id
 
 
+async def round_trip(http: httpx.AsyncClient, name: str, body: Body) -> dict[str, Any]:
+    """``body`` up to ``/files/NAME`` and back; the upload's answer."""
+    stored = await http.put(f"/files/{name}", content=body)
+    assert stored.status_code == 200, stored.text
+    assert await download_sha256(http, f"/files/{name}") == body.sha256.hexdigest()
+    answer: dict[str, Any] = stored.json()
+    return answer
+
+
 @pytest.mark.skipif(not ON_LINUX, reason="reads the service's peak RSS from /proc/<pid>/status")
 async def test_a_64_mib_file_streams_both_ways_at_constant_server_memory(
     service: Service, http: httpx.AsyncClient, s3_admin: Any, bucket: str, kms_key: KmsKey
 ) -> None:
-    warm_up = Body(1, seed=b"warm-up")
-    assert (await http.put("/files/warm-up", content=warm_up)).status_code == 200
-    assert await download_sha256(http, "/files/warm-up") == warm_up.sha256.hexdigest()
+    """Peak RSS (VmHWM) is judged against itself in the same process, not against a
+    figure that depends on the allocator:
+
+    - warm-up: a 16 MiB file up and down, a multipart upload (8 MiB parts), so every
+      buffer the pipeline uses (a part and botocore's copy of it, about 16 MiB, read
+      buffers, KMS and S3 clients) has been allocated once and the peak includes it;
+    - control: another 16 MiB file, the same work again; how far the peak still moves
+      is the allocator's own play (measured over 8 runs of each service: 0.3 to 8.3 MiB,
+      glibc's per-thread arenas and its dynamic mmap threshold);
+    - then 64 MiB: a server holding the body, or growing with it, would raise its peak
+      by at least the 48 MiB the body outgrows the warm-up by. Constant memory raises it
+      by what the allocator plays (measured: 0.1 to 8.6 MiB). The bound, the control's
+      play plus 24 MiB, is half that signal and nearly 3 times the most growth seen.
+      (Before, a 1 MiB warm-up left the first multipart upload's part buffers, 17 to
+      23 MiB, in the figure judged against 32 MiB.)
+    """
+    await round_trip(http, "warm-up", Body(16, seed=b"warm-up"))
+    warmed = service.peak_rss()
+    await round_trip(http, "control", Body(16, seed=b"control"))
     before = service.peak_rss()
+    play = before - warmed
 
     body = Body(64)
-    stored = await http.put("/files/x", content=body)
-    assert stored.status_code == 200, stored.text
-    answer = stored.json()
+    answer = await round_trip(http, "x", body)
     assert (answer["bucket"], answer["key"]) == (bucket, "x")
     assert answer["parts"] > 1
     assert answer["size"] > 64 * MIB
     assert_envelope_metadata(s3_admin, bucket, "x", kms_key, answer["suite"])
-    assert await download_sha256(http, "/files/x") == body.sha256.hexdigest()
 
     growth = service.peak_rss() - before
-    print(f"{service.url}: VmHWM {before / MIB:.1f} MiB -> +{growth / MIB:.1f} MiB for 64 MiB")
-    assert growth < 32 * MIB, f"peak RSS grew by {growth / MIB:.1f} MiB for a 64 MiB body"
+    print(
+        f"{service.url}: VmHWM {before / MIB:.1f} MiB (control +{play / MIB:.1f} MiB) "
+        f"-> +{growth / MIB:.1f} MiB for 64 MiB"
+    )
+    assert growth < play + 24 * MIB, (
+        f"peak RSS grew by {growth / MIB:.1f} MiB for a 64 MiB body "
+        f"(by {play / MIB:.1f} MiB for a second 16 MiB one)"
+    )
 
 
 # -- shutdown ------------------------------------------------------------------------------

@@ -16,11 +16,11 @@ import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import aioboto3
 import aiohttp
 import anyio
 import pytest
 from aiohttp import web
+from fake_clock import FakeClock
 from fault_proxy import FaultProxy
 from http_framing import (
     CountedSource,
@@ -32,8 +32,9 @@ from http_framing import (
     http11_get,
 )
 from kms_server import REGION, KmsKey, MotoKms
+from web_kms import one_attempt_kms_keyring
 
-from aioenvelope import EnvelopeClient, KmsKeyring, RateLimit, RawAesKeyring, errors
+from aioenvelope import EnvelopeClient, RateLimit, RawAesKeyring, errors
 from aioenvelope.integrations.aiohttp import (
     ENVELOPE_CLIENT,
     envelope_cleanup_ctx,
@@ -162,16 +163,6 @@ async def serving(app: web.Application) -> AsyncIterator[aiohttp.ClientSession]:
 # -- helpers -----------------------------------------------------------------------------
 
 
-class HeldClock:
-    """The client's clock, moved only by hand: token refills and breaker resets follow it."""
-
-    def __init__(self) -> None:
-        self.now = 1024.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class CountingKeyring(RawAesKeyring):
     """A raw AES keyring that counts how often its owning client opened and closed it."""
 
@@ -187,28 +178,6 @@ class CountingKeyring(RawAesKeyring):
     async def close(self) -> None:
         self.closed += 1
         await super().close()
-
-
-_shared_session: list[aioboto3.Session] = []
-
-
-def session() -> aioboto3.Session:
-    """One aioboto3 session for the module: a fresh one reloads botocore's models."""
-    if not _shared_session:
-        _shared_session.append(aioboto3.Session())
-    return _shared_session[0]
-
-
-def kms_keyring(endpoint_url: str, key: KmsKey) -> KmsKeyring:
-    """One attempt per call (one failure is one request), no start-up DescribeKey."""
-    return KmsKeyring(
-        key.arn,
-        session=session(),
-        region_name=REGION,
-        endpoint_url=endpoint_url,
-        check_keys=False,
-        max_attempts=1,
-    )
 
 
 async def chunks_of(data: bytes) -> AsyncIterator[bytes]:
@@ -360,8 +329,8 @@ async def test_rate_limited_decrypt_is_a_429_with_retry_after(
 ) -> None:
     """rate=0.4/s, burst=1, the clock held: one decrypt reaches KMS, then every miss is
     refused for 2.5 s, which Retry-After rounds up to 3; after 2.5 s a token is back."""
-    clock = HeldClock()
-    keyring = kms_keyring(moto_kms.endpoint_url, kms_key)
+    clock = FakeClock()
+    keyring = one_attempt_kms_keyring(moto_kms.endpoint_url, kms_key)
     limit = RateLimit(rate=0.4, burst=1)
 
     def factory() -> EnvelopeClient:
@@ -407,12 +376,14 @@ async def test_open_circuit_breaker_is_a_503_with_retry_after(
     """Five KMS 500s in a row open the breaker (default config); then encrypt, decrypt
     and a streamed encrypt are 503s with Retry-After: 30 and send KMS nothing, until the
     held clock passes the reset timeout and a probe succeeds."""
-    async with EnvelopeClient(kms_keyring(moto_kms.endpoint_url, kms_key), cache=None) as writer:
+    async with EnvelopeClient(
+        one_attempt_kms_keyring(moto_kms.endpoint_url, kms_key), cache=None
+    ) as writer:
         sealed = await writer.encrypt(b"sealed before the outage", encryption_context=CONTEXT)
 
-    clock = HeldClock()
+    clock = FakeClock()
     with FaultProxy(moto_kms.endpoint_url) as proxy:
-        keyring = kms_keyring(proxy.url, kms_key)
+        keyring = one_attempt_kms_keyring(proxy.url, kms_key)
         app = envelope_app(lambda: EnvelopeClient(keyring, cache=None, clock=clock), tmp_path)
         async with serving(app) as http:
             proxy.fail_next(5, 500, operation="GenerateDataKey")

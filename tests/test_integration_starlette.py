@@ -17,10 +17,10 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-import aioboto3
 import httpx
 import pytest
 import uvicorn
+from fake_clock import FakeClock
 from fastapi import Depends, FastAPI, Request, Response
 from fault_proxy import FaultProxy
 from http_framing import (
@@ -37,13 +37,13 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from web_kms import one_attempt_kms_keyring
 
 import aioenvelope
 from aioenvelope import (
     CircuitBreakerConfig,
     EnvelopeClient,
     Keyring,
-    KmsKeyring,
     RateLimit,
     RawAesKeyring,
     errors,
@@ -63,16 +63,6 @@ Envelope = Annotated[EnvelopeClient, Depends(get_envelope_client)]
 Archive = Annotated[EnvelopeClient, Depends(envelope_client_dependency("archive"))]
 
 
-class FakeClock:
-    """The client's clock, held still: token refills and the breaker's timeout wait."""
-
-    def __init__(self) -> None:
-        self.now = 1024.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class RecordingKeyring(RawAesKeyring):
     """A raw AES keyring that notes when its client opens and closes it."""
 
@@ -86,27 +76,6 @@ class RecordingKeyring(RawAesKeyring):
 
     async def close(self) -> None:
         self.events.append(f"{self.name} close")
-
-
-_shared_session: list[aioboto3.Session] = []
-
-
-def session() -> aioboto3.Session:
-    """One aioboto3 session for the module: a fresh one reloads botocore's models."""
-    if not _shared_session:
-        _shared_session.append(aioboto3.Session())
-    return _shared_session[0]
-
-
-def kms_keyring(endpoint_url: str, key: KmsKey) -> KmsKeyring:
-    return KmsKeyring(
-        key.arn,
-        session=session(),
-        region_name=REGION,
-        endpoint_url=endpoint_url,
-        check_keys=False,
-        max_attempts=1,  # one failed call is one request to the proxy
-    )
 
 
 def counting(make: Callable[[], EnvelopeClient]) -> tuple[Callable[[], EnvelopeClient], list[int]]:
@@ -364,7 +333,7 @@ async def test_decrypt_rate_limit_answers_429_with_retry_after(
     clock = FakeClock()
     app = make_app(
         lambda: EnvelopeClient(
-            kms_keyring(moto_kms.endpoint_url, kms_key),
+            one_attempt_kms_keyring(moto_kms.endpoint_url, kms_key),
             cache=None,  # every decrypt is a KMS call, and needs a token
             decrypt_rate_limit=RateLimit(rate=0.4, burst=1),
             clock=clock,
@@ -394,7 +363,7 @@ async def test_open_circuit_answers_503_with_retry_after(
     clock = FakeClock()
     app = make_app(
         lambda: EnvelopeClient(
-            kms_keyring(proxy.url, kms_key),
+            one_attempt_kms_keyring(proxy.url, kms_key),
             cache=None,
             circuit_breaker=CircuitBreakerConfig(failure_threshold=2, reset_timeout=30.0),
             clock=clock,
@@ -406,8 +375,14 @@ async def test_open_circuit_answers_503_with_retry_after(
         for _ in range(2):
             with pytest.raises(errors.KMSError) as info:
                 await http.post("/encrypt", content=b"during the outage")
-            assert info.value.transient
-            assert not isinstance(info.value, errors.CircuitOpenError)
+            assert type(info.value) is errors.KMSError  # not yet a CircuitOpenError
+            failure = info.value
+            assert (failure.operation, failure.error_code, failure.transient) == (
+                "GenerateDataKey",
+                "KMSInternalException",
+                True,
+            )
+            assert failure.key_id == kms_key.arn
         assert app.state.envelope.stats.breaker_states[REGION] == "open"
         sent = sum(proxy.requests().values())
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable
-from typing import Any
 
 import pytest
 from fake_clock import FakeClock
@@ -97,9 +96,9 @@ def partner() -> RawAesKeyring:
     return RawAesKeyring("partner", "partner-key", os.urandom(32))
 
 
-async def encrypt_with(keyring: Keyring, **options: Any) -> bytes:
+async def encrypt_with(keyring: Keyring) -> bytes:
     async with EnvelopeClient(keyring, frame_length=FRAME_LENGTH) as client:
-        return await client.encrypt(PLAINTEXT, encryption_context=CONTEXT, **options)
+        return await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
 
 
 async def decrypt_with(
@@ -126,7 +125,9 @@ def is_transient(exc: BaseException) -> object:
 
 @harnesses()
 @pytest.mark.parametrize("suite", SUITES)
-async def test_round_trip_one_shot(harness: KeyringHarness, suite: AlgorithmSuite) -> None:
+async def test_one_shot_round_trip_restores_plaintext_suite_and_context(
+    harness: KeyringHarness, suite: AlgorithmSuite
+) -> None:
     """What one key wraps, the same key unwraps: the plaintext, the suite, the context,
     and one encrypted data key."""
     keyring = harness.keyring("A")
@@ -141,7 +142,9 @@ async def test_round_trip_one_shot(harness: KeyringHarness, suite: AlgorithmSuit
 
 @harnesses()
 @pytest.mark.parametrize("suite", SUITES)
-async def test_round_trip_stream(harness: KeyringHarness, suite: AlgorithmSuite) -> None:
+async def test_stream_round_trip_restores_the_plaintext(
+    harness: KeyringHarness, suite: AlgorithmSuite
+) -> None:
     """The streaming API over the same keyring: a message streamed out in uneven chunks
     decrypts streamed and in one shot, to the same plaintext."""
     chunks = [PLAINTEXT[i : i + 100] for i in range(0, len(PLAINTEXT), 100)]
@@ -337,8 +340,8 @@ async def test_five_transient_failures_open_the_breaker_until_a_probe_succeeds(
     harness: KeyringHarness,
 ) -> None:
     """Five outages in a row open the breaker: calls then fail fast (CircuitOpenError)
-    with no request, wraps and unwraps alike, for 30 s; the first call after that is the
-    probe, and its success closes the breaker."""
+    with no request, wraps and unwraps alike, for 30 s; then one call is let through as
+    the probe (calls meanwhile are still refused), and its success closes the breaker."""
     remote = remote_of(harness)
     message = await encrypt_with(harness.keyring("A"))
     clock = FakeClock()
@@ -367,10 +370,18 @@ async def test_five_transient_failures_open_the_breaker_until_a_probe_succeeds(
         assert remote.unwrap_requests() == 0
 
         clock.advance(1)
-        probe = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+        # Four calls at once: the first is the one probe, the others are refused while
+        # it is out (each meets the breaker before any I/O, the probe's answer needs I/O).
+        outcomes = await asyncio.gather(
+            *(client.encrypt(PLAINTEXT, encryption_context={"p": str(i)}) for i in range(4)),
+            return_exceptions=True,
+        )
+        assert [type(o) for o in outcomes] == [bytes] + [errors.CircuitOpenError] * 3
+        probe = outcomes[0]
+        assert isinstance(probe, bytes)
         assert client.stats.breaker_states[remote.breaker_name] == "closed"
         assert remote.wrap_requests() == before + THRESHOLD + 1
-        assert await client.decrypt(probe, encryption_context=CONTEXT) == PLAINTEXT
+        assert await client.decrypt(probe, encryption_context={"p": "0"}) == PLAINTEXT
         assert remote.unwrap_requests() == 1
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import resource
 import struct
 import sys
@@ -34,21 +35,22 @@ NAMESPACE = "hostile"
 KEY_NAME = "key-1"
 KEY = bytes(range(32))  # fixed: the child and the parent build the same keyring
 MiB = 1 << 20
+TRUNCATED_IN_HEADER = "the message is truncated: it ends inside the message header. "
 
 
 # -- the child -------------------------------------------------------------------------
 
 
-def _outcome(run: Callable[[], object]) -> str:
-    """How the shape ended: 'ok', or the exception's class name (library errors are
-    named as such, so the parent can tell one of ours from an escaped OSError)."""
+def _outcome(run: Callable[[], object]) -> tuple[str, str]:
+    """How the shape ended: ('ok', ''), or the library error's exact class name and what
+    it says (the parent pins both); anything not ours is reported as escaped."""
     try:
         run()
     except errors.EnvelopeError as exc:
-        return type(exc).__name__
+        return type(exc).__name__, str(exc)
     except Exception as exc:  # reported: the parent fails on anything not ours
-        return f"escaped {type(exc).__name__}: {exc}"
-    return "ok"
+        return f"escaped {type(exc).__name__}", str(exc)
+    return "ok", ""
 
 
 def child(name: str, cpu_budget: float, address_space: int | None) -> dict[str, Any]:
@@ -57,10 +59,10 @@ def child(name: str, cpu_budget: float, address_space: int | None) -> dict[str, 
     cap(cpu_budget, address_space, grace=1)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = cpu_seconds()
-    outcome = _outcome(run)
+    outcome, said = _outcome(run)
     cpu = cpu_seconds() - start
     rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
-    return {"cpu": cpu, "outcome": outcome, "rss_growth": rss_growth}
+    return {"cpu": cpu, "outcome": outcome, "said": said, "rss_growth": rss_growth}
 
 
 # -- shapes: each returns the run, its message already built -----------------------------
@@ -249,6 +251,7 @@ def test_a_never_finished_header_in_1_kib_chunks_costs_linear_cpu() -> None:
     on the reviewer's machine; linear is ~0.3 s."""
     report = measure("header in 1 KiB chunks", cpu_budget=4.0)
     assert report["outcome"] == "TruncatedMessageError"
+    assert report["said"].startswith(TRUNCATED_IN_HEADER)
     assert report["cpu"] < 4.0
     assert report["rss_growth"] < 64 * MiB  # the header once, plus its parsed keys
 
@@ -257,6 +260,7 @@ def test_a_never_finished_header_in_1_kib_chunks_costs_linear_cpu() -> None:
 def test_a_never_finished_header_streamed_in_1_kib_chunks_costs_linear_cpu() -> None:
     report = measure("header stream in 1 KiB chunks", cpu_budget=6.0)
     assert report["outcome"] == "TruncatedMessageError"
+    assert report["said"].startswith(TRUNCATED_IN_HEADER)
     assert report["cpu"] < 6.0
     assert report["rss_growth"] < 64 * MiB
 
@@ -265,14 +269,14 @@ def test_a_never_finished_header_streamed_in_1_kib_chunks_costs_linear_cpu() -> 
 def test_a_64_kib_frame_fed_one_byte_at_a_time_costs_linear_cpu() -> None:
     """Summing the queued chunks on every call made this quadratic: 94 s of CPU."""
     report = measure("64 KiB frame one byte at a time", cpu_budget=3.0)
-    assert report["outcome"] == "ok"
+    assert (report["outcome"], report["said"]) == ("ok", "")
     assert report["cpu"] < 3.0
 
 
 @linux_only
 def test_a_non_framed_body_streamed_one_byte_at_a_time_costs_linear_cpu() -> None:
     report = measure("non-framed 64 KiB stream one byte at a time", cpu_budget=15.0)
-    assert report["outcome"] == "ok"
+    assert (report["outcome"], report["said"]) == ("ok", "")
     assert report["cpu"] < 15.0
 
 
@@ -283,6 +287,7 @@ def test_a_declared_2_gib_frame_reserves_memory_only_for_what_arrived() -> None:
     frame at its prefix took 2 GiB of address space (an OSError under the limit)."""
     report = measure("2 GiB frame declared, 1 MiB sent", cpu_budget=5.0, address_space=512 * MiB)
     assert report["outcome"] == "TruncatedMessageError"
+    assert report["said"].startswith("the message is truncated: it ends inside frame 1. ")
     assert report["rss_growth"] < 64 * MiB
 
 
@@ -294,6 +299,11 @@ def test_a_frame_that_outgrows_the_memory_limit_is_a_message_limit_error() -> No
         "1 GiB frame arriving past the memory limit", cpu_budget=10.0, address_space=384 * MiB
     )
     assert report["outcome"] == "MessageLimitError"
+    assert re.match(
+        r"frame 1 needs \d+ bytes of memory for its plaintext, more than this process may "
+        "allocate",
+        report["said"],
+    )
 
 
 @linux_only
@@ -302,3 +312,6 @@ def test_a_header_that_outgrows_the_memory_limit_is_a_message_limit_error() -> N
         "header arriving past the memory limit", cpu_budget=10.0, address_space=256 * MiB
     )
     assert report["outcome"] == "MessageLimitError"
+    assert report["said"].startswith(
+        "the message header is larger than this process may allocate: lower max_encrypted_data_keys"
+    )

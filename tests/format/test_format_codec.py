@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from messages import DUMMY_EDK, build_encryptor
 
+from aioenvelope import inspect
 from aioenvelope.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -45,6 +46,7 @@ def open_message(message: bytes, data_key: bytes, **kwargs: object) -> MessageDe
     decryptor.receive_eof()
     parsed = decryptor.read_header()
     assert parsed is not None
+    assert parsed.header == inspect(message)  # the streaming and one-shot readers agree
     from aioenvelope.format.signing import Verifier
 
     verifier = None
@@ -250,10 +252,13 @@ def test_decryptor_fed_byte_by_byte_releases_each_frame_once_verified() -> None:
 
 def test_final_frame_is_held_until_the_input_ends_cleanly() -> None:
     data_key = os.urandom(32)
-    message = build_encryptor(data_key=data_key).encrypt_all(b"tail")
+    encryptor = build_encryptor(data_key=data_key)
+    message = encryptor.encrypt_all(b"tail")
     decryptor = MessageDecryptor(max_encrypted_data_keys=10)
     decryptor.receive_data(message)
-    assert decryptor.read_header() is not None
+    parsed = decryptor.read_header()
+    assert parsed is not None
+    assert (parsed.header, parsed.length) == (encryptor.header_value, len(encryptor.header))
     decryptor.begin_body(data_key)
     assert decryptor.next_plaintext() is None  # complete, but EOF not yet seen
     decryptor.receive_eof()

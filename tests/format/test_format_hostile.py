@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from messages import DUMMY_EDK, build_encryptor
 
+from aioenvelope import inspect
 from aioenvelope.errors import (
     AuthenticationError,
     MalformedMessageError,
@@ -74,6 +75,7 @@ def opened(message: bytes, data_key: bytes, *, first: int | None = None) -> Mess
     decryptor.receive_data(message[:first])
     parsed = decryptor.read_header()
     assert parsed is not None
+    assert parsed.header == inspect(message)  # the streaming and one-shot readers agree
     verifier = None
     if parsed.header.algorithm_suite.signing:
         verifier = Verifier(
@@ -186,7 +188,9 @@ def test_a_header_fed_one_byte_at_a_time_decrypts() -> None:
         decryptor.receive_data(message[i : i + 1])
         assert decryptor.read_header() is None
     decryptor.receive_data(message[len(encryptor.header) - 1 :])
-    assert decryptor.read_header() is not None
+    parsed = decryptor.read_header()
+    assert parsed is not None
+    assert (parsed.header, parsed.length) == (encryptor.header_value, len(encryptor.header))
     decryptor.begin_body(data_key)
     decryptor.receive_eof()
     assert decryptor.read_all() == plaintext

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -55,8 +55,17 @@ class Twins:
         )
 
     def begin(self, decryptor: MessageDecryptor) -> None:
+        """Check the header read is the twins' (suite, message ID, frame length and
+        context), then open the body with their data key."""
         parsed = decryptor.read_header()
         assert parsed is not None
+        header = parsed.header
+        assert header.algorithm_suite is self.suite
+        assert (header.message_id, header.frame_length) == (self.message_id, self.frame_length)
+        stored = dict(header.encryption_context)
+        assert (PUBLIC_KEY_FIELD in stored) == self.suite.signing
+        stored.pop(PUBLIC_KEY_FIELD, None)
+        assert stored == CONTEXT
         verifier = None
         if self.suite.signing:
             verifier = Verifier(self.suite, parsed.header.encryption_context[PUBLIC_KEY_FIELD])
@@ -74,6 +83,31 @@ def cut_at(data: bytes, cuts: Sequence[int]) -> list[bytes]:
     points = sorted(min(max(c, 0), len(data)) for c in cuts)
     bounds = [0, *points, len(data)]
     return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def fed_past_the_header(
+    decryptor: MessageDecryptor, twins: Twins, pieces: Sequence[bytes]
+) -> Iterator[None]:
+    """Feed ``pieces`` in turn; once the header is read, open the body with the twins'
+    key (see :meth:`Twins.begin`), then yield after each piece fed, for the caller to
+    drain. The header must have been read by the last piece."""
+    begun = False
+    for piece in pieces:
+        decryptor.receive_data(piece)
+        if not begun:
+            if decryptor.read_header() is None:
+                continue
+            twins.begin(decryptor)
+            begun = True
+        yield
+    assert begun
+
+
+def released(decryptor: MessageDecryptor) -> Iterator[Buffer | EndOfMessage]:
+    """Each plaintext item the decryptor has ready, one at a time (so the caller can
+    copy and recycle one before the next is opened)."""
+    while (item := decryptor.next_plaintext()) is not None:
+        yield item
 
 
 def streamed_frames(encryptor: MessageEncryptor, pieces: Sequence[bytes]) -> list[Buffer]:
@@ -186,25 +220,17 @@ def test_decryptor_fed_in_pieces_holds_the_final_frame_until_eof(
     twins = Twins(COMMIT_SIGN if signed else COMMIT, f)
     message = twins.make().encrypt_all(data)
     decryptor = MessageDecryptor(max_encrypted_data_keys=10)
-    released = b""
-    begun = False
-    for piece in cut_at(message, cuts):
-        decryptor.receive_data(piece)
-        if not begun:
-            if decryptor.read_header() is None:
-                continue
-            twins.begin(decryptor)
-            begun = True
-        while (item := decryptor.next_plaintext()) is not None:
+    out = b""
+    for _ in fed_past_the_header(decryptor, twins, cut_at(message, cuts)):
+        for item in released(decryptor):
             assert item is not END_OF_MESSAGE
             assert isinstance(item, bytes)
-            released += item
-        assert data.startswith(released)
-        assert len(released) % f == 0
-        assert len(released) <= ((len(data) - 1) // f) * f
-    assert begun
+            out += item
+        assert data.startswith(out)
+        assert len(out) % f == 0
+        assert len(out) <= ((len(data) - 1) // f) * f
     decryptor.receive_eof()
-    assert released + decryptor.read_all() == data
+    assert out + decryptor.read_all() == data
 
 
 def test_encryptor_refuses_use_out_of_order() -> None:
@@ -283,25 +309,18 @@ def test_recycled_large_frame_buffers_never_change_the_bytes(
     assert message[:end] == reference[:end]  # signatures differ; all else is identical
 
     decryptor = MessageDecryptor(max_encrypted_data_keys=10)
-    released = []
-    begun = False
-    for piece in cut_at(message, [c * 2 + 1 for c in cuts]):
-        decryptor.receive_data(piece)
-        if not begun:
-            if decryptor.read_header() is None:
-                continue
-            twins.begin(decryptor)
-            begun = True
-        while (item := decryptor.next_plaintext()) is not None:
-            assert not isinstance(item, EndOfMessage)
-            released.append(bytes(item))
-            decryptor.recycle(item)
+    out = []
+    for _ in fed_past_the_header(decryptor, twins, cut_at(message, [c * 2 + 1 for c in cuts])):
+        for plain in released(decryptor):
+            assert not isinstance(plain, EndOfMessage)
+            out.append(bytes(plain))
+            decryptor.recycle(plain)
     decryptor.receive_eof()
     while not isinstance(item := decryptor.next_plaintext(), EndOfMessage):
         assert item is not None
-        released.append(bytes(item))
+        out.append(bytes(item))
         decryptor.recycle(item)
-    assert b"".join(released) == data
+    assert b"".join(out) == data
 
 
 def test_a_recycled_large_frame_buffer_is_reused_for_the_next_frame() -> None:

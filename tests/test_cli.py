@@ -79,6 +79,19 @@ def kms_message(cli: Cli, kms_key: KmsKey, tmp_path_factory: pytest.TempPathFact
     return message
 
 
+NO_EDK_FOR_THIS_KEY = (
+    "could not decrypt any of the message's 1 encrypted data keys (0 tried): "
+    "no encrypted data key names a usable key"
+)
+
+
+def truncated_inside_frame(number: int) -> str:
+    return (
+        f"the message is truncated: it ends inside frame {number}. Check that the whole "
+        "ciphertext was stored and read back"
+    )
+
+
 def write_tree(root: Path, files: dict[str, bytes]) -> None:
     for name, data in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +134,10 @@ def test_keygen_writes_a_private_key_file_and_never_overwrites_without_force(
     assert json.loads(first)["name"] == "backup-key"
     assert len(base64.b64decode(json.loads(first)["key"])) == 32
 
-    assert "already exists" in failed(cli("keygen", "-o", path))[0]
+    assert failed(cli("keygen", "-o", path)) == [
+        f"{ERROR_PREFIX}{path} already exists; pass --force to replace it (messages wrapped "
+        "under the old key can then no longer be decrypted)"
+    ]
     assert path.read_bytes() == first
 
     ok(cli("keygen", "-o", path, "--force"))
@@ -248,7 +264,9 @@ def test_pipes_round_trip_with_kms_and_raw_keys_combined(
     refused = cli(
         "decrypt", "-", "-o", "-", "--raw-key-file", raw_key.path, "--unsigned-only", stdin=blob
     )
-    assert "signed" in failed(refused)[0]
+    assert failed(refused)[0].startswith(
+        f"{ERROR_PREFIX}the message is signed (AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384);"
+    )
     assert refused.stdout == b""
 
 
@@ -285,7 +303,7 @@ def test_reencrypt_from_key_a_to_key_b(
     error = failed(
         cli("decrypt", rotated, "-o", out.with_name("nope"), "--kms-key", kms_key.arn, *cli.kms)
     )
-    assert "could not decrypt" in error[0]
+    assert error == [f"{ERROR_PREFIX}KmsKeyring({kms_key.arn!r}) {NO_EDK_FOR_THIS_KEY}"]
     assert listing(tmp_path) == {"rotated", "plain"}
 
 
@@ -358,8 +376,8 @@ def test_reencrypt_of_a_directory_rotates_every_file_and_reports_a_truncated_one
         ),
         lines=2,
     )
-    assert errors[0].startswith(f"{ERROR_PREFIX}{big}: ")
-    assert "truncated" in errors[0]
+    # 70,000 bytes in 64 KiB frames: the cut ends inside frame 1 of 1 (and the final).
+    assert errors[0] == f"{ERROR_PREFIX}{big}: {truncated_inside_frame(1)}"
     assert errors[1] == f"{ERROR_PREFIX}1 of 3 files failed"
     assert listing(again) == {"a.txt.encrypted", "empty.encrypted"}
 
@@ -384,7 +402,7 @@ def test_reencrypt_of_a_truncated_message_exits_1_and_leaves_no_output(
         *kms_message.context,
         *cli.kms,
     )
-    assert "truncated" in failed(result)[0]
+    assert failed(result) == [f"{ERROR_PREFIX}{truncated_inside_frame(9)}"]
     assert listing(tmp_path) == before  # no output, and no temporary file either
     piped = cli(
         "reencrypt",
@@ -398,7 +416,7 @@ def test_reencrypt_of_a_truncated_message_exits_1_and_leaves_no_output(
         *cli.kms,
         stdin=source.read_bytes(),
     )
-    assert "truncated" in failed(piped)[0]
+    assert failed(piped) == [f"{ERROR_PREFIX}{truncated_inside_frame(9)}"]
     # On a pipe, new frames may go out before the cut is found (here the input arrives
     # in one read and nothing does), but never the final one: no reader takes what came
     # out for a whole message.
@@ -444,12 +462,12 @@ def test_a_failure_is_one_line_and_leaves_no_output(
     error = failed(result)[0]
     assert listing(tmp_path) == before  # no output, and no temporary file either
     expected = {
-        "wrong-context": "does not match",
-        "wrong-key": "could not decrypt",
-        "truncated": "truncated",
-        "existing-output": "already exists; pass --force",
+        "wrong-context": "encryption context value for key 'tenant' does not match the message",
+        "wrong-key": f"KmsKeyring({key!r}) {NO_EDK_FOR_THIS_KEY}",
+        "truncated": truncated_inside_frame(9),
+        "existing-output": f"{output} already exists; pass --force to replace it",
     }[case]
-    assert expected in error
+    assert error == f"{ERROR_PREFIX}{expected}"
     if case == "existing-output":
         assert output.read_bytes() == b"precious"
 
@@ -459,7 +477,10 @@ def test_usage_errors_exit_2(cli: Cli, tmp_path: Path) -> None:
     source.write_bytes(b"x")
     result = cli("encrypt", source, "-o", tmp_path / "b")  # no key
     assert result.returncode == 2
-    assert b"give a key" in result.stderr
+    assert result.stderr.decode().splitlines()[-1] == (
+        "aioenvelope encrypt: error: give a key: --kms-key ID, --raw-key-file FILE"
+    )
+    assert result.stderr.startswith(b"usage: aioenvelope encrypt ")
     assert listing(tmp_path) == {"a"}
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from esdk_vectors import VectorTally, vectors_required
+from fault_proxy import FaultProxy
 from kms_server import KmsKey, MotoKms, dummy_credentials, running_moto
 from moto_keyrings import moto_kms_keyring
 
@@ -66,6 +67,14 @@ def kms_key(moto_kms: MotoKms) -> KmsKey:
 @pytest.fixture(scope="session")
 def kms_key_2(moto_kms: MotoKms) -> KmsKey:
     return moto_kms.create_key("secondary")
+
+
+@pytest.fixture
+def fault_proxy(moto_kms: MotoKms) -> Iterator[FaultProxy]:
+    """A fresh FaultProxy in front of moto per test: no fault, hold, record or count
+    leaks from one test to the next."""
+    with FaultProxy(moto_kms.endpoint_url) as proxy:
+        yield proxy
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-__all__ = ["FaultProxy", "Received"]
+__all__ = ["FaultProxy", "Received", "wait_for"]
 
 T = TypeVar("T")
 
@@ -313,6 +313,17 @@ class FaultProxy:
                 return web.Response(status=upstream.status, body=payload, headers=out)
         except (aiohttp.ClientError, TimeoutError) as exc:
             return web.Response(status=502, text=f"fault proxy: upstream failed: {exc!r}")
+
+
+async def wait_for(predicate: Callable[[], bool], what: str) -> None:
+    """Poll ``predicate`` (e.g. on :meth:`FaultProxy.requests`) until it holds, a bounded
+    number of times: the proxy answers in its own thread, so a test's loop must keep
+    running (its client sends the requests) while it waits."""
+    for _ in range(1000):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")
 
 
 def _json_body(body: bytes) -> Mapping[str, Any]:

@@ -191,35 +191,33 @@ class KmsBehindProxy:
 
 @keyring_harness(Can.CALL_A_REMOTE_SERVICE, Can.BIND_CONTEXT_TO_WRAPPED_KEY)
 def aws_kms_harness(
-    moto_kms: MotoKms, kms_key: KmsKey, kms_key_2: KmsKey
-) -> Iterator[KeyringHarness]:
-    """``KmsKeyring`` against the session's moto server, through a fresh fault proxy.
+    moto_kms: MotoKms, kms_key: KmsKey, kms_key_2: KmsKey, fault_proxy: FaultProxy
+) -> KeyringHarness:
+    """``KmsKeyring`` against the session's moto server, through the test's fault proxy.
     Keys by ARN, with the start-up DescribeKey (it happens when the client is entered,
     before any test sets a fault)."""
     arns = {"A": kms_key.arn, "B": kms_key_2.arn}
 
-    with FaultProxy(moto_kms.endpoint_url) as proxy:
-
-        def keyring(key: Key, *, one_attempt: bool = False, **options: Any) -> Keyring:
-            return moto_kms_keyring(
-                moto_kms,
-                arns[key],
-                endpoint_url=proxy.url,
-                deadline=KMS_DEADLINE,
-                max_attempts=1 if one_attempt else 4,
-                **options,
-            )
-
-        def several(keys: Sequence[Key]) -> Keyring:
-            first, *rest = keys
-            return keyring(first, additional_key_ids=[arns[k] for k in rest])
-
-        yield KeyringHarness(
-            name="aws-kms",
-            keyring=keyring,
-            several=several,
-            remote=KmsBehindProxy(proxy, moto_kms.region),
+    def keyring(key: Key, *, one_attempt: bool = False, **options: Any) -> Keyring:
+        return moto_kms_keyring(
+            moto_kms,
+            arns[key],
+            endpoint_url=fault_proxy.url,
+            deadline=KMS_DEADLINE,
+            max_attempts=1 if one_attempt else 4,
+            **options,
         )
+
+    def several(keys: Sequence[Key]) -> Keyring:
+        first, *rest = keys
+        return keyring(first, additional_key_ids=[arns[k] for k in rest])
+
+    return KeyringHarness(
+        name="aws-kms",
+        keyring=keyring,
+        several=several,
+        remote=KmsBehindProxy(fault_proxy, moto_kms.region),
+    )
 
 
 # -- raw AES and raw RSA: local keys -----------------------------------------------------

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from fault_proxy import FaultProxy
+from fault_proxy import FaultProxy, wait_for
 from kms_server import KmsKey, MotoKms
 from moto_keyrings import moto_kms_discovery_keyring, moto_kms_keyring
 
@@ -28,14 +27,8 @@ GRANT_TOKENS = ["grant-token-1", "grant-token-2"]
 RETRY_DEADLINE = 30.0
 
 
-@pytest.fixture
-def proxy(moto_kms: MotoKms) -> Iterator[FaultProxy]:
-    with FaultProxy(moto_kms.endpoint_url) as p:
-        yield p
-
-
-def via(proxy: FaultProxy, moto_kms: MotoKms, key: KmsKey, **options: Any) -> KmsKeyring:
-    return moto_kms_keyring(moto_kms, key.arn, endpoint_url=proxy.url, **options)
+def via(fault_proxy: FaultProxy, moto_kms: MotoKms, key: KmsKey, **options: Any) -> KmsKeyring:
+    return moto_kms_keyring(moto_kms, key.arn, endpoint_url=fault_proxy.url, **options)
 
 
 async def message_under(moto_kms: MotoKms, key: KmsKey) -> bytes:
@@ -48,18 +41,22 @@ async def message_under(moto_kms: MotoKms, key: KmsKey) -> bytes:
 
 
 async def test_grant_tokens_go_with_every_kms_request_of_a_keyring(
-    moto_kms: MotoKms, kms_key: KmsKey, kms_key_2: KmsKey, proxy: FaultProxy
+    moto_kms: MotoKms, kms_key: KmsKey, kms_key_2: KmsKey, fault_proxy: FaultProxy
 ) -> None:
     """A new grant is eventually consistent, so its token must go with every call: the
     start-up DescribeKey of each key, GenerateDataKey, Encrypt under the additional key
     and Decrypt all carry the tokens, as given and in order."""
     keyring = via(
-        proxy, moto_kms, kms_key, additional_key_ids=[kms_key_2.arn], grant_tokens=GRANT_TOKENS
+        fault_proxy,
+        moto_kms,
+        kms_key,
+        additional_key_ids=[kms_key_2.arn],
+        grant_tokens=GRANT_TOKENS,
     )
     async with EnvelopeClient(keyring, cache=None) as client:
         message = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
         assert await client.decrypt(message, encryption_context=CONTEXT) == PLAINTEXT
-    received = proxy.received()
+    received = fault_proxy.received()
     assert sorted(r.operation for r in received) == [
         "Decrypt",
         "DescribeKey",
@@ -71,25 +68,25 @@ async def test_grant_tokens_go_with_every_kms_request_of_a_keyring(
 
 
 async def test_a_discovery_keyring_sends_its_grant_tokens_with_decrypt(
-    moto_kms: MotoKms, kms_key: KmsKey, proxy: FaultProxy
+    moto_kms: MotoKms, kms_key: KmsKey, fault_proxy: FaultProxy
 ) -> None:
     message = await message_under(moto_kms, kms_key)
     keyring = moto_kms_discovery_keyring(
-        moto_kms, endpoint_url=proxy.url, grant_tokens=GRANT_TOKENS
+        moto_kms, endpoint_url=fault_proxy.url, grant_tokens=GRANT_TOKENS
     )
     async with EnvelopeClient(keyring) as client:
         assert await client.decrypt(message, encryption_context=CONTEXT) == PLAINTEXT
-    (decrypt,) = proxy.received()
+    (decrypt,) = fault_proxy.received()
     assert (decrypt.operation, decrypt.body["GrantTokens"]) == ("Decrypt", GRANT_TOKENS)
 
 
 async def test_without_grant_tokens_kms_gets_an_empty_list(
-    moto_kms: MotoKms, kms_key: KmsKey, proxy: FaultProxy
+    moto_kms: MotoKms, kms_key: KmsKey, fault_proxy: FaultProxy
 ) -> None:
-    async with EnvelopeClient(via(proxy, moto_kms, kms_key), cache=None) as client:
+    async with EnvelopeClient(via(fault_proxy, moto_kms, kms_key), cache=None) as client:
         message = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
         assert await client.decrypt(message, encryption_context=CONTEXT) == PLAINTEXT
-    received = proxy.received()
+    received = fault_proxy.received()
     assert [r.operation for r in received] == ["DescribeKey", "GenerateDataKey", "Decrypt"]
     assert [r.body["GrantTokens"] for r in received] == [[], [], []]
 
@@ -99,7 +96,7 @@ async def test_without_grant_tokens_kms_gets_an_empty_list(
 
 @pytest.mark.parametrize("retry_mode", [None, "standard", "adaptive"])
 async def test_standard_and_adaptive_retry_modes_retry_a_limit_exceeded_answer(
-    moto_kms: MotoKms, kms_key: KmsKey, proxy: FaultProxy, retry_mode: str | None
+    moto_kms: MotoKms, kms_key: KmsKey, fault_proxy: FaultProxy, retry_mode: str | None
 ) -> None:
     """botocore's standard mode (the default) and adaptive mode count a 400
     LimitExceededException as throttling and retry it: two GenerateDataKey requests,
@@ -107,13 +104,13 @@ async def test_standard_and_adaptive_retry_modes_retry_a_limit_exceeded_answer(
     options: dict[str, Any] = {"check_keys": False, "deadline": RETRY_DEADLINE}
     if retry_mode is not None:
         options["retry_mode"] = retry_mode
-    keyring = via(proxy, moto_kms, kms_key, max_attempts=3, **options)
-    proxy.fail_next(1, 400, error_type="LimitExceededException", operation="GenerateDataKey")
+    keyring = via(fault_proxy, moto_kms, kms_key, max_attempts=3, **options)
+    fault_proxy.fail_next(1, 400, error_type="LimitExceededException", operation="GenerateDataKey")
     async with EnvelopeClient(keyring) as client:
         message = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
     async with EnvelopeClient(moto_kms_keyring(moto_kms, kms_key.arn)) as reader:
         assert await reader.decrypt(message, encryption_context=CONTEXT) == PLAINTEXT
-    first, second = proxy.received("GenerateDataKey")
+    first, second = fault_proxy.received("GenerateDataKey")
     assert first.sdk_request == "attempt=1"
     assert second.sdk_request is not None
     assert second.sdk_request.endswith("; attempt=2; max=3")
@@ -121,12 +118,12 @@ async def test_standard_and_adaptive_retry_modes_retry_a_limit_exceeded_answer(
 
 
 async def test_legacy_retry_mode_does_not_retry_a_limit_exceeded_answer(
-    moto_kms: MotoKms, kms_key: KmsKey, proxy: FaultProxy
+    moto_kms: MotoKms, kms_key: KmsKey, fault_proxy: FaultProxy
 ) -> None:
     """botocore's legacy mode knows LimitExceededException only as an HTTP 509: a 400
     one is not retried, and comes back at once as a transient KMSError."""
     keyring = via(
-        proxy,
+        fault_proxy,
         moto_kms,
         kms_key,
         check_keys=False,
@@ -134,7 +131,7 @@ async def test_legacy_retry_mode_does_not_retry_a_limit_exceeded_answer(
         retry_mode="legacy",
         max_attempts=3,
     )
-    proxy.fail_next(1, 400, error_type="LimitExceededException", operation="GenerateDataKey")
+    fault_proxy.fail_next(1, 400, error_type="LimitExceededException", operation="GenerateDataKey")
     async with EnvelopeClient(keyring) as client:
         with pytest.raises(errors.KMSError) as info:
             await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
@@ -144,7 +141,7 @@ async def test_legacy_retry_mode_does_not_retry_a_limit_exceeded_answer(
         "LimitExceededException",
         True,
     )
-    assert [r.sdk_request for r in proxy.received("GenerateDataKey")] == ["attempt=1"]
+    assert [r.sdk_request for r in fault_proxy.received("GenerateDataKey")] == ["attempt=1"]
 
 
 @pytest.mark.parametrize("keyring_type", [KmsKeyring, KmsDiscoveryKeyring])
@@ -184,14 +181,18 @@ CONCURRENT = 8
 
 @pytest.mark.parametrize(("max_connections", "in_flight"), [(3, 3), (32, CONCURRENT)])
 async def test_max_connections_caps_the_requests_in_flight_per_region(
-    moto_kms: MotoKms, kms_key: KmsKey, proxy: FaultProxy, max_connections: int, in_flight: int
+    moto_kms: MotoKms,
+    kms_key: KmsKey,
+    fault_proxy: FaultProxy,
+    max_connections: int,
+    in_flight: int,
 ) -> None:
     """Eight concurrent uncached decrypts while KMS holds every request: ``max_connections``
     of them reach KMS, the rest wait their turn (and all succeed once KMS answers); with
     room for all eight (the default 32), all eight are in flight at once."""
     message = await message_under(moto_kms, kms_key)
     keyring = via(
-        proxy,
+        fault_proxy,
         moto_kms,
         kms_key,
         check_keys=False,
@@ -199,23 +200,22 @@ async def test_max_connections_caps_the_requests_in_flight_per_region(
         max_connections=max_connections,
     )
     async with EnvelopeClient(keyring, cache=None) as client:
-        proxy.hang(True)
+        fault_proxy.hang(True)
         try:
             calls = [
                 asyncio.create_task(client.decrypt(message, encryption_context=CONTEXT))
                 for _ in range(CONCURRENT)
             ]
-            for _ in range(1000):  # the proxy answers in its own thread: poll, bounded
-                if proxy.requests().get("Decrypt", 0) >= in_flight:
-                    break
-                await asyncio.sleep(0.01)
+            await wait_for(
+                lambda: fault_proxy.requests().get("Decrypt", 0) >= in_flight, "the first calls"
+            )
             await asyncio.sleep(0.2)  # room for a request over the cap to arrive
-            assert proxy.requests()["Decrypt"] == in_flight
+            assert fault_proxy.requests()["Decrypt"] == in_flight
         finally:
-            proxy.hang(False)
+            fault_proxy.hang(False)
         assert await asyncio.gather(*calls) == [PLAINTEXT] * CONCURRENT
-    assert proxy.requests()["Decrypt"] == CONCURRENT
-    assert proxy.most_in_flight() == in_flight
+    assert fault_proxy.requests()["Decrypt"] == CONCURRENT
+    assert fault_proxy.most_in_flight() == in_flight
 
 
 # The README: "A burst waits for one of max_connections connections before its deadline
@@ -228,12 +228,14 @@ SLOW = 0.55 * DEADLINE
 
 
 async def test_a_call_waiting_for_a_connection_still_gets_its_whole_deadline(
-    moto_kms: MotoKms, kms_key: KmsKey, proxy: FaultProxy
+    moto_kms: MotoKms, kms_key: KmsKey, fault_proxy: FaultProxy
 ) -> None:
     message = await message_under(moto_kms, kms_key)
-    keyring = via(proxy, moto_kms, kms_key, check_keys=False, deadline=DEADLINE, max_connections=1)
+    keyring = via(
+        fault_proxy, moto_kms, kms_key, check_keys=False, deadline=DEADLINE, max_connections=1
+    )
     async with EnvelopeClient(keyring, cache=None) as client:
-        proxy.slow_next(2, SLOW, operation="Decrypt")
+        fault_proxy.slow_next(2, SLOW, operation="Decrypt")
         started = time.monotonic()
         results = await asyncio.gather(
             client.decrypt(message, encryption_context=CONTEXT),
@@ -241,6 +243,6 @@ async def test_a_call_waiting_for_a_connection_still_gets_its_whole_deadline(
         )
         took = time.monotonic() - started
     assert list(results) == [PLAINTEXT, PLAINTEXT]
-    assert proxy.most_in_flight() == 1
-    assert proxy.requests() == {"Decrypt": 2}
+    assert fault_proxy.most_in_flight() == 1
+    assert fault_proxy.requests() == {"Decrypt": 2}
     assert took > DEADLINE  # the scenario happened: the second call outlived a deadline

@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from fault_proxy import FaultProxy
+from fault_proxy import FaultProxy, wait_for
 from kms_server import REGION, KmsKey, MotoKms
 from moto_keyrings import moto_kms_discovery_keyring, moto_kms_keyring
 from tracking_session import TrackingSession
@@ -91,15 +91,6 @@ async def forged_message(raw: RawAesKeyring, arns: Sequence[str]) -> bytes:
         return await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
 
 
-async def wait_for(predicate: Any, what: str) -> None:
-    """Poll ``predicate`` (a bounded number of times; the proxy answers in its own thread)."""
-    for _ in range(1000):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never happened: {what}")
-
-
 @pytest.fixture
 def raw() -> RawAesKeyring:
     return RawAesKeyring("test", "break-glass", os.urandom(32))
@@ -108,12 +99,6 @@ def raw() -> RawAesKeyring:
 @pytest.fixture(scope="module")
 def other_region_key(moto_kms: MotoKms) -> KmsKey:
     return moto_kms.create_key(region=OTHER_REGION)
-
-
-@pytest.fixture
-def proxy(moto_kms: MotoKms) -> Iterator[FaultProxy]:
-    with FaultProxy(moto_kms.endpoint_url) as p:
-        yield p
 
 
 # -- the allow-list ----------------------------------------------------------------------
@@ -276,7 +261,7 @@ async def test_a_keyring_keeps_at_most_sixteen_clients_and_closes_the_evicted(
 
 
 async def test_an_evicted_client_finishes_its_call_before_it_is_closed(
-    moto_kms: MotoKms, kms_key: KmsKey, raw: RawAesKeyring, proxy: FaultProxy
+    moto_kms: MotoKms, kms_key: KmsKey, raw: RawAesKeyring, fault_proxy: FaultProxy
 ) -> None:
     """A client evicted while a call is in flight on it is closed when that call ends,
     not under it: the held us-west-2 Decrypt still succeeds after sixteen other regions
@@ -288,22 +273,22 @@ async def test_an_evicted_client_finishes_its_call_before_it_is_closed(
     tracking = TrackingSession()
     keyring = moto_kms_discovery_keyring(
         moto_kms,
-        endpoint_url=proxy.url,
+        endpoint_url=fault_proxy.url,
         session=tracking.session,
         regions=REAL_REGIONS,
         deadline=30.0,
     )
     async with EnvelopeClient(keyring, cache=None) as client:
-        proxy.hang(True)
+        fault_proxy.hang(True)
         held = asyncio.create_task(client.decrypt(genuine, encryption_context=CONTEXT))
-        await wait_for(lambda: proxy.requests().get("Decrypt") == 1, "the held Decrypt")
+        await wait_for(lambda: fault_proxy.requests().get("Decrypt") == 1, "the held Decrypt")
         rest = [
             asyncio.create_task(client.decrypt(blob, encryption_context=CONTEXT)) for blob in others
         ]
-        await wait_for(lambda: proxy.requests().get("Decrypt") == 17, "all 17 Decrypts")
+        await wait_for(lambda: fault_proxy.requests().get("Decrypt") == 17, "all 17 Decrypts")
         assert ("close", REGION) not in tracking.events  # evicted, but in use
         assert tracking.open_clients == MAX_CLIENTS + 1
-        proxy.hang(False)
+        fault_proxy.hang(False)
         assert await asyncio.wait_for(held, 10) == PLAINTEXT
         outcomes = await asyncio.wait_for(asyncio.gather(*rest, return_exceptions=True), 10)
         assert all(isinstance(o, errors.NoUsableKeyError) for o in outcomes)

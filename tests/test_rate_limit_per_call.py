@@ -12,7 +12,7 @@ The clock is a FakeClock that nobody moves: no token comes back during a test.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 from fake_clock import FakeClock
@@ -62,69 +62,63 @@ async def message_with_failing_edks_first(moto_kms: MotoKms, key: KmsKey) -> byt
         return await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
 
 
-def decrypts(proxy: FaultProxy) -> int:
-    return proxy.requests().get("Decrypt", 0)
-
-
-@pytest.fixture
-def proxy(moto_kms: MotoKms) -> Iterator[FaultProxy]:
-    with FaultProxy(moto_kms.endpoint_url) as p:
-        yield p
+def decrypts(fault_proxy: FaultProxy) -> int:
+    return fault_proxy.requests().get("Decrypt", 0)
 
 
 async def test_a_message_whose_first_edks_fail_costs_a_token_per_decrypt_call(
-    moto_kms: MotoKms, kms_key: KmsKey, proxy: FaultProxy
+    moto_kms: MotoKms, kms_key: KmsKey, fault_proxy: FaultProxy
 ) -> None:
     """N EDKs, the first N - 1 refused by KMS: N Decrypt calls, N tokens. With a burst of
     N the message decrypts and the bucket is empty after it; with N - 1 the Nth call is
     refused (429) before it is sent."""
     blob = await message_with_failing_edks_first(moto_kms, kms_key)
     limit = RateLimit(rate=1.0, burst=N)
-    reader = moto_kms_keyring(moto_kms, kms_key.arn, endpoint_url=proxy.url, check_keys=False)
+    reader = moto_kms_keyring(moto_kms, kms_key.arn, endpoint_url=fault_proxy.url, check_keys=False)
     async with EnvelopeClient(
         reader, cache=None, decrypt_rate_limit=limit, clock=FakeClock()
     ) as client:
         assert await client.decrypt(blob, encryption_context=CONTEXT) == PLAINTEXT
-        assert decrypts(proxy) == N
+        assert decrypts(fault_proxy) == N
         with pytest.raises(errors.KMSDecryptRateLimited):
             await client.decrypt(blob, encryption_context=CONTEXT)
-        assert decrypts(proxy) == N
+        assert decrypts(fault_proxy) == N
         assert client.stats.rate_limited == 1
 
     short = RateLimit(rate=1.0, burst=N - 1)
-    reader = moto_kms_keyring(moto_kms, kms_key.arn, endpoint_url=proxy.url, check_keys=False)
+    reader = moto_kms_keyring(moto_kms, kms_key.arn, endpoint_url=fault_proxy.url, check_keys=False)
     async with EnvelopeClient(
         reader, cache=None, decrypt_rate_limit=short, clock=FakeClock()
     ) as client:
         with pytest.raises(errors.KMSDecryptRateLimited):
             await client.decrypt(blob, encryption_context=CONTEXT)
-    assert decrypts(proxy) == N + N - 1
+    assert decrypts(fault_proxy) == N + N - 1
 
 
 async def test_a_region_whose_breaker_is_open_costs_no_token(
-    moto_kms: MotoKms, kms_key: KmsKey, proxy: FaultProxy
+    moto_kms: MotoKms, kms_key: KmsKey, fault_proxy: FaultProxy
 ) -> None:
     """Failing fast sends nothing, so it spends nothing: after five failed calls (five
     tokens) open the breaker, any number of refused decrypts leave the bucket alone."""
     blob = await message_with_failing_edks_first(moto_kms, kms_key)
     reader = moto_kms_keyring(
-        moto_kms, kms_key.arn, endpoint_url=proxy.url, check_keys=False, max_attempts=1
+        moto_kms, kms_key.arn, endpoint_url=fault_proxy.url, check_keys=False, max_attempts=1
     )
     limit = RateLimit(rate=1.0, burst=5)
     async with EnvelopeClient(
         reader, cache=None, decrypt_rate_limit=limit, clock=FakeClock()
     ) as client:
-        proxy.fail_next(5, 500, operation="Decrypt")
+        fault_proxy.fail_next(5, 500, operation="Decrypt")
         with pytest.raises(errors.KMSError):
             await client.decrypt(blob, encryption_context=CONTEXT)  # 4 calls, 4 tokens
         with pytest.raises(errors.CircuitOpenError):
             await client.decrypt(blob, encryption_context=CONTEXT)  # 1 call, then it opens
-        assert decrypts(proxy) == 5
+        assert decrypts(fault_proxy) == 5
         for _ in range(10):
             with pytest.raises(errors.CircuitOpenError):
                 await client.decrypt(blob, encryption_context=CONTEXT)
         assert client.stats.rate_limited == 0
-    assert decrypts(proxy) == 5
+    assert decrypts(fault_proxy) == 5
 
 
 class RemoteUnwrapKeyring(Keyring):

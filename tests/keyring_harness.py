@@ -33,7 +33,12 @@ Vault, ...) is one fixture here::
                 remote=VaultBehindProxy(proxy),           # a RemoteBackend
             )
 
-and its name in :data:`HARNESSES` is what the suite's test IDs show.
+and its name in :data:`HARNESSES` is what the suite's test IDs show (``conftest.py``
+loads this module as a plugin, so its fixtures are visible to the suite). A remote
+keyring is then held to what the KMS keyrings do: transient failures retried within a
+call, the client's circuit breaker (``Runtime.breaker(breaker_name)``) told of each
+outage and each answer, and one token of the decrypt rate limit
+(``Runtime.admit_remote_decrypt``) taken per unwrap request.
 """
 
 from __future__ import annotations

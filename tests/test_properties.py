@@ -265,6 +265,20 @@ def test_a_cut_behind_the_header_is_reported_as_truncation(sealed: Sealed) -> No
         assert "the message is truncated" in str(result)
 
 
+def test_bytes_appended_behind_a_whole_message_are_refused_as_trailing_bytes(
+    sealed: Sealed,
+) -> None:
+    """Flips and cuts never make a message longer: one byte, a copy of its last 16 bytes,
+    or a second copy of the message after a complete message is refused as trailing
+    bytes (a reader that stopped at the end of the body or footer would return the
+    original plaintext)."""
+    message = sealed.message
+    extended = [message + b"\x00", message + message[-TAG:], message + message]
+    for suffix, result in zip(("byte", "tail", "message"), decrypt_all(extended), strict=True):
+        assert type(result) is errors.MalformedMessageError, (suffix, result)
+        assert str(result) == "unexpected bytes after the end of the message", (suffix, result)
+
+
 def test_most_flips_and_cuts_anywhere_fail_past_the_header(
     sealed: Sealed, record_property: Callable[[str, object], None]
 ) -> None:

@@ -212,13 +212,18 @@ async def test_wrong_required_context_is_refused_by_the_unwrap(
     harness: KeyringHarness, reader_context: str
 ) -> None:
     """A required (unstored) pair is checked where the context is bound to the wrapped
-    key: a wrong or missing one makes the unwrap fail, NoUsableKeyError."""
-    async with EnvelopeClient(harness.keyring("A")) as client:
+    key: a wrong or missing one makes the unwrap fail, NoUsableKeyError; also in the
+    caching client that has just unwrapped the same EDK under the right context (the
+    cached key is not served for another context: the keyring is asked again)."""
+    given = {**CONTEXT, "tenant": "t2"} if reader_context == "wrong" else {}
+    watched = WatchedKeyring(harness.keyring("A"))
+    async with EnvelopeClient(watched, cache=CacheConfig()) as client:
         message = await client.encrypt(
             PLAINTEXT, encryption_context=CONTEXT, required_encryption_context_keys={"tenant"}
         )
         assert await client.decrypt(message, encryption_context=CONTEXT) == PLAINTEXT
-    given = {**CONTEXT, "tenant": "t2"} if reader_context == "wrong" else {}
+        await failure(client.decrypt(message, encryption_context=given), errors.NoUsableKeyError)
+        assert watched.decrypt_calls == 2
     await failure(decrypt_with(harness.keyring("A"), message, given), errors.NoUsableKeyError)
 
 

@@ -64,5 +64,13 @@ class CircuitBreakerConfig:
     reset_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.failure_threshold < 1 or not self.reset_timeout > 0:
-            raise ConfigurationError("failure_threshold must be >= 1 and reset_timeout > 0")
+        if self.failure_threshold < 1:
+            raise ConfigurationError(
+                f"failure_threshold must be >= 1, not {self.failure_threshold}: it is how many "
+                "consecutive transient failures open the breaker"
+            )
+        if not self.reset_timeout > 0:  # also refuses NaN
+            raise ConfigurationError(
+                f"reset_timeout must be > 0 seconds, not {self.reset_timeout}: it is how long "
+                "the breaker stays open before one probe is let through"
+            )

@@ -1,13 +1,13 @@
 """Where the parts of a framed message lie: the header's end, each frame, the footer.
 
 Tampering tests flip or cut bytes at exact places, so they need the offsets the format
-puts things at. The header's length comes from the public sans-I/O parser
-(``aioenvelope.format.parse_header``); the frame sizes are the format's fixed overheads.
+puts things at. The header's length comes from the public ``aioenvelope.inspect``; the
+frame sizes are the format's fixed overheads.
 """
 
 from __future__ import annotations
 
-from aioenvelope.format import parse_header
+import aioenvelope
 
 REGULAR_OVERHEAD = 4 + 12 + 16  # sequence number, IV, tag
 FINAL_OVERHEAD = 4 + 4 + 12 + 4 + 16  # end marker, sequence number, IV, length, tag
@@ -15,7 +15,7 @@ FINAL_OVERHEAD = 4 + 4 + 12 + 4 + 16  # end marker, sequence number, IV, length,
 
 def header_length(message: bytes) -> int:
     """Bytes of ``message`` taken by its header (with the header's IV and tag)."""
-    return parse_header(message, max_encrypted_data_keys=10).length
+    return aioenvelope.inspect(message).header_length
 
 
 def body_end(message: bytes, frame_length: int, plaintext_length: int) -> int:

@@ -16,6 +16,7 @@ import anyio
 import pytest
 from esdk_peer import peer_keys, raw_aes_key
 
+import aioenvelope
 from aioenvelope import (
     DecryptionMaterials,
     EncryptedDataKey,
@@ -47,7 +48,7 @@ def parsed(message: bytes) -> ParsedHeader:
 
 def body(message: bytes) -> bytes:
     """Everything after the header."""
-    return message[parsed(message).length :]
+    return message[aioenvelope.inspect(message).header_length :]
 
 
 def edk_arns(header: MessageHeader) -> set[str]:

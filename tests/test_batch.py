@@ -21,7 +21,6 @@ from aioenvelope import (
     errors,
     run_batch,
 )
-from aioenvelope.format import parse_header
 
 
 class Tracker:
@@ -289,7 +288,7 @@ async def test_batch_reencrypt_of_fifty_messages_reports_exactly_the_corrupted_o
         )
         plaintexts = [await client.decrypt(blob) for blob in blobs]
         plaintexts[40] = b"signed"
-        tag_offset = parse_header(blobs[11], max_encrypted_data_keys=10).length - 1
+        tag_offset = aioenvelope.inspect(blobs[11]).header_length - 1
         corrupted = {
             3: blobs[3][:40],  # ends inside the header
             11: bytes(b ^ 1 if i == tag_offset else b for i, b in enumerate(blobs[11])),  # tag

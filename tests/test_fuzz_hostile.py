@@ -53,7 +53,6 @@ from aioenvelope import (
     inspect,
 )
 from aioenvelope.format.body import LARGE_FRAME
-from aioenvelope.format.header import parse_header
 
 NAMESPACE = "fuzz"
 KEY_NAME = "key-1"
@@ -214,7 +213,7 @@ def corpus() -> tuple[Sample, ...]:
     for spec in SPECS:
         plaintext = os.urandom(spec.size)
         message = _write(spec, plaintext)
-        length = parse_header(message, max_encrypted_data_keys=10).length
+        length = aioenvelope.inspect(message).header_length
         fields = field_offsets(message, spec, length)
         samples.append(Sample(spec, message, plaintext, length, fields))
     return tuple(samples)

@@ -15,16 +15,11 @@ from kms_server import KmsKey, MotoKms
 
 import aioenvelope
 from aioenvelope import AlgorithmSuite, EnvelopeClient, KmsKeyring, errors
-from aioenvelope.format import ParsedHeader, parse_header
 
 COMMIT = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
 CONTEXT = {"tenant": "t-42", "purpose": "rotation", "schlüssel": "wert ✓"}
 PLAINTEXT = bytes(range(256)) * 5 + b"tail"
 KMS_PROVIDER_ID = "aws-kms"
-
-
-def parsed(message: bytes) -> ParsedHeader:
-    return parse_header(message, max_encrypted_data_keys=0xFFFF)
 
 
 def flip(message: bytes, offset: int) -> bytes:
@@ -77,7 +72,7 @@ async def test_inspect_shows_suite_id_context_edks_and_frame_length(
 
 async def test_inspect_needs_only_the_header(client: EnvelopeClient) -> None:
     message = await client.encrypt(os.urandom(10_000), encryption_context=CONTEXT)
-    length = parsed(message).length
+    length = aioenvelope.inspect(message).header_length
     whole = aioenvelope.inspect(message)
     for prefix in (message[:length], message[: length + 1], message[:4096]):
         assert aioenvelope.inspect(prefix) == whole
@@ -89,6 +84,51 @@ async def test_inspect_needs_only_the_header(client: EnvelopeClient) -> None:
             match=r"^the bytes end inside the message header: pass more of the message$",
         ):
             aioenvelope.inspect(message[:cut])
+
+
+def assert_header_ends_at(message: bytes, length: int) -> None:
+    """``length`` is exactly where the header ends: one byte fewer is a truncated
+    header, and those bytes alone inspect to the same header as the whole message."""
+    with pytest.raises(errors.TruncatedMessageError):
+        aioenvelope.inspect(message[: length - 1])
+    assert aioenvelope.inspect(message[:length]) == aioenvelope.inspect(message)
+
+
+@pytest.mark.parametrize("suite", list(AlgorithmSuite), ids=lambda suite: f"{suite.suite_id:04x}")
+@pytest.mark.parametrize("frame_length", [0, 128], ids=["non-framed", "framed"])
+def test_header_length_is_where_the_body_starts_for_every_suite_and_framing(
+    suite: AlgorithmSuite, frame_length: int
+) -> None:
+    """The public seam for slicing a stored message (an S3 range request for the body):
+    checked against ESDK-written messages, so it is not our writer agreeing with itself."""
+    message, _ = esdk_encrypt(
+        raw_aes_peer(),
+        PLAINTEXT,
+        suite_id=suite.suite_id,
+        encryption_context=CONTEXT,
+        frame_length=frame_length,
+    )
+    header = aioenvelope.inspect(message)
+    assert header.algorithm_suite is suite
+    assert 0 < header.header_length < len(message)
+    assert_header_ends_at(message, header.header_length)
+
+
+async def test_streams_report_the_header_length_that_inspect_reads(
+    client: EnvelopeClient,
+) -> None:
+    message = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+    expected = aioenvelope.inspect(message).header_length
+    assert_header_ends_at(message, expected)
+    async with client.encrypt_stream(PLAINTEXT, encryption_context=CONTEXT) as encrypting:
+        written = b"".join([chunk async for chunk in encrypting])
+        assert encrypting.header is not None
+        assert encrypting.header.header_length == aioenvelope.inspect(written).header_length
+        assert encrypting.header == aioenvelope.inspect(written)
+    async with client.decrypt_stream(message) as decrypting:
+        assert b"".join([chunk async for chunk in decrypting]) == PLAINTEXT
+        assert decrypting.header == aioenvelope.inspect(message)
+        assert decrypting.header.header_length == expected
 
 
 @pytest.mark.parametrize("value", ["not bytes", None, [1, 2, 3], 42])

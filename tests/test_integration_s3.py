@@ -21,8 +21,8 @@ import pytest
 from esdk_peer import esdk_decrypt
 from kms_server import REGION, KmsKey, MotoKms
 
+import aioenvelope
 from aioenvelope import EnvelopeClient, KmsKeyring, errors
-from aioenvelope.format.header import parse_header
 from aioenvelope.integrations.s3 import (
     METADATA_PREFIX,
     S3UploadResult,
@@ -146,7 +146,7 @@ async def test_multipart_parts_hold_whole_frames_and_the_first_holds_the_header(
     assert b"".join(s3.parts) == stored
     assert result.size == len(stored)
     assert result.parts == len(s3.parts)
-    header_length = parse_header(stored, max_encrypted_data_keys=10).length
+    header_length = aioenvelope.inspect(stored).header_length
     # Every part but the last is the header (first only) plus exactly k regular frames.
     for number, part in enumerate(s3.parts[:-1], start=1):
         expected = k * (f + WIRE) + (header_length if number == 1 else 0)

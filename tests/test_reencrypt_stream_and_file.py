@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from chunkers import AsyncShortReader, ClosableChunks, agen, fixed_chunks, random_chunks, up_to
 from esdk_peer import esdk_decrypt, esdk_encrypt
+from frame_layout import header_length
 from rotation import (
     CONTEXT,
     NOT_NAMED,
@@ -28,7 +29,6 @@ from rotation import (
     drain_into,
     encrypt_with,
     flip,
-    parsed,
 )
 from stream_outcome import assert_verified_prefix, drain
 from suites import COMMIT, COMMIT_SIGN
@@ -118,7 +118,7 @@ async def test_reencrypt_stream_reads_its_source_lazily() -> None:
             first = await anext(iterator)
             # The new header comes first and alone, once the old header is authenticated
             # (the first piece holds it), before any frame of the old body was read.
-            assert parsed(first).length == len(first)
+            assert header_length(first) == len(first)
             assert pulled <= 2
             rest = [chunk async for chunk in iterator]
     assert pulled == len(pieces)
@@ -145,7 +145,7 @@ INSIDE_THE_HEADER = "^the message is truncated: it ends inside the message heade
 async def test_reencrypt_of_a_truncated_header_raises_truncated() -> None:
     source, target = XorKeyring("a"), XorKeyring("b")
     old = await encrypt_with(source)
-    length = parsed(old).length
+    length = header_length(old)
     async with EnvelopeClient(source) as client:
         for cut in [*range(0, length, 13), length - 1]:
             for src in (old[:cut], random_chunks(old[:cut], random.Random(cut), 5)):
@@ -169,12 +169,12 @@ def body_damage(old: bytes, damage: str) -> bytes:
     """The signed message ``old`` (64-byte frames) cut or changed after its header:
     mid-body, just before the signature, inside the signature; one byte flipped in a
     middle frame, in the final frame, in the signature; a byte after the message."""
-    header_length, footer = parsed(old).length, footer_length(old)
+    header, footer = header_length(old), footer_length(old)
     return {
-        "cut-mid-body": lambda: old[: header_length + 400],
+        "cut-mid-body": lambda: old[: header + 400],
         "cut-before-signature": lambda: old[:-footer],
         "cut-in-signature": lambda: old[:-10],
-        "flip-middle-frame": lambda: flip(old, header_length + 3 * 96 + 16 + 10),
+        "flip-middle-frame": lambda: flip(old, header + 3 * 96 + 16 + 10),
         "flip-final-frame": lambda: flip(old, len(old) - footer - 20),
         "flip-signature": lambda: flip(old, len(old) - 5),
         "trailing-byte": lambda: old + b"\x00",
@@ -247,7 +247,7 @@ async def test_reencrypt_stream_of_a_damaged_body_never_yields_the_final_frame(
             partial = b"".join(produced)
             if isinstance(feed, list):
                 # New frames did come out (4 + 12 + 64 + 16 bytes each) ...
-                assert len(partial) >= parsed(partial).length + 96
+                assert len(partial) >= header_length(partial) + 96
             if not partial:
                 continue
             # ... but no reader takes them for a whole message.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import struct
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from cryptography.hazmat.primitives.ciphers import (
     AEADEncryptionContext,
@@ -109,6 +110,7 @@ class MessageEncryptor:
         nonce_log.sealing(key, _HEADER_IV)
         tag = self._aead.encrypt(_HEADER_IV, b"", body + required)
         self.header = body + serialize_header_auth(version, tag)
+        self.header_value = replace(self.header_value, header_length=len(self.header))
         self._message_id = message_id
         self._frame_length = frame_length
         self._signer = signer

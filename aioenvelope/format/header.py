@@ -70,6 +70,9 @@ class MessageHeader:
     content_type: ContentType
     frame_length: int
     suite_data: bytes = b""
+    #: Bytes the header takes at the start of the message, its authentication included:
+    #: the body starts here (for slicing a stored object, or an S3 range request).
+    header_length: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -334,5 +337,6 @@ def _header_steps(c: Cursor, max_edks: int) -> _Steps:
         content_type=content_type,
         frame_length=frame_length,
         suite_data=suite_data,
+        header_length=c.pos - c.origin,
     )
     yield ParsedHeader(header, c.slice(c.origin, body_end), auth_iv, auth_tag, c.pos - c.origin)

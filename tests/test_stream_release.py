@@ -19,12 +19,13 @@ from chunkers import (
 )
 from frame_layout import REGULAR_OVERHEAD, body_end, header_length
 from stream_outcome import Received, assert_verified_prefix, drain
-from suites import COMMIT, COMMIT_SIGN, SUITES
+from suites import COMMIT, COMMIT_SIGN, KIB, SUITES
 from task_leaks import settle
 
 from aioenvelope import (
     AlgorithmSuite,
     EnvelopeClient,
+    RawAesKeyring,
     StreamSource,
     errors,
 )
@@ -245,6 +246,35 @@ async def test_flipping_a_bit_in_an_earlier_frame_stops_at_that_frame(
     )
     assert isinstance(received.error, errors.AuthenticationError)
     assert len(received.plaintext) <= FRAME
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s.name)
+@pytest.mark.parametrize("frame_hit", [1, 2])
+@pytest.mark.parametrize("chunk", [None, 64 * KIB], ids=["whole", "64KiB"])
+async def test_a_forged_large_frame_is_never_released_whether_opened_whole_or_in_pieces(
+    aes_keyring: RawAesKeyring, suite: AlgorithmSuite, frame_hit: int, chunk: int | None
+) -> None:
+    """Frames of 256 KiB or more are opened into their own buffers, piece by piece as
+    the chunks arrive when they come split: a bit flipped in the ciphertext of regular
+    frame ``frame_hit`` is refused as that frame forged, and exactly the frames before
+    it are released (none of the forged frame, however much of it was opened). From
+    one ``bytes`` source the whole message is one step, refused before it hands out
+    frame 1: nothing is released."""
+    frame = 256 * KIB
+    plaintext = os.urandom(3 * frame + 100)
+    async with EnvelopeClient(aes_keyring, frame_length=frame) as client:
+        message = await client.encrypt(plaintext, algorithm_suite=suite)
+        mutated = bytearray(message)
+        frame_start = header_length(message) + (frame_hit - 1) * (frame + REGULAR_OVERHEAD)
+        mutated[frame_start + 16 + frame // 2] ^= 0x04  # inside the frame's ciphertext
+        source: StreamSource = (
+            bytes(mutated) if chunk is None else agen(fixed_chunks(bytes(mutated), chunk))
+        )
+        received = await drain(client.decrypt_stream(source))
+    assert type(received.error) is errors.AuthenticationError, received.error
+    assert re.match(FRAME_FORGED.format(frame_hit), str(received.error)), received.error
+    released = b"" if chunk is None else plaintext[: (frame_hit - 1) * frame]
+    assert received.plaintext == released
 
 
 @pytest.mark.parametrize("where", ["last-byte", "first-signature-byte", "length-field"])

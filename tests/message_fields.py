@@ -5,7 +5,7 @@ Tampering and property tests flip bits everywhere and pin the error by where the
 landed: a frame's sequence number or IV is malformed, its ciphertext or tag (or any
 byte of non-framed content, or of the signature) fails authentication, and a changed
 length is too long, truncated or forged depending on the value it now holds. The
-header's end comes from the public sans-I/O parser (see ``frame_layout``).
+header's end comes from the public ``inspect`` (see ``frame_layout``).
 """
 
 from __future__ import annotations
@@ -16,9 +16,27 @@ from dataclasses import dataclass
 from aioenvelope import errors, inspect
 from aioenvelope.format.body import MAX_NON_FRAMED_LENGTH
 
-__all__ = ["TAG", "Field", "body_fields", "expected_refusal", "flipped", "header_checks"]
+__all__ = [
+    "INPUT_REFUSALS",
+    "TAG",
+    "Field",
+    "body_fields",
+    "expected_refusal",
+    "flipped",
+    "header_checks",
+]
 
 TAG = 16
+# What changed or hostile bytes may be refused with, each exactly: a ConfigurationError
+# would blame the caller, a KMSError or bare KeyringError the keyring, a parent class
+# hide which check fired.
+INPUT_REFUSALS = {
+    errors.MalformedMessageError,
+    errors.TruncatedMessageError,
+    errors.MessageLimitError,
+    errors.AuthenticationError,
+    errors.NoUsableKeyError,
+}
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import gc
 import statistics
 import time
 import uuid
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Sequence
 
 import pytest
 from fake_clock import FakeClock
@@ -54,10 +54,9 @@ CONCURRENT = 8
 
 
 @pytest.fixture
-def proxy(moto_kms: MotoKms) -> Iterator[FaultProxy]:
-    """A fresh proxy per test, so no fault, hold or request count leaks between tests."""
-    with FaultProxy(moto_kms.endpoint_url) as fault_proxy:
-        yield fault_proxy
+def proxy(fault_proxy: FaultProxy) -> FaultProxy:
+    """conftest's fresh-per-test proxy, under the short name this module's tests use."""
+    return fault_proxy
 
 
 @pytest.fixture

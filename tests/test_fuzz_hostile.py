@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from esdk_peer import RsaWrapping, esdk_encrypt, peer_keys, raw_aes_key, raw_rsa_key
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from message_fields import body_fields
+from message_fields import INPUT_REFUSALS, body_fields
 
 import aioenvelope
 from aioenvelope import (
@@ -292,15 +292,6 @@ def within_budget(chunks: int, size: int, run: Callable[[], None]) -> None:
     assert spent < budget, f"{spent:.3f} s of CPU for {chunks} chunks, {size} bytes"
 
 
-# What hostile bytes may be refused with, each exactly (a bug shows as another class: a
-# ConfigurationError blames the caller, a KMSError or bare KeyringError the keyring).
-INPUT_REFUSALS = {
-    errors.MalformedMessageError,
-    errors.TruncatedMessageError,
-    errors.MessageLimitError,
-    errors.AuthenticationError,
-    errors.NoUsableKeyError,
-}
 # With the header bytes intact (so it parsed, its EDK unwrapped and its tag verified),
 # only the body or the footer can be at fault.
 BODY_REFUSALS = INPUT_REFUSALS - {errors.NoUsableKeyError}

@@ -36,13 +36,6 @@ DEADLINE_SLACK = 1.0
 BURST = 10_000
 
 
-@pytest.fixture
-def fault_proxy(moto_kms: MotoKms) -> Iterator[FaultProxy]:
-    """A fresh proxy per test, so no fault or count leaks from one test to the next."""
-    with FaultProxy(moto_kms.endpoint_url) as proxy:
-        yield proxy
-
-
 def proxied_keyring(proxy: FaultProxy, key: KmsKey, **kwargs: Any) -> KmsKeyring:
     options: dict[str, Any] = {"check_keys": False, "deadline": RETRY_DEADLINE}
     options.update(kwargs)

@@ -31,7 +31,14 @@ from esdk_peer import esdk_encrypt, peer_keys, raw_aes_key
 from frame_layout import header_length
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from message_fields import Field, body_fields, expected_refusal, flipped, header_checks
+from message_fields import (
+    INPUT_REFUSALS,
+    Field,
+    body_fields,
+    expected_refusal,
+    flipped,
+    header_checks,
+)
 from messages import encryption_contexts, sealed_for
 
 from aioenvelope import (
@@ -147,17 +154,6 @@ def decrypt_all(messages: list[bytes]) -> list[bytes | errors.EnvelopeError]:
     results = run(outcomes(messages))
     assert isinstance(results, list)
     return results
-
-
-# What changed bytes may be refused with, each exactly: a ConfigurationError would blame
-# the caller, a bare KeyringError the keyring, a parent class hide which check fired.
-INPUT_REFUSALS = {
-    errors.MalformedMessageError,
-    errors.TruncatedMessageError,
-    errors.MessageLimitError,
-    errors.AuthenticationError,
-    errors.NoUsableKeyError,
-}
 
 
 def refused(result: bytes | errors.EnvelopeError) -> errors.EnvelopeError:

@@ -53,9 +53,17 @@ class Twins:
         return EncryptingStream(source, start, plaintext_length=None)
 
     def begin(self, decryptor: MessageDecryptor) -> None:
-        """Read the header from ``decryptor`` and start its body with the data key."""
+        """Check the header read is the twins' (suite, message ID, frame length and
+        context), then start the body with their data key."""
         parsed = decryptor.read_header()
         assert parsed is not None
+        header = parsed.header
+        assert header.algorithm_suite is self.suite
+        assert (header.message_id, header.frame_length) == (self.message_id, self.frame_length)
+        stored = dict(header.encryption_context)
+        assert (PUBLIC_KEY_FIELD in stored) == self.suite.signing
+        stored.pop(PUBLIC_KEY_FIELD, None)
+        assert stored == self.context
         verifier = None
         if self.suite.signing:
             verifier = Verifier(self.suite, parsed.header.encryption_context[PUBLIC_KEY_FIELD])

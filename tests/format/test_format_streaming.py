@@ -8,10 +8,9 @@ import os
 from collections.abc import Iterator, Sequence
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from messages import build_encryptor
+from twin_encryptors import Twins
 
 from aioenvelope.errors import AuthenticationError, ConfigurationError
 from aioenvelope.format import (
@@ -23,60 +22,12 @@ from aioenvelope.format import (
 )
 from aioenvelope.format.body import Buffer, frame_iv
 from aioenvelope.format.decryptor import EndOfMessage
-from aioenvelope.format.encryption_context import PUBLIC_KEY_FIELD
-from aioenvelope.format.signing import Signer, Verifier
 
 COMMIT = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
 COMMIT_SIGN = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384
 CONTEXT = {"tenant": "t1"}
 REGULAR_OVERHEAD = 4 + 12 + 16
 FINAL_OVERHEAD = 4 + 4 + 12 + 4 + 16
-
-
-class Twins:
-    """Encryptors with one data key, message ID and signing key: the same message."""
-
-    def __init__(self, suite: AlgorithmSuite, frame_length: int) -> None:
-        self.suite = suite
-        self.frame_length = frame_length
-        self.data_key = os.urandom(suite.key_length)
-        self.message_id = os.urandom(32)
-        self.signing_key = ec.generate_private_key(ec.SECP384R1()) if suite.signing else None
-
-    def make(self) -> MessageEncryptor:
-        signer = Signer(self.suite, self.signing_key) if self.signing_key is not None else None
-        return build_encryptor(
-            self.suite,
-            data_key=self.data_key,
-            message_id=self.message_id,
-            context=CONTEXT,
-            frame_length=self.frame_length,
-            signer=signer,
-        )
-
-    def begin(self, decryptor: MessageDecryptor) -> None:
-        """Check the header read is the twins' (suite, message ID, frame length and
-        context), then open the body with their data key."""
-        parsed = decryptor.read_header()
-        assert parsed is not None
-        header = parsed.header
-        assert header.algorithm_suite is self.suite
-        assert (header.message_id, header.frame_length) == (self.message_id, self.frame_length)
-        stored = dict(header.encryption_context)
-        assert (PUBLIC_KEY_FIELD in stored) == self.suite.signing
-        stored.pop(PUBLIC_KEY_FIELD, None)
-        assert stored == CONTEXT
-        verifier = None
-        if self.suite.signing:
-            verifier = Verifier(self.suite, parsed.header.encryption_context[PUBLIC_KEY_FIELD])
-        decryptor.begin_body(self.data_key, verifier=verifier)
-
-    def read(self, message: bytes) -> bytes:
-        decryptor = MessageDecryptor(max_encrypted_data_keys=10)
-        decryptor.receive_data(message)
-        decryptor.receive_eof()
-        self.begin(decryptor)
-        return decryptor.read_all()
 
 
 def cut_at(data: bytes, cuts: Sequence[int]) -> list[bytes]:
@@ -137,7 +88,7 @@ def body_end(header: bytes, frame_length: int, n: int) -> int:
 def test_update_frames_then_finalize_frames_equals_encrypt_all(
     data: bytes, frame_length: int, cuts: list[int]
 ) -> None:
-    twins = Twins(COMMIT, frame_length)
+    twins = Twins(COMMIT, frame_length, CONTEXT)
     pieces = streamed_frames(twins.make(), cut_at(data, cuts))
     assert b"".join(pieces) == twins.make().encrypt_all(data)
     assert twins.read(b"".join(pieces)) == data
@@ -152,7 +103,7 @@ def test_update_frames_then_finalize_frames_equals_encrypt_all(
 def test_update_and_finalize_equal_encrypt_all(
     data: bytes, frame_length: int, cuts: list[int]
 ) -> None:
-    twins = Twins(COMMIT, frame_length)
+    twins = Twins(COMMIT, frame_length, CONTEXT)
     encryptor = twins.make()
     streamed = encryptor.header
     for piece in cut_at(data, cuts):
@@ -168,7 +119,7 @@ def test_update_frames_returns_whole_regular_frames_and_holds_the_last(
 ) -> None:
     """Each item is one regular frame; the last 1..F bytes wait for finalize."""
     f = 16
-    encryptor = Twins(COMMIT, f).make()
+    encryptor = Twins(COMMIT, f, CONTEXT).make()
     regular: list[Buffer] = []
     seen = 0
     for piece in cut_at(data, cuts):
@@ -190,7 +141,7 @@ def test_update_frames_returns_whole_regular_frames_and_holds_the_last(
 @pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 100])
 def test_signed_streaming_matches_encrypt_all_up_to_the_signature(size: int) -> None:
     data = os.urandom(size)
-    twins = Twins(COMMIT_SIGN, 16)
+    twins = Twins(COMMIT_SIGN, 16, CONTEXT)
     encryptor = twins.make()
     pieces = streamed_frames(encryptor, cut_at(data, [3, 40, 41]))
     *frames, footer = pieces
@@ -217,7 +168,7 @@ def test_decryptor_fed_in_pieces_holds_the_final_frame_until_eof(
     """Released plaintext is always a prefix in whole frames; the final frame comes out
     only after receive_eof, even once every byte has arrived."""
     f = 16
-    twins = Twins(COMMIT_SIGN if signed else COMMIT, f)
+    twins = Twins(COMMIT_SIGN if signed else COMMIT, f, CONTEXT)
     message = twins.make().encrypt_all(data)
     decryptor = MessageDecryptor(max_encrypted_data_keys=10)
     out = b""
@@ -234,7 +185,7 @@ def test_decryptor_fed_in_pieces_holds_the_final_frame_until_eof(
 
 
 def test_encryptor_refuses_use_out_of_order() -> None:
-    encryptor = Twins(COMMIT, 16).make()
+    encryptor = Twins(COMMIT, 16, CONTEXT).make()
     encryptor.update_frames(b"x" * 40)
     with pytest.raises(ConfigurationError):
         encryptor.encrypt_all(b"y")
@@ -243,7 +194,7 @@ def test_encryptor_refuses_use_out_of_order() -> None:
         encryptor.update_frames(b"z")
     with pytest.raises(ConfigurationError):
         encryptor.finalize_frames()
-    fresh = Twins(COMMIT, 16).make()
+    fresh = Twins(COMMIT, 16, CONTEXT).make()
     fresh.encrypt_all(b"once")
     with pytest.raises(ConfigurationError):
         fresh.update_frames(b"again")
@@ -255,7 +206,7 @@ def test_large_frames_come_as_prefix_and_body_and_still_equal_encrypt_all(
     suite: AlgorithmSuite, size: int
 ) -> None:
     frame_length = 300 << 10  # over the 256 KiB split point
-    twins = Twins(suite, frame_length)
+    twins = Twins(suite, frame_length, CONTEXT)
     data = os.urandom(size)
     pieces = streamed_frames(twins.make(), cut_at(data, [size // 3, size // 2]))
     joined = b"".join(pieces)
@@ -292,7 +243,7 @@ def test_recycled_large_frame_buffers_never_change_the_bytes(
     recycle(); a caller that copies each buffer out and recycles it at once gets
     exactly encrypt_all's ciphertext and the original plaintext, for any chunking."""
     f = LARGE + 7
-    twins = Twins(COMMIT_SIGN if signed else COMMIT, f)
+    twins = Twins(COMMIT_SIGN if signed else COMMIT, f, CONTEXT)
     data = os.urandom(frames * f + tail)
     encryptor = twins.make()
     written = [encryptor.header]
@@ -328,7 +279,7 @@ def test_a_recycled_large_frame_buffer_is_reused_for_the_next_frame() -> None:
     frame is sealed/opened into the same buffer (no fresh allocation to zero and
     page-fault while holding the GIL)."""
     f = LARGE
-    twins = Twins(COMMIT, f)
+    twins = Twins(COMMIT, f, CONTEXT)
     data = os.urandom(7 * f + 1)
     encryptor = twins.make()
     written = [encryptor.header]
@@ -368,7 +319,7 @@ def test_a_large_frame_arriving_in_pieces_is_opened_as_they_come_and_released_wh
     large frame is decrypted as it arrives (nothing stays buffered), yet no plaintext
     comes out until the frame's tag has verified."""
     f = 4 * LARGE
-    twins = Twins(COMMIT, f)
+    twins = Twins(COMMIT, f, CONTEXT)
     data = os.urandom(2 * f + 5)
     message = twins.make().encrypt_all(data)
     decryptor = MessageDecryptor(max_encrypted_data_keys=10)
@@ -393,7 +344,7 @@ def test_a_large_frame_arriving_in_pieces_is_opened_as_they_come_and_released_wh
 
 def test_a_tampered_piece_of_a_large_frame_releases_nothing_of_it() -> None:
     f = 2 * LARGE
-    twins = Twins(COMMIT, f)
+    twins = Twins(COMMIT, f, CONTEXT)
     data = os.urandom(f + 1)
     message = bytearray(twins.make().encrypt_all(data))
     header_length = len(twins.make().header)
@@ -422,7 +373,7 @@ def test_large_frames_streamed_at_any_chunking_seal_each_iv_once_and_equal_encry
     or the input ended): no frame is sealed on a guess and sealed again, so each IV
     seals once under the message key, and the bytes are encrypt_all's."""
     f = LARGE
-    twins = Twins(COMMIT, f)
+    twins = Twins(COMMIT, f, CONTEXT)
     data = os.urandom(frames * f + tail)
     log: list[tuple[bytes, bytes]] = []
     with nonce_log.observe_seals(lambda key, iv: log.append((key, iv))):

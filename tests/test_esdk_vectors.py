@@ -188,8 +188,13 @@ async def test_vector_decrypts_to_expected_plaintext(vector: DecryptVector) -> N
 async def test_vector_from_buggy_encrypter_fails_authentication(vector: DecryptVector) -> None:
     """The key unwraps but the header tag cannot verify: refused, whatever the manifest says."""
     async with reading_client(vector.keyring()) as client:
-        with pytest.raises(errors.AuthenticationError):
+        with pytest.raises(errors.AuthenticationError) as refused:
             await client.decrypt(vector.ciphertext, encryption_context=vector.encryption_context)
+    assert type(refused.value) is errors.AuthenticationError
+    assert str(refused.value) == (
+        "header authentication failed: the header was changed, or the encryption context "
+        "or data key is not the one it was written with"
+    )
 
 
 @pytest.mark.parametrize("vector", NEEDS_KMS, ids=vector_id)

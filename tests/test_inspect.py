@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import aioboto3
 import pytest
 from esdk_peer import esdk_encrypt, peer_keys, raw_aes_key
-from kms_server import KmsKey, MotoKms
+from kms_server import KmsKey
+from moto_keyrings import KmsKeyringFactory
 
 import aioenvelope
-from aioenvelope import AlgorithmSuite, EnvelopeClient, KmsKeyring, errors
+from aioenvelope import AlgorithmSuite, EnvelopeClient, errors
 
 COMMIT = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
 CONTEXT = {"tenant": "t-42", "purpose": "rotation", "schlüssel": "wert ✓"}
@@ -33,23 +33,10 @@ def raw_aes_peer() -> Any:
     return peer_keys(raw_aes_key("aioenvelope-inspect", "a", os.urandom(32)))
 
 
-@pytest.fixture
-def kms(moto_kms: MotoKms) -> Any:
-    """``kms(key, ...)``: a KmsKeyring on ``key`` talking to the moto server."""
-
-    def make(key: KmsKey, **kwargs: Any) -> KmsKeyring:
-        kwargs.setdefault("session", aioboto3.Session())
-        return KmsKeyring(
-            key.arn, endpoint_url=moto_kms.endpoint_url, region_name=moto_kms.region, **kwargs
-        )
-
-    return make
-
-
 async def test_inspect_shows_suite_id_context_edks_and_frame_length(
-    kms: Any, kms_key: KmsKey, kms_key_2: KmsKey
+    make_kms_keyring: KmsKeyringFactory, kms_key: KmsKey, kms_key_2: KmsKey
 ) -> None:
-    keyring = kms(kms_key, additional_key_ids=[kms_key_2.arn])
+    keyring = make_kms_keyring(kms_key, additional_key_ids=[kms_key_2.arn])
     async with EnvelopeClient(keyring, frame_length=512) as client:
         message = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
         full = await client.decrypt_with_header(message, encryption_context=CONTEXT)

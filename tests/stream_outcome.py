@@ -34,7 +34,10 @@ async def drain(stream: DecryptingStream | EncryptingStream) -> Received:
 
 def assert_verified_prefix(released: bytes, plaintext: bytes, frame_length: int) -> None:
     """``released`` is the plaintext's first bytes, in whole frames, without any of the
-    final frame (whose length is ``len(plaintext) % frame_length`` or a whole frame)."""
+    final frame (whose length is ``len(plaintext) % frame_length`` or a whole frame).
+
+    That final-frame length is our writer's layout; the ESDK ends a plaintext of whole
+    frames with an empty final frame, so its messages need their own bound."""
     assert released == plaintext[: len(released)], "released bytes are not the plaintext"
     assert len(released) % frame_length == 0, "released up to the middle of a frame"
     regular_length = (len(plaintext) - 1) // frame_length * frame_length if plaintext else 0

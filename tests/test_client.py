@@ -19,6 +19,7 @@ import aioenvelope
 from aioenvelope import (
     AlgorithmSuite,
     CommitmentPolicy,
+    DecryptionMaterials,
     EncryptionMaterials,
     EnvelopeClient,
     Keyring,
@@ -624,7 +625,9 @@ async def test_no_key_material_in_reprs_or_error_messages(
 ) -> None:
     """Scanned for: the wrapping key, the data key of the very message whose reprs and
     errors are scanned (recovered from the message, so the scan cannot look for some
-    other key by mistake), and the data key of the materials whose repr is scanned."""
+    other key by mistake), and the data key of the materials whose repr is scanned
+    (encryption materials a keyring made, and the decryption materials it returned for
+    the message)."""
     wrapping_key = bytes(range(32))
     keyring = RawAesKeyring("ns", "k", wrapping_key)
     texts = [repr(keyring), repr(RawRsaKeyring("ns", "r", private_key=rsa_private_key))]
@@ -649,6 +652,13 @@ async def test_no_key_material_in_reprs_or_error_messages(
     texts.append(repr(materials))
     assert materials.plaintext_data_key is not None
     data_key = message_data_key(wrapping_key, message)
+    # The decrypt side: the materials the keyring returns with this message's data key.
+    unwrapped = await keyring.on_decrypt(
+        DecryptionMaterials(algorithm_suite=COMMIT, encryption_context={}),
+        aioenvelope.inspect(message).encrypted_data_keys,
+    )
+    assert unwrapped.plaintext_data_key == data_key
+    texts.append(repr(unwrapped))
     secrets = [wrapping_key, data_key, materials.plaintext_data_key]
     assert len(set(secrets)) == 3
     # The scan finds each key in every form it looks for: it cannot pass by not looking.

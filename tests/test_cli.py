@@ -585,6 +585,43 @@ def test_quiet_draws_no_progress_bar_on_a_terminal(
         assert decrypt_in_process(out.read_bytes(), raw_key) == source.read_bytes()
 
 
+def test_quiet_and_debug_apply_to_each_file_of_a_directory(
+    cli: Cli, raw_key: RawKeyFile, tmp_path: Path
+) -> None:
+    """A directory is its own code path (a per-file bar, one error line per file): on a
+    terminal it draws a bar, and nothing with -q; a failing tree's lines are the same
+    with --debug, each file's line now below that file's traceback."""
+    tree = tmp_path / "tree"
+    write_tree(tree, {"a.txt": b"alpha\n", "b.txt": b"beta\n"})
+    key = ("--raw-key-file", raw_key.path)
+    status, shown = on_a_terminal(cli, "encrypt", tree, "-o", tmp_path / "drawn", *key)
+    assert status == 0
+    assert b"%|" in shown  # tqdm's bar
+    status, shown = on_a_terminal(cli, "encrypt", tree, "-o", tmp_path / "quiet", *key, "-q")
+    assert (status, shown) == (0, b"")
+    assert listing(tmp_path / "quiet") == {"a.txt.encrypted", "b.txt.encrypted"}
+
+    plain = ("decrypt", tree, "-o", tmp_path / "opened", *key)
+    lines = failed(cli(*plain), lines=3)
+    assert lines == [
+        f"{ERROR_PREFIX}{tree / 'a.txt'}: not an AWS Encryption SDK message: "
+        "unknown version byte 0x61",
+        f"{ERROR_PREFIX}{tree / 'b.txt'}: not an AWS Encryption SDK message: "
+        "unknown version byte 0x62",
+        f"{ERROR_PREFIX}2 of 2 files failed",
+    ]
+    result = cli(*plain, "--debug")
+    assert result.returncode == 1
+    shown_lines = result.stderr.decode().splitlines()
+    assert [line for line in shown_lines if line.startswith(ERROR_PREFIX)] == lines
+    assert shown_lines.count("Traceback (most recent call last):") == 2
+    assert shown_lines[0] == "Traceback (most recent call last):"
+    for name, line in zip(("a.txt", "b.txt"), lines, strict=False):
+        said = line.removeprefix(f"{ERROR_PREFIX}{tree / name}: ")
+        at = shown_lines.index(line)
+        assert shown_lines[at - 1] == f"aioenvelope.errors.MalformedMessageError: {said}"
+
+
 def test_profile_is_the_aws_profile_botocore_reads(
     cli: Cli, moto_kms: MotoKms, kms_key: KmsKey, tmp_path: Path
 ) -> None:

@@ -176,7 +176,9 @@ def test_client_options_are_checked_when_the_keyring_is_made(
 
 # -- max_connections ---------------------------------------------------------------------
 
-CONCURRENT = 8
+# More than botocore's default pool of 10 connections: all in flight at once only if
+# the client's pool is max_connections large.
+CONCURRENT = 12
 
 
 @pytest.mark.parametrize(("max_connections", "in_flight"), [(3, 3), (32, CONCURRENT)])
@@ -187,9 +189,9 @@ async def test_max_connections_caps_the_requests_in_flight_per_region(
     max_connections: int,
     in_flight: int,
 ) -> None:
-    """Eight concurrent uncached decrypts while KMS holds every request: ``max_connections``
+    """Twelve concurrent uncached decrypts while KMS holds every request: ``max_connections``
     of them reach KMS, the rest wait their turn (and all succeed once KMS answers); with
-    room for all eight (the default 32), all eight are in flight at once."""
+    room for all twelve (the default 32), all twelve are in flight at once."""
     message = await message_under(moto_kms, kms_key)
     keyring = via(
         fault_proxy,

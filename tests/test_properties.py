@@ -50,6 +50,7 @@ from aioenvelope import (
     inspect,
 )
 from aioenvelope.format import ContentType
+from aioenvelope.format.body import MAX_NON_FRAMED_LENGTH as MAX_CONTENT
 from aioenvelope.format.encryption_context import serialize_encryption_context
 
 V2_SUITES = st.sampled_from(
@@ -252,6 +253,25 @@ def test_a_bit_flipped_in_a_header_field_with_one_check_is_refused_by_that_check
         for position, result in zip(positions, results, strict=True):
             assert type(result) is kind, (position, at, result)
             assert re.search(pattern, str(result)), (position, at, result)
+
+
+def test_a_length_set_on_either_side_of_its_bound_is_refused_as_its_value_determines(
+    sealed: Sealed,
+) -> None:
+    """One-bit flips seldom land a length exactly on its bound: the final frame's length
+    set to 0, the frame length and one more (non-framed: the content length set to 0,
+    the format's maximum and one more), each refused exactly as that value determines
+    (one more than the bound: too long; at the bound: truncated or forged)."""
+    name, bound = ("final length", FRAME) if sealed.framed else ("content length", MAX_CONTENT)
+    (at,) = [f for f in sealed.fields if f.name == name]
+    message = sealed.message
+    values = (0, bound, bound + 1)
+    width = at.end - at.start
+    mutants = [message[: at.start] + v.to_bytes(width, "big") + message[at.end :] for v in values]
+    for value, mutant, result in zip(values, mutants, decrypt_all(mutants), strict=True):
+        kind, pattern = expected_refusal(mutant, at, FRAME)
+        assert type(result) is kind, (value, result)
+        assert re.search(pattern, str(result)), (value, result)
 
 
 def test_a_cut_behind_the_header_is_reported_as_truncation(sealed: Sealed) -> None:

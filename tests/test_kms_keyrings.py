@@ -484,6 +484,28 @@ async def test_unchecked_alias_of_another_key_is_refused_by_kms(
     assert keyring.kms_calls == {"Decrypt": 1}
 
 
+async def test_an_edk_naming_another_key_than_kms_answered_for_is_refused_by_the_keyring(
+    moto_kms: MotoKms, kms_key: KmsKey, kms_key_2: KmsKey
+) -> None:
+    """An unresolved alias is matched to an EDK by KMS's answer: the key ARN KMS
+    answered for must be the one the EDK names. An EDK made under key A (the alias's)
+    but relabelled as key B is refused by the keyring with the two ARNs, before the
+    header's tag (which would refuse the relabelled header too) is checked."""
+    blob = await encrypt_with(moto_kms_keyring(moto_kms, kms_key.arn))
+    assert blob.count(kms_key.arn.encode()) == 1
+    relabelled = blob.replace(kms_key.arn.encode(), kms_key_2.arn.encode())
+    keyring = moto_kms_keyring(moto_kms, kms_key.alias_name, check_keys=False)
+    with pytest.raises(NoUsableKeyError) as info:
+        await decrypt_with(keyring, relabelled)
+    assert str(info.value) == (
+        f"{keyring!r} could not decrypt any of the message's 1 encrypted data keys (1 tried): "
+        f"KMS Decrypt with key {kms_key.alias_name} answered for {kms_key.arn}, "
+        f"not {kms_key_2.arn}"
+    )
+    assert keyring.kms_calls == {"Decrypt": 1}
+    assert await decrypt_with(keyring, blob) == PLAINTEXT
+
+
 @pytest.mark.parametrize("corruption", ["bit-flip", "random"])
 async def test_corrupted_edk_is_refused_by_kms(
     moto_kms: MotoKms, kms_key: KmsKey, corruption: str

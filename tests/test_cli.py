@@ -538,6 +538,29 @@ def test_force_replaces_an_existing_output_file_that_is_refused_without_it(
     assert listing(tmp_path) == {"plain", "sealed", "opened"}
 
 
+def test_an_existing_output_is_refused_before_any_key_is_used(
+    cli: Cli, kms_key: KmsKey, tmp_path: Path
+) -> None:
+    """A single output is checked before the keyring is opened: encrypting under a KMS
+    key into an existing file is refused for the output, and the library's debug log
+    shows no KMS client opened and no call (with --force the same run calls KMS)."""
+    output = tmp_path / "output"
+    output.write_bytes(b"precious")
+    args = ("encrypt", "-", "-o", output, "--kms-key", kms_key.arn, *cli.kms, "--debug")
+    result = cli(*args, stdin=b"x")
+    assert result.returncode == 1
+    shown = result.stderr.decode().splitlines()
+    assert shown[-1] == f"{ERROR_PREFIX}{output} already exists; pass --force to replace it"
+    assert [line for line in shown if line.startswith("aioenvelope.kms:")] == []
+    assert output.read_bytes() == b"precious"
+    forced = cli(*args, "--force", stdin=b"x")
+    assert forced.returncode == 0
+    assert f"aioenvelope.kms: KMS DescribeKey with key {kms_key.arn} in {REGION}" in (
+        forced.stderr.decode().splitlines()
+    )
+    assert output.read_bytes()[:1] == b"\x02"
+
+
 def test_debug_adds_the_traceback_to_a_failure_and_the_library_logs_to_a_success(
     cli: Cli, kms_key: KmsKey, raw_key: RawKeyFile
 ) -> None:

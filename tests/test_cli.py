@@ -546,7 +546,16 @@ def test_an_existing_output_is_refused_before_any_key_is_used(
     shows no KMS client opened and no call (with --force the same run calls KMS)."""
     output = tmp_path / "output"
     output.write_bytes(b"precious")
-    args = ("encrypt", "-", "-o", output, "--kms-key", kms_key.arn, *cli.kms, "--debug")
+    args: tuple[str | Path, ...] = (
+        "encrypt",
+        "-",
+        "-o",
+        output,
+        "--kms-key",
+        kms_key.arn,
+        *cli.kms,
+        "--debug",
+    )
     result = cli(*args, stdin=b"x")
     assert result.returncode == 1
     shown = result.stderr.decode().splitlines()

@@ -299,6 +299,27 @@ async def test_allow_decrypt_policy_reads_every_legacy_suite(
     assert await legacy_client.decrypt(message) == b"legacy data"
 
 
+@pytest.mark.parametrize(
+    ("suite", "cached"),
+    [
+        (AlgorithmSuite.AES_256_GCM_IV12_TAG16_NO_KDF, False),
+        (AlgorithmSuite.AES_256_GCM_IV12_TAG16_HKDF_SHA256, True),
+    ],
+    ids=["no-kdf-never-cached", "hkdf-cached"],
+)
+async def test_a_data_key_used_directly_is_never_cached_on_decrypt(
+    legacy_client: EnvelopeClient, aes_keyring: RawAesKeyring, suite: AlgorithmSuite, cached: bool
+) -> None:
+    """A NO_KDF suite encrypts with the data key itself, so the key manager keeps no copy
+    of it: a second decrypt of the same message asks the keyring again. A suite that
+    derives a per-message key from the data key is served from the cache."""
+    message = await legacy_message(aes_keyring, suite, b"legacy data")
+    assert await legacy_client.decrypt(message) == b"legacy data"
+    assert await legacy_client.decrypt(message) == b"legacy data"
+    stats = legacy_client.stats
+    assert (stats.decrypt_cache_hits, stats.decrypt_cache_misses) == ((1, 1) if cached else (0, 0))
+
+
 async def test_forbid_policy_is_read_only(aes_keyring: RawAesKeyring) -> None:
     legacy = await legacy_message(aes_keyring, AlgorithmSuite.AES_128_GCM_IV12_TAG16_NO_KDF, b"old")
     async with EnvelopeClient(

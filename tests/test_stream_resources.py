@@ -19,7 +19,8 @@ memory it already holds) after another reset, which must show up in the same cou
 Loop lag: a ticker task sleeps 1 ms at a time and records how late each wake-up is and
 how much CPU the loop's thread spent meanwhile, while the main task drains a 256 MiB
 stream into a pre-faulted buffer (a memcpy per chunk: anything heavier in the consumer
-would be the test's own lag, not the library's). Then, in the same process, a control:
+would be the test's own lag, not the library's); every event-loop callback's CPU time is
+recorded meanwhile. Then, in the same process, a control:
 the same ticker beside 0.5 ms busy steps, i.e. what the machine's scheduler alone costs.
 """
 
@@ -304,6 +305,33 @@ def count_worker_thread_calls():
 THREAD_CALLS = count_worker_thread_calls()
 
 
+def time_loop_callbacks():
+    """Record the CPU time (``time.thread_time``) of every callback the event loop runs
+    while ``on[0]`` is set, by wrapping ``asyncio.events.Handle._run``, the one place
+    asyncio runs a callback (a task step is one). One callback is what "holding the
+    loop" means: nothing else runs until it returns. CPU time, so that a VM stall
+    during a callback does not count as the library holding the loop."""
+    import asyncio.events
+
+    run = asyncio.events.Handle._run
+    on, times = [False], []
+
+    def timed(handle):
+        if not on[0]:
+            return run(handle)
+        start = time.thread_time()
+        try:
+            return run(handle)
+        finally:
+            times.append(time.thread_time() - start)
+
+    asyncio.events.Handle._run = timed
+    return on, times
+
+
+CALLBACKS_ON, CALLBACK_CPU = time_loop_callbacks()
+
+
 async def under_ticker(stream, sink):
     """Drain ``stream`` into ``sink`` while the ticker runs; returns (bytes, figures)."""
     ticker = Ticker()
@@ -313,16 +341,23 @@ async def under_ticker(stream, sink):
     view = memoryview(sink)
     total = 0
     start = time.perf_counter()
+    CALLBACK_CPU.clear()
+    CALLBACKS_ON[0] = True
     async with stream:
         async for chunk in stream:
             view[total : total + len(chunk)] = chunk
             total += len(chunk)
+    CALLBACKS_ON[0] = False
     elapsed = time.perf_counter() - start
     threads = THREAD_CALLS[0] - threads_before
     ticker.running = False
     await task
+    callbacks = sorted(CALLBACK_CPU)
     return total, {
         **ticker.figures(),
+        "worst_callback_ms": callbacks[-1] * 1e3,
+        "p99_callback_ms": callbacks[int(0.99 * (len(callbacks) - 1))] * 1e3,
+        "callbacks": len(callbacks),
         "worker_thread_steps": threads,
         "seconds": elapsed,
         "mib_per_s": P["total"] / MIB / elapsed,
@@ -465,10 +500,14 @@ def test_256mib_stream_never_holds_the_event_loop_for_10ms(
     One run, no retry, two judgements that a loaded VM cannot fail and a step that
     holds the loop cannot pass:
 
-    - held: the CPU time the loop's thread spent between two ticker wake-ups stays
-      under 10 ms. Code that holds the loop is CPU on that thread, in every run; a
-      whole-VM or process stall (10-18 ms of vCPU steal is seen on shared 2-core CI
-      VMs) is wall time with no CPU time, so it cannot fail this.
+    - held: no single event-loop callback (a task step: nothing else runs until it
+      returns) takes 10 ms of CPU time on the loop's thread. Code that holds the loop is
+      CPU on that thread, in every run; a whole-VM or process stall (10-18 ms of vCPU
+      steal is seen on shared 2-core CI VMs) is wall time with no CPU time, so it cannot
+      fail this. (The CPU the loop's thread spent between two ticker wake-ups is
+      recorded, not judged: a task woken by a timer runs only after the other ready
+      task's next step, so it spans one 1 ms sleep plus two or three steps; that sum
+      of ~1-2 ms steps reached 10 ms on a loaded VM with no step over 2 ms.)
     - late: the 99th percentile of how late the ticker woke stays under 10 ms plus the
       99th percentile of a control measured in the same process right after (the same
       ticker beside 0.5 ms busy steps, as long as the stream took): a rare stall moves
@@ -485,7 +524,8 @@ def test_256mib_stream_never_holds_the_event_loop_for_10ms(
     assert result["round_trip_ok"]
     assert result["ticks"] >= 20, result  # the ticker really ran beside the stream
     assert result["control_ticks"] >= 20, result
-    assert result["worst_held_ms"] < LAG_BUDGET_MS, result
+    assert result["callbacks"] >= 20, result
+    assert result["worst_callback_ms"] < LAG_BUDGET_MS, result
     assert result["p99_lag_ms"] < LAG_BUDGET_MS + result["control_p99_lag_ms"], result
 
 

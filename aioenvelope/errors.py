@@ -10,9 +10,13 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "BranchKeyIntegrityError",
+    "BranchKeyNotFoundError",
+    "BranchKeyStoreError",
     "CircuitOpenError",
     "CommitmentPolicyError",
     "ConfigurationError",
+    "DynamoDBError",
     "EncryptionContextError",
     "EncryptionContextMismatchError",
     "EnvelopeError",
@@ -104,6 +108,57 @@ class KMSError(KeyringError):
         self.key_id = key_id
         self.error_code = error_code
         self.transient = transient
+
+
+class DynamoDBError(KeyringError):
+    """A call to Amazon DynamoDB (a branch key store's table) failed. ``operation``,
+    ``table_name`` and ``error_code`` say which and why; the botocore exception is
+    chained. ``transient`` as for :class:`KMSError`."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str,
+        table_name: str,
+        error_code: str,
+        transient: bool,
+    ) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.table_name = table_name
+        self.error_code = error_code
+        self.transient = transient
+
+
+class BranchKeyStoreError(KeyringError):
+    """The branch key store refused: its table is missing or has the wrong key schema,
+    or a branch key ID to create exists already. ``table_name``, ``branch_key_id`` and
+    ``version`` (None when no version is concerned) say where."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        table_name: str,
+        branch_key_id: str | None = None,
+        version: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.table_name = table_name
+        self.branch_key_id = branch_key_id
+        self.version = version
+
+
+class BranchKeyNotFoundError(BranchKeyStoreError):
+    """The branch key, or the version of it asked for, is not in the key store."""
+
+
+class BranchKeyIntegrityError(BranchKeyStoreError):
+    """A key store item cannot be trusted: its ``kms-arn`` is not the configured KMS key,
+    KMS refused its encryption context, or it is malformed. Someone wrote the table
+    other than through a key store, or the store is configured with the wrong key or
+    logical name."""
 
 
 class KMSTimeoutError(KMSError):

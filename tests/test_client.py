@@ -104,6 +104,10 @@ ERROR_BASES: dict[str, tuple[type, ...]] = {
     "KMSKeyCheckError": (errors.ConfigurationError,),
     "KMSDecryptRateLimited": (errors.EnvelopeError,),
     "CircuitOpenError": (errors.EnvelopeError,),
+    "DynamoDBError": (errors.KeyringError,),
+    "BranchKeyStoreError": (errors.KeyringError,),
+    "BranchKeyNotFoundError": (errors.BranchKeyStoreError,),
+    "BranchKeyIntegrityError": (errors.BranchKeyStoreError,),
 }
 
 

@@ -19,7 +19,7 @@ import anyio
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ..errors import ConfigurationError, KMSError, KMSTimeoutError
+from ..errors import ConfigurationError, DynamoDBError, KMSError, KMSTimeoutError
 from ._log_redaction import release_redaction, retain_redaction
 
 if TYPE_CHECKING:
@@ -38,6 +38,8 @@ _METHODS = {
     "Encrypt": "encrypt",
     "Decrypt": "decrypt",
     "DescribeKey": "describe_key",
+    "GenerateDataKeyWithoutPlaintext": "generate_data_key_without_plaintext",
+    "ReEncrypt": "re_encrypt",
 }
 # Error codes that say nothing about the request itself: an outage, not an answer.
 _TRANSIENT_CODES = frozenset(
@@ -128,7 +130,16 @@ class KmsClients:
     caller-supplied client serves its own region, does not count, and is never closed
     here. While the keyring is open, botocore's loggers redact data keys
     (:mod:`._log_redaction`).
+
+    Subclasses serve another AWS service with the same lifetime, deadline, retries and
+    breaker (the branch key store's DynamoDB clients): they set ``service``, ``methods``
+    and override :meth:`_failure` and :meth:`_count`.
     """
+
+    service = "kms"
+    label = "KMS"
+    methods: Mapping[str, str] = _METHODS
+    transient_codes: frozenset[str] = _TRANSIENT_CODES
 
     def __init__(self, settings: KmsSettings, *, max_clients: int = MAX_CLIENTS) -> None:
         self.settings = settings
@@ -262,19 +273,19 @@ class KmsClients:
         log.debug("opening a KMS client for region %s", region)
         try:
             context = self._session.client(
-                "kms",
+                self.service,
                 region_name=region,
                 endpoint_url=self.settings.endpoint_url,
                 config=config,
             )
             client = await context.__aenter__()
         except (BotoCoreError, ValueError) as exc:
-            raise KMSError(
-                f"KMS {operation} with key {key_id} failed: no KMS client could be opened "
-                f"for region {region[:64]!r} ({type(exc).__name__}: {str(exc)[:200]}). "
+            raise self._failure(
+                operation,
+                key_id,
+                f"failed: no {self.label} client could be opened for region "
+                f"{region[:64]!r} ({type(exc).__name__}: {str(exc)[:200]}). "
                 "Check region_name, the key ARN's region and endpoint_url",
-                operation=operation,
-                key_id=key_id,
                 error_code=type(exc).__name__,
                 transient=False,
             ) from exc
@@ -304,10 +315,11 @@ class KmsClients:
             raise
         try:
             response = await self._call(entry, operation, region, key_id, params)
-        except KMSError as exc:
+        except (KMSError, DynamoDBError) as exc:
             log.log(
                 logging.WARNING if exc.transient else logging.INFO,
-                "KMS %s with key %s in %s failed: %s",
+                "%s %s with %s in %s failed: %s",
+                self.label,
                 operation,
                 key_id,
                 region,
@@ -337,52 +349,68 @@ class KmsClients:
         key_id: str,
         params: Mapping[str, Any],
     ) -> dict[str, Any]:
-        method = getattr(entry.client, _METHODS[operation])
+        method = getattr(entry.client, self.methods[operation])
         async with entry.gate:
-            log.debug("KMS %s with key %s in %s", operation, key_id, region)
-            self.calls[operation] += 1
-            if self.runtime is not None:
-                self.runtime.stats.kms_calls[operation] += 1
+            log.debug("%s %s with %s in %s", self.service, operation, key_id, region)
+            self._count(operation)
             try:
                 with anyio.fail_after(self.settings.deadline):
                     response: dict[str, Any] = await method(**params)
             except TimeoutError as exc:
-                raise KMSTimeoutError(
-                    f"KMS {operation} with key {key_id} did not finish within "
-                    f"{self.settings.deadline:g} s (retries included)",
-                    operation=operation,
-                    key_id=key_id,
+                raise self._failure(
+                    operation,
+                    key_id,
+                    f"did not finish within {self.settings.deadline:g} s (retries included)",
                     error_code="Timeout",
                     transient=True,
                 ) from exc
             except ClientError as exc:
-                raise _from_client_error(exc, operation, key_id) from exc
+                raise self._from_client_error(exc, operation, key_id) from exc
             except BotoCoreError as exc:
-                raise KMSError(
-                    f"KMS {operation} with key {key_id} failed: {type(exc).__name__}",
-                    operation=operation,
-                    key_id=key_id,
+                raise self._failure(
+                    operation,
+                    key_id,
+                    f"failed: {type(exc).__name__}",
                     error_code=type(exc).__name__,
                     transient=True,
                 ) from exc
         return response
 
+    def _count(self, operation: str) -> None:
+        self.calls[operation] += 1
+        if self.runtime is not None:
+            self.runtime.stats.kms_calls[operation] += 1
 
-def _from_client_error(exc: ClientError, operation: str, key_id: str) -> KMSError:
-    error = exc.response.get("Error", {})
-    code = str(error.get("Code", "Unknown"))
-    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-    message = str(error.get("Message", "")).strip()
-    transient = code in _TRANSIENT_CODES or status >= 500
-    detail = f": {message}" if message else ""
-    hint = _HINTS.get(code, "")
-    return KMSError(
-        f"KMS {operation} with key {key_id} failed with {code}{detail}{hint}",
-        operation=operation,
-        key_id=key_id,
-        error_code=code,
-        transient=transient,
-    )
+    def _failure(
+        self, operation: str, key_id: str, what: str, *, error_code: str, transient: bool
+    ) -> KMSError | DynamoDBError:
+        """The library error for a failed call: ``what`` says how it failed."""
+        error = KMSTimeoutError if error_code == "Timeout" else KMSError
+        return error(
+            f"KMS {operation} with key {key_id} {what}",
+            operation=operation,
+            key_id=key_id,
+            error_code=error_code,
+            transient=transient,
+        )
+
+    def _from_client_error(
+        self, exc: ClientError, operation: str, key_id: str
+    ) -> KMSError | DynamoDBError:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", "Unknown"))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        message = str(error.get("Message", "")).strip()
+        transient = code in self.transient_codes or status >= 500
+        detail = f": {message}" if message else ""
+        hint = _HINTS.get(code, "") if self.service == "kms" else ""
+        return self._failure(
+            operation,
+            key_id,
+            f"failed with {code}{detail}{hint}",
+            error_code=code,
+            transient=transient,
+        )
 
 
 _HINTS = {

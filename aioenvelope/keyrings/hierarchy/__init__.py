@@ -1,0 +1,1 @@
+"""The AWS KMS Hierarchical keyring: branch keys in DynamoDB, data keys wrapped locally."""

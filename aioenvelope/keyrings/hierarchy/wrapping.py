@@ -87,7 +87,7 @@ def _wrapping_key(branch_key: bytes | bytearray, salt: bytes) -> bytes:
         context=salt,
         fixed=None,
     )
-    return kdf.derive(bytes(branch_key))
+    return kdf.derive(branch_key)  # a bytearray as is: no immutable copy of the key
 
 
 def _aad(branch_key_id: str, version_bytes: bytes, encryption_context: Mapping[str, str]) -> bytes:
@@ -176,7 +176,7 @@ def wrap_data_key(
     wrapping_key = _wrapping_key(branch_key, salt_iv[:_IV_START])
     aad = _aad(branch_key_id, version_bytes, encryption_context)
     nonce_log.sealing(wrapping_key, iv)
-    sealed = AESGCM(wrapping_key).encrypt(iv, bytes(data_key), aad)
+    sealed = AESGCM(wrapping_key).encrypt(iv, data_key, aad)
     return b"".join((salt_iv, version_bytes, sealed))
 
 

@@ -422,6 +422,11 @@ def test_no_key_bytes_in_any_error() -> None:
 def test_random_edk_bytes_raise_only_library_errors(edk: bytes, key_length: int) -> None:
     with pytest.raises(NoUsableKeyError):
         unwrap(edk, key_length=key_length)
+    if len(edk) < 44:
+        with pytest.raises(NoUsableKeyError, match="too short to name a branch key version"):
+            branch_key_version_of(edk)
+    else:  # any 16 bytes are a UUID to the MPL too: the version to fetch
+        assert branch_key_version_of(edk) == str(uuid.UUID(bytes=edk[28:44]))
 
 
 @settings(max_examples=300, deadline=None)

@@ -24,7 +24,7 @@ from fault_proxy import FaultProxy
 from kms_server import KmsKey, MotoKms
 from moto_keyrings import shared_session
 
-from aioenvelope import CircuitBreakerConfig, errors
+from aioenvelope import CircuitBreakerConfig, RateLimit, errors
 from aioenvelope.keyrings.hierarchy.branch_key_store import BranchKeyMaterials, BranchKeyStore
 from aioenvelope.runtime import Runtime
 from aioenvelope.stats import StatsRecorder
@@ -441,6 +441,36 @@ async def test_dynamodb_5xx_and_a_hung_table_become_transient_library_errors_on_
             await patient.get_active_branch_key("faulty")
         assert sum(fault_proxy.requests().values()) == sent
         assert runtime.stats.breaker_states == {"us-west-2": "open"}
+
+
+async def test_an_attached_runtime_counts_the_kms_calls_and_rate_limits_each_decrypt(
+    make_store: StoreFactory,
+) -> None:
+    """A branch key fetch is a remote unwrap: it takes one decrypt rate-limit token, before
+    its GetItem (an empty bucket refuses it before any call), and every KMS call shows in
+    the client's stats; DynamoDB calls are counted by the store."""
+    stats = StatsRecorder()
+    runtime = Runtime(
+        clock=lambda: 0.0,  # a frozen clock: the bucket never refills
+        stats=stats,
+        breaker_config=None,
+        decrypt_rate_limit=RateLimit(rate=1.0, burst=1),
+    )
+    store = make_store()
+    store.attach(runtime)
+    async with store:
+        await store.create_table()
+        branch_key_id = await store.create_branch_key()
+        await store.get_active_branch_key(branch_key_id)
+        with pytest.raises(errors.KMSDecryptRateLimited):
+            await store.get_active_branch_key(branch_key_id)
+        assert dict(stats.kms_calls) == {
+            "GenerateDataKeyWithoutPlaintext": 2,
+            "ReEncrypt": 1,
+            "Decrypt": 1,
+        }
+        assert store.calls["GetItem"] == 1  # the refused read made no call
+        assert store.calls["Decrypt"] == 1
 
 
 # -- interop with the MPL's KeyStore ----------------------------------------------------

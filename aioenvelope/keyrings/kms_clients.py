@@ -292,21 +292,28 @@ class KmsClients:
         return _Entry(region, client, context, self.settings.max_connections)
 
     async def call(
-        self, operation: str, region: str, key_id: str, params: Mapping[str, Any]
+        self,
+        operation: str,
+        region: str,
+        key_id: str,
+        params: Mapping[str, Any],
+        *,
+        admitted: bool = False,
     ) -> dict[str, Any]:
         """Call ``operation`` and return its response, or raise a :class:`KMSError`.
 
         In order: the region's breaker (fails fast while KMS is down, costing nothing),
         for a Decrypt one token of the decrypt rate limit (before any await on I/O, so
-        concurrent requests meet the bucket in the order they came), the region's client
-        (opened on first use, errors mapped), then the call.
+        concurrent requests meet the bucket in the order they came; ``admitted=True``
+        when the caller took it already, before earlier calls of the same unwrap), the
+        region's client (opened on first use, errors mapped), then the call.
         """
         runtime = self.runtime
         breaker = runtime.breaker(region) if runtime is not None else None
         if breaker is not None:
             breaker.before_call()  # fails fast, with no I/O, while KMS is down
         try:
-            if operation == "Decrypt" and runtime is not None:
+            if operation == "Decrypt" and runtime is not None and not admitted:
                 await runtime.admit_remote_decrypt()
             entry = await self._acquire(region, operation, key_id)
         except BaseException:

@@ -100,8 +100,7 @@ class BranchKeyMaterials:
     def wipe(self) -> None:
         """Zero the key in place (the copy botocore returned is immutable ``bytes``: it
         is dropped, not zeroed)."""
-        for i in range(len(self.key)):
-            self.key[i] = 0
+        self.key[:] = bytes(len(self.key))  # same length: overwritten in place
 
 
 class _DynamoDbClients(KmsClients):
@@ -288,10 +287,14 @@ class BranchKeyStore:
                 ) from exc
             raise
 
-    async def _kms_call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+    async def _kms_call(
+        self, operation: str, params: dict[str, Any], *, admitted: bool = False
+    ) -> dict[str, Any]:
         self._check_open()
         params.setdefault("GrantTokens", [])
-        response = await self._kms.call(operation, self._kms_region, self.kms_key_id, params)
+        response = await self._kms.call(
+            operation, self._kms_region, self.kms_key_id, params, admitted=admitted
+        )
         if response.get("KeyId") != self.kms_key_id:
             raise KMSError(
                 f"KMS {operation} with key {self.kms_key_id} answered for "
@@ -553,6 +556,7 @@ class BranchKeyStore:
     async def get_active_branch_key(self, branch_key_id: str) -> BranchKeyMaterials:
         """The active version of the branch key, decrypted (1 GetItem, 1 KMS Decrypt)."""
         self._check_branch_key_id(branch_key_id)
+        await self._admit()
         item, attrs = await self._get(branch_key_id, ACTIVE_TYPE, None)
         version = self._active_version(item, attrs, branch_key_id)
         return await self._decrypt(item, attrs, branch_key_id, version)
@@ -565,8 +569,17 @@ class BranchKeyStore:
             raise ConfigurationError(
                 f"a branch key version is a lower-case UUID string, not {str(version)[:64]!r}"
             )
+        await self._admit()
         item, attrs = await self._get(branch_key_id, VERSION_PREFIX + version, version)
         return await self._decrypt(item, attrs, branch_key_id, version)
+
+    async def _admit(self) -> None:
+        """One decrypt rate-limit token per fetch (its KMS Decrypt is a remote unwrap),
+        taken before the GetItem: a refused fetch costs neither call."""
+        self._check_open()
+        runtime = self._kms.runtime
+        if runtime is not None:
+            await runtime.admit_remote_decrypt()
 
     def _where(self, branch_key_id: str, version: str | None) -> str:
         shown = f"version {version} of " if version else "the active version of "
@@ -691,6 +704,7 @@ class BranchKeyStore:
                     "CiphertextBlob": bytes(item["enc"]["B"]),
                     "EncryptionContext": self._context(attrs),
                 },
+                admitted=True,
             )
         except KMSError as exc:
             raise self._refused_by_kms(exc, branch_key_id, version) from exc

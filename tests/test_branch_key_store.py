@@ -4,6 +4,7 @@ with the AWS Cryptographic Material Providers Library's own ``KeyStore``."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -80,19 +81,48 @@ def items_of(moto_kms: MotoKms, table: str, branch_key_id: str) -> dict[str, dic
     return {item["type"]["S"]: item for item in found}
 
 
-def mpl_key_store(moto_kms: MotoKms, kms_key: KmsKey, table: str, name: str = LOGICAL_NAME) -> Any:
-    """The MPL's own KeyStore on the same table, over boto3 clients pointed at moto."""
+def mpl_key_store(
+    moto_kms: MotoKms, kms_key: KmsKey, table: str, endpoint_url: str | None = None
+) -> Any:
+    """The MPL's own KeyStore on the same table, over boto3 clients pointed at moto (or
+    at ``endpoint_url``, a proxy in front of it)."""
+    url = endpoint_url or moto_kms.endpoint_url
     return KeyStore(
         KeyStoreConfig(
             ddb_table_name=table,
-            logical_key_store_name=name,
+            logical_key_store_name=LOGICAL_NAME,
             kms_configuration=KMSConfigurationKmsKeyArn(kms_key.arn),
-            ddb_client=ddb_admin(moto_kms),
-            kms_client=boto3.client(
-                "kms", region_name=moto_kms.region, endpoint_url=moto_kms.endpoint_url
-            ),
+            ddb_client=boto3.client("dynamodb", region_name=moto_kms.region, endpoint_url=url),
+            kms_client=boto3.client("kms", region_name=moto_kms.region, endpoint_url=url),
         )
     )
+
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+
+
+def normalised(requests: list[Any], branch_key_id: str) -> list[Any]:
+    """Requests with what differs by nature replaced: the branch key ID, version UUIDs
+    (numbered by first appearance), create-times, ciphertexts, idempotency tokens."""
+    versions: dict[str, str] = {}
+
+    def walk(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if not isinstance(value, str):
+            return value
+        if key in ("CiphertextBlob", "B", "SourceCiphertextBlob"):
+            return "<blob>"
+        if key == "ClientRequestToken":
+            return "<token>"
+        value = value.replace(branch_key_id, "<id>")
+        value = _UUID.sub(lambda m: versions.setdefault(m[0], f"<v{len(versions)}>"), value)
+        return _TIME.sub("<time>", value)
+
+    return [(r.operation, walk(dict(r.body))) for r in requests]
 
 
 async def in_thread(fn: Callable[[], Any]) -> Any:
@@ -474,6 +504,51 @@ async def test_an_attached_runtime_counts_the_kms_calls_and_rate_limits_each_dec
 
 
 # -- interop with the MPL's KeyStore ----------------------------------------------------
+
+
+async def test_create_and_rotate_send_exactly_the_mpl_key_stores_requests(
+    store: BranchKeyStore,
+    make_store: StoreFactory,
+    moto_kms: MotoKms,
+    kms_key: KmsKey,
+    table_name: str,
+    fault_proxy: FaultProxy,
+) -> None:
+    """Every KMS request (key, encryption contexts, sizes) and every TransactWriteItems
+    (items, attribute types, conditions) of a create and a rotation, ours against the
+    MPL's KeyStore's, seen on the wire through the proxy, in the same order: identical
+    once IDs, UUIDs, times and ciphertexts are masked. Our reads are strongly consistent
+    (``ConsistentRead``), the MPL's are not: the one difference, left out."""
+    mpl = mpl_key_store(moto_kms, kms_key, table_name, endpoint_url=fault_proxy.url)
+    context = {"tenant": "t", "region": "eu"}
+    await in_thread(
+        lambda: mpl.create_key(
+            CreateKeyInput(branch_key_identifier="mpl-made", encryption_context=context)
+        )
+    )
+    await in_thread(lambda: mpl.version_key(VersionKeyInput(branch_key_identifier="mpl-made")))
+    theirs = fault_proxy.received()
+    async with make_store(endpoint_url=fault_proxy.url) as ours_store:
+        await ours_store.create_branch_key("ours-made", encryption_context=context)
+        await ours_store.rotate_branch_key("ours-made")
+    ours = fault_proxy.received()[len(theirs) :]
+    expected = normalised(theirs, "mpl-made")
+    got = normalised(ours, "ours-made")
+    for seen in (expected, got):
+        for _, body in seen:
+            body.pop("ConsistentRead", None)
+    assert [op for op, _ in got] == [
+        "GenerateDataKeyWithoutPlaintext",
+        "ReEncrypt",
+        "GenerateDataKeyWithoutPlaintext",
+        "TransactWriteItems",
+        "GetItem",
+        "ReEncrypt",
+        "GenerateDataKeyWithoutPlaintext",
+        "ReEncrypt",
+        "TransactWriteItems",
+    ]
+    assert got == expected
 
 
 async def test_the_mpl_reads_branch_keys_we_created_and_rotated(

@@ -153,6 +153,21 @@ async def test_create_table_makes_the_key_store_schema_and_accepts_it_again(
     ]
 
 
+async def test_create_table_accepts_a_table_another_process_created_meanwhile(
+    make_store: StoreFactory, moto_kms: MotoKms, table_name: str, fault_proxy: FaultProxy
+) -> None:
+    """Two processes setting up at once: ours saw no table, then its CreateTable met the
+    other's (ResourceInUseException, from moto itself); it looks again and accepts it."""
+    async with make_store() as other:
+        await other.create_table()
+    fault_proxy.refuse_next(1, "ResourceNotFoundException", operation="DescribeTable")
+    async with make_store(endpoint_url=fault_proxy.url) as store:
+        arn = await store.create_table()
+        assert store.calls == {"DescribeTable": 2, "CreateTable": 1}
+    assert arn.endswith(f":table/{table_name}")
+    assert fault_proxy.requests() == {"DescribeTable": 2, "CreateTable": 1}
+
+
 async def test_create_table_refuses_an_existing_table_with_another_key_schema(
     make_store: StoreFactory, moto_kms: MotoKms, table_name: str
 ) -> None:
@@ -414,6 +429,19 @@ async def test_a_malformed_item_is_refused_naming_what_is_wrong(
         await store.get_active_branch_key("broken")
     assert "it has no enc (B) attribute" in str(info.value)
     assert "Decrypt" not in store.calls
+
+
+async def test_opens_nest_and_the_last_close_closes(store: BranchKeyStore) -> None:
+    """A store shared by two keyrings is opened by each client; the first to close must
+    not close it under the other."""
+    branch_key_id = await store.create_branch_key()
+    await store.open()
+    await store.close()
+    assert len((await store.get_active_branch_key(branch_key_id)).key) == 32
+    await store.close()  # the fixture's open: the last one
+    with pytest.raises(errors.ConfigurationError, match="is not open"):
+        await store.get_active_branch_key(branch_key_id)
+    await store.open()  # balanced by the fixture's exit
 
 
 async def test_a_closed_store_and_a_key_that_is_no_arn_are_refused(

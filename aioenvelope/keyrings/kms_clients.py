@@ -138,6 +138,7 @@ class KmsClients:
 
     service = "kms"
     label = "KMS"
+    target = "with key"  # how log lines name what ``key_id`` is
     methods: Mapping[str, str] = _METHODS
     transient_codes: frozenset[str] = _TRANSIENT_CODES
 
@@ -270,7 +271,7 @@ class KmsClients:
             read_timeout=self.settings.deadline,
             max_pool_connections=self.settings.max_connections,
         )
-        log.debug("opening a KMS client for region %s", region)
+        log.debug("opening a %s client for region %s", self.label, region)
         try:
             context = self._session.client(
                 self.service,
@@ -325,9 +326,10 @@ class KmsClients:
         except (KMSError, DynamoDBError) as exc:
             log.log(
                 logging.WARNING if exc.transient else logging.INFO,
-                "%s %s with %s in %s failed: %s",
+                "%s %s %s %s in %s failed: %s",
                 self.label,
                 operation,
+                self.target,
                 key_id,
                 region,
                 exc.error_code,
@@ -358,7 +360,7 @@ class KmsClients:
     ) -> dict[str, Any]:
         method = getattr(entry.client, self.methods[operation])
         async with entry.gate:
-            log.debug("%s %s with %s in %s", self.service, operation, key_id, region)
+            log.debug("%s %s %s %s in %s", self.label, operation, self.target, key_id, region)
             self._count(operation)
             try:
                 with anyio.fail_after(self.settings.deadline):

@@ -109,6 +109,7 @@ class _DynamoDbClients(KmsClients):
 
     service = "dynamodb"
     label = "DynamoDB"
+    target = "on table"
     methods = MappingProxyType(
         {
             "DescribeTable": "describe_table",

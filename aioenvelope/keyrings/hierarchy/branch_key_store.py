@@ -225,7 +225,9 @@ class BranchKeyStore:
 
     def attach(self, runtime: Runtime) -> None:
         """Share the client's runtime: both services count toward its region breakers,
-        and KMS Decrypt (a branch key fetch) takes a decrypt rate-limit token."""
+        each branch key fetch (GetItem + KMS Decrypt, a remote unwrap) takes one decrypt
+        rate-limit token before its GetItem, and KMS calls count in its stats
+        (``kms_calls``; DynamoDB calls only in :attr:`calls`)."""
         self._kms.runtime = runtime
         self._ddb.runtime = runtime
 

@@ -1,0 +1,236 @@
+"""Hierarchical keyring: data keys wrapped under branch keys kept in a BranchKeyStore.
+
+One KMS Decrypt (and one DynamoDB GetItem) yields a branch key that then wraps any
+number of data keys locally, so per-record encryption contexts cost no KMS call each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from cachetools import TTLCache
+
+from ...errors import ConfigurationError, NoUsableKeyError
+from ...format.header import EncryptedDataKey
+from ..base import DecryptionMaterials, EncryptionMaterials, Keyring
+from . import wrapping
+from .branch_key_store import BranchKeyMaterials, BranchKeyStore
+
+if TYPE_CHECKING:
+    from ...runtime import Runtime
+
+__all__ = ["HierarchicalKeyring"]
+
+BranchKeyIdSupplier = Callable[[Mapping[str, str]], "str | Awaitable[str]"]
+
+_MAX_REFETCH = 3
+
+
+class _WipingTTLCache(TTLCache[tuple[str, str], BranchKeyMaterials]):
+    """A TTLCache that wipes branch-key materials when they leave it: evicted for size,
+    expired, or deleted. Without this an expired key would stay in memory until the
+    garbage collector happened to run."""
+
+    def __delitem__(self, key: Any) -> None:
+        value = self.get(key)
+        super().__delitem__(key)
+        if isinstance(value, BranchKeyMaterials):
+            value.wipe()
+
+    def expire(self, time: float | None = None) -> list[tuple[Any, Any]]:
+        expired: list[tuple[Any, Any]] = list(super().expire(time))
+        for _, value in expired:
+            if isinstance(value, BranchKeyMaterials):
+                value.wipe()
+        return expired
+
+    def popitem(self) -> tuple[Any, Any]:
+        key, value = super().popitem()
+        if isinstance(value, BranchKeyMaterials):
+            value.wipe()
+        return key, value
+
+
+class HierarchicalKeyring(Keyring):
+    """Wraps each data key under the active version of a branch key ("aws-kms-hierarchy"
+    EDKs, MPL-compatible); decrypts with the version each EDK names."""
+
+    def __init__(
+        self,
+        key_store: BranchKeyStore,
+        *,
+        branch_key_id: str | None = None,
+        branch_key_id_supplier: BranchKeyIdSupplier | None = None,
+        ttl: float = 600.0,
+        max_cached_keys: int = 1000,
+    ) -> None:
+        if (branch_key_id is None) == (branch_key_id_supplier is None):
+            raise ConfigurationError("give exactly one of branch_key_id or branch_key_id_supplier")
+        if branch_key_id is not None and (not isinstance(branch_key_id, str) or not branch_key_id):
+            raise ConfigurationError("branch_key_id must be a non-empty string")
+        if branch_key_id_supplier is not None and not callable(branch_key_id_supplier):
+            raise ConfigurationError("branch_key_id_supplier must be callable")
+        if not ttl > 0:
+            raise ConfigurationError("ttl must be a positive number of seconds")
+        if not isinstance(max_cached_keys, int) or max_cached_keys < 1:
+            raise ConfigurationError("max_cached_keys must be a positive integer")
+        self.key_store = key_store
+        self.branch_key_id = branch_key_id
+        self._supplier = branch_key_id_supplier
+        self._ttl = ttl
+        self._max = max_cached_keys
+        self._keys: _WipingTTLCache = _WipingTTLCache(max_cached_keys, ttl)
+        self._active: TTLCache[str, str] = TTLCache(max_cached_keys, ttl)
+        self._inflight: dict[Hashable, asyncio.Future[BranchKeyMaterials]] = {}
+
+    def __repr__(self) -> str:
+        which = (
+            f"branch_key_id={self.branch_key_id!r}"
+            if self.branch_key_id is not None
+            else "branch_key_id_supplier=<callable>"
+        )
+        return f"HierarchicalKeyring({self.key_store!r}, {which}, ttl={self._ttl})"
+
+    def attach(self, runtime: Runtime) -> None:
+        self.key_store.attach(runtime)
+
+    async def open(self) -> None:
+        await self.key_store.open()
+
+    async def close(self) -> None:
+        try:
+            self._keys.clear()  # __delitem__ wipes each
+            self._active.clear()
+        finally:
+            await self.key_store.close()
+
+    async def _branch_key_id_for(self, context: Mapping[str, str]) -> str:
+        if self.branch_key_id is not None:
+            return self.branch_key_id
+        assert self._supplier is not None
+        result = self._supplier(context)
+        if inspect.isawaitable(result):
+            result = await result
+        if not isinstance(result, str) or not result:
+            raise ConfigurationError("branch_key_id_supplier must return a non-empty string")
+        return result
+
+    async def _coalesced(
+        self, flight: Hashable, fetch: Callable[[], Awaitable[BranchKeyMaterials]]
+    ) -> BranchKeyMaterials:
+        """One fetch per key at a time: later callers await the first caller's result."""
+        pending = self._inflight.get(flight)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[BranchKeyMaterials] = asyncio.get_running_loop().create_future()
+        self._inflight[flight] = future
+        try:
+            materials = await fetch()
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning without waiters
+            raise
+        finally:
+            self._inflight.pop(flight, None)
+        self._keys[(materials.branch_key_id, materials.version)] = materials
+        self._active_set_if_needed(flight, materials)
+        future.set_result(materials)
+        return materials
+
+    def _active_set_if_needed(self, flight: Hashable, materials: BranchKeyMaterials) -> None:
+        if isinstance(flight, tuple) and flight[0] == "active":
+            self._active[materials.branch_key_id] = materials.version
+
+    def _cached_active(self, branch_key_id: str) -> BranchKeyMaterials | None:
+        version = self._active.get(branch_key_id)
+        if version is None:
+            return None
+        materials: BranchKeyMaterials | None = self._keys.get((branch_key_id, version))
+        return materials
+
+    async def _active_key(self, branch_key_id: str) -> BranchKeyMaterials:
+        """The active version's materials, usable right now (callers must not await
+        before using them: an eviction in between would have wiped them)."""
+        for _ in range(_MAX_REFETCH):
+            cached = self._cached_active(branch_key_id)
+            if cached is not None:
+                return cached
+            await self._coalesced(
+                ("active", branch_key_id),
+                lambda: self.key_store.get_active_branch_key(branch_key_id),
+            )
+        cached = self._cached_active(branch_key_id)
+        if cached is None:
+            raise NoUsableKeyError(
+                f"branch key {branch_key_id!r} left the cache as soon as it was fetched: "
+                "raise max_cached_keys"
+            )
+        return cached
+
+    async def _version_key(self, branch_key_id: str, version: str) -> BranchKeyMaterials:
+        for _ in range(_MAX_REFETCH):
+            cached: BranchKeyMaterials | None = self._keys.get((branch_key_id, version))
+            if cached is not None:
+                return cached
+            await self._coalesced(
+                ("version", branch_key_id, version),
+                lambda: self.key_store.get_branch_key_version(branch_key_id, version),
+            )
+        cached = self._keys.get((branch_key_id, version))
+        if cached is None:
+            raise NoUsableKeyError(
+                f"branch key {branch_key_id!r} version {version} left the cache as soon as "
+                "it was fetched: raise max_cached_keys"
+            )
+        return cached
+
+    async def on_encrypt(self, materials: EncryptionMaterials) -> EncryptionMaterials:
+        branch_key_id = await self._branch_key_id_for(materials.encryption_context)
+        branch_key = await self._active_key(branch_key_id)
+        if materials.plaintext_data_key is None:
+            materials = materials.generate_data_key()
+        assert materials.plaintext_data_key is not None
+        ciphertext = wrapping.wrap_data_key(
+            branch_key.key,
+            branch_key_id,
+            branch_key.version,
+            materials.plaintext_data_key,
+            materials.encryption_context,
+        )
+        edk = EncryptedDataKey(wrapping.PROVIDER_ID, branch_key_id.encode("utf-8"), ciphertext)
+        return materials.with_encrypted_data_key(edk)
+
+    async def on_decrypt(
+        self, materials: DecryptionMaterials, encrypted_data_keys: Sequence[EncryptedDataKey]
+    ) -> DecryptionMaterials:
+        if materials.plaintext_data_key is not None:
+            return materials
+        branch_key_id = await self._branch_key_id_for(materials.encryption_context)
+        wanted = branch_key_id.encode("utf-8")
+        for edk in encrypted_data_keys:
+            if edk.provider_id != wrapping.PROVIDER_ID or edk.provider_info != wanted:
+                continue
+            try:
+                version = wrapping.branch_key_version_of(edk.ciphertext)
+                branch_key = await self._version_key(branch_key_id, version)
+                data_key = wrapping.unwrap_data_key(
+                    branch_key.key,
+                    branch_key_id,
+                    version,
+                    edk.ciphertext,
+                    materials.encryption_context,
+                    key_length=materials.algorithm_suite.key_length,
+                )
+            except NoUsableKeyError:
+                continue
+            return materials.with_data_key(data_key)
+        # Raised, as the raw keyrings do: the default materials manager turns an
+        # unchanged result into a bare KeyringError, and MultiKeyring catches this one.
+        raise NoUsableKeyError(
+            f"{self!r} could not decrypt any of the message's {len(encrypted_data_keys)} "
+            f"encrypted data keys with branch key {branch_key_id!r}: the message was "
+            "written under another branch key, or the encryption context differs"
+        )

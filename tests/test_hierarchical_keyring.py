@@ -1,0 +1,109 @@
+"""HierarchicalKeyring against the moto server: round trips, call counts, coalescing."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+from kms_server import KmsKey, MotoKms
+from moto_keyrings import shared_session
+
+from aioenvelope import EnvelopeClient, errors
+from aioenvelope.format.suites import AlgorithmSuite
+from aioenvelope.keyrings.hierarchy.branch_key_store import BranchKeyStore
+from aioenvelope.keyrings.hierarchy.keyring import HierarchicalKeyring
+
+StoreFactory = Callable[..., BranchKeyStore]
+
+
+@pytest.fixture
+def make_store(moto_kms: MotoKms, kms_key: KmsKey) -> StoreFactory:
+    table = f"hk-{uuid.uuid4().hex[:12]}"
+
+    def make(**kwargs: Any) -> BranchKeyStore:
+        kwargs.setdefault("logical_key_store_name", "aioenvelope-test-store")
+        kwargs.setdefault("kms_key_id", kms_key.arn)
+        kwargs.setdefault("session", shared_session())
+        kwargs.setdefault("endpoint_url", moto_kms.endpoint_url)
+        kwargs.setdefault("region_name", moto_kms.region)
+        return BranchKeyStore(table, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+async def branch_keys(make_store: StoreFactory) -> tuple[str, str]:
+    async with make_store() as admin:
+        await admin.create_table()
+        a = await admin.create_branch_key("tenant-a")
+        b = await admin.create_branch_key("tenant-b")
+    return a, b
+
+
+@pytest.mark.parametrize(
+    "suite",
+    [
+        AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY,
+        AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384,
+    ],
+)
+async def test_round_trip_through_the_client(
+    make_store: StoreFactory, branch_keys: tuple[str, str], suite: AlgorithmSuite
+) -> None:
+    keyring = HierarchicalKeyring(make_store(), branch_key_id=branch_keys[0])
+    async with EnvelopeClient(keyring) as client:
+        message = await client.encrypt(
+            b"hello", encryption_context={"r": "1"}, algorithm_suite=suite
+        )
+        assert await client.decrypt(message) == b"hello"
+
+
+async def test_a_thousand_contexts_cost_one_fetch_to_encrypt_and_one_to_decrypt(
+    make_store: StoreFactory, branch_keys: tuple[str, str]
+) -> None:
+    store = make_store()
+    async with EnvelopeClient(HierarchicalKeyring(store, branch_key_id=branch_keys[0])) as client:
+        messages = [
+            await client.encrypt(b"x", encryption_context={"record": str(i)}) for i in range(1000)
+        ]
+        assert store.calls == {"GetItem": 1, "Decrypt": 1}
+    fresh = make_store()
+    async with EnvelopeClient(HierarchicalKeyring(fresh, branch_key_id=branch_keys[0])) as client:
+        for message in messages:
+            assert await client.decrypt(message) == b"x"
+        assert fresh.calls == {"GetItem": 1, "Decrypt": 1}
+
+
+async def test_concurrent_first_uses_coalesce_into_one_fetch(
+    make_store: StoreFactory, branch_keys: tuple[str, str]
+) -> None:
+    store = make_store()
+    async with EnvelopeClient(HierarchicalKeyring(store, branch_key_id=branch_keys[0])) as client:
+
+        async def one(i: int) -> None:
+            await client.encrypt(b"x", encryption_context={"r": str(i)})
+
+        async with anyio.create_task_group() as tg:
+            for i in range(100):
+                tg.start_soon(one, i)
+        assert store.calls == {"GetItem": 1, "Decrypt": 1}
+
+
+async def test_another_branch_keys_message_has_no_usable_key(
+    make_store: StoreFactory, branch_keys: tuple[str, str]
+) -> None:
+    async with EnvelopeClient(HierarchicalKeyring(make_store(), branch_key_id=branch_keys[1])) as b:
+        message = await b.encrypt(b"x")
+    async with EnvelopeClient(HierarchicalKeyring(make_store(), branch_key_id=branch_keys[0])) as a:
+        with pytest.raises(errors.NoUsableKeyError):
+            await a.decrypt(message)
+
+
+def test_exactly_one_of_branch_key_id_and_supplier(make_store: StoreFactory) -> None:
+    with pytest.raises(errors.ConfigurationError):
+        HierarchicalKeyring(make_store())
+    with pytest.raises(errors.ConfigurationError):
+        HierarchicalKeyring(make_store(), branch_key_id="a", branch_key_id_supplier=lambda c: "a")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -107,3 +107,27 @@ def test_exactly_one_of_branch_key_id_and_supplier(make_store: StoreFactory) -> 
         HierarchicalKeyring(make_store())
     with pytest.raises(errors.ConfigurationError):
         HierarchicalKeyring(make_store(), branch_key_id="a", branch_key_id_supplier=lambda c: "a")
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+async def test_a_supplier_picks_the_branch_key_per_tenant(
+    make_store: StoreFactory, branch_keys: tuple[str, str], is_async: bool
+) -> None:
+    def plain(context: Mapping[str, str]) -> str:
+        return branch_keys[0] if context["tenant"] == "a" else branch_keys[1]
+
+    async def awaited(context: Mapping[str, str]) -> str:
+        return plain(context)
+
+    supplier = awaited if is_async else plain
+    keyring = HierarchicalKeyring(make_store(), branch_key_id_supplier=supplier)
+    async with EnvelopeClient(keyring) as client:
+        for tenant in ("a", "b"):
+            message = await client.encrypt(b"t", encryption_context={"tenant": tenant})
+            assert await client.decrypt(message) == b"t"
+    only_b = HierarchicalKeyring(make_store(), branch_key_id=branch_keys[1])
+    async with EnvelopeClient(keyring) as client:
+        message_a = await client.encrypt(b"t", encryption_context={"tenant": "a"})
+    async with EnvelopeClient(only_b) as client:
+        with pytest.raises(errors.NoUsableKeyError):
+            await client.decrypt(message_a)

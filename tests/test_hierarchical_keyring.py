@@ -11,8 +11,9 @@ import pytest
 from kms_server import KmsKey, MotoKms
 from moto_keyrings import shared_session
 
-from aioenvelope import EnvelopeClient, errors
+from aioenvelope import EnvelopeClient, errors, inspect
 from aioenvelope.format.suites import AlgorithmSuite
+from aioenvelope.keyrings.hierarchy import wrapping
 from aioenvelope.keyrings.hierarchy.branch_key_store import BranchKeyStore
 from aioenvelope.keyrings.hierarchy.keyring import HierarchicalKeyring
 
@@ -131,3 +132,23 @@ async def test_a_supplier_picks_the_branch_key_per_tenant(
     async with EnvelopeClient(only_b) as client:
         with pytest.raises(errors.NoUsableKeyError):
             await client.decrypt(message_a)
+
+
+async def test_after_rotation_old_messages_decrypt_and_new_ones_use_the_new_version_after_ttl(
+    make_store: StoreFactory, branch_keys: tuple[str, str]
+) -> None:
+    def version_of(message: bytes) -> str:
+        (edk,) = inspect(message).encrypted_data_keys
+        return wrapping.branch_key_version_of(edk.ciphertext)
+
+    keyring = HierarchicalKeyring(make_store(), branch_key_id=branch_keys[0], ttl=1.0)
+    async with EnvelopeClient(keyring, cache=None) as client:
+        old = await client.encrypt(b"old")
+        async with make_store() as admin:
+            new_version = await admin.rotate_branch_key(branch_keys[0])
+        assert version_of(await client.encrypt(b"cached")) == version_of(old)
+        await anyio.sleep(1.5)
+        fresh = await client.encrypt(b"new")
+        assert version_of(fresh) == new_version != version_of(old)
+        assert await client.decrypt(old) == b"old"
+        assert await client.decrypt(fresh) == b"new"

@@ -12,9 +12,11 @@ from .format.header import EncryptedDataKey, MessageHeader
 from .format.suites import AlgorithmSuite, CommitmentPolicy
 from .inspection import inspect
 from .keyrings import (
+    BranchKeyStore,
     DecryptionMaterials,
     DiscoveryFilter,
     EncryptionMaterials,
+    HierarchicalKeyring,
     Keyring,
     KmsDiscoveryKeyring,
     KmsKeyring,
@@ -30,6 +32,7 @@ __all__ = [
     "AlgorithmSuite",
     "BatchProgress",
     "BatchResult",
+    "BranchKeyStore",
     "CacheConfig",
     "CircuitBreakerConfig",
     "ClientStats",
@@ -42,6 +45,7 @@ __all__ = [
     "EncryptingStream",
     "EncryptionMaterials",
     "EnvelopeClient",
+    "HierarchicalKeyring",
     "Keyring",
     "KmsDiscoveryKeyring",
     "KmsKeyring",

@@ -24,6 +24,7 @@ __all__ = [
     "KMSError",
     "KMSKeyCheckError",
     "KMSTimeoutError",
+    "KeyServiceError",
     "KeyringError",
     "MalformedMessageError",
     "MessageLimitError",
@@ -89,7 +90,35 @@ class NoUsableKeyError(KeyringError):
     """None of the message's encrypted data keys could be decrypted by this keyring."""
 
 
-class KMSError(KeyringError):
+class KeyServiceError(KeyringError):
+    """A call to a remote key service failed (AWS KMS, a branch key store's DynamoDB
+    table; Vault, Google Cloud KMS and Azure Key Vault as they come). One base, so a web
+    service maps them all alike: ``transient`` failures (throttling after retries, 5xx,
+    timeouts, network: they say nothing about the request) are worth retrying later,
+    the others are answers (access denied, a wrong key, an unknown ciphertext).
+    ``service`` names the service (``"aws-kms"``, ``"dynamodb"``), ``operation`` the
+    call, ``key_id`` the key (or table) it was about, ``error_code`` the service's code;
+    the service's own exception is chained."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        service: str,
+        operation: str,
+        key_id: str | None,
+        error_code: str,
+        transient: bool,
+    ) -> None:
+        super().__init__(message)
+        self.service = service
+        self.operation = operation
+        self.key_id = key_id
+        self.error_code = error_code
+        self.transient = transient
+
+
+class KMSError(KeyServiceError):
     """A call to AWS KMS failed. ``operation``, ``key_id`` and ``error_code`` say which
     and why; the botocore exception is chained. ``transient`` is true for failures that
     say nothing about the request (throttling after retries, 5xx, timeouts, network)."""
@@ -103,17 +132,20 @@ class KMSError(KeyringError):
         error_code: str,
         transient: bool,
     ) -> None:
-        super().__init__(message)
-        self.operation = operation
-        self.key_id = key_id
-        self.error_code = error_code
-        self.transient = transient
+        super().__init__(
+            message,
+            service="aws-kms",
+            operation=operation,
+            key_id=key_id,
+            error_code=error_code,
+            transient=transient,
+        )
 
 
-class DynamoDBError(KeyringError):
+class DynamoDBError(KeyServiceError):
     """A call to Amazon DynamoDB (a branch key store's table) failed. ``operation``,
-    ``table_name`` and ``error_code`` say which and why; the botocore exception is
-    chained. ``transient`` as for :class:`KMSError`."""
+    ``table_name`` (also ``key_id``) and ``error_code`` say which and why; the botocore
+    exception is chained. ``transient`` as for :class:`KMSError`."""
 
     def __init__(
         self,
@@ -124,11 +156,15 @@ class DynamoDBError(KeyringError):
         error_code: str,
         transient: bool,
     ) -> None:
-        super().__init__(message)
-        self.operation = operation
+        super().__init__(
+            message,
+            service="dynamodb",
+            operation=operation,
+            key_id=table_name,
+            error_code=error_code,
+            transient=transient,
+        )
         self.table_name = table_name
-        self.error_code = error_code
-        self.transient = transient
 
 
 class BranchKeyStoreError(KeyringError):

@@ -12,9 +12,15 @@ __all__ = ["ClientStats", "StatsRecorder"]
 
 @dataclass(frozen=True)
 class ClientStats:
-    """A snapshot of one client's counters since it was created."""
+    """A snapshot of one client's counters since it was created.
+
+    ``kms_calls`` counts AWS KMS calls by operation (a hierarchical keyring's branch key
+    fetches included), ``dynamodb_calls`` the DynamoDB calls of a branch key store.
+    ``branch_key_cache_hits``/``misses`` count a hierarchical keyring's lookups of a
+    branch key (a miss is one GetItem + one KMS Decrypt, or a wait on one in flight)."""
 
     kms_calls: Mapping[str, int]
+    dynamodb_calls: Mapping[str, int]
     encrypt_cache_hits: int
     encrypt_cache_misses: int
     decrypt_cache_hits: int
@@ -23,6 +29,8 @@ class ClientStats:
     rate_limited: int
     breaker_states: Mapping[str, str]
     breaker_transitions: int
+    branch_key_cache_hits: int
+    branch_key_cache_misses: int
 
 
 @dataclass
@@ -30,6 +38,7 @@ class StatsRecorder:
     """The live counters (mutated in place; single event loop, so no locking)."""
 
     kms_calls: collections.Counter[str] = field(default_factory=collections.Counter)
+    dynamodb_calls: collections.Counter[str] = field(default_factory=collections.Counter)
     encrypt_cache_hits: int = 0
     encrypt_cache_misses: int = 0
     decrypt_cache_hits: int = 0
@@ -38,10 +47,13 @@ class StatsRecorder:
     rate_limited: int = 0
     breaker_states: dict[str, str] = field(default_factory=dict)
     breaker_transitions: int = 0
+    branch_key_cache_hits: int = 0
+    branch_key_cache_misses: int = 0
 
     def snapshot(self) -> ClientStats:
         return ClientStats(
             kms_calls=MappingProxyType(dict(self.kms_calls)),
+            dynamodb_calls=MappingProxyType(dict(self.dynamodb_calls)),
             encrypt_cache_hits=self.encrypt_cache_hits,
             encrypt_cache_misses=self.encrypt_cache_misses,
             decrypt_cache_hits=self.decrypt_cache_hits,
@@ -50,4 +62,6 @@ class StatsRecorder:
             rate_limited=self.rate_limited,
             breaker_states=MappingProxyType(dict(self.breaker_states)),
             breaker_transitions=self.breaker_transitions,
+            branch_key_cache_hits=self.branch_key_cache_hits,
+            branch_key_cache_misses=self.branch_key_cache_misses,
         )

@@ -42,6 +42,7 @@ PUBLIC_NAMES = {
     "AlgorithmSuite",
     "BatchProgress",
     "BatchResult",
+    "BranchKeyStore",
     "CacheConfig",
     "CircuitBreakerConfig",
     "ClientStats",
@@ -54,6 +55,7 @@ PUBLIC_NAMES = {
     "EncryptingStream",
     "EncryptionMaterials",
     "EnvelopeClient",
+    "HierarchicalKeyring",
     "Keyring",
     "KmsDiscoveryKeyring",
     "KmsKeyring",
@@ -68,7 +70,15 @@ PUBLIC_NAMES = {
     "inspect",
     "run_batch",
 }
-KEYRINGS = {"KmsDiscoveryKeyring", "KmsKeyring", "MultiKeyring", "RawAesKeyring", "RawRsaKeyring"}
+KEYRINGS = {
+    "HierarchicalKeyring",
+    "KmsDiscoveryKeyring",
+    "KmsKeyring",
+    "MultiKeyring",
+    "RawAesKeyring",
+    "RawRsaKeyring",
+}
+KEY_STORES = {"BranchKeyStore"}  # administered on their own as async context managers
 STREAMS = {"DecryptingStream", "EncryptingStream", "ReencryptingStream"}
 ENUMS = {"AlgorithmSuite", "CommitmentPolicy"}
 VALUE_TYPES = {  # frozen-or-not dataclasses: values a caller reads or builds
@@ -99,12 +109,13 @@ ERROR_BASES: dict[str, tuple[type, ...]] = {
     "EncryptionContextMismatchError": (errors.EnvelopeError,),
     "KeyringError": (errors.EnvelopeError,),
     "NoUsableKeyError": (errors.KeyringError,),
-    "KMSError": (errors.KeyringError,),
+    "KeyServiceError": (errors.KeyringError,),
+    "KMSError": (errors.KeyServiceError,),
     "KMSTimeoutError": (errors.KMSError,),
     "KMSKeyCheckError": (errors.ConfigurationError,),
     "KMSDecryptRateLimited": (errors.EnvelopeError,),
     "CircuitOpenError": (errors.EnvelopeError,),
-    "DynamoDBError": (errors.KeyringError,),
+    "DynamoDBError": (errors.KeyServiceError,),
     "BranchKeyStoreError": (errors.KeyringError,),
     "BranchKeyNotFoundError": (errors.BranchKeyStoreError,),
     "BranchKeyIntegrityError": (errors.BranchKeyStoreError,),
@@ -120,6 +131,7 @@ def test_the_public_api_is_exactly_these_names_and_star_import_gives_them() -> N
     assert set(namespace) - {"__builtins__"} == PUBLIC_NAMES
     assert (
         KEYRINGS
+        | KEY_STORES
         | STREAMS
         | ENUMS
         | VALUE_TYPES
@@ -148,6 +160,8 @@ def test_every_public_name_is_what_it_says() -> None:
         stream = getattr(aioenvelope, name)
         for method in ("__aiter__", "__anext__", "aclose", "__aenter__", "__aexit__"):
             assert callable(getattr(stream, method, None)), (name, method)
+    for name in KEY_STORES:
+        assert issubclass(getattr(aioenvelope, name), contextlib.AbstractAsyncContextManager)
     for name in ENUMS:
         assert issubclass(getattr(aioenvelope, name), enum.Enum), name
     for name in VALUE_TYPES:

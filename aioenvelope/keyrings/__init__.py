@@ -1,15 +1,18 @@
 """Keyrings: where data keys come from and how they are wrapped."""
 
 from .base import DecryptionMaterials, EncryptionMaterials, Keyring
+from .hierarchy import BranchKeyStore, HierarchicalKeyring
 from .kms import DiscoveryFilter, KmsDiscoveryKeyring, KmsKeyring
 from .multi import MultiKeyring
 from .raw_aes import RawAesKeyring
 from .raw_rsa import RawRsaKeyring
 
 __all__ = [
+    "BranchKeyStore",
     "DecryptionMaterials",
     "DiscoveryFilter",
     "EncryptionMaterials",
+    "HierarchicalKeyring",
     "Keyring",
     "KmsDiscoveryKeyring",
     "KmsKeyring",

@@ -126,7 +126,9 @@ class _DynamoDbClients(KmsClients):
     }
 
     def _count(self, operation: str) -> None:
-        self.calls[operation] += 1  # runtime.stats.kms_calls is for KMS only
+        self.calls[operation] += 1
+        if self.runtime is not None:
+            self.runtime.stats.dynamodb_calls[operation] += 1
 
     def _failure(
         self, operation: str, key_id: str, what: str, *, error_code: str, transient: bool
@@ -226,8 +228,8 @@ class BranchKeyStore:
     def attach(self, runtime: Runtime) -> None:
         """Share the client's runtime: both services count toward its region breakers,
         each branch key fetch (GetItem + KMS Decrypt, a remote unwrap) takes one decrypt
-        rate-limit token before its GetItem, and KMS calls count in its stats
-        (``kms_calls``; DynamoDB calls only in :attr:`calls`)."""
+        rate-limit token before its GetItem, and calls count in its stats
+        (``kms_calls``, ``dynamodb_calls``)."""
         self._kms.runtime = runtime
         self._ddb.runtime = runtime
 

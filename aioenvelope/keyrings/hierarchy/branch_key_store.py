@@ -26,9 +26,10 @@ from __future__ import annotations
 import datetime
 import re
 import uuid
+import weakref
 from collections.abc import Mapping
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aioboto3
 import anyio
@@ -65,6 +66,10 @@ _CONDITION_NAMES = {"#BranchKeyIdentifierField": "branch-key-id"}
 _TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]{3,255}")
 # How long create_table waits for a new table to become ACTIVE, polling once a second.
 TABLE_ACTIVE_WAIT = 120.0
+
+
+class _RotationListener(Protocol):
+    def branch_key_rotated(self, branch_key_id: str) -> None: ...
 
 
 class BranchKeyMaterials:
@@ -211,12 +216,20 @@ class BranchKeyStore:
         self._kms = KmsClients(kms_settings)
         self._ddb = _DynamoDbClients(ddb_settings)
         self._opened = 0
+        # Keyrings to tell when this store rotates a branch key (weakly held: a keyring
+        # dropped by its user is not kept alive by the store it used).
+        self._rotation_listeners: weakref.WeakSet[_RotationListener] = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return (
             f"BranchKeyStore({self.table_name!r}, logical_key_store_name="
             f"{self.logical_key_store_name!r}, kms_key_id={self.kms_key_id!r})"
         )
+
+    def notify_rotations_to(self, listener: _RotationListener) -> None:
+        """Have :meth:`rotate_branch_key` call ``listener.branch_key_rotated(id)`` after
+        each rotation, so a keyring on this store moves to the new version at once."""
+        self._rotation_listeners.add(listener)
 
     @property
     def calls(self) -> Mapping[str, int]:
@@ -519,6 +532,8 @@ class BranchKeyStore:
             self._put(self._item(active_attrs, active_enc), _EXISTS),
         ]
         await self._transact(items, branch_key_id, version, creating=False)
+        for listener in list(self._rotation_listeners):
+            listener.branch_key_rotated(branch_key_id)
         return version
 
     async def _transact(

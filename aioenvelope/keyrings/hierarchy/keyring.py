@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -82,9 +83,15 @@ class HierarchicalKeyring(Keyring):
         self._supplier = branch_key_id_supplier
         self._ttl = ttl
         self._max = max_cached_keys
-        self._keys: _WipingTTLCache = _WipingTTLCache(max_cached_keys, ttl)
-        self._active: TTLCache[str, str] = TTLCache(max_cached_keys, ttl)
+        # The caches read the client's clock once attached (tests move a fake one).
+        self._clock: Callable[[], float] = time.monotonic
+        self._runtime: Runtime | None = None
+        self._keys: _WipingTTLCache = _WipingTTLCache(max_cached_keys, ttl, timer=self._now)
+        self._active: TTLCache[str, str] = TTLCache(max_cached_keys, ttl, timer=self._now)
         self._inflight: dict[Hashable, asyncio.Future[BranchKeyMaterials]] = {}
+        # Active-version fetches in flight when the store rotated that branch key: their
+        # answer may name the old version, so it is not cached as the active one.
+        self._stale_flights: set[Hashable] = set()
 
     def __repr__(self) -> str:
         which = (
@@ -94,8 +101,30 @@ class HierarchicalKeyring(Keyring):
         )
         return f"HierarchicalKeyring({self.key_store!r}, {which}, ttl={self._ttl})"
 
+    def _now(self) -> float:
+        return self._clock()
+
     def attach(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._clock = runtime.clock
         self.key_store.attach(runtime)
+        self.key_store.notify_rotations_to(self)
+
+    def branch_key_rotated(self, branch_key_id: str) -> None:
+        """Called by the key store when it rotated ``branch_key_id``: the next message
+        uses the new version at once instead of after the TTL. The old version stays
+        cached for decryption."""
+        self._active.pop(branch_key_id, None)
+        flight = ("active", branch_key_id)
+        if flight in self._inflight:
+            self._stale_flights.add(flight)
+
+    def _count(self, *, hit: bool) -> None:
+        if self._runtime is not None:
+            if hit:
+                self._runtime.stats.branch_key_cache_hits += 1
+            else:
+                self._runtime.stats.branch_key_cache_misses += 1
 
     async def open(self) -> None:
         await self.key_store.open()
@@ -135,14 +164,13 @@ class HierarchicalKeyring(Keyring):
             raise
         finally:
             self._inflight.pop(flight, None)
+            stale = flight in self._stale_flights
+            self._stale_flights.discard(flight)
         self._keys[(materials.branch_key_id, materials.version)] = materials
-        self._active_set_if_needed(flight, materials)
+        if isinstance(flight, tuple) and flight[0] == "active" and not stale:
+            self._active[materials.branch_key_id] = materials.version
         future.set_result(materials)
         return materials
-
-    def _active_set_if_needed(self, flight: Hashable, materials: BranchKeyMaterials) -> None:
-        if isinstance(flight, tuple) and flight[0] == "active":
-            self._active[materials.branch_key_id] = materials.version
 
     def _cached_active(self, branch_key_id: str) -> BranchKeyMaterials | None:
         version = self._active.get(branch_key_id)
@@ -154,10 +182,14 @@ class HierarchicalKeyring(Keyring):
     async def _active_key(self, branch_key_id: str) -> BranchKeyMaterials:
         """The active version's materials, usable right now (callers must not await
         before using them: an eviction in between would have wiped them)."""
-        for _ in range(_MAX_REFETCH):
+        for attempt in range(_MAX_REFETCH):
             cached = self._cached_active(branch_key_id)
             if cached is not None:
+                if attempt == 0:
+                    self._count(hit=True)
                 return cached
+            if attempt == 0:
+                self._count(hit=False)
             await self._coalesced(
                 ("active", branch_key_id),
                 lambda: self.key_store.get_active_branch_key(branch_key_id),
@@ -171,10 +203,14 @@ class HierarchicalKeyring(Keyring):
         return cached
 
     async def _version_key(self, branch_key_id: str, version: str) -> BranchKeyMaterials:
-        for _ in range(_MAX_REFETCH):
+        for attempt in range(_MAX_REFETCH):
             cached: BranchKeyMaterials | None = self._keys.get((branch_key_id, version))
             if cached is not None:
+                if attempt == 0:
+                    self._count(hit=True)
                 return cached
+            if attempt == 0:
+                self._count(hit=False)
             await self._coalesced(
                 ("version", branch_key_id, version),
                 lambda: self.key_store.get_branch_key_version(branch_key_id, version),

@@ -649,7 +649,7 @@ class EnvelopeClient:
                 commitment_policy=self.commitment_policy,
                 max_encrypted_data_keys=self.max_encrypted_data_keys,
             ),
-            cache=self._cache_config,
+            cache=self._cache_config if keyring.caches_data_keys else None,
             coalescer=self._coalescer,
             clock=self._clock,
             stats=self._stats,

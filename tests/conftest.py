@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -11,9 +12,15 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from esdk_vectors import VectorTally, vectors_required
 from fault_proxy import FaultProxy
 from kms_server import KmsKey, MotoKms, dummy_credentials, running_moto
-from moto_keyrings import moto_kms_keyring
+from moto_keyrings import moto_kms_keyring, shared_session
 
-from aioenvelope import CommitmentPolicy, EnvelopeClient, KmsKeyring, RawAesKeyring
+from aioenvelope import (
+    BranchKeyStore,
+    CommitmentPolicy,
+    EnvelopeClient,
+    KmsKeyring,
+    RawAesKeyring,
+)
 
 # The keyring conformance suite's per-keyring harness fixtures (test_keyring_conformance).
 pytest_plugins = ["keyring_harness"]
@@ -86,6 +93,35 @@ def make_kms_keyring(moto_kms: MotoKms) -> Callable[..., KmsKeyring]:
         return moto_kms_keyring(moto_kms, key.arn, **kwargs)
 
     return make
+
+
+@pytest.fixture
+def make_branch_key_store(moto_kms: MotoKms, kms_key: KmsKey) -> Callable[..., BranchKeyStore]:
+    """``make_branch_key_store(**kwargs)``: a fresh BranchKeyStore (its ``calls`` start
+    at zero) on this test's own table name, under ``kms_key``, talking to moto; each
+    call makes another store object on the same table."""
+    table = f"hk-{uuid.uuid4().hex[:12]}"
+
+    def make(**kwargs: Any) -> BranchKeyStore:
+        kwargs.setdefault("logical_key_store_name", "aioenvelope-test-store")
+        kwargs.setdefault("kms_key_id", kms_key.arn)
+        kwargs.setdefault("session", shared_session())
+        kwargs.setdefault("endpoint_url", moto_kms.endpoint_url)
+        kwargs.setdefault("region_name", moto_kms.region)
+        return BranchKeyStore(table, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+async def branch_keys(make_branch_key_store: Callable[..., BranchKeyStore]) -> tuple[str, str]:
+    """The table of ``make_branch_key_store``, created, with branch keys ``tenant-a``
+    and ``tenant-b``."""
+    async with make_branch_key_store() as admin:
+        await admin.create_table()
+        a = await admin.create_branch_key("tenant-a")
+        b = await admin.create_branch_key("tenant-b")
+    return a, b
 
 
 @pytest.fixture

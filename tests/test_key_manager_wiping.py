@@ -17,12 +17,12 @@ The data keys come from a recording keyring around a raw AES keyring (the public
 
 from __future__ import annotations
 
-import gc
 import os
 from collections.abc import Sequence
 
 import pytest
 from fake_clock import FakeClock
+from live_buffers import bytearrays_holding, the_one_holding, zeroed
 
 from aioenvelope import (
     CacheConfig,
@@ -58,32 +58,6 @@ class RecordingKeyring(Keyring):
         assert result.plaintext_data_key is not None
         self.data_keys.append(result.plaintext_data_key)
         return result
-
-
-def bytearrays_holding(secret: bytes) -> list[bytearray]:
-    """Every distinct live bytearray that contains ``secret``."""
-    gc.collect()
-    seen: set[int] = set()
-    holding = []
-    for obj in gc.get_objects():
-        for ref in gc.get_referents(obj):
-            if type(ref) is bytearray and id(ref) not in seen:
-                seen.add(id(ref))
-                if secret in ref:
-                    holding.append(ref)
-    return holding
-
-
-def the_one_holding(secret: bytes) -> bytearray:
-    """The single bytearray (the cache entry's) that holds ``secret``. The test keeps it
-    alive, so that after the entry left the cache it can see whether it was zeroed or
-    merely dropped (freed memory keeps its bytes)."""
-    (held,) = bytearrays_holding(secret)
-    return held
-
-
-def zeroed(buffer: bytearray) -> bool:
-    return len(buffer) == 32 and buffer == bytes(32)
 
 
 async def two_messages() -> tuple[list[bytes], list[bytes]]:

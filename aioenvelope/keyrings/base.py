@@ -103,6 +103,12 @@ class Keyring:
     that hold resources (KMS clients) use them, local ones need not.
     """
 
+    #: Whether the client's key manager may reuse this keyring's data keys across
+    #: messages (``CacheConfig``) and cache the data keys it recovers. Keyrings whose
+    #: every wrap and unwrap is local and cheap (the hierarchical keyring) say False:
+    #: then every message gets its own data key and none is held after its message.
+    caches_data_keys: bool = True
+
     async def on_encrypt(self, materials: EncryptionMaterials) -> EncryptionMaterials:
         raise NotImplementedError
 

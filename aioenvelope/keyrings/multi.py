@@ -43,6 +43,12 @@ class MultiKeyring(Keyring):
     def _all(self) -> tuple[Keyring, ...]:
         return ((self.generator,) if self.generator else ()) + self.children
 
+    @property
+    def caches_data_keys(self) -> bool:  # type: ignore[override]
+        """Reuse and caching pay when any member calls out per data key (a KMS child
+        wraps each new data key with a KMS Encrypt call)."""
+        return any(keyring.caches_data_keys for keyring in self._all)
+
     def attach(self, runtime: Runtime) -> None:
         for keyring in self._all:
             keyring.attach(runtime)

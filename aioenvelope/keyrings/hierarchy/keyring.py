@@ -54,10 +54,25 @@ class _WipingTTLCache(TTLCache[tuple[str, str], BranchKeyMaterials]):
             value.wipe()
         return key, value
 
+    def wipe_all(self) -> None:
+        """Zero and drop every entry. (``clear()`` alone would not zero: cachetools'
+        ``clear`` empties its storage without going through ``__delitem__``; and
+        expired entries are not listed by ``values()``: ``expire()`` zeroes them.)"""
+        self.expire()
+        for value in list(self.values()):
+            value.wipe()
+        self.clear()
+
 
 class HierarchicalKeyring(Keyring):
     """Wraps each data key under the active version of a branch key ("aws-kms-hierarchy"
-    EDKs, MPL-compatible); decrypts with the version each EDK names."""
+    EDKs, MPL-compatible); decrypts with the version each EDK names.
+
+    Every message gets its own data key: wrapping is local, so the client's data-key
+    reuse (``CacheConfig``) and decrypt cache are not used for this keyring; what is
+    cached is the branch key, per (ID, version), for ``ttl`` seconds."""
+
+    caches_data_keys = False
 
     def __init__(
         self,
@@ -131,7 +146,7 @@ class HierarchicalKeyring(Keyring):
 
     async def close(self) -> None:
         try:
-            self._keys.clear()  # __delitem__ wipes each
+            self._keys.wipe_all()
             self._active.clear()
         finally:
             await self.key_store.close()
@@ -224,6 +239,9 @@ class HierarchicalKeyring(Keyring):
         return cached
 
     async def on_encrypt(self, materials: EncryptionMaterials) -> EncryptionMaterials:
+        # Expired branch keys leave (and are zeroed) at the next use, not at the next
+        # insertion, which may never come (cachetools expires lazily).
+        self._keys.expire()
         branch_key_id = await self._branch_key_id_for(materials.encryption_context)
         branch_key = await self._active_key(branch_key_id)
         if materials.plaintext_data_key is None:
@@ -244,6 +262,7 @@ class HierarchicalKeyring(Keyring):
     ) -> DecryptionMaterials:
         if materials.plaintext_data_key is not None:
             return materials
+        self._keys.expire()
         branch_key_id = await self._branch_key_id_for(materials.encryption_context)
         wanted = branch_key_id.encode("utf-8")
         for edk in encrypted_data_keys:

@@ -57,9 +57,11 @@ from kms_server import KmsKey, MotoKms
 from moto_keyrings import moto_kms_keyring
 
 from aioenvelope import (
+    BranchKeyStore,
     DecryptionMaterials,
     EncryptedDataKey,
     EncryptionMaterials,
+    HierarchicalKeyring,
     Keyring,
     MultiKeyring,
     RawAesKeyring,
@@ -98,6 +100,10 @@ class Can(enum.Enum):
     # wrong required pair is refused when unwrapping; without it (RSA) the header's
     # authentication tag refuses it instead.
     BIND_CONTEXT_TO_WRAPPED_KEY = "binds-context"
+    # The client may reuse its data keys across messages and cache the ones it
+    # recovers (``Keyring.caches_data_keys``). The hierarchical keyring does not: its
+    # wraps are local, so every message gets its own data key.
+    SHARE_DATA_KEYS = "shares-data-keys"
 
 
 class RemoteBackend(Protocol):
@@ -194,7 +200,7 @@ class KmsBehindProxy:
         return self.proxy.requests().get("Decrypt", 0)
 
 
-@keyring_harness(Can.CALL_A_REMOTE_SERVICE, Can.BIND_CONTEXT_TO_WRAPPED_KEY)
+@keyring_harness(Can.CALL_A_REMOTE_SERVICE, Can.BIND_CONTEXT_TO_WRAPPED_KEY, Can.SHARE_DATA_KEYS)
 def aws_kms_harness(
     moto_kms: MotoKms, kms_key: KmsKey, kms_key_2: KmsKey, fault_proxy: FaultProxy
 ) -> KeyringHarness:
@@ -230,7 +236,7 @@ def aws_kms_harness(
 RAW_NAMESPACE = "aioenvelope-conformance"
 
 
-@keyring_harness(Can.BIND_CONTEXT_TO_WRAPPED_KEY)
+@keyring_harness(Can.BIND_CONTEXT_TO_WRAPPED_KEY, Can.SHARE_DATA_KEYS)
 def raw_aes_harness() -> KeyringHarness:
     """``RawAesKeyring``: two AES-256 wrapping keys, ``key-A`` and ``key-B``."""
     keys = {"A": os.urandom(32), "B": os.urandom(32)}
@@ -255,7 +261,7 @@ def _rsa_secrets(key: rsa.RSAPrivateKey) -> tuple[bytes, ...]:
     )
 
 
-@keyring_harness()
+@keyring_harness(Can.SHARE_DATA_KEYS)
 def raw_rsa_harness(
     rsa_private_key: rsa.RSAPrivateKey, rsa_private_key_b: rsa.RSAPrivateKey
 ) -> KeyringHarness:
@@ -267,6 +273,33 @@ def raw_rsa_harness(
 
     secrets = _rsa_secrets(rsa_private_key) + _rsa_secrets(rsa_private_key_b)
     return KeyringHarness(name="raw-rsa", keyring=keyring, secrets=secrets)
+
+
+# -- AWS KMS hierarchical: branch keys in moto's DynamoDB, unwrapped by moto's KMS ------
+
+
+@keyring_harness(Can.BIND_CONTEXT_TO_WRAPPED_KEY)
+async def aws_kms_hierarchy_harness(
+    make_branch_key_store: Callable[..., BranchKeyStore], branch_keys: tuple[str, str]
+) -> KeyringHarness:
+    """``HierarchicalKeyring`` on two branch keys of one table (keys A and B), each
+    keyring on a store of its own. Its remote calls fetch branch keys, which are cached,
+    not one per data key: the remote behaviour of the KMS keyrings (a request per wrap
+    or unwrap) does not apply, so it is not declared; tests/test_hierarchy_faults.py
+    holds it to the breaker, retries, deadline and rate limit. ``secrets`` are the
+    branch keys' plaintexts."""
+    ids = {"A": branch_keys[0], "B": branch_keys[1]}
+
+    def keyring(key: Key, *, one_attempt: bool = False) -> Keyring:
+        return HierarchicalKeyring(make_branch_key_store(), branch_key_id=ids[key])
+
+    secrets = []
+    async with make_branch_key_store() as admin:
+        for branch_key_id in branch_keys:
+            materials = await admin.get_active_branch_key(branch_key_id)
+            secrets.append(bytes(materials.key))
+            materials.wipe()
+    return KeyringHarness(name="aws-kms-hierarchy", keyring=keyring, secrets=tuple(secrets))
 
 
 # -- seams the suite uses on every keyring -----------------------------------------------
@@ -285,6 +318,10 @@ class WatchedKeyring(Keyring):
 
     def __repr__(self) -> str:
         return f"WatchedKeyring({self.inner!r})"
+
+    @property
+    def caches_data_keys(self) -> bool:  # type: ignore[override]
+        return self.inner.caches_data_keys
 
     def attach(self, runtime: Runtime) -> None:
         self.inner.attach(runtime)

@@ -451,7 +451,7 @@ async def concurrent_decrypts(keyring: Keyring, message: bytes) -> EnvelopeClien
     return client
 
 
-@harnesses()
+@harnesses(Can.SHARE_DATA_KEYS)
 async def test_concurrent_encrypts_with_caching_ask_the_keyring_once(
     harness: KeyringHarness,
 ) -> None:
@@ -474,7 +474,21 @@ async def test_concurrent_encrypts_with_caching_make_one_remote_request(
     assert remote_of(harness).wrap_requests() == 1
 
 
-@harnesses()
+@harnesses(lacking=Can.SHARE_DATA_KEYS)
+async def test_concurrent_encrypts_with_caching_still_give_each_message_its_own_data_key(
+    harness: KeyringHarness,
+) -> None:
+    """A keyring that shares no data keys is asked once per message, even with the
+    client's cache on and one context: every message carries its own wrapped key."""
+    watched = WatchedKeyring(harness.keyring("A"))
+    messages, client = await concurrent_encrypts(watched)
+    assert watched.encrypt_calls == CONCURRENT
+    assert len(set(watched.data_keys)) == CONCURRENT
+    assert len({inspect(m).encrypted_data_keys for m in messages}) == CONCURRENT
+    assert client.stats.encrypt_cache_hits == client.stats.encrypt_cache_misses == 0
+
+
+@harnesses(Can.SHARE_DATA_KEYS)
 async def test_concurrent_decrypts_of_one_message_ask_the_keyring_once(
     harness: KeyringHarness,
 ) -> None:

@@ -98,17 +98,17 @@ def make_kms_keyring(moto_kms: MotoKms) -> Callable[..., KmsKeyring]:
 @pytest.fixture
 def make_branch_key_store(moto_kms: MotoKms, kms_key: KmsKey) -> Callable[..., BranchKeyStore]:
     """``make_branch_key_store(**kwargs)``: a fresh BranchKeyStore (its ``calls`` start
-    at zero) on this test's own table name, under ``kms_key``, talking to moto; each
-    call makes another store object on the same table."""
+    at zero) on this test's own table name (unless ``table_name=``), under ``kms_key``,
+    talking to moto; each call makes another store object on the same table."""
     table = f"hk-{uuid.uuid4().hex[:12]}"
 
-    def make(**kwargs: Any) -> BranchKeyStore:
+    def make(table_name: str = table, **kwargs: Any) -> BranchKeyStore:
         kwargs.setdefault("logical_key_store_name", "aioenvelope-test-store")
         kwargs.setdefault("kms_key_id", kms_key.arn)
         kwargs.setdefault("session", shared_session())
         kwargs.setdefault("endpoint_url", moto_kms.endpoint_url)
         kwargs.setdefault("region_name", moto_kms.region)
-        return BranchKeyStore(table, **kwargs)
+        return BranchKeyStore(table_name, **kwargs)
 
     return make
 

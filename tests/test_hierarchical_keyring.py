@@ -1,16 +1,14 @@
-"""HierarchicalKeyring against the moto server: round trips, call counts, coalescing."""
+"""HierarchicalKeyring against the moto server: round trips, branch key suppliers, and
+what the caller sees when the key store fails. (Caching: test_hierarchical_keyring_caching.)"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-import anyio
 import pytest
+from kms_server import KmsKey
 
-from aioenvelope import EnvelopeClient, errors
-from aioenvelope.format.suites import AlgorithmSuite
-from aioenvelope.keyrings.hierarchy.branch_key_store import BranchKeyStore
-from aioenvelope.keyrings.hierarchy.keyring import HierarchicalKeyring
+from aioenvelope import AlgorithmSuite, BranchKeyStore, EnvelopeClient, HierarchicalKeyring, errors
 
 StoreFactory = Callable[..., BranchKeyStore]
 
@@ -31,37 +29,6 @@ async def test_round_trip_through_the_client(
             b"hello", encryption_context={"r": "1"}, algorithm_suite=suite
         )
         assert await client.decrypt(message) == b"hello"
-
-
-async def test_a_thousand_contexts_cost_one_fetch_to_encrypt_and_one_to_decrypt(
-    make_branch_key_store: StoreFactory, branch_keys: tuple[str, str]
-) -> None:
-    store = make_branch_key_store()
-    async with EnvelopeClient(HierarchicalKeyring(store, branch_key_id=branch_keys[0])) as client:
-        messages = [
-            await client.encrypt(b"x", encryption_context={"record": str(i)}) for i in range(1000)
-        ]
-        assert store.calls == {"GetItem": 1, "Decrypt": 1}
-    fresh = make_branch_key_store()
-    async with EnvelopeClient(HierarchicalKeyring(fresh, branch_key_id=branch_keys[0])) as client:
-        for message in messages:
-            assert await client.decrypt(message) == b"x"
-        assert fresh.calls == {"GetItem": 1, "Decrypt": 1}
-
-
-async def test_concurrent_first_uses_coalesce_into_one_fetch(
-    make_branch_key_store: StoreFactory, branch_keys: tuple[str, str]
-) -> None:
-    store = make_branch_key_store()
-    async with EnvelopeClient(HierarchicalKeyring(store, branch_key_id=branch_keys[0])) as client:
-
-        async def one(i: int) -> None:
-            await client.encrypt(b"x", encryption_context={"r": str(i)})
-
-        async with anyio.create_task_group() as tg:
-            for i in range(100):
-                tg.start_soon(one, i)
-        assert store.calls == {"GetItem": 1, "Decrypt": 1}
 
 
 async def test_another_branch_keys_message_has_no_usable_key(
@@ -109,3 +76,48 @@ async def test_a_supplier_picks_the_branch_key_per_tenant(
     async with EnvelopeClient(only_b) as client:
         with pytest.raises(errors.NoUsableKeyError):
             await client.decrypt(message_a)
+
+
+@pytest.mark.parametrize(
+    ("store_options", "branch_key", "error", "named"),
+    [
+        ({"table_name": "no-such-table"}, "tenant-a", errors.BranchKeyStoreError, "no-such-table"),
+        ({}, "tenant-z", errors.BranchKeyNotFoundError, "tenant-z"),
+        (
+            {"logical_key_store_name": "another"},
+            "tenant-a",
+            errors.BranchKeyIntegrityError,
+            "another",
+        ),
+        ({"kms_key_id": "second"}, "tenant-a", errors.BranchKeyIntegrityError, "tenant-a"),
+    ],
+    ids=["missing-table", "missing-branch-key", "wrong-logical-name", "item-under-another-kms-key"],
+)
+async def test_store_failures_reach_the_caller_as_keyring_errors_naming_what_is_wrong(
+    make_branch_key_store: StoreFactory,
+    branch_keys: tuple[str, str],
+    kms_key_2: KmsKey,
+    store_options: dict[str, str],
+    branch_key: str,
+    error: type[errors.KeyringError],
+    named: str,
+) -> None:
+    """Each failure is the store's own error class (a KeyringError), unwrapped by the
+    keyring and the client, with the table, branch key or name it is about: on
+    encrypt (the active version) and on decrypt (the version a message names)."""
+    if store_options.get("kms_key_id") == "second":
+        store_options = {"kms_key_id": kms_key_2.arn}
+    async with EnvelopeClient(
+        HierarchicalKeyring(make_branch_key_store(), branch_key_id="tenant-a")
+    ) as good:
+        message = await good.encrypt(b"x", encryption_context={"r": "1"})
+    keyring = HierarchicalKeyring(make_branch_key_store(**store_options), branch_key_id=branch_key)
+    async with EnvelopeClient(keyring) as client:
+        with pytest.raises(error) as on_encrypt:
+            await client.encrypt(b"x")
+        assert named in str(on_encrypt.value)
+        assert isinstance(on_encrypt.value, errors.KeyringError)
+        if branch_key == "tenant-a":  # the message names this branch key: its version is read
+            with pytest.raises(error) as on_decrypt:
+                await client.decrypt(message)
+            assert named in str(on_decrypt.value)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 
 import anyio
 from fake_clock import FakeClock
+from fault_proxy import FaultProxy, wait_for
 from live_buffers import bytearrays_holding, the_one_holding, zeroed
 
 from aioenvelope import BranchKeyStore, EnvelopeClient, HierarchicalKeyring, inspect
@@ -237,3 +238,27 @@ async def test_closing_the_client_zeroes_a_branch_key_that_expired_unnoticed(
         clock.advance(61.0)
     assert zeroed(held)
     assert bytearrays_holding(secret) == []
+
+
+async def test_an_active_version_fetched_across_a_rotation_is_not_cached_as_active(
+    make_branch_key_store: StoreFactory, branch_keys: tuple[str, str], fault_proxy: FaultProxy
+) -> None:
+    """An encrypt whose fetch read the ACTIVE item before the rotation and finished after
+    it does not cache what it read as the active version (which would then be used for
+    the whole TTL): it fetches again, so it and every later message use the new one."""
+    store = make_branch_key_store(endpoint_url=fault_proxy.url, deadline=30.0)
+    keyring = HierarchicalKeyring(store, branch_key_id=branch_keys[0])
+    async with EnvelopeClient(keyring) as client:
+        fault_proxy.slow_next(1, 1.0, operation="Decrypt")  # the branch key's unwrap
+        async with anyio.create_task_group() as tg:
+            in_flight: list[bytes] = []
+
+            async def first() -> None:
+                in_flight.append(await client.encrypt(b"first"))
+
+            tg.start_soon(first)
+            await wait_for(lambda: fault_proxy.requests().get("Decrypt") == 1, "the unwrap")
+            new_version = await store.rotate_branch_key(branch_keys[0])
+        assert version_of(in_flight[0]) == new_version
+        assert version_of(await client.encrypt(b"second")) == new_version
+        assert client.stats.kms_calls["Decrypt"] == 2  # the stale fetch, then the new one

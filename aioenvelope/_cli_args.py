@@ -149,13 +149,57 @@ def _keys(*, discovery: bool) -> argparse.ArgumentParser:
             metavar="PARTITION",
             help="with --discovery-account (default aws)",
         )
-    kms = keys.add_argument_group("AWS KMS connection")
-    kms.add_argument("--region", help="AWS region for key IDs and aliases that are not ARNs")
-    kms.add_argument(
-        "--endpoint-url", metavar="URL", help="KMS endpoint (a VPC endpoint, or a test server)"
-    )
-    kms.add_argument("--profile", help="AWS profile (from ~/.aws/config)")
+    _hierarchy_options(keys)
+    _aws_options(keys)
     return keys
+
+
+def _hierarchy_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """A hierarchical keyring: a branch key of a DynamoDB key store. ``prefix`` is
+    ``to-`` for reencrypt's new keys."""
+    group = parser.add_argument_group(
+        ("new key: " if prefix else "")
+        + "hierarchical keyring (no KMS call per message; see `aioenvelope branch-key`)"
+    )
+    group.add_argument(
+        f"--{prefix}branch-key-id",
+        metavar="ID",
+        help=f"a branch key of the key store below (needs --{prefix}key-store-table, "
+        f"--{prefix}key-store-name and its KMS key); with other keys it comes first: it "
+        "generates the data key and is tried first to decrypt",
+    )
+    group.add_argument(
+        f"--{prefix}key-store-table", metavar="TABLE", help="the key store's DynamoDB table"
+    )
+    group.add_argument(
+        f"--{prefix}key-store-name",
+        metavar="NAME",
+        help="the key store's logical name (bound into every branch key; the same for "
+        "every reader and writer of the table)",
+    )
+    group.add_argument(
+        f"--{prefix}key-store-kms-key",
+        metavar="ARN",
+        help=f"the KMS key ARN the key store's branch keys are encrypted under. Without it, "
+        f"a single --{prefix}kms-key ARN names that key (and adds no KMS keyring); with it, "
+        f"each --{prefix}kms-key adds a KMS keyring as usual",
+    )
+
+
+def _aws_options(parser: argparse.ArgumentParser) -> None:
+    aws = parser.add_argument_group("AWS connection (KMS, and DynamoDB for a key store)")
+    aws.add_argument(
+        "--region",
+        help="AWS region for key IDs and aliases that are not ARNs, and of a key store's "
+        "table (default: the profile's or environment's, else the key store's KMS key's)",
+    )
+    aws.add_argument(
+        "--endpoint-url",
+        metavar="URL",
+        help="KMS endpoint (a VPC endpoint, or a test server); a key store's DynamoDB "
+        "calls use it too",
+    )
+    aws.add_argument("--profile", help="AWS profile (from ~/.aws/config)")
 
 
 def _reading() -> argparse.ArgumentParser:
@@ -230,6 +274,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _reencrypt_options(commands["reencrypt"])
     commands["inspect"].add_argument("input", metavar="INPUT", help="a message file or - for stdin")
     _keygen_options(commands["keygen"])
+    commands.update(_branch_key_commands(sub, common))
     return parser, commands
 
 
@@ -257,6 +302,7 @@ def _reencrypt_options(reencrypt: argparse.ArgumentParser) -> None:
     to.add_argument(
         "--to-raw-key-file", action="append", default=[], metavar="FILE", help="repeatable"
     )
+    _hierarchy_options(reencrypt, "to-")
 
 
 def _keygen_options(keygen: argparse.ArgumentParser) -> None:
@@ -264,3 +310,94 @@ def _keygen_options(keygen: argparse.ArgumentParser) -> None:
     keygen.add_argument("--force", action="store_true", help="replace an existing key file")
     keygen.add_argument("--namespace", default="aioenvelope", help="key namespace (provider ID)")
     keygen.add_argument("--name", default=None, help="key name (default: 16 random hex digits)")
+
+
+def _key_store(*, name_required: bool) -> argparse.ArgumentParser:
+    """The key store every ``branch-key`` action works on, and how AWS is reached."""
+    store = argparse.ArgumentParser(add_help=False)
+    group = store.add_argument_group("key store")
+    group.add_argument(
+        "--key-store-table", required=True, metavar="TABLE", help="the DynamoDB table"
+    )
+    group.add_argument(
+        "--key-store-name",
+        required=name_required,
+        metavar="NAME",
+        help="the logical key store name, bound into every branch key's KMS encryption "
+        "context: the same for every reader and writer of the table"
+        + ("" if name_required else " (not needed here)"),
+    )
+    group.add_argument(
+        "--key-store-kms-key",
+        "--kms-key",
+        dest="key_store_kms_key",
+        required=True,
+        metavar="ARN",
+        help="the KMS key ARN branch keys are encrypted under (its region is the table's "
+        "unless --region or the profile says otherwise)",
+    )
+    _aws_options(store)
+    return store
+
+
+def _branch_key_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> dict[str, argparse.ArgumentParser]:
+    """``branch-key create-table|create|rotate|show``: administer the key store of a
+    hierarchical keyring. Keyed ``"branch-key ACTION"`` for usage messages."""
+    group = sub.add_parser(
+        "branch-key",
+        parents=[common],
+        help="administer the DynamoDB key store of a hierarchical keyring",
+        description="Branch keys for --branch-key-id, in a DynamoDB table, each encrypted "
+        "under a KMS key (items as the AWS Cryptographic Material Providers Library's key "
+        "store writes them: either tool administers a table the other reads).",
+    )
+    actions = group.add_subparsers(dest="branch_key_command", required=True, metavar="ACTION")
+    named, unnamed = _key_store(name_required=True), _key_store(name_required=False)
+    parsers = {
+        "create-table": actions.add_parser(
+            "create-table",
+            parents=[common, unnamed],
+            help="create the table (on-demand capacity), or accept an existing key store "
+            "table; prints its ARN",
+        ),
+        "create": actions.add_parser(
+            "create",
+            parents=[common, named],
+            help="create a branch key (never overwrites one); prints its ID",
+        ),
+        "rotate": actions.add_parser(
+            "rotate",
+            parents=[common, named],
+            help="make a new version of a branch key active (old ones keep decrypting); "
+            "prints the new version",
+        ),
+        "show": actions.add_parser(
+            "show",
+            parents=[common, named],
+            help="print a branch key's active version and encryption context as JSON "
+            "(KMS checks the item; no key material is printed)",
+        ),
+    }
+    parsers["create"].add_argument(
+        "--branch-key-id", metavar="ID", help="the new branch key's ID (default: a random UUID)"
+    )
+    parsers["create"].add_argument(
+        "-c",
+        "--encryption-context",
+        dest="context",
+        action="append",
+        type=_context_pair,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a pair bound into every version of the branch key (repeatable)",
+    )
+    for action in ("rotate", "show"):
+        parsers[action].add_argument("--branch-key-id", required=True, metavar="ID")
+    parsers["show"].add_argument(
+        "--branch-key-version",
+        metavar="UUID",
+        help="also check that this version exists and decrypts, and show it",
+    )
+    return {"branch-key": group} | {f"branch-key {name}": p for name, p in parsers.items()}

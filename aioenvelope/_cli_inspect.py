@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from ._cli_io import input_chunks
-from .errors import TruncatedMessageError
+from .errors import NoUsableKeyError, TruncatedMessageError
 from .format.header import EncryptedDataKey, HeaderReader, MessageHeader
 from .inspection import INSPECT_MAX_EDKS, TRUNCATED_HEADER
+from .keyrings.hierarchy import wrapping
 
 __all__ = ["header_json", "read_header"]
 
@@ -51,13 +52,18 @@ def header_json(header: MessageHeader) -> dict[str, Any]:
 
 
 def _edk_json(edk: EncryptedDataKey) -> dict[str, Any]:
-    """Provider info as text where it is text (the key ARN for KMS); otherwise hex and
-    base64, plus the key name when it has the raw AES layout."""
+    """Provider info as text where it is text (the key ARN for KMS, the branch key ID for
+    the hierarchical keyring, with the branch key version the EDK names, to find
+    messages still under an old version); otherwise hex and base64, plus the key name
+    when it has the raw AES layout."""
     info = edk.provider_info
     entry: dict[str, Any] = {"provider_id": edk.provider_id}
-    if edk.provider_id == _KMS_PROVIDER_ID:
+    if edk.provider_id in (_KMS_PROVIDER_ID, wrapping.PROVIDER_ID):
         with contextlib.suppress(UnicodeDecodeError):
-            entry["provider_info"] = info.decode("utf-8")  # the key ARN
+            entry["provider_info"] = info.decode("utf-8")  # the key ARN, or branch key ID
+    if edk.provider_id == wrapping.PROVIDER_ID:
+        with contextlib.suppress(NoUsableKeyError):  # too short to name one
+            entry["branch_key_version"] = wrapping.branch_key_version_of(edk.ciphertext)
     if "provider_info" not in entry:
         entry["provider_info"] = info.hex()
         entry["provider_info_base64"] = base64.b64encode(info).decode("ascii")

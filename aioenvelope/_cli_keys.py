@@ -23,20 +23,26 @@ import aioboto3
 
 from .errors import ConfigurationError
 from .keyrings import (
+    BranchKeyStore,
     DiscoveryFilter,
+    HierarchicalKeyring,
     Keyring,
     KmsDiscoveryKeyring,
     KmsKeyring,
     MultiKeyring,
     RawAesKeyring,
 )
+from .keyrings.kms_arn import parse_arn
 
 __all__ = [
     "RAW_KEY_TYPE",
+    "HierarchyOptions",
     "KeyOptions",
     "KmsOptions",
     "RawKey",
+    "branch_key_store",
     "build_keyring",
+    "is_key_arn",
     "read_raw_key",
     "write_raw_key",
 ]
@@ -158,26 +164,72 @@ class KmsOptions:
 
 
 @dataclass(frozen=True)
+class HierarchyOptions:
+    """A hierarchical keyring's branch key and the key store that holds it."""
+
+    branch_key_id: str
+    table: str
+    name: str
+    kms_key: str
+
+
+@dataclass(frozen=True)
 class KeyOptions:
-    """One side's keys: KMS keys (the first generates the data key), raw key files, and
-    discovery (decrypt only)."""
+    """One side's keys: a branch key (hierarchical keyring), KMS keys, raw key files, and
+    discovery (decrypt only). The first of them generates the data key."""
 
     kms_keys: Sequence[str] = ()
     raw_key_files: Sequence[Path] = ()
     discovery: bool = False
     discovery_accounts: Sequence[str] = ()
     discovery_partition: str = "aws"
+    hierarchy: HierarchyOptions | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.kms_keys or self.raw_key_files or self.discovery)
+        return bool(
+            self.kms_keys or self.raw_key_files or self.discovery or self.hierarchy is not None
+        )
+
+
+def is_key_arn(text: str) -> bool:
+    """Whether ``text`` is a KMS key ARN, which a key store needs (it records the ARN in
+    every item and compares it on every read; an alias could be repointed)."""
+    arn = parse_arn(text)
+    return arn is not None and arn.resource_type == "key"
+
+
+def branch_key_store(
+    table: str,
+    name: str,
+    kms_key: str,
+    kms: KmsOptions,
+    session: aioboto3.Session | None = None,
+) -> BranchKeyStore:
+    """The key store, reached as KMS is: ``--region`` is the table's region (default: the
+    profile's or environment's, else the KMS key ARN's), ``--endpoint-url`` serves both."""
+    return BranchKeyStore(
+        table,
+        logical_key_store_name=name,
+        kms_key_id=kms_key,
+        session=session,
+        region_name=kms.region,
+        endpoint_url=kms.endpoint_url,
+    )
 
 
 def build_keyring(
     keys: KeyOptions, kms: KmsOptions, session: aioboto3.Session | None = None
 ) -> Keyring:
     """One keyring for all of ``keys``: several combine into a :class:`MultiKeyring` whose
-    generator is the first (KMS keys first), so any one of them decrypts."""
+    generator is the first, so any one of them decrypts. The branch key comes first
+    (the generator, and the first tried on decrypt: after one fetch it unwraps locally,
+    where a KMS key costs a call per message), then KMS keys, raw keys, discovery."""
     keyrings: list[Keyring] = []
+    if keys.hierarchy is not None:
+        store = branch_key_store(
+            keys.hierarchy.table, keys.hierarchy.name, keys.hierarchy.kms_key, kms, session
+        )
+        keyrings.append(HierarchicalKeyring(store, branch_key_id=keys.hierarchy.branch_key_id))
     if keys.kms_keys:
         generator, *additional = keys.kms_keys
         keyrings.append(

@@ -27,9 +27,18 @@ import anyio
 import anyio.abc
 
 from ._cli_args import PROG, build_parser
+from ._cli_branch_key import branch_key_command
 from ._cli_inspect import header_json, read_header
 from ._cli_io import MessageStream, Transform, progress_bar, run_job
-from ._cli_keys import KeyOptions, KmsOptions, RawKey, build_keyring, write_raw_key
+from ._cli_keys import (
+    HierarchyOptions,
+    KeyOptions,
+    KmsOptions,
+    RawKey,
+    build_keyring,
+    is_key_arn,
+    write_raw_key,
+)
 from ._cli_paths import (
     STDIO,
     CliError,
@@ -64,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "inspect": _inspect,
         "keygen": _keygen,
         "demo": _demo,
+        "branch-key": branch_key_command,
     }
     args = parser.parse_args(argv)
     debug = bool(args.debug)
@@ -71,8 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return anyio.run(_terminable, handlers[args.command], args)
     except UsageError as exc:
-        commands[args.command].print_usage(sys.stderr)
-        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        action = getattr(args, "branch_key_command", None)  # branch-key's own actions
+        name = f"{args.command} {action}" if action else args.command
+        commands[name].print_usage(sys.stderr)
+        print(f"{PROG} {name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _error("interrupted")
@@ -182,13 +194,67 @@ def _context(args: argparse.Namespace) -> dict[str, str]:
     return context
 
 
+def _hierarchy(
+    args: argparse.Namespace, prefix: str = ""
+) -> tuple[HierarchyOptions | None, tuple[str, ...]]:
+    """The branch key options of one side (``prefix`` ``to_`` for reencrypt's new keys)
+    and the KMS keys left for KMS keyrings.
+
+    The key store's KMS key is ``--key-store-kms-key``; without it, as the issue's
+    ``--branch-key-id ID --key-store-table T --key-store-name N --kms-key K`` reads, a
+    single ``--kms-key`` names it and adds no KMS keyring. Never both meanings at once:
+    several ``--kms-key`` with a branch key and no ``--key-store-kms-key`` are refused."""
+    flag = "--" + prefix.replace("_", "-")
+    kms_keys = tuple(getattr(args, f"{prefix}kms_key"))
+    branch_key_id: str | None = getattr(args, f"{prefix}branch_key_id")
+    store = {
+        "key-store-table": getattr(args, f"{prefix}key_store_table"),
+        "key-store-name": getattr(args, f"{prefix}key_store_name"),
+        "key-store-kms-key": getattr(args, f"{prefix}key_store_kms_key"),
+    }
+    if branch_key_id is None:
+        given = [f"{flag}{option}" for option, value in store.items() if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} is for a branch key: give {flag}branch-key-id ID")
+        return None, kms_keys
+    table, name, kms_key = store.values()
+    source = f"{flag}key-store-kms-key"
+    if kms_key is None and len(kms_keys) == 1:
+        (kms_key,), kms_keys, source = kms_keys, (), f"{flag}kms-key (with {flag}branch-key-id)"
+    elif kms_key is None and kms_keys:
+        raise UsageError(
+            f"with {flag}branch-key-id, {flag}kms-key names the key store's KMS key, and "
+            f"{len(kms_keys)} were given: name the key store's key with "
+            f"{flag}key-store-kms-key ARN; each {flag}kms-key then adds a KMS keyring"
+        )
+    missing = [
+        text
+        for value, text in (
+            (table, f"{flag}key-store-table TABLE"),
+            (name, f"{flag}key-store-name NAME"),
+            (kms_key, f"the key store's KMS key ({flag}key-store-kms-key ARN)"),
+        )
+        if value is None
+    ]
+    if missing:
+        raise UsageError(f"{flag}branch-key-id needs " + ", ".join(missing))
+    if not is_key_arn(kms_key):
+        raise UsageError(
+            f"{source} must be the key store's KMS key ARN "
+            f"(arn:aws:kms:REGION:ACCOUNT:key/ID), not {kms_key!r}"
+        )
+    return HierarchyOptions(branch_key_id, table, name, kms_key), kms_keys
+
+
 def _key_options(args: argparse.Namespace) -> KeyOptions:
+    hierarchy, kms_keys = _hierarchy(args)
     keys = KeyOptions(
-        kms_keys=tuple(args.kms_key),
+        kms_keys=kms_keys,
         raw_key_files=tuple(Path(p) for p in args.raw_key_file),
         discovery=bool(getattr(args, "discovery", False)),
         discovery_accounts=tuple(getattr(args, "discovery_account", ())),
         discovery_partition=str(getattr(args, "discovery_partition", "aws")),
+        hierarchy=hierarchy,
     )
     if keys.discovery_accounts and not keys.discovery:
         raise UsageError("--discovery-account needs --discovery")
@@ -201,7 +267,7 @@ def _key_options(args: argparse.Namespace) -> KeyOptions:
 def _keyrings(args: argparse.Namespace, *sides: KeyOptions) -> list[Keyring]:
     """One keyring per side, sharing one AWS session (for --profile)."""
     kms = KmsOptions(region=args.region, endpoint_url=args.endpoint_url, profile=args.profile)
-    uses_kms = any(side.kms_keys or side.discovery for side in sides)
+    uses_kms = any(side.kms_keys or side.discovery or side.hierarchy for side in sides)
     session = kms.session() if uses_kms else None
     return [build_keyring(side, kms, session) for side in sides]
 
@@ -308,12 +374,17 @@ async def _decrypt(args: argparse.Namespace) -> int:
 
 async def _reencrypt(args: argparse.Namespace) -> int:
     context = _context(args)
+    to_hierarchy, to_kms_keys = _hierarchy(args, "to_")
     to_keys = KeyOptions(
-        kms_keys=tuple(args.to_kms_key),
+        kms_keys=to_kms_keys,
         raw_key_files=tuple(Path(p) for p in args.to_raw_key_file),
+        hierarchy=to_hierarchy,
     )
     if not to_keys:
-        raise UsageError("give the new keys: --to-kms-key ID and/or --to-raw-key-file FILE")
+        raise UsageError(
+            "give the new keys: --to-kms-key ID, --to-raw-key-file FILE and/or "
+            "--to-branch-key-id ID"
+        )
     keys = _key_options(args)
     plan = _plan(args, same_name)
     keyring, to_keyring = _keyrings(args, keys, to_keys)

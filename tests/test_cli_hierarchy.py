@@ -284,7 +284,7 @@ def test_per_file_contexts_encrypt_under_a_branch_key_and_decrypt_across_a_rotat
         assert decrypt(key_store.keyring(), tmp_path / f"{name}.encrypted") == (records[name])
 
     # Record b's blob presented as record a's: refused, nothing written.
-    [error] = failed(
+    assert failed(
         cli(
             "decrypt",
             tmp_path / "b.encrypted",
@@ -295,8 +295,7 @@ def test_per_file_contexts_encrypt_under_a_branch_key_and_decrypt_across_a_rotat
             *issue_spelling,
             *cli.kms,
         )
-    )
-    assert "record" in error
+    ) == [f"{ERROR_PREFIX}encryption context value for key 'record' does not match the message"]
     assert listing(out) == {"a"}
 
 

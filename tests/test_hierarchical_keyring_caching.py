@@ -262,3 +262,54 @@ async def test_an_active_version_fetched_across_a_rotation_is_not_cached_as_acti
         assert version_of(in_flight[0]) == new_version
         assert version_of(await client.encrypt(b"second")) == new_version
         assert client.stats.kms_calls["Decrypt"] == 2  # the stale fetch, then the new one
+
+
+async def test_cancelling_the_first_caller_of_a_fetch_fails_none_of_the_others(
+    make_branch_key_store: StoreFactory, branch_keys: tuple[str, str], fault_proxy: FaultProxy
+) -> None:
+    """The shared fetch belongs to no caller: the one that started it going away (a
+    client disconnect, a timeout) neither cancels it nor fails those waiting on it."""
+    store = make_branch_key_store(endpoint_url=fault_proxy.url, deadline=30.0)
+    async with EnvelopeClient(HierarchicalKeyring(store, branch_key_id=branch_keys[0])) as client:
+        fault_proxy.slow_next(1, 1.0, operation="Decrypt")
+        results: list[bytes] = []
+        first, first_finished = anyio.CancelScope(), anyio.Event()
+
+        async def starter() -> None:
+            with first:
+                await client.encrypt(b"first")
+                first_finished.set()
+
+        async def waiter() -> None:
+            results.append(await client.encrypt(b"second"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(starter)
+            await wait_for(lambda: fault_proxy.requests().get("Decrypt") == 1, "the unwrap")
+            tg.start_soon(waiter)
+            await anyio.sleep(0.05)  # the waiter joins the fetch in flight
+            first.cancel()
+        assert first.cancelled_caught
+        assert not first_finished.is_set()
+        assert len(results) == 1
+        assert await client.decrypt(results[0]) == b"second"
+        assert store.calls == ONE_FETCH
+
+
+async def test_a_cached_version_fetched_again_as_the_active_one_is_zeroed_not_dropped(
+    make_branch_key_store: StoreFactory, branch_keys: tuple[str, str]
+) -> None:
+    """A decrypt caches the version its message names; an encrypt then fetches the
+    active version, which is the same one: the entry it replaces is zeroed."""
+    secret = await active_key_bytes(make_branch_key_store, branch_keys[0])
+    async with EnvelopeClient(
+        HierarchicalKeyring(make_branch_key_store(), branch_key_id=branch_keys[0])
+    ) as writer:
+        message = await writer.encrypt(b"m")
+    keyring = HierarchicalKeyring(make_branch_key_store(), branch_key_id=branch_keys[0])
+    async with EnvelopeClient(keyring) as client:
+        assert await client.decrypt(message) == b"m"
+        held = the_one_holding(secret)
+        await client.encrypt(b"n")  # fetches the active version: the same one
+        assert zeroed(held)
+        assert len(bytearrays_holding(secret)) == 1

@@ -6,16 +6,18 @@ number of data keys locally, so per-record encryption contexts cost no KMS call 
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from cachetools import TTLCache
 
+from ...coalesce import Coalescer
 from ...errors import ConfigurationError, NoUsableKeyError
 from ...format.header import EncryptedDataKey
+from ...stats import StatsRecorder
 from ..base import DecryptionMaterials, EncryptionMaterials, Keyring
 from . import wrapping
 from .branch_key_store import BranchKeyMaterials, BranchKeyStore
@@ -34,6 +36,12 @@ class _WipingTTLCache(TTLCache[tuple[str, str], BranchKeyMaterials]):
     """A TTLCache that wipes branch-key materials when they leave it: evicted for size,
     expired, or deleted. Without this an expired key would stay in memory until the
     garbage collector happened to run."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        old = self.get(key)
+        super().__setitem__(key, value)
+        if isinstance(old, BranchKeyMaterials) and old is not value:
+            old.wipe()  # replaced (the same version fetched again): cachetools just drops it
 
     def __delitem__(self, key: Any) -> None:
         value = self.get(key)
@@ -103,10 +111,15 @@ class HierarchicalKeyring(Keyring):
         self._runtime: Runtime | None = None
         self._keys: _WipingTTLCache = _WipingTTLCache(max_cached_keys, ttl, timer=self._now)
         self._active: TTLCache[str, str] = TTLCache(max_cached_keys, ttl, timer=self._now)
-        self._inflight: dict[Hashable, asyncio.Future[BranchKeyMaterials]] = {}
-        # Active-version fetches in flight when the store rotated that branch key: their
-        # answer may name the old version, so it is not cached as the active one.
-        self._stale_flights: set[Hashable] = set()
+        # Concurrent misses share one fetch, which belongs to no caller (a caller that
+        # is cancelled leaves it running for the others). Replaced on attach by one
+        # that counts waits in the client's stats.
+        self._coalescer = Coalescer(StatsRecorder())
+        # Branch keys whose active version is being fetched, and those of them that the
+        # store rotated meanwhile: that answer may name the old version, so it is not
+        # cached as the active one.
+        self._fetching_active: set[str] = set()
+        self._rotated_while_fetching: set[str] = set()
 
     def __repr__(self) -> str:
         which = (
@@ -122,6 +135,7 @@ class HierarchicalKeyring(Keyring):
     def attach(self, runtime: Runtime) -> None:
         self._runtime = runtime
         self._clock = runtime.clock
+        self._coalescer = Coalescer(runtime.stats)
         self.key_store.attach(runtime)
         self.key_store.notify_rotations_to(self)
 
@@ -130,9 +144,8 @@ class HierarchicalKeyring(Keyring):
         uses the new version at once instead of after the TTL. The old version stays
         cached for decryption."""
         self._active.pop(branch_key_id, None)
-        flight = ("active", branch_key_id)
-        if flight in self._inflight:
-            self._stale_flights.add(flight)
+        if branch_key_id in self._fetching_active:
+            self._rotated_while_fetching.add(branch_key_id)
 
     def _count(self, *, hit: bool) -> None:
         if self._runtime is not None:
@@ -146,6 +159,7 @@ class HierarchicalKeyring(Keyring):
 
     async def close(self) -> None:
         try:
+            await self._coalescer.aclose()
             self._keys.wipe_all()
             self._active.clear()
         finally:
@@ -162,30 +176,22 @@ class HierarchicalKeyring(Keyring):
             raise ConfigurationError("branch_key_id_supplier must return a non-empty string")
         return result
 
-    async def _coalesced(
-        self, flight: Hashable, fetch: Callable[[], Awaitable[BranchKeyMaterials]]
-    ) -> BranchKeyMaterials:
-        """One fetch per key at a time: later callers await the first caller's result."""
-        pending = self._inflight.get(flight)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[BranchKeyMaterials] = asyncio.get_running_loop().create_future()
-        self._inflight[flight] = future
+    async def _fetch_active(self, branch_key_id: str) -> None:
+        """Fetch the active version and cache it, as a version and as the active one."""
+        self._fetching_active.add(branch_key_id)
         try:
-            materials = await fetch()
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: no "never retrieved" warning without waiters
-            raise
+            materials = await self.key_store.get_active_branch_key(branch_key_id)
         finally:
-            self._inflight.pop(flight, None)
-            stale = flight in self._stale_flights
-            self._stale_flights.discard(flight)
-        self._keys[(materials.branch_key_id, materials.version)] = materials
-        if isinstance(flight, tuple) and flight[0] == "active" and not stale:
-            self._active[materials.branch_key_id] = materials.version
-        future.set_result(materials)
-        return materials
+            self._fetching_active.discard(branch_key_id)
+            rotated = branch_key_id in self._rotated_while_fetching
+            self._rotated_while_fetching.discard(branch_key_id)
+        self._keys[(branch_key_id, materials.version)] = materials
+        if not rotated:
+            self._active[branch_key_id] = materials.version
+
+    async def _fetch_version(self, branch_key_id: str, version: str) -> None:
+        materials = await self.key_store.get_branch_key_version(branch_key_id, version)
+        self._keys[(branch_key_id, version)] = materials
 
     def _cached_active(self, branch_key_id: str) -> BranchKeyMaterials | None:
         version = self._active.get(branch_key_id)
@@ -205,9 +211,8 @@ class HierarchicalKeyring(Keyring):
                 return cached
             if attempt == 0:
                 self._count(hit=False)
-            await self._coalesced(
-                ("active", branch_key_id),
-                lambda: self.key_store.get_active_branch_key(branch_key_id),
+            await self._coalescer.run(
+                ("active", branch_key_id), partial(self._fetch_active, branch_key_id)
             )
         cached = self._cached_active(branch_key_id)
         if cached is None:
@@ -226,9 +231,9 @@ class HierarchicalKeyring(Keyring):
                 return cached
             if attempt == 0:
                 self._count(hit=False)
-            await self._coalesced(
+            await self._coalescer.run(
                 ("version", branch_key_id, version),
-                lambda: self.key_store.get_branch_key_version(branch_key_id, version),
+                partial(self._fetch_version, branch_key_id, version),
             )
         cached = self._keys.get((branch_key_id, version))
         if cached is None:

@@ -40,6 +40,9 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
-    """The main job: the quickstart, end to end (embedded KMS unless a key is given)."""
+    """The main job: the quickstart, end to end (embedded KMS unless a key is given);
+    then per-record encryption contexts, hierarchical keyring vs KMS keyring, with the
+    KMS and DynamoDB calls each made (always embedded: it creates a DynamoDB table)."""
     session.install("-e", ".[demo]")
     session.run("python", "examples/quickstart.py", *session.posargs)
+    session.run("python", "-m", "aioenvelope._demo")

@@ -2,6 +2,9 @@
 
 Installed with the ``demo`` extra. It answers like KMS but keeps keys in memory and
 enforces little (no IAM, no key policies): for trying the library, never for data.
+The same endpoint serves every AWS service moto has, so the examples also keep their
+files in its S3 and a hierarchical keyring's branch keys in its DynamoDB
+(``BranchKeyStore(..., endpoint_url=kms.endpoint_url, session=kms.session())``).
 """
 
 from __future__ import annotations

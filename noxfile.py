@@ -20,7 +20,7 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    session.install("ruff>=0.6")
+    session.install("ruff==0.17.6")  # pinned: new releases format more (0.17 formats Markdown code)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 

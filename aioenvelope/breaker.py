@@ -1,7 +1,13 @@
-"""A circuit breaker per KMS region: fail fast while KMS is down, probe to recover.
+"""A circuit breaker per AWS region: fail fast while KMS (or a branch key store's
+DynamoDB) is down, probe to recover.
 
 Hand-written because it is small and must know our error taxonomy (which failures are
 outages); the clock is injected so tests don't wait 30 s.
+
+Failures are counted per service: a branch key fetch is a DynamoDB GetItem then a KMS
+Decrypt, and a GetItem that succeeds says nothing about KMS, so it must not end a run of
+KMS failures (if it did, a KMS outage behind a healthy table would never open the
+breaker). Open, the breaker refuses every call in its region, of either service.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ class CircuitBreaker:
         self._config = config
         self._clock = clock
         self._stats = stats
-        self._failures = 0
+        self._failures: dict[str, int] = {}  # consecutive transient failures per service
         self._opened_at = 0.0
+        self._opened_by = "KMS"  # the service whose failures opened it
         self.state = CLOSED
         stats.breaker_states[region] = CLOSED
 
@@ -47,44 +54,54 @@ class CircuitBreaker:
             return
         retry_after = max(self._config.reset_timeout - waited, 0.001)
         raise CircuitOpenError(
-            f"KMS in {self.region} failed {self._config.failure_threshold} times in a row; "
+            f"{self._opened_by} in {self.region} failed {self._config.failure_threshold} "
+            "times in a row; "
             f"calls fail fast for {retry_after:.1f} s more, then one probe is tried. "
             "Retry later (HTTP 503)",
             region=self.region,
             retry_after=retry_after,
         )
 
-    def record_success(self) -> None:
-        """KMS answered (success, or an error that proves it is up)."""
-        self._failures = 0
+    def record_success(self, service: str = "KMS") -> None:
+        """``service`` answered (success, or an error that proves it is up).
+
+        Closing on another service's answer (the probe of a fetch is its GetItem, after
+        KMS failed) leaves the service that opened the breaker on probation: its next
+        transient failure opens it again at once."""
+        self._failures.pop(service, None)
         if self.state != CLOSED:
+            if self._opened_by != service:
+                self._failures[self._opened_by] = self._config.failure_threshold - 1
             self._move(CLOSED)
 
-    def record_failure(self) -> None:
-        """A transient failure: timeout, network, 5xx, throttling after retries."""
+    def record_failure(self, service: str = "KMS") -> None:
+        """A transient failure of ``service``: timeout, network, 5xx, throttling after
+        retries."""
         if self.state == HALF_OPEN:
-            self._open()
+            self._open(service)
             return
-        self._failures += 1
-        if self.state == CLOSED and self._failures >= self._config.failure_threshold:
-            self._open()
+        failures = self._failures[service] = self._failures.get(service, 0) + 1
+        if self.state == CLOSED and failures >= self._config.failure_threshold:
+            self._open(service)
 
     def record_abandoned(self) -> None:
         """The probe was cancelled before an answer: the next call may probe again."""
         if self.state == HALF_OPEN:
             self._move(OPEN)
 
-    def _open(self) -> None:
+    def _open(self, service: str) -> None:
         self._opened_at = self._clock()
+        self._opened_by = service
         self._move(OPEN)
 
     def _move(self, state: str) -> None:
         log.log(
             logging.WARNING if state == OPEN else logging.INFO,
-            "KMS circuit breaker for %s: %s -> %s",
+            "circuit breaker for %s: %s -> %s%s",
             self.region,
             self.state,
             state,
+            f" ({self._opened_by} failing)" if state == OPEN else "",
         )
         self.state = state
         self._stats.breaker_states[self.region] = state

@@ -26,6 +26,7 @@ import collections
 import concurrent.futures
 import json
 import threading
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -43,6 +44,7 @@ T = TypeVar("T")
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0
 _CONTROL_TIMEOUT = 5.0
+_DYNAMODB = "com.amazonaws.dynamodb.v20120810#"
 # Headers that describe one hop, not the message; aiohttp writes its own.
 _HOP_HEADERS = frozenset(
     {
@@ -83,17 +85,21 @@ class _Delay:
 
 @dataclass(frozen=True)
 class _Fault:
-    """One canned KMS error response (JSON 1.1 protocol, as botocore parses it)."""
+    """One canned KMS error response (JSON 1.1 protocol, as botocore parses it), or a
+    DynamoDB one (``dynamodb``: JSON 1.0, see :meth:`FaultProxy.dynamodb_error_next`)."""
 
     status: int
     error_type: str
     message: str
     operation: str | None  # None: any request
+    dynamodb: bool = False
 
     def applies_to(self, operation: str) -> bool:
         return self.operation is None or self.operation == operation
 
     def response(self) -> web.Response:
+        if self.dynamodb:
+            return self._dynamodb_response()
         # botocore's JSON parser takes the error code from the body's ``__type`` (real
         # KMS sends the x-amzn-ErrorType header too). "ThrottlingException" is one of
         # the standard retry mode's throttling codes; 500/502/503/504 are transient.
@@ -104,6 +110,22 @@ class _Fault:
             headers={
                 "Content-Type": "application/x-amz-json-1.1",
                 "x-amzn-ErrorType": self.error_type,
+                "x-amzn-RequestId": "fault-proxy",
+            },
+        )
+
+    def _dynamodb_response(self) -> web.Response:
+        # As DynamoDB answers: JSON 1.0, ``__type`` namespaced (botocore keeps what
+        # follows the '#'), no x-amzn-ErrorType header, the body's CRC32 in x-amz-crc32
+        # (botocore checks it, and retries a mismatch).
+        namespaced = self.error_type if "#" in self.error_type else _DYNAMODB + self.error_type
+        body = json.dumps({"__type": namespaced, "message": self.message}).encode("utf-8")
+        return web.Response(
+            status=self.status,
+            body=body,
+            headers={
+                "Content-Type": "application/x-amz-json-1.0",
+                "x-amz-crc32": str(zlib.crc32(body)),
                 "x-amzn-RequestId": "fault-proxy",
             },
         )
@@ -196,6 +218,22 @@ class FaultProxy:
         """Answer the next ``n`` requests (for ``operation`` only, if given) with HTTP 400
         ``error_type``: an answer, not an outage (KMS is up and says no)."""
         fault = _Fault(400, error_type, "Injected refusal", operation)
+        self._apply(lambda: self._faults.extend([fault] * n))
+
+    def dynamodb_error_next(
+        self,
+        n: int,
+        error_type: str,
+        status: int = 400,
+        *,
+        message: str = "Injected DynamoDB error",
+        operation: str | None = None,
+    ) -> None:
+        """Answer the next ``n`` requests (for ``operation`` only, if given) as DynamoDB
+        answers an error: ``status`` with a JSON 1.0 body whose ``__type`` is ``error_type``
+        (namespaced ``com.amazonaws.dynamodb.v20120810#`` unless it has a '#' already),
+        e.g. 400 ProvisionedThroughputExceededException, 500 InternalServerError."""
+        fault = _Fault(status, error_type, message, operation, dynamodb=True)
         self._apply(lambda: self._faults.extend([fault] * n))
 
     def slow_next(self, n: int, seconds: float, *, operation: str | None = None) -> None:

@@ -190,12 +190,11 @@ class KmsClients:
             )
         return region
 
-    @staticmethod
-    async def _close_entry(entry: _Entry) -> None:
+    async def _close_entry(self, entry: _Entry) -> None:
         if entry.closed or entry.context is None:
             return
         entry.closed = True
-        log.debug("closing the KMS client for region %s", entry.region)
+        log.debug("closing the %s client for region %s", self.label, entry.region)
         with anyio.CancelScope(shield=True):  # a half-closed client would leak its pool
             await entry.context.__aexit__(None, None, None)
 
@@ -228,7 +227,8 @@ class KmsClients:
                 await self._close_entry(entry)
             except Exception as exc:  # the call itself is done: report, do not fail it
                 log.warning(
-                    "closing the evicted KMS client for %s failed: %s",
+                    "closing the evicted %s client for %s failed: %s",
+                    self.label,
                     entry.region,
                     type(exc).__name__,
                 )
@@ -246,7 +246,8 @@ class KmsClients:
                 await self._close_entry(victim)
             except Exception as exc:
                 log.warning(
-                    "closing the evicted KMS client for %s failed: %s",
+                    "closing the evicted %s client for %s failed: %s",
+                    self.label,
                     victim.region,
                     type(exc).__name__,
                 )
@@ -336,9 +337,9 @@ class KmsClients:
             )
             if breaker is not None:
                 if exc.transient:
-                    breaker.record_failure()
+                    breaker.record_failure(self.label)
                 else:
-                    breaker.record_success()  # KMS answered (with an error): it is up
+                    breaker.record_success(self.label)  # answered (with an error): it is up
             raise
         except BaseException:
             if breaker is not None:
@@ -347,7 +348,7 @@ class KmsClients:
         finally:
             await self._release(entry)
         if breaker is not None:
-            breaker.record_success()
+            breaker.record_success(self.label)
         return response
 
     async def _call(

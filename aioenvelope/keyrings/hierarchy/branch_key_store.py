@@ -169,6 +169,9 @@ class BranchKeyStore:
     table must use the same one. ``endpoint_url`` serves both DynamoDB and KMS (a local
     stand-in such as moto); ``region_name`` is DynamoDB's (default: the session's,
     ``AWS_REGION``, else the key ARN's), KMS is called in the key ARN's region.
+    ``deadline`` (per call, botocore's retries included), ``retry_mode`` and
+    ``max_attempts`` (attempts per call, the first included) apply to both services, as
+    ``KmsKeyring``'s do.
 
     Use it on its own as ``async with BranchKeyStore(...) as store:`` for
     administration; a keyring using it opens and closes it with its ``EnvelopeClient``
@@ -185,6 +188,8 @@ class BranchKeyStore:
         region_name: str | None = None,
         endpoint_url: str | None = None,
         deadline: float = 2.0,
+        retry_mode: str = "standard",
+        max_attempts: int = 4,
     ) -> None:
         if not isinstance(table_name, str) or not _TABLE_NAME.fullmatch(table_name):
             raise ConfigurationError(
@@ -206,12 +211,16 @@ class BranchKeyStore:
         self._kms_region = arn.region
         # One session for both services: each new session reloads botocore's models.
         session = session if session is not None else aioboto3.Session()
-        kms_settings = KmsSettings(
-            session=session, region_name=region_name, endpoint_url=endpoint_url, deadline=deadline
-        )
-        ddb_settings = KmsSettings(
-            session=session, region_name=region_name, endpoint_url=endpoint_url, deadline=deadline
-        )
+        reach: dict[str, Any] = {
+            "session": session,
+            "region_name": region_name,
+            "endpoint_url": endpoint_url,
+            "deadline": deadline,
+            "retry_mode": retry_mode,
+            "max_attempts": max_attempts,
+        }
+        kms_settings = KmsSettings(**reach)
+        ddb_settings = KmsSettings(**reach)
         self._ddb_region = ddb_settings.default_region() or arn.region
         self._kms = KmsClients(kms_settings)
         self._ddb = _DynamoDbClients(ddb_settings)

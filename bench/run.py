@@ -26,12 +26,13 @@ import cryptography
 from cryptography.hazmat.backends.openssl.backend import backend
 
 import aioenvelope
-from bench import common, esdk, kms_cache, latency, oneshot, reencrypt, stream
+from bench import common, esdk, hierarchy, kms_cache, latency, oneshot, reencrypt, stream
 
 Collector = Callable[[common.Settings, AsyncExitStack], Awaitable[list[common.Case]]]
 COLLECTORS: tuple[Collector, ...] = (
     oneshot.collect,
     kms_cache.collect,
+    hierarchy.collect,
     stream.collect,
     reencrypt.collect,
     latency.collect,

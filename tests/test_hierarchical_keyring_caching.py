@@ -208,6 +208,30 @@ async def test_a_branch_key_evicted_for_size_is_zeroed(
         assert await client.decrypt(message) == b"a"  # fetched again when needed
 
 
+async def test_a_branch_key_evicted_for_size_is_fetched_again_never_used_zeroed(
+    make_branch_key_store: StoreFactory, branch_keys: tuple[str, str]
+) -> None:
+    """The per-message fast path in front of the caches forgets a key the moment the
+    cache evicts (and zeroes) it: the next message under that branch key fetches it
+    again. Served from the fast path, the zeroed key would wrap the data key under a
+    key derived from zeros, which no reader could open."""
+    store = make_branch_key_store()
+    keyring = HierarchicalKeyring(
+        store,
+        branch_key_id_supplier=lambda c: branch_keys[0] if c["t"] == "a" else branch_keys[1],
+        max_cached_keys=1,
+    )
+    async with EnvelopeClient(keyring) as client:
+        await client.encrypt(b"a", encryption_context={"t": "a"})
+        await client.encrypt(b"b", encryption_context={"t": "b"})  # evicts tenant a's
+        again = await client.encrypt(b"a again", encryption_context={"t": "a"})
+        assert store.calls == {"GetItem": 3, "Decrypt": 3}
+    async with EnvelopeClient(
+        HierarchicalKeyring(make_branch_key_store(), branch_key_id=branch_keys[0])
+    ) as reader:
+        assert await reader.decrypt(again) == b"a again"
+
+
 async def test_closing_the_client_zeroes_every_cached_branch_key(
     make_branch_key_store: StoreFactory, branch_keys: tuple[str, str]
 ) -> None:

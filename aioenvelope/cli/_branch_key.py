@@ -17,10 +17,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from ._cli_keys import KmsOptions, branch_key_store, is_key_arn
-from ._cli_paths import UsageError
-from .keyrings import BranchKeyStore
-from .keyrings.hierarchy.branch_key_store import BranchKeyMaterials
+from ..keyrings import BranchKeyStore
+from ..keyrings.hierarchy.branch_key_store import BranchKeyMaterials
+from ._keys import KmsOptions, branch_key_store, is_key_arn
+from ._paths import UsageError
 
 __all__ = ["branch_key_command"]
 

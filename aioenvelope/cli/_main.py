@@ -1,4 +1,4 @@
-"""``aioenvelope``: the command line, modelled on the AWS Encryption CLI.
+"""The ``aioenvelope`` command: parse, run one command, map failures to exit statuses.
 
 ``encrypt``, ``decrypt`` and ``reencrypt`` stream files, directory trees and pipes through
 the library at constant memory; ``inspect`` prints a header as JSON; ``keygen`` makes a
@@ -26,11 +26,16 @@ from typing import NoReturn
 import anyio
 import anyio.abc
 
-from ._cli_args import PROG, build_parser
-from ._cli_branch_key import branch_key_command
-from ._cli_inspect import header_json, read_header
-from ._cli_io import MessageStream, Transform, progress_bar, run_job
-from ._cli_keys import (
+from ..batch import BatchProgress, run_batch
+from ..client import DEFAULT_FRAME_LENGTH, EnvelopeClient
+from ..errors import EnvelopeError
+from ..keyrings import Keyring
+from ..streams import DecryptingStream, EncryptingStream, StreamSource
+from ._args import PROG, build_parser
+from ._branch_key import branch_key_command
+from ._inspect import header_json, read_header
+from ._io import MessageStream, Transform, progress_bar, run_job
+from ._keys import (
     HierarchyOptions,
     KeyOptions,
     KmsOptions,
@@ -39,7 +44,7 @@ from ._cli_keys import (
     is_key_arn,
     write_raw_key,
 )
-from ._cli_paths import (
+from ._paths import (
     STDIO,
     CliError,
     Plan,
@@ -52,11 +57,6 @@ from ._cli_paths import (
     remove_empty_dirs,
     same_name,
 )
-from .batch import BatchProgress, run_batch
-from .client import DEFAULT_FRAME_LENGTH, EnvelopeClient
-from .errors import EnvelopeError
-from .keyrings import Keyring
-from .streams import DecryptingStream, EncryptingStream, StreamSource
 
 __all__ = ["main"]
 
@@ -424,11 +424,7 @@ async def _keygen(args: argparse.Namespace) -> int:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    from ._demo import run_demo  # moto is imported only here
+    from .._demo import run_demo  # moto is imported only here
 
     await run_demo()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import aioboto3
 
-from .errors import ConfigurationError
-from .keyrings import (
+from ..errors import ConfigurationError
+from ..keyrings import (
     BranchKeyStore,
     DiscoveryFilter,
     HierarchicalKeyring,
@@ -32,7 +32,7 @@ from .keyrings import (
     MultiKeyring,
     RawAesKeyring,
 )
-from .keyrings.kms_arn import parse_arn
+from ..keyrings.kms_arn import parse_arn
 
 __all__ = [
     "RAW_KEY_TYPE",

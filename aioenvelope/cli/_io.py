@@ -14,8 +14,7 @@ from typing import Protocol
 
 import anyio.to_thread
 
-from ._cli_paths import CliError, Job, check_destination, open_directory, open_source
-from .streams import (
+from ..streams import (
     STEP,
     StreamSource,
     _exists_at,
@@ -23,6 +22,7 @@ from .streams import (
     write_atomically,
     write_atomically_at,
 )
+from ._paths import CliError, Job, check_destination, open_directory, open_source
 
 __all__ = [
     "MessageStream",

@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from . import __version__
-from .format.header import MAX_FRAME_LENGTH
-from .format.suites import AlgorithmSuite, CommitmentPolicy
-from .materials import WRITABLE_SUITES
+from .. import __version__
+from ..format.header import MAX_FRAME_LENGTH
+from ..format.suites import AlgorithmSuite, CommitmentPolicy
+from ..materials import WRITABLE_SUITES
 
 __all__ = ["PROG", "build_parser"]
 

@@ -11,11 +11,11 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from ._cli_io import input_chunks
-from .errors import NoUsableKeyError, TruncatedMessageError
-from .format.header import EncryptedDataKey, HeaderReader, MessageHeader
-from .inspection import INSPECT_MAX_EDKS, TRUNCATED_HEADER
-from .keyrings.hierarchy import wrapping
+from ..errors import NoUsableKeyError, TruncatedMessageError
+from ..format.header import EncryptedDataKey, HeaderReader, MessageHeader
+from ..inspection import INSPECT_MAX_EDKS, TRUNCATED_HEADER
+from ..keyrings.hierarchy import wrapping
+from ._io import input_chunks
 
 __all__ = ["header_json", "read_header"]
 

@@ -19,11 +19,11 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from ._embedded_kms import EmbeddedKms, embedded_kms
 from .client import EnvelopeClient
 from .errors import AuthenticationError, EncryptionContextMismatchError
 from .keyrings import BranchKeyStore, HierarchicalKeyring, KmsKeyring
 from .stats import ClientStats
+from .testing import EmbeddedAws, embedded_aws
 
 __all__ = ["run_demo", "run_per_record_demo"]
 
@@ -48,9 +48,9 @@ async def run_demo(
 
 
 async def _quickstart(say: Callable[[str], None], records: int) -> ClientStats:
-    with embedded_kms() as kms:
+    with embedded_aws() as kms:
         say(f"started an embedded KMS (moto) at {kms.endpoint_url}")
-        say(f"created key {await kms.create_key(ALIAS)}")
+        say(f"created key {await kms.create_kms_key(ALIAS)}")
         keyring = KmsKeyring(
             f"alias/{ALIAS}",
             session=kms.session(),
@@ -144,9 +144,9 @@ async def run_per_record_demo(
     KMS's moto), decrypted by the same client and by a fresh one; then ``kms_records``
     of them through a KMS keyring for comparison. Returns the three clients' counters
     (writer, fresh reader, KMS keyring)."""
-    with embedded_kms() as kms:
+    with embedded_aws() as kms:
         say(f"started an embedded KMS and DynamoDB (moto) at {kms.endpoint_url}")
-        key_arn = await kms.create_key(f"{ALIAS}-branch-keys")
+        key_arn = await kms.create_kms_key(f"{ALIAS}-branch-keys")
         async with _store(kms, key_arn) as admin:
             await admin.create_table()
             for tenant in TENANTS:
@@ -198,7 +198,7 @@ async def run_per_record_demo(
     return written, fresh, by_kms
 
 
-def _store(kms: EmbeddedKms, key_arn: str) -> BranchKeyStore:
+def _store(kms: EmbeddedAws, key_arn: str) -> BranchKeyStore:
     return BranchKeyStore(
         KEY_STORE_TABLE,
         logical_key_store_name=KEY_STORE_NAME,
@@ -209,7 +209,7 @@ def _store(kms: EmbeddedKms, key_arn: str) -> BranchKeyStore:
     )
 
 
-def _hierarchical(kms: EmbeddedKms, key_arn: str) -> HierarchicalKeyring:
+def _hierarchical(kms: EmbeddedAws, key_arn: str) -> HierarchicalKeyring:
     return HierarchicalKeyring(_store(kms, key_arn), branch_key_id_supplier=_tenant_branch_key)
 
 

@@ -46,8 +46,8 @@ from aioenvelope import (
     KmsKeyring,
     RawAesKeyring,
 )
-from aioenvelope._embedded_kms import EmbeddedKms, embedded_kms
 from aioenvelope.errors import ConfigurationError
+from aioenvelope.testing import EmbeddedAws, embedded_aws
 
 from .common import KIB, BenchError, Case, Reference, Runner, Settings, Subject, check
 from .esdk import ESDK_LABEL
@@ -169,7 +169,7 @@ class EsdkHierarchy:
     ``KeyStore`` on our table (boto3 clients pointed at the moto server, throwaway
     credentials, an event hook counting their calls)."""
 
-    def __init__(self, kms: EmbeddedKms, key_arn: str, data: bytes) -> None:
+    def __init__(self, kms: EmbeddedAws, key_arn: str, data: bytes) -> None:
         from aws_cryptographic_material_providers.keystore import KeyStore
         from aws_cryptographic_material_providers.keystore.config import KeyStoreConfig
         from aws_cryptographic_material_providers.keystore.models import (
@@ -321,10 +321,10 @@ async def collect(settings: Settings, stack: AsyncExitStack) -> list[Case]:
     """Start moto, create the table and branch key, build and cross-check every side,
     run the cold start; cases to time."""
     try:
-        kms = stack.enter_context(embedded_kms())
+        kms = stack.enter_context(embedded_aws())
     except ConfigurationError as exc:
         raise BenchError(f"{exc} (the hierarchy benchmark needs moto[server])") from exc
-    key_arn = await kms.create_key("bench-hierarchy")
+    key_arn = await kms.create_kms_key("bench-hierarchy")
     session = kms.session()  # one session: each new one reloads botocore's models
 
     def store() -> BranchKeyStore:

@@ -21,8 +21,8 @@ import botocore.session
 from aws_encryption_sdk.identifiers import Algorithm, CommitmentPolicy
 
 from aioenvelope import AlgorithmSuite, CacheConfig, EnvelopeClient, KmsKeyring
-from aioenvelope._embedded_kms import EmbeddedKms, embedded_kms
 from aioenvelope.errors import ConfigurationError
+from aioenvelope.testing import EmbeddedAws, embedded_aws
 
 from .common import KIB, BenchError, Case, Reference, Runner, Settings, Subject, check
 from .esdk import ESDK_LABEL
@@ -68,7 +68,7 @@ class EsdkCachingKms:
     and an event hook that counts every KMS API call its clients make.
     """
 
-    def __init__(self, kms: EmbeddedKms, key_arn: str, cache: CacheConfig) -> None:
+    def __init__(self, kms: EmbeddedAws, key_arn: str, cache: CacheConfig) -> None:
         self.kms_calls = 0
         session = botocore.session.Session()
         session.set_credentials("embedded-kms", "embedded-kms")
@@ -206,10 +206,10 @@ async def collect(settings: Settings, stack: AsyncExitStack) -> list[Case]:
     """Start the embedded KMS, build both sides, verify and warm them; cases to time."""
     del settings  # the same cases in quick and full runs: only the timing is shorter
     try:
-        kms = stack.enter_context(embedded_kms())
+        kms = stack.enter_context(embedded_aws())
     except ConfigurationError as exc:
         raise BenchError(f"{exc} (the KMS benchmark needs moto[server])") from exc
-    key_arn = await kms.create_key("bench-kms-cache")
+    key_arn = await kms.create_kms_key("bench-kms-cache")
     endpoint = _EnvVar("AWS_ENDPOINT_URL_KMS")
     endpoint.set(kms.endpoint_url)
     stack.callback(endpoint.restore)

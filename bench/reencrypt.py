@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 
 from aioenvelope import CacheConfig, EnvelopeClient, KmsKeyring, RawAesKeyring, inspect
-from aioenvelope._embedded_kms import embedded_kms
 from aioenvelope.errors import ConfigurationError, NoUsableKeyError
+from aioenvelope.testing import embedded_aws
 
 from .common import KIB, MIB, BenchError, Case, Reference, Settings, Subject, check
 from .esdk import ESDK_LABEL, EsdkReference
@@ -69,11 +69,11 @@ async def _kms_rotation_counts(stack: AsyncExitStack, n: int) -> list[str]:
     """Rotate ``n`` messages over the embedded KMS under each cache setting; the calls
     made under the old and the new key, checked against ``_expected``."""
     try:
-        kms = stack.enter_context(embedded_kms())
+        kms = stack.enter_context(embedded_aws())
     except ConfigurationError as exc:
         raise BenchError(f"{exc} (the rotation KMS count needs moto[server])") from exc
-    old_arn = await kms.create_key("bench-rotation-old")
-    new_arn = await kms.create_key("bench-rotation-new")
+    old_arn = await kms.create_kms_key("bench-rotation-old")
+    new_arn = await kms.create_kms_key("bench-rotation-new")
     session = kms.session()
 
     def keyring(arn: str) -> KmsKeyring:

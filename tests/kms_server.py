@@ -14,7 +14,7 @@ from typing import Any
 
 import boto3
 
-from aioenvelope._embedded_kms import embedded_kms
+from aioenvelope.testing import embedded_aws
 
 REGION = "us-west-2"
 DUMMY_CREDENTIALS = {
@@ -77,5 +77,5 @@ def dummy_credentials() -> Iterator[None]:
 @contextlib.contextmanager
 def running_moto() -> Iterator[MotoKms]:
     """The library's embedded KMS (moto's threaded server on 127.0.0.1, a free port)."""
-    with embedded_kms(REGION) as kms:
+    with embedded_aws(REGION) as kms:
         yield MotoKms(kms.endpoint_url)

@@ -1,11 +1,15 @@
-"""An aiohttp service that keeps JSON records in SQLite and files in S3, all encrypted
-under one AWS KMS key by one EnvelopeClient for the whole app.
+"""An aiohttp service that keeps JSON records of several tenants in SQLite, each under its
+tenant's branch key (hierarchical keyring), and files in S3 under an AWS KMS key: two
+EnvelopeClients for the whole app. The same routes, answers and storage as
+``fastapi_service.py``: either reads what the other wrote.
 
     pip install 'aioenvelope[examples]'
-    python examples/aiohttp_service.py     # embedded KMS and S3: no AWS account needed
+    python examples/aiohttp_service.py     # embedded KMS, DynamoDB, S3: no AWS account needed
 
-    curl -X PUT localhost:8000/records/r1 -H 'content-type: application/json' -d '{"pan": "4111"}'
-    curl localhost:8000/records/r1
+    curl -X PUT localhost:8000/tenants/acme/records/r1 -H 'content-type: application/json' -d '{"pan": "4111"}'
+    curl localhost:8000/tenants/acme/records/r1
+    curl -X PUT localhost:8000/records/r2 -H 'content-type: application/json' -d '{}'  # tenant 'default'
+    curl localhost:8000/stats                            # KMS and DynamoDB calls so far
     curl -T big.iso localhost:8000/files/big.iso         # streamed up to S3, encrypted
     curl localhost:8000/files/big.iso -o copy.iso        # streamed back, decrypted
     curl --http1.0 localhost:8000/files/small.bin -o x   # HTTP/1.0: whole, Content-Length
@@ -14,9 +18,17 @@ Files stream both ways at constant memory, however large, except to HTTP/1.0 cli
 (and proxies: nginx speaks HTTP/1.0 upstream unless told otherwise), which cannot tell
 a streamed body cut off by a failed decryption from a whole one: they get the file
 decrypted whole first and sent with a Content-Length, up to 16 MiB, and a 505 above
-that. A record's ciphertext is bound to its row by the encryption context, so a blob
-copied to another row (or a file renamed in S3) fails to decrypt instead of answering
-for the wrong ID.
+that.
+
+Records are many and small, so each gets its own encryption context ({"tenant": ...,
+"record_id": ...}): a blob copied to another row or tenant fails to decrypt (a 409, not
+another record's data). That is affordable under the hierarchical keyring: each record's
+data key is wrapped locally under its tenant's branch key, which costs one DynamoDB
+GetItem and one KMS Decrypt per tenant per 10 minutes however many records (``GET
+/stats`` counts them), where a KMS keyring would call KMS for every record. Files are
+few and large: they stay under the KMS key (context {"file": name}, so a file renamed in
+S3 fails too), and any AWS Encryption SDK with that key reads a downloaded object, with
+no key store. See ``_example_env.py`` for the key store, tenants and branch keys.
 """
 
 from __future__ import annotations
@@ -29,9 +41,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiosqlite
-from _example_env import Aws, aws_from, parse_args
+from _example_env import (
+    DEFAULT_TENANT,
+    Aws,
+    aws_from,
+    call_counts,
+    parse_args,
+    prepare_records_table,
+    record_context,
+)
 from aiohttp import web
 
+from aioenvelope import EnvelopeClient
+from aioenvelope.errors import EncryptionContextMismatchError
 from aioenvelope.integrations.aiohttp import (
     envelope_cleanup_ctx,
     envelope_client,
@@ -48,44 +70,75 @@ class Storage:
     db: aiosqlite.Connection
     s3: Any  # an aioboto3 S3 client
     bucket: str
+    tenants: frozenset[str]
 
 
 STORAGE = web.AppKey("storage", Storage)
+# The records' client; the files' is under the integration's default key (ENVELOPE_CLIENT).
+RECORDS = web.AppKey("records_envelope", EnvelopeClient)
 routes = web.RouteTableDef()
 
 
-def record_context(record_id: str) -> dict[str, str]:
-    return {"table": "records", "id": record_id}
+def tenant_and_id(request: web.Request) -> tuple[str, str]:
+    """The record's tenant (``DEFAULT_TENANT`` on ``/records/{id}``) and ID; 404 for a
+    tenant without a branch key, before any key lookup."""
+    tenant = request.match_info.get("tenant", DEFAULT_TENANT)
+    if tenant not in request.app[STORAGE].tenants:
+        raise web.HTTPNotFound(text=f"no tenant {tenant!r}")
+    return tenant, request.match_info["record_id"]
 
 
+@routes.put("/tenants/{tenant}/records/{record_id}")
 @routes.put("/records/{record_id}")
 async def put_record(request: web.Request) -> web.Response:
-    record_id, db = request.match_info["record_id"], request.app[STORAGE].db
+    (tenant, record_id), db = tenant_and_id(request), request.app[STORAGE].db
     try:
         record = await request.json()  # read whole: capped at client_max_size (1 MiB)
     except ValueError:
         record = None
     if not isinstance(record, dict):
         raise web.HTTPUnprocessableEntity(text="the body must be a JSON object")
-    sealed = await envelope_client(request).encrypt(
-        json.dumps(record).encode(), encryption_context=record_context(record_id)
+    sealed = await envelope_client(request, key=RECORDS).encrypt(
+        json.dumps(record).encode(), encryption_context=record_context(tenant, record_id)
     )
-    await db.execute("REPLACE INTO records (id, sealed) VALUES (?, ?)", (record_id, sealed))
+    await db.execute(
+        "REPLACE INTO records (tenant, id, sealed) VALUES (?, ?, ?)", (tenant, record_id, sealed)
+    )
     await db.commit()
     return web.Response(status=204)
 
 
+@routes.get("/tenants/{tenant}/records/{record_id}")
 @routes.get("/records/{record_id}")
 async def get_record(request: web.Request) -> web.Response:
-    record_id, db = request.match_info["record_id"], request.app[STORAGE].db
-    async with db.execute("SELECT sealed FROM records WHERE id = ?", (record_id,)) as rows:
+    (tenant, record_id), db = tenant_and_id(request), request.app[STORAGE].db
+    async with db.execute(
+        "SELECT sealed FROM records WHERE tenant = ? AND id = ?", (tenant, record_id)
+    ) as rows:
         row = await rows.fetchone()
     if row is None:
-        raise web.HTTPNotFound(text=f"no record {record_id!r}")
-    plaintext = await envelope_client(request).decrypt(
-        row[0], encryption_context=record_context(record_id)
-    )
+        raise web.HTTPNotFound(text=f"no record {record_id!r} for tenant {tenant!r}")
+    try:
+        plaintext = await envelope_client(request, key=RECORDS).decrypt(
+            row[0], encryption_context=record_context(tenant, record_id)
+        )
+    except EncryptionContextMismatchError:
+        # Sealed for another ID or tenant and copied here: refused before any key is
+        # fetched. Not this record, and not a server fault to retry.
+        raise web.HTTPConflict(
+            text=f"the blob stored as record {record_id!r} of tenant {tenant!r} was sealed "
+            "for another record (copied from another row?)"
+        ) from None
     return web.Response(body=plaintext, content_type="application/json")
+
+
+@routes.get("/stats")
+async def get_stats(request: web.Request) -> web.Response:
+    """What each client has asked of KMS and DynamoDB since start-up."""
+    records, files = envelope_client(request, key=RECORDS), envelope_client(request)
+    return web.json_response(
+        {"records": call_counts(records.stats), "files": call_counts(files.stats)}
+    )
 
 
 @routes.put("/files/{name}")
@@ -132,10 +185,8 @@ async def get_file(request: web.Request) -> web.StreamResponse:
 def storage_ctx(aws: Aws, db_path: str) -> Callable[[web.Application], AsyncIterator[None]]:
     async def storage(app: web.Application) -> AsyncIterator[None]:
         async with aiosqlite.connect(db_path) as db, aws.s3() as s3:
-            await db.execute(
-                "CREATE TABLE IF NOT EXISTS records (id TEXT PRIMARY KEY, sealed BLOB NOT NULL)"
-            )
-            app[STORAGE] = Storage(db, s3, aws.bucket)
+            await prepare_records_table(db)
+            app[STORAGE] = Storage(db, s3, aws.bucket, frozenset(aws.tenants))
             yield
 
     return storage
@@ -143,10 +194,11 @@ def storage_ctx(aws: Aws, db_path: str) -> Callable[[web.Application], AsyncIter
 
 def create_app(aws: Aws, db_path: str) -> web.Application:
     app = web.Application(middlewares=[envelope_error_middleware])  # 429/503 + Retry-After
-    # One client for the app: its data-key cache, rate limiter and circuit breaker are
-    # per client, so a client per request would call KMS per request. Cleanup contexts
-    # close in reverse: the storage before the client.
-    app.cleanup_ctx.append(envelope_cleanup_ctx(aws.envelope_client))
+    # One client per keyring for the app: caches (of data keys, of branch keys), rate
+    # limiter and circuit breaker are per client, so a client per request would call KMS
+    # per request. Cleanup contexts close in reverse: the storage before the clients.
+    app.cleanup_ctx.append(envelope_cleanup_ctx(aws.envelope_client))  # files: the KMS key
+    app.cleanup_ctx.append(envelope_cleanup_ctx(aws.records_client, key=RECORDS))
     app.cleanup_ctx.append(storage_ctx(aws, db_path))
     app.add_routes(routes)
     return app
@@ -164,7 +216,7 @@ async def main() -> None:
     args = parse_args(__doc__.split("\n\n")[0])
     async with aws_from(args) as aws:
         runner = web.AppRunner(create_app(aws, args.db))
-        await runner.setup()  # runs the cleanup contexts' start-up: client, SQLite, S3
+        await runner.setup()  # runs the cleanup contexts' start-up: clients, SQLite, S3
         try:
             await web.TCPSite(runner, args.host, args.port).start()
             host, port = runner.addresses[0][:2]  # the real port for --port 0

@@ -1,11 +1,14 @@
-"""A FastAPI service that keeps JSON records in SQLite and files in S3, all encrypted
-under one AWS KMS key by one EnvelopeClient for the whole app.
+"""A FastAPI service that keeps JSON records of several tenants in SQLite, each under its
+tenant's branch key (hierarchical keyring), and files in S3 under an AWS KMS key: two
+EnvelopeClients for the whole app.
 
     pip install 'aioenvelope[examples]'
-    python examples/fastapi_service.py     # embedded KMS and S3: no AWS account needed
+    python examples/fastapi_service.py     # embedded KMS, DynamoDB, S3: no AWS account needed
 
-    curl -X PUT localhost:8000/records/r1 -H 'content-type: application/json' -d '{"pan": "4111"}'
-    curl localhost:8000/records/r1
+    curl -X PUT localhost:8000/tenants/acme/records/r1 -H 'content-type: application/json' -d '{"pan": "4111"}'
+    curl localhost:8000/tenants/acme/records/r1
+    curl -X PUT localhost:8000/records/r2 -H 'content-type: application/json' -d '{}'  # tenant 'default'
+    curl localhost:8000/stats                            # KMS and DynamoDB calls so far
     curl -T big.iso localhost:8000/files/big.iso         # streamed up to S3, encrypted
     curl localhost:8000/files/big.iso -o copy.iso        # streamed back, decrypted
     curl --http1.0 localhost:8000/files/small.bin -o x   # HTTP/1.0: whole, Content-Length
@@ -14,9 +17,17 @@ Files stream both ways at constant memory, however large, except to HTTP/1.0 cli
 (and proxies: nginx speaks HTTP/1.0 upstream unless told otherwise), which cannot tell
 a streamed body cut off by a failed decryption from a whole one: they get the file
 decrypted whole first and sent with a Content-Length, up to 16 MiB, and a 505 above
-that. A record's ciphertext is bound to its row by the encryption context, so a blob
-copied to another row (or a file renamed in S3) fails to decrypt instead of answering
-for the wrong ID.
+that.
+
+Records are many and small, so each gets its own encryption context ({"tenant": ...,
+"record_id": ...}): a blob copied to another row or tenant fails to decrypt (a 409, not
+another record's data). That is affordable under the hierarchical keyring: each record's
+data key is wrapped locally under its tenant's branch key, which costs one DynamoDB
+GetItem and one KMS Decrypt per tenant per 10 minutes however many records (``GET
+/stats`` counts them), where a KMS keyring would call KMS for every record. Files are
+few and large: they stay under the KMS key (context {"file": name}, so a file renamed in
+S3 fails too), and any AWS Encryption SDK with that key reads a downloaded object, with
+no key store. See ``_example_env.py`` for the key store, tenants and branch keys.
 """
 
 from __future__ import annotations
@@ -31,18 +42,31 @@ from typing import Annotated, Any
 
 import aiosqlite
 import uvicorn
-from _example_env import Aws, aws_from, parse_args
+from _example_env import (
+    DEFAULT_TENANT,
+    Aws,
+    aws_from,
+    call_counts,
+    parse_args,
+    prepare_records_table,
+    record_context,
+)
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
 from starlette.responses import StreamingResponse
 
 from aioenvelope import EnvelopeClient
+from aioenvelope.errors import EncryptionContextMismatchError
 from aioenvelope.integrations.s3 import download_decrypted, upload_encrypted
 from aioenvelope.integrations.starlette import (
+    envelope_client_dependency,
     envelope_lifespan,
     get_envelope_client,
     install_error_handlers,
     stream_response,
 )
+
+RECORDS_STATE_KEY = "records_envelope"  # app.state's name for the records' client
 
 
 @dataclass(frozen=True)
@@ -52,6 +76,7 @@ class Storage:
     db: aiosqlite.Connection
     s3: Any  # an aioboto3 S3 client
     bucket: str
+    tenants: frozenset[str]
 
 
 async def get_storage(request: Request) -> Storage:
@@ -59,34 +84,68 @@ async def get_storage(request: Request) -> Storage:
     return storage
 
 
-Envelope = Annotated[EnvelopeClient, Depends(get_envelope_client)]
+Envelope = Annotated[EnvelopeClient, Depends(get_envelope_client)]  # files: the KMS key
+Records = Annotated[EnvelopeClient, Depends(envelope_client_dependency(RECORDS_STATE_KEY))]
 Store = Annotated[Storage, Depends(get_storage)]
 router = APIRouter()
 
 
-def record_context(record_id: str) -> dict[str, str]:
-    return {"table": "records", "id": record_id}
+def known_tenant(store: Storage, tenant: str) -> str:
+    if tenant not in store.tenants:  # no branch key: refused before any key lookup
+        raise HTTPException(404, f"no tenant {tenant!r}")
+    return tenant
 
 
-@router.put("/records/{record_id}", status_code=204)
+@router.put("/tenants/{tenant}/records/{record_id}", status_code=204)
 async def put_record(
-    record_id: str, record: dict[str, Any], client: Envelope, store: Store
+    tenant: str, record_id: str, record: dict[str, Any], client: Records, store: Store
 ) -> None:
-    sealed = await client.encrypt(
-        json.dumps(record).encode(), encryption_context=record_context(record_id)
+    context = record_context(known_tenant(store, tenant), record_id)
+    sealed = await client.encrypt(json.dumps(record).encode(), encryption_context=context)
+    await store.db.execute(
+        "REPLACE INTO records (tenant, id, sealed) VALUES (?, ?, ?)", (tenant, record_id, sealed)
     )
-    await store.db.execute("REPLACE INTO records (id, sealed) VALUES (?, ?)", (record_id, sealed))
     await store.db.commit()
 
 
-@router.get("/records/{record_id}")
-async def get_record(record_id: str, client: Envelope, store: Store) -> Response:
-    async with store.db.execute("SELECT sealed FROM records WHERE id = ?", (record_id,)) as rows:
+@router.get("/tenants/{tenant}/records/{record_id}")
+async def get_record(tenant: str, record_id: str, client: Records, store: Store) -> Response:
+    context = record_context(known_tenant(store, tenant), record_id)
+    async with store.db.execute(
+        "SELECT sealed FROM records WHERE tenant = ? AND id = ?", (tenant, record_id)
+    ) as rows:
         row = await rows.fetchone()
     if row is None:
-        raise HTTPException(404, f"no record {record_id!r}")
-    plaintext = await client.decrypt(row[0], encryption_context=record_context(record_id))
+        raise HTTPException(404, f"no record {record_id!r} for tenant {tenant!r}")
+    try:
+        plaintext = await client.decrypt(row[0], encryption_context=context)
+    except EncryptionContextMismatchError:
+        # Sealed for another ID or tenant and copied here: refused before any key is
+        # fetched. Not this record, and not a server fault to retry.
+        raise HTTPException(
+            409,
+            f"the blob stored as record {record_id!r} of tenant {tenant!r} was sealed "
+            "for another record (copied from another row?)",
+        ) from None
     return Response(plaintext, media_type="application/json")
+
+
+@router.put("/records/{record_id}", status_code=204)
+async def put_default_record(
+    record_id: str, record: dict[str, Any], client: Records, store: Store
+) -> None:
+    await put_record(DEFAULT_TENANT, record_id, record, client, store)
+
+
+@router.get("/records/{record_id}")
+async def get_default_record(record_id: str, client: Records, store: Store) -> Response:
+    return await get_record(DEFAULT_TENANT, record_id, client, store)
+
+
+@router.get("/stats")
+async def get_stats(records: Records, files: Envelope) -> JSONResponse:
+    """What each client has asked of KMS and DynamoDB since start-up."""
+    return JSONResponse({"records": call_counts(records.stats), "files": call_counts(files.stats)})
 
 
 @router.put("/files/{name}")
@@ -127,14 +186,14 @@ def create_app(aws: Aws, db_path: str) -> FastAPI:
     async def storage(app: FastAPI) -> AsyncIterator[dict[str, Storage]]:
         """Runs inside the envelope lifespan: opened after the client, closed before it."""
         async with aiosqlite.connect(db_path) as db, aws.s3() as s3:
-            await db.execute(
-                "CREATE TABLE IF NOT EXISTS records (id TEXT PRIMARY KEY, sealed BLOB NOT NULL)"
-            )
-            yield {"storage": Storage(db, s3, aws.bucket)}
+            await prepare_records_table(db)
+            yield {"storage": Storage(db, s3, aws.bucket, frozenset(aws.tenants))}
 
-    # One client for the app: its data-key cache, rate limiter and circuit breaker are
-    # per client, so a client per request would call KMS per request.
-    app = FastAPI(lifespan=envelope_lifespan(aws.envelope_client, inner=storage))
+    # One client per keyring for the app: caches (of data keys, of branch keys), rate
+    # limiter and circuit breaker are per client, so a client per request would call KMS
+    # per request. The records' client runs inside the files', and the storage inside both.
+    records = envelope_lifespan(aws.records_client, state_key=RECORDS_STATE_KEY, inner=storage)
+    app = FastAPI(lifespan=envelope_lifespan(aws.envelope_client, inner=records))
     install_error_handlers(app)  # KMS throttled: 429; KMS down: 503; with Retry-After
     app.include_router(router)
     return app

@@ -1,6 +1,10 @@
 """The example web services end to end, as a user runs them: each example is a real
-process on a loopback port, pointed at this session's moto (KMS and S3), and driven over
-HTTP with httpx.
+process on a loopback port, pointed at this session's moto (KMS, DynamoDB and S3 on one
+endpoint), and driven over HTTP with httpx.
+
+Records are sealed per record, ``{"tenant": t, "record_id": id}``, under each tenant's
+branch key (a hierarchical keyring) in a key store table of the test's own; files under
+the KMS key.
 
 moto runs here, in the test process, so the objects it keeps in memory do not count
 against the service's memory, which one test measures from ``/proc/<pid>/status``.
@@ -33,7 +37,7 @@ from esdk_peer import esdk_decrypt
 from http_framing import TERMINATING_CHUNK, damaged, exchange, http10_get, http11_get
 from kms_server import REGION, KmsKey, MotoKms
 
-from aioenvelope import AlgorithmSuite
+from aioenvelope import AlgorithmSuite, inspect
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MIB = 1 << 20
@@ -111,11 +115,12 @@ def _pump(stream: TextIO, lines: list[str], seen: queue.Queue[str | None]) -> No
 
 @contextlib.contextmanager
 def running(
-    example: Example, moto: MotoKms, key: KmsKey, bucket: str, tmp: Path
+    example: Example, moto: MotoKms, key: KmsKey, bucket: str, tmp: Path, key_store_table: str
 ) -> Iterator[Service]:
     """``example`` started on a free port (``--port 0``; it prints the real one), and
-    stopped with SIGTERM at the end unless the test stopped it."""
-    stderr_path = tmp / "stderr.txt"
+    stopped with SIGTERM at the end unless the test stopped it. Its records go to
+    ``tmp/records.db``, its branch keys to ``key_store_table`` (created if missing)."""
+    stderr_path = tmp / f"stderr-{example.script}.txt"
     with stderr_path.open("w") as stderr:
         proc = subprocess.Popen(
             [
@@ -123,6 +128,7 @@ def running(
                 str(EXAMPLES / example.script),
                 *("--host", "127.0.0.1", "--port", "0", "--db", str(tmp / "records.db")),
                 *("--bucket", bucket, "--kms-key-id", key.arn, "--endpoint-url", moto.endpoint_url),
+                *("--key-store-table", key_store_table),
             ],
             stdout=subprocess.PIPE,
             stderr=stderr,
@@ -174,10 +180,21 @@ def bucket(s3_admin: Any) -> str:
 
 
 @pytest.fixture
+def key_store_table() -> str:
+    """A key store table of the test's own: the service creates it and its branch keys."""
+    return f"examples-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
 def service(
-    example: Example, moto_kms: MotoKms, kms_key: KmsKey, bucket: str, tmp_path: Path
+    example: Example,
+    moto_kms: MotoKms,
+    kms_key: KmsKey,
+    bucket: str,
+    tmp_path: Path,
+    key_store_table: str,
 ) -> Iterator[Service]:
-    with running(example, moto_kms, kms_key, bucket, tmp_path) as started:
+    with running(example, moto_kms, kms_key, bucket, tmp_path, key_store_table) as started:
         yield started
 
 
@@ -223,24 +240,154 @@ def assert_envelope_metadata(
 # -- records in SQLite ---------------------------------------------------------------------
 
 
+def stored_blob(tmp: Path, tenant: str, record_id: str) -> bytes:
+    with contextlib.closing(sqlite3.connect(tmp / "records.db")) as db:
+        (blob,) = db.execute(
+            "SELECT sealed FROM records WHERE tenant = ? AND id = ?", (tenant, record_id)
+        ).fetchone()
+    assert isinstance(blob, bytes)
+    return blob
+
+
+def store_blob(tmp: Path, tenant: str, record_id: str, blob: bytes) -> None:
+    """What an attacker with write access to the database (or a buggy migration) does."""
+    with contextlib.closing(sqlite3.connect(tmp / "records.db")) as db:
+        db.execute(
+            "REPLACE INTO records (tenant, id, sealed) VALUES (?, ?, ?)", (tenant, record_id, blob)
+        )
+        db.commit()
+
+
+async def record_calls(http: httpx.AsyncClient) -> dict[str, dict[str, int]]:
+    """``GET /stats``: the records' client's KMS and DynamoDB calls so far."""
+    answer = await http.get("/stats")
+    assert answer.status_code == 200, answer.text
+    calls: dict[str, dict[str, int]] = answer.json()["records"]
+    return calls
+
+
 async def test_records_round_trip_and_are_sealed_in_sqlite_bound_to_their_id(
     service: Service, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
+    """``/records/{id}``: the default tenant's records, bound to the tenant and the ID."""
     record = {"pan": "4111111111111111", "owner": {"name": "Zoë", "tags": [1, 2.5, None]}}
     assert (await http.put("/records/r1", json=record)).status_code == 204
     got = await http.get("/records/r1")
     assert got.status_code == 200
     assert got.headers["content-type"].startswith("application/json")
     assert got.json() == record
+    assert (await http.get("/tenants/default/records/r1")).json() == record  # the same row
 
-    with contextlib.closing(sqlite3.connect(tmp_path / "records.db")) as db:
-        (sealed,) = db.execute("SELECT sealed FROM records WHERE id = 'r1'").fetchone()
-        assert sealed[:1] == b"\x02"  # an ESDK message (version 2), not the record
-        assert b"4111111111111111" not in sealed
-        # The same ciphertext under another ID fails its encryption context check.
-        db.execute("INSERT INTO records (id, sealed) VALUES ('r2', ?)", (sealed,))
-        db.commit()
-    assert (await http.get("/records/r2")).status_code == 500
+    sealed = stored_blob(tmp_path, "default", "r1")
+    assert sealed[:1] == b"\x02"  # an ESDK message (version 2), not the record
+    assert b"4111111111111111" not in sealed
+    assert inspect(sealed).encryption_context == {"tenant": "default", "record_id": "r1"}
+    # The same ciphertext under another ID fails its encryption context check: a 409,
+    # neither the other record's data nor a server error.
+    store_blob(tmp_path, "default", "r2", sealed)
+    refused = await http.get("/records/r2")
+    assert refused.status_code == 409
+    assert "sealed for another record" in refused.text
+
+
+async def test_records_of_two_tenants_round_trip_each_under_its_own_branch_key(
+    service: Service, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """The same record ID in two tenants: two rows, two contexts, two branch keys (the
+    service created ``tenant-<name>`` for each tenant at start-up)."""
+    records = {"acme": {"pan": "4111", "n": 1}, "globex": {"pan": "5500", "n": 2}}
+    for tenant, record in records.items():
+        assert (await http.put(f"/tenants/{tenant}/records/r1", json=record)).status_code == 204
+    for tenant, record in records.items():
+        got = await http.get(f"/tenants/{tenant}/records/r1")
+        assert got.status_code == 200, got.text
+        assert got.json() == record
+        header = inspect(stored_blob(tmp_path, tenant, "r1"))
+        assert header.encryption_context == {"tenant": tenant, "record_id": "r1"}
+        assert [(e.provider_id, e.provider_info) for e in header.encrypted_data_keys] == [
+            ("aws-kms-hierarchy", f"tenant-{tenant}".encode())
+        ]
+    assert (await http.get("/records/r1")).status_code == 404  # not the default tenant's
+    assert "tenant-acme (created)" in service.output()
+
+
+async def test_a_record_blob_copied_to_another_row_or_tenant_is_refused_with_409(
+    service: Service, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """acme's r1, copied over acme's r2, globex's r1 and the default tenant's r1: each
+    is refused (409) by its context before any branch key is fetched, so globex's and
+    the default tenant's keys are never fetched; the original still reads."""
+    assert (await http.put("/tenants/acme/records/r1", json={"pan": "4111"})).status_code == 204
+    assert (await http.put("/tenants/acme/records/r2", json={"pan": "0000"})).status_code == 204
+    blob = stored_blob(tmp_path, "acme", "r1")
+    for tenant, record_id in (("acme", "r2"), ("globex", "r1"), ("default", "r1")):
+        store_blob(tmp_path, tenant, record_id, blob)
+        got = await http.get(f"/tenants/{tenant}/records/{record_id}")
+        assert got.status_code == 409, (tenant, record_id, got.text)
+    assert (await http.get("/records/r1")).status_code == 409
+    assert (await http.get("/tenants/acme/records/r1")).json() == {"pan": "4111"}
+    assert await record_calls(http) == {
+        "kms_calls": {"Decrypt": 1},
+        "dynamodb_calls": {"GetItem": 1},
+    }
+
+
+async def test_records_cost_one_getitem_and_one_kms_decrypt_per_tenant_however_many(
+    service: Service, http: httpx.AsyncClient
+) -> None:
+    """50 records with distinct IDs (50 contexts) per tenant, written and read: the
+    tenant's branch key is fetched once (a DynamoDB GetItem and a KMS Decrypt) and
+    wraps and unwraps every data key locally, where a KMS keyring would call KMS per
+    record each way. ``/stats`` is the records' client's own count."""
+    assert await record_calls(http) == {"kms_calls": {}, "dynamodb_calls": {}}
+    for tenant in ("acme", "globex"):
+        for i in range(50):
+            record = {"tenant": tenant, "i": i}
+            put = await http.put(f"/tenants/{tenant}/records/rec-{i}", json=record)
+            assert put.status_code == 204, put.text
+        for i in range(50):
+            got = await http.get(f"/tenants/{tenant}/records/rec-{i}")
+            assert got.json() == {"tenant": tenant, "i": i}
+    assert await record_calls(http) == {
+        "kms_calls": {"Decrypt": 2},
+        "dynamodb_calls": {"GetItem": 2},
+    }
+    files = (await http.get("/stats")).json()["files"]
+    assert files["dynamodb_calls"] == {}  # the files' client has no key store
+
+
+async def test_an_unknown_tenant_is_404_before_any_key_lookup(
+    service: Service, http: httpx.AsyncClient
+) -> None:
+    """A tenant not in ``--tenants`` has no branch key: refused without a GetItem."""
+    assert (await http.put("/tenants/initech/records/r1", json={"a": 1})).status_code == 404
+    assert (await http.get("/tenants/initech/records/r1")).status_code == 404
+    assert await record_calls(http) == {"kms_calls": {}, "dynamodb_calls": {}}
+
+
+def test_a_second_service_on_the_same_key_store_reads_the_first_ones_records(
+    moto_kms: MotoKms, kms_key: KmsKey, bucket: str, tmp_path: Path, key_store_table: str
+) -> None:
+    """The FastAPI service writes, stops; the aiohttp one starts on the same SQLite file
+    and key store table, finds the branch keys there (creates none) and reads the
+    records: both services seal records alike, and branch keys outlive a process."""
+    fastapi, aiohttp = (p.values[0] for p in EXAMPLE_SERVICES)
+    assert isinstance(fastapi, Example)
+    assert isinstance(aiohttp, Example)
+    with running(fastapi, moto_kms, kms_key, bucket, tmp_path, key_store_table) as first:
+        for tenant in ("acme", "default"):
+            put = httpx.put(f"{first.url}/tenants/{tenant}/records/r1", json={"t": tenant})
+            assert put.status_code == 204, put.text
+    with running(aiohttp, moto_kms, kms_key, bucket, tmp_path, key_store_table) as second:
+        for tenant in ("acme", "default"):
+            got = httpx.get(f"{second.url}/tenants/{tenant}/records/r1")
+            assert got.status_code == 200, got.text
+            assert got.json() == {"t": tenant}
+        assert httpx.get(f"{second.url}/records/r1").json() == {"t": "default"}
+        started = second.output()
+    assert "(created)" in first.output()
+    assert f"key store table {key_store_table}: branch keys tenant-default, tenant-acme" in started
+    assert "(created)" not in started
 
 
 async def test_missing_records_and_files_are_404(service: Service, http: httpx.AsyncClient) -> None:

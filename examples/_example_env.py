@@ -40,8 +40,8 @@ from aioenvelope import (
     HierarchicalKeyring,
     KmsKeyring,
 )
-from aioenvelope._embedded_kms import embedded_kms
 from aioenvelope.errors import BranchKeyNotFoundError, BranchKeyStoreError, ConfigurationError
+from aioenvelope.testing import embedded_aws
 
 __all__ = [
     "DEFAULT_TENANT",
@@ -239,13 +239,13 @@ async def aws_from(args: argparse.Namespace) -> AsyncIterator[Aws]:
         await aws.prepare_key_store()
         yield aws
         return
-    with embedded_kms() as moto:
+    async with embedded_aws() as moto:
         print(
             "no KMS key configured (--kms-key-id or AIOENVELOPE_KMS_KEY_ID for AWS): "
             f"started an embedded KMS, DynamoDB and S3 (moto, in memory) at {moto.endpoint_url}",
             flush=True,
         )
-        arn = await moto.create_key("aioenvelope-example")
+        arn = await moto.create_kms_key(alias="aioenvelope-example")
         aws = Aws(moto.session(), arn, *stores, moto.endpoint_url, moto.region)
         async with aws.s3() as s3:
             await s3.create_bucket(

@@ -48,7 +48,7 @@ from aioenvelope import (
     MultiKeyring,
     run_batch,
 )
-from aioenvelope._embedded_kms import embedded_kms
+from aioenvelope.testing import embedded_aws
 
 TABLE = "customers"
 Row = tuple[Any, ...]  # (id, *columns) as selected
@@ -261,11 +261,11 @@ async def run_step(step: str, args: argparse.Namespace) -> bool:
 async def demo(args: argparse.Namespace) -> bool:
     """encrypt -> rotate -> verify against an embedded KMS and DynamoDB, which live for
     this run only."""
-    with embedded_kms() as kms:
+    async with embedded_aws() as kms:
         print(f"started an embedded KMS and DynamoDB (moto) at {kms.endpoint_url}")
         args.session, args.region, args.endpoint_url = kms.session(), kms.region, kms.endpoint_url
-        args.key_id = await kms.create_key("batch-job-old")
-        args.to_key_id = await kms.create_key("batch-job-new")
+        args.key_id = await kms.create_kms_key(alias="batch-job-old")
+        args.to_key_id = await kms.create_kms_key(alias="batch-job-new")
         args.to_branch_key_id = args.to_branch_key_id or f"{args.branch_key_id}-2"
         ok = [await run_step(step, args) for step in ("encrypt", "rotate")]
         # verify with the new branch key only

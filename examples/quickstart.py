@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aioenvelope import EnvelopeClient, KmsKeyring, errors
-from aioenvelope._embedded_kms import embedded_kms
+from aioenvelope.testing import embedded_aws
 
 
 async def run(keyring: KmsKeyring) -> None:
@@ -80,12 +80,12 @@ async def keyring_from(args: argparse.Namespace) -> AsyncIterator[KmsKeyring]:
         print(f"using AWS KMS key {args.key_id}")
         yield KmsKeyring(args.key_id, region_name=args.region, endpoint_url=args.endpoint_url)
         return
-    with embedded_kms() as kms:
+    with embedded_aws() as kms:
         print(
             f"no KMS key configured (set AIOENVELOPE_KMS_KEY_ID for real AWS KMS): "
             f"started an embedded KMS (moto) at {kms.endpoint_url}"
         )
-        key_arn = await kms.create_key("aioenvelope-quickstart")
+        key_arn = await kms.create_kms_key("aioenvelope-quickstart")
         print(f"created key {key_arn}")
         yield KmsKeyring(
             "alias/aioenvelope-quickstart",

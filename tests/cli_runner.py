@@ -4,12 +4,15 @@ The installed console script in a subprocess, with an environment stripped of ev
 ``AWS_*`` and ``AIOENVELOPE_*`` variable (so nothing reaches real AWS, and each test says
 exactly how KMS is reached), and the checks every CLI test makes of a run: success is
 exit status 0 with nothing on stderr, a failure is exit status 1 and one readable line
-per error.
+per error. :func:`kms_cli` is the command line every KMS test file uses; :func:`without`
+hides an installed package from it (a missing extra); :func:`on_a_terminal` and
+:func:`terminal` put its stderr or stdout on a pseudo-terminal.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -19,11 +22,13 @@ import subprocess
 import sys
 import sysconfig
 import termios
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from esdk_peer import peer_keys, raw_aes_key
+from kms_server import DUMMY_CREDENTIALS, REGION, MotoKms
 
 from aioenvelope import RawAesKeyring
 
@@ -35,9 +40,12 @@ __all__ = [
     "clean_env",
     "failed",
     "keygen",
+    "kms_cli",
     "listing",
     "ok",
     "on_a_terminal",
+    "terminal",
+    "without",
 ]
 
 
@@ -66,17 +74,44 @@ class Cli:
     kms: tuple[str, ...] = ()
 
     def __call__(
-        self, *args: str | Path, stdin: bytes = b"", stderr: int = subprocess.PIPE
+        self,
+        *args: str | Path,
+        stdin: bytes = b"",
+        stdout: int = subprocess.PIPE,
+        stderr: int = subprocess.PIPE,
+        cwd: Path | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
             [*COMMAND, *map(str, args)],
             input=stdin,
-            stdout=subprocess.PIPE,
+            stdout=stdout,
             stderr=stderr,
+            cwd=cwd,
             env=self.env,
             timeout=60,
             check=False,
         )
+
+
+def kms_cli(moto_kms: MotoKms) -> Cli:
+    """The command line reaching the moto KMS (and DynamoDB) with dummy credentials:
+    never real ones, so nothing may reach AWS."""
+    env = clean_env()
+    env.update(DUMMY_CREDENTIALS)
+    return Cli(env, ("--endpoint-url", moto_kms.endpoint_url, "--region", REGION))
+
+
+def without(cli: Cli, packages: tuple[str, ...], directory: Path) -> Cli:
+    """``cli`` as on a machine where ``packages`` are not installed: a ``sitecustomize``
+    in ``directory`` (put first on PYTHONPATH) sets them to None in ``sys.modules``, which
+    is how Python marks a module as not importable (``import`` raises
+    ModuleNotFoundError), before the console script imports anything."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "sitecustomize.py").write_text(
+        "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in packages)
+    )
+    path = os.pathsep.join(filter(None, [str(directory), cli.env.get("PYTHONPATH")]))
+    return replace(cli, env={**cli.env, "PYTHONPATH": path})
 
 
 @dataclass(frozen=True)
@@ -128,24 +163,46 @@ def listing(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*")}
 
 
-def on_a_terminal(cli: Cli, *args: str | Path) -> tuple[int, bytes]:
-    """Run with stderr on a new 80-column pseudo-terminal (as a person watching would);
-    the exit status and everything shown on that terminal."""
-    parent, child = pty.openpty()
-    # A new pseudo-terminal is 0 columns wide, and tqdm draws nothing in 0 columns.
-    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    try:
-        result = cli(*args, stderr=child)
-        os.close(child)
+@dataclass
+class Terminal:
+    """A new 80-column pseudo-terminal: ``fd`` is its end a child process writes to;
+    :meth:`shown` closes that end and returns everything written to it."""
+
+    fd: int
+    parent: int
+
+    def shown(self) -> bytes:
+        os.close(self.fd)
+        self.fd = -1
         shown = b""
         while True:
             try:
-                data = os.read(parent, 4096)
+                data = os.read(self.parent, 4096)
             except OSError:  # EIO: the terminal's other end is closed and drained
                 break
             if not data:
                 break
             shown += data
+        return shown
+
+
+@contextlib.contextmanager
+def terminal() -> Iterator[Terminal]:
+    parent, child = pty.openpty()
+    # A new pseudo-terminal is 0 columns wide, and tqdm draws nothing in 0 columns.
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    opened = Terminal(child, parent)
+    try:
+        yield opened
     finally:
+        if opened.fd != -1:
+            os.close(opened.fd)
         os.close(parent)
-    return result.returncode, shown
+
+
+def on_a_terminal(cli: Cli, *args: str | Path) -> tuple[int, bytes]:
+    """Run with stderr on a new 80-column pseudo-terminal (as a person watching would);
+    the exit status and everything shown on that terminal."""
+    with terminal() as tty:
+        result = cli(*args, stderr=tty.fd)
+        return result.returncode, tty.shown()

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import anyio
 import pytest
-from cli_runner import ERROR_PREFIX, Cli, clean_env, failed, listing, ok
-from kms_server import DUMMY_CREDENTIALS, REGION, KmsKey, MotoKms
+from cli_runner import ERROR_PREFIX, Cli, clean_env, failed, kms_cli, listing, ok
+from kms_server import REGION, KmsKey, MotoKms
 from moto_keyrings import moto_kms_keyring, shared_session
 
 from aioenvelope import BranchKeyStore, EnvelopeClient, HierarchicalKeyring, Keyring, inspect
@@ -64,9 +64,7 @@ class KeyStore:
 
 @pytest.fixture(scope="module")
 def cli(moto_kms: MotoKms) -> Cli:
-    env = clean_env()
-    env.update(DUMMY_CREDENTIALS)  # never real credentials: nothing may reach AWS
-    return Cli(env, ("--endpoint-url", moto_kms.endpoint_url, "--region", REGION))
+    return kms_cli(moto_kms)
 
 
 @pytest.fixture(scope="module")

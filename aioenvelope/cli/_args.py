@@ -77,15 +77,25 @@ def _common() -> argparse.ArgumentParser:
 
 def _io() -> argparse.ArgumentParser:
     io = argparse.ArgumentParser(add_help=False)
-    io.add_argument("input", metavar="INPUT", help="a file, a directory (recursive) or - for stdin")
+    io.add_argument(
+        "input",
+        nargs="+",
+        metavar="INPUT",
+        help="files, directories (recursive) or - for stdin; several need -o DIR/ (like cp)",
+    )
     io.add_argument(
         "-o",
         "--output",
         required=True,
         metavar="OUTPUT",
-        help="a file, a directory (for a directory INPUT, or to keep INPUT's name) or - for stdout",
+        help="a file, a directory (for a directory INPUT or several INPUTs, or to keep "
+        "INPUT's name; DIR/ is created) or - for stdout",
     )
-    io.add_argument("--force", action="store_true", help="replace existing output files")
+    io.add_argument(
+        "--force",
+        action="store_true",
+        help="replace existing output files; write ciphertext to stdout even on a terminal",
+    )
     io.add_argument(
         "--follow-symlinks",
         action="store_true",
@@ -151,6 +161,7 @@ def _keys(*, discovery: bool) -> argparse.ArgumentParser:
         )
     _hierarchy_options(keys)
     _aws_options(keys)
+    _check_keys_option(keys)
     return keys
 
 
@@ -191,7 +202,8 @@ def _aws_options(parser: argparse.ArgumentParser) -> None:
     aws.add_argument(
         "--region",
         help="AWS region for key IDs and aliases that are not ARNs, and of a key store's "
-        "table (default: the profile's or environment's, else the key store's KMS key's)",
+        "table (default: the profile's, or AWS_REGION or AWS_DEFAULT_REGION, else the key "
+        "store's KMS key's)",
     )
     aws.add_argument(
         "--endpoint-url",
@@ -200,6 +212,17 @@ def _aws_options(parser: argparse.ArgumentParser) -> None:
         "calls use it too",
     )
     aws.add_argument("--profile", help="AWS profile (from ~/.aws/config)")
+
+
+def _check_keys_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-check-keys",
+        dest="check_keys",
+        action="store_false",
+        help="skip the DescribeKey check each --kms-key gets before use (for a caller "
+        "allowed to encrypt or decrypt under a key but not to describe it; a wrong key "
+        "then fails at its first use)",
+    )
 
 
 def _reading() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ from ..streams import (
     write_atomically,
     write_atomically_at,
 )
+from ._args import PROG
 from ._paths import CliError, Job, check_destination, open_directory, open_source
 
 __all__ = [
@@ -54,15 +55,26 @@ class ProgressBar(Protocol):
     def close(self) -> None: ...
 
 
+_told_no_tqdm = False
+
+
 def progress_bar(total: int | None, *, unit: str, desc: str | None = None) -> ProgressBar | None:
     """A tqdm bar on stderr, only for a person watching: stderr is a terminal and the
-    total is known. Pipes and logs get nothing, and without tqdm (the ``cli`` extra)
-    there is simply no bar."""
+    total is known. Pipes and logs get nothing. Without tqdm (the ``cli`` extra) the
+    person watching is told once per run where the bar is (``-q`` silences that too)."""
+    global _told_no_tqdm
     if total is None or not sys.stderr.isatty():
         return None
     try:
         from tqdm import tqdm
     except ImportError:
+        if not _told_no_tqdm:
+            _told_no_tqdm = True
+            print(
+                f"{PROG}: no progress bar: it needs tqdm, pip install 'aioenvelope[cli]' "
+                "(-q hides this note)",
+                file=sys.stderr,
+            )
         return None
     return tqdm(
         total=total,

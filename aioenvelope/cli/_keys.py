@@ -152,11 +152,14 @@ def _text(document: dict[str, object], name: str, path: Path) -> str:
 
 @dataclass(frozen=True)
 class KmsOptions:
-    """How to reach KMS: shared by every KMS keyring of one command."""
+    """How to reach KMS: shared by every KMS keyring of one command. ``check_keys``
+    False (``--no-check-keys``) skips the DescribeKey each KMS key gets on start, for a
+    caller allowed to use a key but not to describe it."""
 
     region: str | None = None
     endpoint_url: str | None = None
     profile: str | None = None
+    check_keys: bool = True
 
     def session(self) -> aioboto3.Session | None:
         """A session for ``--profile``; None lets each keyring use the default chain."""
@@ -239,6 +242,7 @@ def build_keyring(
                 session=session,
                 region_name=kms.region,
                 endpoint_url=kms.endpoint_url,
+                check_keys=kms.check_keys,
             )
         )
     keyrings.extend(read_raw_key(path).keyring() for path in keys.raw_key_files)

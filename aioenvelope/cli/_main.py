@@ -5,8 +5,11 @@ the library at constant memory; ``inspect`` prints a header as JSON; ``keygen`` 
 raw AES key file; ``demo`` runs the quickstart against an embedded KMS.
 
 The contract scripts rely on: exit status 0 on success, 1 when an operation failed, 2 for
-a usage error; a failure is one line on stderr (``--debug`` adds the traceback); a file
-output appears whole or not at all, and is never replaced without ``--force``.
+a usage error; a failure is one line on stderr (``--debug`` adds the traceback), in the
+command line's words (flags, not the library's parameters); a file output appears whole
+or not at all, and is never replaced without ``--force``. When the reader of stdout stops
+early (``aioenvelope decrypt ... -o - | head``), the command ends quietly with status 0,
+as ``gzip -dc | head`` does: the reader chose to stop.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from ._keys import (
     is_key_arn,
     write_raw_key,
 )
+from ._messages import in_cli_words
 from ._paths import (
     STDIO,
     CliError,
@@ -75,16 +79,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": _demo,
         "branch-key": branch_key_command,
     }
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    action = getattr(args, "branch_key_command", None)  # branch-key's own actions
+    command = commands[f"{args.command} {action}" if action else args.command]
+    _take_inputs(command, args, extra)
     debug = bool(args.debug)
     _quiet_libraries(debug)
     try:
-        return anyio.run(_terminable, handlers[args.command], args)
+        status = anyio.run(_terminable, handlers[args.command], args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then handled below
+        return status
     except UsageError as exc:
-        action = getattr(args, "branch_key_command", None)  # branch-key's own actions
-        name = f"{args.command} {action}" if action else args.command
-        commands[name].print_usage(sys.stderr)
-        print(f"{PROG} {name}: error: {exc}", file=sys.stderr)
+        command.print_usage(sys.stderr)
+        print(f"{command.prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _error("interrupted")
@@ -93,12 +100,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error("terminated")
         _exit_now(128 + signal.SIGTERM)
     except Exception as exc:
+        if _reader_stopped(exc):
+            _silence_stdout()
+            return 0
         if debug:
             traceback.print_exc()
         _error(_describe(exc))
-        if isinstance(exc, BrokenPipeError):
-            _silence_stdout()
         return 1
+
+
+def _take_inputs(
+    command: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]
+) -> None:
+    """INPUTs after an option (``encrypt a -o DIR/ b``) are INPUTs too, as with ``cp``;
+    anything else left over is the subcommand's usage error (with its usage, not the
+    top level's)."""
+    inputs = getattr(args, "input", None)
+    if isinstance(inputs, list) and all(
+        word == STDIO or not word.startswith("-") for word in extra
+    ):
+        inputs.extend(extra)
+        extra = []
+    if extra:
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
+
+
+def _reader_stopped(exc: BaseException) -> bool:
+    """Whether ``exc`` is stdout's reader having closed the pipe (EPIPE): only stdout is
+    ever a pipe we write to (files are written whole, KMS errors are botocore's)."""
+    while (inner := getattr(exc, "exceptions", None)) and len(inner) == 1:
+        exc = inner[0]
+    return isinstance(exc, BrokenPipeError)
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -120,12 +152,12 @@ def _describe(exc: BaseException) -> str:
     """One readable line for ``exc``; the type is named only for unexpected errors."""
     while (inner := getattr(exc, "exceptions", None)) and len(inner) == 1:
         exc = inner[0]  # an exception group around one error: report that error
-    if isinstance(exc, BrokenPipeError):
-        return "the output was closed before everything was written (broken pipe)"
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror}"
     text = " ".join(str(exc).split())
-    if isinstance(exc, (EnvelopeError, CliError)) or type(exc).__module__.startswith("botocore"):
+    if isinstance(exc, EnvelopeError):
+        return in_cli_words(text)
+    if isinstance(exc, CliError) or type(exc).__module__.startswith("botocore"):
         return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -177,7 +209,7 @@ def _exit_now(status: int) -> NoReturn:
 
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's final flush into the closed pipe
-    does not print a second error."""
+    does not print an error (the Python docs' note on SIGPIPE)."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
 
@@ -266,17 +298,43 @@ def _key_options(args: argparse.Namespace) -> KeyOptions:
 
 def _keyrings(args: argparse.Namespace, *sides: KeyOptions) -> list[Keyring]:
     """One keyring per side, sharing one AWS session (for --profile)."""
-    kms = KmsOptions(region=args.region, endpoint_url=args.endpoint_url, profile=args.profile)
+    kms = KmsOptions(
+        region=args.region,
+        endpoint_url=args.endpoint_url,
+        profile=args.profile,
+        check_keys=args.check_keys,
+    )
     uses_kms = any(side.kms_keys or side.discovery or side.hierarchy for side in sides)
     session = kms.session() if uses_kms else None
     return [build_keyring(side, kms, session) for side in sides]
 
 
-def _plan(args: argparse.Namespace, rename: Callable[[str], str]) -> Plan:
-    """The jobs, with a single output checked before any key is used."""
-    plan = plan_jobs(args.input, args.output, rename, follow_symlinks=args.follow_symlinks)
+def _plan(
+    args: argparse.Namespace,
+    rename: Callable[[str], str],
+    *,
+    skip_encrypted: bool = False,
+    ciphertext: bool = False,
+) -> Plan:
+    """The jobs, with a single output checked before any key is used. ``skip_encrypted``
+    (encrypt): files found in a directory that are already messages are left alone.
+    ``ciphertext`` (encrypt, reencrypt): binary output is not written to a terminal
+    unless ``--force``, as age and gpg refuse to."""
+    plan = plan_jobs(
+        args.input,
+        args.output,
+        rename,
+        follow_symlinks=args.follow_symlinks,
+        skip_encrypted=skip_encrypted,
+    )
     if not plan.batch and plan.jobs[0].destination is not None:
         check_destination(plan.jobs[0].destination, args.force)
+    to_stdout = not plan.batch and plan.jobs[0].destination is None
+    if ciphertext and to_stdout and not args.force and sys.stdout.isatty():
+        raise UsageError(
+            "refusing to write binary ciphertext to a terminal: redirect stdout "
+            "(> FILE, or | into a command), or pass --force to write it anyway"
+        )
     return plan
 
 
@@ -308,6 +366,8 @@ async def _run_tree(
     line per file) and the others still finish."""
     for link in plan.skipped:  # reported, but not a failure: skipping is the default
         print(f"{PROG}: skipped symbolic link {link} (see --follow-symlinks)", file=sys.stderr)
+    for path in plan.already_encrypted:  # a second run over its own output
+        print(f"{PROG}: skipped {path} (already encrypted)", file=sys.stderr)
     make_dirs(plan)
     bar = progress_bar(len(plan.jobs), unit="file") if progress else None
 
@@ -341,7 +401,7 @@ async def _run_tree(
 async def _encrypt(args: argparse.Namespace) -> int:
     context = _context(args)
     keys = _key_options(args)
-    plan = _plan(args, encrypted_name)
+    plan = _plan(args, encrypted_name, skip_encrypted=True, ciphertext=True)
     (keyring,) = _keyrings(args, keys)
     frame_length: int = args.frame_length or DEFAULT_FRAME_LENGTH
     async with EnvelopeClient(
@@ -386,7 +446,7 @@ async def _reencrypt(args: argparse.Namespace) -> int:
             "--to-branch-key-id ID"
         )
     keys = _key_options(args)
-    plan = _plan(args, same_name)
+    plan = _plan(args, same_name, ciphertext=True)
     keyring, to_keyring = _keyrings(args, keys, to_keys)
     async with EnvelopeClient(keyring, commitment_policy=args.commitment_policy) as client:
 
@@ -415,6 +475,11 @@ async def _inspect(args: argparse.Namespace) -> int:
 
 
 async def _keygen(args: argparse.Namespace) -> int:
+    if args.output == STDIO:
+        raise UsageError(
+            "a key is never written to stdout (-): on a terminal or down a pipe it leaks. "
+            "Give a file name (-o key.json); for a file named -, write -o ./-"
+        )
     key = RawKey.generate(args.namespace, args.name)
     key.keyring()  # refuse names the format cannot carry before writing anything
     path = Path(args.output)
@@ -424,7 +489,14 @@ async def _keygen(args: argparse.Namespace) -> int:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    from .._demo import run_demo  # moto is imported only here
+    try:
+        import moto.server  # noqa: F401  (the embedded KMS; imported only here)
+    except ImportError:
+        raise CliError(
+            "the demo runs on an embedded KMS, which needs moto's server: "
+            "pip install 'aioenvelope[cli]'"
+        ) from None
+    from .._demo import run_demo
 
     await run_demo()
     return 0

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..format.suites import AlgorithmSuite
+
 __all__ = [
     "ENCRYPTED_SUFFIX",
     "STDIO",
@@ -31,6 +33,7 @@ __all__ = [
     "check_destination",
     "decrypted_name",
     "encrypted_name",
+    "is_message",
     "make_dirs",
     "open_directory",
     "open_source",
@@ -96,35 +99,48 @@ class Job:
 
 @dataclass(frozen=True)
 class Plan:
-    """Every job of a command. ``batch`` (a directory) reports failures per file and
-    goes on; ``new_dirs`` are the output directories to create (the output root and its
-    missing parents first; those below the root as jobs reach them) and to remove again
-    if they end up empty; ``skipped`` are the symbolic links not followed."""
+    """Every job of a command. ``batch`` (a directory, or several inputs) reports
+    failures per file and goes on; ``new_dirs`` are the output directories to create
+    (the output root and its missing parents first; those below the root as jobs reach
+    them) and to remove again if they end up empty; ``skipped`` are the symbolic links
+    not followed, ``already_encrypted`` the files an encrypt leaves alone."""
 
     jobs: tuple[Job, ...]
     batch: bool
     new_dirs: tuple[Path, ...] = ()
     output_root: Path | None = None
     skipped: tuple[Path, ...] = ()
+    already_encrypted: tuple[Path, ...] = ()
 
 
 def plan_jobs(
-    input_arg: str,
+    inputs: Sequence[str],
     output_arg: str,
     rename: Callable[[str], str],
     *,
     follow_symlinks: bool = False,
+    skip_encrypted: bool = False,
 ) -> Plan:
-    """Map INPUT and ``-o OUTPUT`` to jobs. An existing OUTPUT directory receives the
-    input's name (renamed), as with the AWS Encryption CLI."""
+    """Map the INPUTs and ``-o OUTPUT`` to jobs. An existing OUTPUT directory receives
+    the input's name (renamed), as with the AWS Encryption CLI; several INPUTs need one,
+    as with ``cp``. With ``skip_encrypted`` (encrypt), files found in a directory that
+    are already messages, or carry the ``.encrypted`` suffix, are left out (and listed),
+    so a second run never encrypts its own output again."""
+    if len(inputs) > 1:
+        return _plan_several(inputs, output_arg, rename, follow_symlinks, skip_encrypted)
+    (input_arg,) = inputs
     if input_arg == STDIO:
         return Plan((Job(None, _file_destination(output_arg, None, rename)),), batch=False)
     source = Path(input_arg)
     if source.is_dir():
-        return _plan_tree(source, output_arg, rename, follow_symlinks)
-    if not source.exists():
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), input_arg)
+        return _plan_tree(source, output_arg, rename, follow_symlinks, skip_encrypted)
+    _check_exists(source)
     return Plan((Job(source, _file_destination(output_arg, source.name, rename)),), batch=False)
+
+
+def _check_exists(source: Path) -> None:
+    if not source.exists():
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(source))
 
 
 def _file_destination(
@@ -141,27 +157,144 @@ def _file_destination(
 
 
 def _plan_tree(
-    root: Path, output_arg: str, rename: Callable[[str], str], follow_symlinks: bool
+    root: Path,
+    output_arg: str,
+    rename: Callable[[str], str],
+    follow_symlinks: bool,
+    skip_encrypted: bool,
 ) -> Plan:
     if output_arg == STDIO:
         raise UsageError("a directory input needs -o DIRECTORY, not -")
     out = Path(output_arg)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} is not a directory, and the input {root} is one")
-    files, skipped = _walk(root, out, follow_symlinks)
-    jobs = []
-    for path in files:
-        parts = path.relative_to(root).parent.parts
-        name = rename(path.name)
-        tree = Tree(root, out, parts, path.name, name, follow_symlinks)
-        jobs.append(Job(path, out.joinpath(*parts, name), tree))
+    jobs, skipped, encrypted = _tree_jobs(root, out, (), rename, follow_symlinks, skip_encrypted)
     return Plan(
         tuple(jobs),
         batch=True,
         new_dirs=_missing_dirs(jobs),
         output_root=out,
         skipped=tuple(skipped),
+        already_encrypted=tuple(encrypted),
     )
+
+
+def _tree_jobs(
+    root: Path,
+    out: Path,
+    prefix: tuple[str, ...],
+    rename: Callable[[str], str],
+    follow_symlinks: bool,
+    skip_encrypted: bool,
+) -> tuple[list[Job], list[Path], list[Path]]:
+    """The jobs for the files under ``root``, written below ``out/prefix...``; the links
+    skipped; the files left alone as already encrypted. With a ``prefix`` (the
+    directory's own name, for several INPUTs) the input side is read the same way,
+    from the directory's parent: every job's ``parts`` then name the same directories
+    below both roots."""
+    files, skipped = _walk(root, out, follow_symlinks)
+    input_root = root.resolve().parent if prefix else root
+    jobs: list[Job] = []
+    encrypted: list[Path] = []
+    for path in files:
+        if skip_encrypted and (path.name.endswith(ENCRYPTED_SUFFIX) or is_message(path)):
+            encrypted.append(path)
+            continue
+        parts = (*prefix, *path.relative_to(root).parent.parts)
+        name = rename(path.name)
+        tree = Tree(input_root, out, parts, path.name, name, follow_symlinks)
+        jobs.append(Job(path, out.joinpath(*parts, name), tree))
+    return jobs, skipped, encrypted
+
+
+def _plan_several(
+    inputs: Sequence[str],
+    output_arg: str,
+    rename: Callable[[str], str],
+    follow_symlinks: bool,
+    skip_encrypted: bool,
+) -> Plan:
+    """Several INPUTs, like ``cp``: each file is written into the OUTPUT directory under
+    its own name (renamed), each directory as a subdirectory of the same name."""
+    if STDIO in inputs:
+        raise UsageError("stdin (-) can only be the one INPUT")
+    out = Path(output_arg)
+    if output_arg == STDIO or (out.exists() and not out.is_dir()):
+        raise UsageError(
+            f"with {len(inputs)} INPUTs, -o must be a directory (-o DIR/), not {output_arg}"
+        )
+    if not out.exists() and not output_arg.endswith("/"):
+        raise UsageError(
+            f"with {len(inputs)} INPUTs, -o must be a directory: {out} does not exist "
+            f"(write -o {output_arg}/ to create it)"
+        )
+    jobs: list[Job] = []
+    skipped: list[Path] = []
+    encrypted: list[Path] = []
+    for input_arg in inputs:
+        source = Path(input_arg)
+        if source.is_dir():
+            name = source.resolve().name
+            if not name:
+                raise UsageError(f"{source} has no name to give its copy in {out}")
+            more, links, sealed = _tree_jobs(
+                source, out, (name,), rename, follow_symlinks, skip_encrypted
+            )
+            jobs += more
+            skipped += links
+            encrypted += sealed
+        else:
+            _check_exists(source)
+            jobs.append(Job(source, out / rename(source.name)))
+    _refuse_collisions(jobs)
+    return Plan(
+        tuple(jobs),
+        batch=True,
+        new_dirs=_missing_dirs(jobs),
+        output_root=out,
+        skipped=tuple(skipped),
+        already_encrypted=tuple(encrypted),
+    )
+
+
+def _refuse_collisions(jobs: Sequence[Job]) -> None:
+    """Two inputs of the same name would write one output: refused before anything."""
+    seen: dict[Path, Job] = {}
+    for job in jobs:
+        assert job.destination is not None
+        other = seen.setdefault(job.destination, job)
+        if other is not job:
+            raise UsageError(
+                f"{other.label} and {job.label} would both be written to {job.destination}"
+            )
+
+
+_V1_TYPE = 0x80  # the only message type of version 1: customer authenticated encrypted data
+
+
+def is_message(path: Path) -> bool:
+    """Whether the file starts as our messages do: version 2 and a suite we know, or
+    version 1, type 0x80 and a suite we know (a plaintext that happens to start so is
+    skipped too; it is reported, so nothing goes unnoticed). ``O_NONBLOCK``: a FIFO
+    swapped in cannot block the planning; unreadable files are left for the job to
+    report."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        start = os.read(fd, 4)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    if len(start) >= 3 and start[0] == 2:
+        suite = AlgorithmSuite.from_id(int.from_bytes(start[1:3], "big"))
+        return suite is not None and suite.message_version == 2
+    if len(start) == 4 and start[0] == 1 and start[1] == _V1_TYPE:
+        suite = AlgorithmSuite.from_id(int.from_bytes(start[2:4], "big"))
+        return suite is not None and suite.message_version == 1
+    return False
 
 
 def _walk(root: Path, out: Path, follow_symlinks: bool) -> tuple[list[Path], list[Path]]:

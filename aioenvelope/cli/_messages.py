@@ -1,0 +1,65 @@
+"""The library's messages in the command line's words.
+
+The library's errors give Python advice (``check_keys=False``, ``region_name``,
+``decrypt_stream(allow_signed=False)``, ``EnvelopeClient.reencrypt_stream``); on the
+command line the same advice is a flag or a command. Each rule below rewrites one piece
+of Python advice wherever it appears in a library error, so the rest of the message (what
+went wrong, which key, which file) stays the library's, whatever its wording around it.
+A piece of advice with no command-line equivalent (``decrypt()``, which buffers a whole
+message) is dropped rather than shown.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["in_cli_words"]
+
+_REENCRYPT = "`aioenvelope reencrypt`"
+
+_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), replacement)
+    for pattern, replacement in (
+        # Signed messages: --unsigned-only refuses them, --allow-signed (the default) reads.
+        (r"\bdecrypt_stream\((?:\.\.\.,\s*)?allow_signed=False\)", "--unsigned-only"),
+        (r"\ballow_signed=False\b", "--unsigned-only"),
+        (r"\bPass allow_signed=True\b", "Leave out --unsigned-only"),
+        (r"\bpass allow_signed=True\b", "leave out --unsigned-only"),
+        (r"\ballow_signed=True\b", "--allow-signed"),
+        (r"[,;]?\s*or use decrypt\(\)[^.;]*", ""),
+        # KMS keys checked with DescribeKey on start.
+        (r"\bcheck_keys=False\b", "--no-check-keys"),
+        # Where KMS (and a key store's table) is.
+        (r"\bregion_name\b=?", "--region"),
+        (r"\bset AWS_REGION\b(?! or AWS_DEFAULT_REGION)", "set AWS_REGION or AWS_DEFAULT_REGION"),
+        (r"\bendpoint_url\b", "--endpoint-url"),
+        (r"\(AWS_PROFILE\b", "(--profile, AWS_PROFILE"),
+        (r"\s*or regions=\[\.\.\.\]", ""),
+        (r"\b[Aa] KmsDiscoveryKeyring\b", "--discovery"),
+        (
+            r"list every region your keys live in with KmsDiscoveryKeyring\(regions=\[\.\.\.\]\)",
+            "name those keys with --kms-key ARN",
+        ),
+        # Re-encryption and legacy messages.
+        (r"\b(?:EnvelopeClient\.|client\.)?reencrypt(?:_stream|_file)?\(\)", _REENCRYPT),
+        (r"\b(?:EnvelopeClient\.|client\.)?reencrypt_(?:stream|file)\b", _REENCRYPT),
+        (
+            r"\b(?:commitment_policy=)?CommitmentPolicy\.REQUIRE_ENCRYPT_ALLOW_DECRYPT\b",
+            "--commitment-policy require-encrypt-allow-decrypt",
+        ),
+        # Output files and key stores.
+        (r"\boverwrite=True\b", "--force"),
+        (r"\bcreate_table\(\)", "`aioenvelope branch-key create-table`"),
+        (r"\btable_name\b", "--key-store-table"),
+        # Limits the command line does not expose: say the limit, not a parameter.
+        (r"\s*\(raise max_encrypted_data_keys[^)]*\)", ""),
+        (r"\blower max_encrypted_data_keys, or ", ""),
+    )
+)
+
+
+def in_cli_words(text: str) -> str:
+    """``text`` (a library error's message) with its Python advice in CLI terms."""
+    for pattern, replacement in _RULES:
+        text = pattern.sub(replacement, text)
+    return text

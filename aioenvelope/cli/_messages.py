@@ -54,6 +54,7 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         # Limits the command line does not expose: say the limit, not a parameter.
         (r"\s*\(raise max_encrypted_data_keys[^)]*\)", ""),
         (r"\blower max_encrypted_data_keys, or ", ""),
+        (r"\bmore than max_encrypted_data_keys=(\d+)", r"more than the \1 a message may carry"),
     )
 )
 

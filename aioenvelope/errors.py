@@ -190,6 +190,11 @@ class BranchKeyNotFoundError(BranchKeyStoreError):
     """The branch key, or the version of it asked for, is not in the key store."""
 
 
+class BranchKeyExistsError(BranchKeyStoreError):
+    """``create_branch_key`` was given an ID the table holds already: nothing was
+    written. Catch it to make "create unless it exists" safe among several processes."""
+
+
 class BranchKeyIntegrityError(BranchKeyStoreError):
     """A key store item cannot be trusted: its ``kms-arn`` is not the configured KMS key,
     KMS refused its encryption context, or it is malformed. Someone wrote the table

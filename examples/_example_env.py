@@ -40,7 +40,7 @@ from aioenvelope import (
     HierarchicalKeyring,
     KmsKeyring,
 )
-from aioenvelope.errors import BranchKeyNotFoundError, BranchKeyStoreError, ConfigurationError
+from aioenvelope.errors import BranchKeyExistsError, BranchKeyNotFoundError, ConfigurationError
 from aioenvelope.testing import embedded_aws
 
 __all__ = [
@@ -213,7 +213,7 @@ async def ensure_branch_key(store: BranchKeyStore, branch_key: str) -> bool:
         pass
     try:
         await store.create_branch_key(branch_key)
-    except BranchKeyStoreError:
+    except BranchKeyExistsError:
         # Refused: another instance created it since we looked. Judge what it made.
         (await store.get_active_branch_key(branch_key)).wipe()
         return False

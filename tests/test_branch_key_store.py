@@ -278,9 +278,9 @@ async def test_create_branch_key_refuses_an_existing_id_and_leaves_it_unchanged(
 ) -> None:
     await store.create_branch_key("taken")
     before = items_of(moto_kms, table_name, "taken")
-    with pytest.raises(errors.BranchKeyStoreError) as info:
+    with pytest.raises(errors.BranchKeyExistsError) as info:
         await store.create_branch_key("taken", encryption_context={"other": "x"})
-    assert type(info.value) is errors.BranchKeyStoreError
+    assert type(info.value) is errors.BranchKeyExistsError
     assert "branch key 'taken' already exists" in str(info.value)
     assert table_name in str(info.value)
     assert info.value.branch_key_id == "taken"

@@ -35,6 +35,7 @@ from aioenvelope import (
     BranchKeyStore,
     EnvelopeClient,
     HierarchicalKeyring,
+    MultiKeyring,
     errors,
     inspect,
 )
@@ -418,3 +419,30 @@ async def test_a_branch_key_item_holding_another_keys_enc_is_refused(
     await mpl_refuses(peer, "tenant-a", message, RECORD)
     with pytest.raises(MplKeyStoreError):
         await in_thread(peer.encrypt, "tenant-a", PLAINTEXT, RECORD, COMMIT)
+
+
+async def test_an_edk_naming_a_version_the_table_lacks_does_not_stop_the_next_edk(
+    make_branch_key_store: StoreFactory, branch_keys: tuple[str, str], peer: MplPeer
+) -> None:
+    """A message with two EDKs for branch key ``tenant-a`` from two key stores (a
+    MultiKeyring writing to both): a reader on the second table meets the first EDK,
+    whose version its table does not have, then the second, which opens. The MPL tries
+    each EDK in turn and decrypts; so must we (we used to stop at the first with
+    BranchKeyNotFoundError)."""
+    other = make_branch_key_store(table_name=f"hk-other-{uuid.uuid4().hex[:8]}")
+    async with other:
+        await other.create_table()
+        await other.create_branch_key(branch_keys[0])
+    writer = MultiKeyring(
+        generator=HierarchicalKeyring(other, branch_key_id=branch_keys[0]),
+        children=[HierarchicalKeyring(make_branch_key_store(), branch_key_id=branch_keys[0])],
+    )
+    async with EnvelopeClient(writer) as client:
+        message = await client.encrypt(PLAINTEXT, encryption_context=RECORD)
+    assert [edk.provider_info for edk in inspect(message).encrypted_data_keys] == [
+        branch_keys[0].encode()
+    ] * 2
+    assert await in_thread(peer.decrypt, branch_keys[0], message, RECORD) == PLAINTEXT
+    reader = HierarchicalKeyring(make_branch_key_store(), branch_key_id=branch_keys[0])
+    async with EnvelopeClient(reader) as client:
+        assert await client.decrypt(message, encryption_context=RECORD) == PLAINTEXT

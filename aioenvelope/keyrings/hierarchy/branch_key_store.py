@@ -35,6 +35,7 @@ import aioboto3
 import anyio
 
 from ...errors import (
+    BranchKeyExistsError,
     BranchKeyIntegrityError,
     BranchKeyNotFoundError,
     BranchKeyStoreError,
@@ -559,7 +560,7 @@ class BranchKeyStore:
             if "ConditionalCheckFailed" not in codes and "ConditionalCheckFailed" not in str(exc):
                 raise
             if creating:
-                raise BranchKeyStoreError(
+                raise BranchKeyExistsError(
                     f"branch key {branch_key_id!r} already exists in table "
                     f"{self.table_name!r}: create_branch_key never overwrites one (rotate it "
                     "with rotate_branch_key, or choose another ID)",

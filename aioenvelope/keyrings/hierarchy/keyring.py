@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from cachetools import TTLCache
 
 from ...coalesce import Coalescer
-from ...errors import ConfigurationError, NoUsableKeyError
+from ...errors import BranchKeyNotFoundError, ConfigurationError, NoUsableKeyError
 from ...format.header import EncryptedDataKey
 from ...stats import StatsRecorder
 from ..base import DecryptionMaterials, EncryptionMaterials, Keyring
@@ -324,6 +324,7 @@ class HierarchicalKeyring(Keyring):
         self._keys.expire()
         branch_key_id = await self._branch_key_id_for(materials.encryption_context)
         wanted = branch_key_id.encode("utf-8")
+        missing: BranchKeyNotFoundError | None = None
         for edk in encrypted_data_keys:
             if edk.provider_id != wrapping.PROVIDER_ID or edk.provider_info != wanted:
                 continue
@@ -340,11 +341,21 @@ class HierarchicalKeyring(Keyring):
                 )
             except NoUsableKeyError:
                 continue
+            except BranchKeyNotFoundError as exc:
+                # A version this table does not have (an EDK from another key store with
+                # the same branch key ID, or a changed version field): the next EDK may
+                # still open, as the MPL's keyring tries each in turn. Outages and
+                # integrity failures are raised at once.
+                missing = missing or exc
+                continue
             return materials.with_data_key(data_key)
+        if missing is not None:
+            raise missing  # says which version of which branch key the table lacks
         # Raised, as the raw keyrings do: the default materials manager turns an
         # unchanged result into a bare KeyringError, and MultiKeyring catches this one.
         raise NoUsableKeyError(
-            f"{self!r} could not decrypt any of the message's {len(encrypted_data_keys)} "
-            f"encrypted data keys with branch key {branch_key_id!r}: the message was "
-            "written under another branch key, or the encryption context differs"
+            f"branch key {branch_key_id!r} (table {self.key_store.table_name!r}) could not "
+            f"decrypt any of the message's {len(encrypted_data_keys)} encrypted data keys: "
+            "the message was written under another branch key, or the encryption context "
+            "differs"
         )

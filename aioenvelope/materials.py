@@ -18,12 +18,18 @@ from .errors import (
     KeyringError,
     MalformedMessageError,
     MessageLimitError,
+    NoUsableKeyError,
 )
 from .format.encryption_context import PUBLIC_KEY_FIELD, validate_user_context
 from .format.header import MessageHeader
 from .format.signing import Signer, Verifier
 from .format.suites import AlgorithmSuite, CommitmentPolicy
-from .keyrings.base import DecryptionMaterials, EncryptionMaterials, Keyring
+from .keyrings.base import (
+    DecryptionMaterials,
+    EncryptionMaterials,
+    Keyring,
+    describe_encrypted_data_keys,
+)
 
 __all__ = ["WRITABLE_SUITES", "DecryptionPlan", "DefaultMaterialsManager", "EncryptionPlan"]
 
@@ -170,10 +176,28 @@ class DefaultMaterialsManager:
             encryption_context=context,
             required_encryption_context_keys=required,
         )
-        result = await self.keyring.on_decrypt(materials, header.encrypted_data_keys)
+        try:
+            result = await self.keyring.on_decrypt(materials, header.encrypted_data_keys)
+        except NoUsableKeyError as exc:
+            _name_the_message_keys(exc, header)
+            raise
         if result.plaintext_data_key is None:
             raise KeyringError(f"{self.keyring!r} returned no data key on decrypt")
         return result
+
+
+def _name_the_message_keys(error: NoUsableKeyError, header: MessageHeader) -> None:
+    """End ``error``'s text with the keys the message's EDKs name, once for whichever
+    keyring (a ``MultiKeyring``'s children each say only what they have and why it
+    failed). The error itself is kept: its type, chained cause and traceback."""
+    if len(error.args) != 1 or not isinstance(error.args[0], str):
+        return  # a custom keyring's own error shape: leave it alone
+    tail = (
+        f". The message carries encrypted data keys for: "
+        f"{describe_encrypted_data_keys(header.encrypted_data_keys)}"
+    )
+    if not error.args[0].endswith(tail):  # a keyring re-raising one error object
+        error.args = (error.args[0].rstrip(".") + tail,)
 
 
 def merge_reproduced_context(

@@ -498,9 +498,11 @@ async def test_an_edk_naming_another_key_than_kms_answered_for_is_refused_by_the
     with pytest.raises(NoUsableKeyError) as info:
         await decrypt_with(keyring, relabelled)
     assert str(info.value) == (
-        f"{keyring!r} could not decrypt any of the message's 1 encrypted data keys (1 tried): "
+        f"the KMS keyring with key {kms_key.alias_name} could not decrypt any of the "
+        "message's 1 encrypted data keys (1 tried): "
         f"KMS Decrypt with key {kms_key.alias_name} answered for {kms_key.arn}, "
-        f"not {kms_key_2.arn}"
+        f"not {kms_key_2.arn}. The message carries encrypted data keys for: "
+        f"AWS KMS key {kms_key_2.arn}"
     )
     assert keyring.kms_calls == {"Decrypt": 1}
     assert await decrypt_with(keyring, blob) == PLAINTEXT

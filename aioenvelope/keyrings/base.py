@@ -8,6 +8,7 @@ key from the message's EDKs. Materials are immutable; a keyring returns a copy.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,7 +22,7 @@ from ..format.suites import AlgorithmSuite
 if TYPE_CHECKING:
     from ..runtime import Runtime
 
-__all__ = ["DecryptionMaterials", "EncryptionMaterials", "Keyring"]
+__all__ = ["DecryptionMaterials", "EncryptionMaterials", "Keyring", "describe_encrypted_data_keys"]
 
 
 _M = TypeVar("_M", bound="_Materials")
@@ -94,6 +95,78 @@ class DecryptionMaterials(_Materials):
     encryption_context: Mapping[str, str]
     plaintext_data_key: bytes | None = field(default=None, repr=False)
     required_encryption_context_keys: frozenset[str] = frozenset()
+
+
+# EDKs described in an error message, at most: a message may carry 65535.
+EDKS_SHOWN = 10
+_NAME_LIMIT = 128  # characters of a name, ARN or provider info, each
+# The raw AES keyring's provider info: key name | tag bits (u32) | IV length (u32) | IV.
+_AES_INFO_TAIL = (128).to_bytes(4, "big") + (12).to_bytes(4, "big")
+# The hierarchical keyring's EDK ciphertext: salt (16) | IV (12) | version UUID (16) | ...
+_HIERARCHY_VERSION = slice(28, 44)
+
+
+def shown_name(text: str, limit: int = _NAME_LIMIT) -> str:
+    """A name for an error message; it may come from a message's header, i.e. from
+    whoever wrote it: cut to ``limit`` characters, and quoted (control characters and
+    all escaped) unless it is plainly printable without spaces."""
+    cut = text[:limit] + ("..." if len(text) > limit else "")
+    if cut and cut.isprintable() and " " not in cut and "'" not in cut:
+        return cut
+    return repr(cut)
+
+
+def _shown_info(info: bytes) -> str:
+    try:
+        return shown_name(info.decode("utf-8"))
+    except UnicodeDecodeError:
+        cut = info[: _NAME_LIMIT // 2]
+        return "0x" + cut.hex() + ("..." if len(info) > len(cut) else "")
+
+
+def _shown_arn(info: bytes) -> str:
+    """An ``aws-kms`` EDK's key ARN: whole when it looks like one, but each of its
+    ``:`` fields cut to 64 characters (a region or account of a forged message)."""
+    try:
+        text = info.decode("utf-8")
+    except UnicodeDecodeError:
+        return _shown_info(info)
+    fields = text.split(":", 5)
+    cut = ":".join(f[:64] + ("..." if len(f) > 64 else "") for f in fields)
+    return shown_name(cut, limit=2 * _NAME_LIMIT)
+
+
+def _describe_edk(edk: EncryptedDataKey) -> str:
+    """Who wrapped ``edk``, under which key: never its ciphertext (beyond the
+    hierarchical keyring's branch key version, which is not secret)."""
+    provider, info = edk.provider_id, edk.provider_info
+    if provider == "aws-kms":
+        return f"AWS KMS key {_shown_arn(info)}"
+    if provider == "aws-kms-hierarchy":
+        raw_version = edk.ciphertext[_HIERARCHY_VERSION]
+        version = str(uuid.UUID(bytes=raw_version)) if len(raw_version) == 16 else "(unreadable)"
+        return f"branch key {_shown_info(info)} version {version} (hierarchical keyring)"
+    shown_provider = shown_name(provider)
+    if len(info) >= len(_AES_INFO_TAIL) + 12 and info[-20:-12] == _AES_INFO_TAIL:
+        return f"raw AES key {shown_provider}/{_shown_info(info[:-20])}"
+    if not provider.startswith("aws-"):
+        # A raw RSA keyring's info is its key name; another provider's may be anything.
+        return f"key {shown_provider}/{_shown_info(info)}"
+    return f"provider {shown_provider} key {_shown_info(info)}"
+
+
+def describe_encrypted_data_keys(
+    encrypted_data_keys: Sequence[EncryptedDataKey], limit: int = EDKS_SHOWN
+) -> str:
+    """The keys a message's EDKs name, for an error message: for each, its provider and
+    key (raw: namespace/name; AWS KMS: the key ARN; hierarchical: the branch key ID and
+    version; another provider: its ID and info, printable and cut short), the first
+    ``limit`` of them. No key material and no ciphertext."""
+    if not encrypted_data_keys:
+        return "none"
+    shown = [_describe_edk(edk) for edk in encrypted_data_keys[:limit]]
+    more = len(encrypted_data_keys) - len(shown)
+    return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
 
 
 class Keyring:

@@ -127,6 +127,11 @@ def _check_plaintext(
 
 
 class _KmsKeyringBase(Keyring):
+    @property
+    def _description(self) -> str:
+        """The keyring and its keys, for error messages (no repr: that is for Python)."""
+        raise NotImplementedError
+
     def __init__(self, settings: KmsSettings, grant_tokens: Sequence[str]) -> None:
         self._clients = KmsClients(settings)
         self._grant_tokens = list(grant_tokens)
@@ -204,7 +209,8 @@ class _KmsKeyringBase(Keyring):
             raise transient[-1]
         reasons = "; ".join(str(f) for f in failures) or "no encrypted data key names a usable key"
         raise NoUsableKeyError(
-            f"{self!r} could not decrypt any of the message's {total_edks} encrypted data "
+            f"{self._description} could not decrypt any of the message's {total_edks} "
+            "encrypted data "
             f"keys ({len(attempts)} tried): {reasons}{skipped}"
         )
 
@@ -277,6 +283,14 @@ class KmsKeyring(_KmsKeyringBase):
     @property
     def key_ids(self) -> tuple[str, ...]:
         return (self.generator, *self.additional_key_ids)
+
+    @property
+    def _description(self) -> str:
+        keys = []
+        for key in self.key_ids:
+            arn = self._arns.get(key)
+            keys.append(key if arn in (None, key) else f"{key} ({arn})")
+        return f"the KMS keyring with key{'s' if len(keys) > 1 else ''} {', '.join(keys)}"
 
     def _region(self, key_id: str) -> str:
         arn = parse_arn(self._arns.get(key_id, key_id))
@@ -481,6 +495,15 @@ class KmsDiscoveryKeyring(_KmsKeyringBase):
             f"KmsDiscoveryKeyring(discovery_filter={self.discovery_filter!r}, "
             f"regions={sorted(self.regions)!r})"
         )
+
+    @property
+    def _description(self) -> str:
+        where = "in " + ", ".join(sorted(self.regions))
+        found = self.discovery_filter
+        if found is not None:
+            accounts = ", ".join(sorted(found.account_ids))
+            where += f", accounts {accounts} of partition {found.partition}"
+        return f"the KMS discovery keyring (keys {where})"
 
     def _skipped_note(self, refused: Collection[str]) -> str:
         if not refused:

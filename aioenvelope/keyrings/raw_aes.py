@@ -12,7 +12,7 @@ from ..errors import ConfigurationError, NoUsableKeyError
 from ..format import nonce_log
 from ..format.header import EncryptedDataKey
 from ._naming import check_raw_names
-from .base import DecryptionMaterials, EncryptionMaterials, Keyring
+from .base import DecryptionMaterials, EncryptionMaterials, Keyring, shown_name
 
 __all__ = ["RawAesKeyring"]
 
@@ -50,6 +50,10 @@ class RawAesKeyring(Keyring):
             f"wrapping_key=<AES-{self._bits}>)"
         )
 
+    @property
+    def _description(self) -> str:
+        return f"the raw AES keyring {shown_name(self.key_namespace)}/{shown_name(self.key_name)}"
+
     async def on_encrypt(self, materials: EncryptionMaterials) -> EncryptionMaterials:
         if materials.plaintext_data_key is None:
             materials = materials.generate_data_key()
@@ -85,8 +89,12 @@ class RawAesKeyring(Keyring):
             except InvalidTag:
                 continue
             return materials.with_data_key(data_key)
+        why = (
+            "wrong key, or the encryption context differs from the one used to encrypt"
+            if matched
+            else "the message was not encrypted for this key"
+        )
         raise NoUsableKeyError(
-            f"{self!r} could not decrypt any of the message's {len(encrypted_data_keys)} "
-            f"encrypted data keys ({matched} named this key): wrong key, or the encryption "
-            "context differs from the one used to encrypt"
+            f"{self._description} could not decrypt any of the message's "
+            f"{len(encrypted_data_keys)} encrypted data keys ({matched} named this key): {why}"
         )

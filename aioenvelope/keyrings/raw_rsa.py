@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from ..errors import ConfigurationError, NoUsableKeyError
 from ..format.header import EncryptedDataKey
 from ._naming import check_raw_names
-from .base import DecryptionMaterials, EncryptionMaterials, Keyring
+from .base import DecryptionMaterials, EncryptionMaterials, Keyring, shown_name
 
 __all__ = ["RawRsaKeyring"]
 
@@ -88,6 +88,10 @@ class RawRsaKeyring(Keyring):
             f"padding={self._padding_name}, keys={keys})"
         )
 
+    @property
+    def _description(self) -> str:
+        return f"the raw RSA keyring {shown_name(self.key_namespace)}/{shown_name(self.key_name)}"
+
     async def on_encrypt(self, materials: EncryptionMaterials) -> EncryptionMaterials:
         if self._public is None:  # unreachable by construction; kept for type narrowing
             raise ConfigurationError(f"{self!r} has no public key to encrypt with")
@@ -105,7 +109,7 @@ class RawRsaKeyring(Keyring):
             return materials
         private = self._private
         if private is None:
-            raise NoUsableKeyError(f"{self!r} has no private key, so it cannot decrypt")
+            raise NoUsableKeyError(f"{self._description} has no private key, so it cannot decrypt")
         key_length = materials.algorithm_suite.key_length
         candidates = [
             edk.ciphertext
@@ -125,8 +129,14 @@ class RawRsaKeyring(Keyring):
 
         data_key = await anyio.to_thread.run_sync(unwrap) if candidates else None
         if data_key is None:
+            why = (
+                "wrong private key, or another padding than the one used to encrypt"
+                if candidates
+                else "the message was not encrypted for this key"
+            )
             raise NoUsableKeyError(
-                f"{self!r} could not decrypt any of the message's {len(encrypted_data_keys)} "
-                f"encrypted data keys ({len(candidates)} named this key)"
+                f"{self._description} could not decrypt any of the message's "
+                f"{len(encrypted_data_keys)} encrypted data keys ({len(candidates)} named this "
+                f"key): {why}"
             )
         return materials.with_data_key(data_key)

@@ -20,6 +20,18 @@ _TAG_BITS = 128
 _IV_LENGTH = 12
 
 
+def _wrong_key_type(wrapping_key: object) -> str:
+    """What to say when the key is no bytes; never the value, which may be the key."""
+    what = type(wrapping_key).__name__
+    if isinstance(wrapping_key, str):
+        return (
+            "wrapping_key must be bytes, not str: decode a key held as text first (for "
+            "example base64.b64decode(text) or bytes.fromhex(text)); an `aioenvelope "
+            'keygen` key file is JSON whose "key" field is the key in base64'
+        )
+    return f"wrapping_key must be bytes (16, 24 or 32 of them), not {what}"
+
+
 class RawAesKeyring(Keyring):
     """Wraps with a local AES-128/192/256 key; the encryption context is the GCM AAD.
 
@@ -29,12 +41,13 @@ class RawAesKeyring(Keyring):
 
     def __init__(self, key_namespace: str, key_name: str, wrapping_key: bytes) -> None:
         check_raw_names(key_namespace, key_name)
-        if not isinstance(wrapping_key, (bytes, bytearray)) or len(wrapping_key) not in (
-            16,
-            24,
-            32,
-        ):
-            raise ConfigurationError("wrapping_key must be 16, 24 or 32 bytes (AES-128/192/256)")
+        if not isinstance(wrapping_key, (bytes, bytearray)):
+            raise ConfigurationError(_wrong_key_type(wrapping_key))
+        if len(wrapping_key) not in (16, 24, 32):
+            raise ConfigurationError(
+                f"wrapping_key must be 16, 24 or 32 bytes (AES-128/192/256), not "
+                f"{len(wrapping_key)} bytes"
+            )
         self.key_namespace = key_namespace
         self.key_name = key_name
         self._bits = len(wrapping_key) * 8

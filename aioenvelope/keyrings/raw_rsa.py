@@ -40,6 +40,19 @@ def _describe_padding(pad: asym_padding.AsymmetricPadding) -> str:
     )
 
 
+def _wrong_key_type(name: str, value: object) -> str:
+    """What to say when a key is not a key object; never the value (a PEM is a key)."""
+    kind = "RSAPrivateKey" if name == "private_key" else "RSAPublicKey"
+    loader = "load_pem_private_key" if name == "private_key" else "load_pem_public_key"
+    said = f"{name} must be a cryptography {kind}, not {type(value).__name__}"
+    if isinstance(value, (str, bytes, bytearray)):
+        said += (
+            f": load a PEM or DER key first, with cryptography.hazmat.primitives."
+            f"serialization.{loader} (or the load_der_ function)"
+        )
+    return said
+
+
 class RawRsaKeyring(Keyring):
     """Wraps with a local RSA public key, unwraps with the private key.
 
@@ -61,9 +74,9 @@ class RawRsaKeyring(Keyring):
         if private_key is None and public_key is None:
             raise ConfigurationError("RawRsaKeyring needs a private_key, a public_key or both")
         if private_key is not None and not isinstance(private_key, rsa.RSAPrivateKey):
-            raise ConfigurationError("private_key must be a cryptography RSAPrivateKey")
+            raise ConfigurationError(_wrong_key_type("private_key", private_key))
         if public_key is not None and not isinstance(public_key, rsa.RSAPublicKey):
-            raise ConfigurationError("public_key must be a cryptography RSAPublicKey")
+            raise ConfigurationError(_wrong_key_type("public_key", public_key))
         if private_key is not None:
             derived = private_key.public_key()
             if public_key is not None and public_key.public_numbers() != derived.public_numbers():

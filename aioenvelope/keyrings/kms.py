@@ -28,7 +28,7 @@ from ..errors import (
 from ..format.header import EncryptedDataKey
 from .base import DecryptionMaterials, EncryptionMaterials, Keyring
 from .kms_arn import KmsArn, mrk_match, parse_arn
-from .kms_clients import KmsClients, KmsSettings
+from .kms_clients import CREDENTIAL_ERROR_CODES, KmsClients, KmsSettings
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -316,8 +316,11 @@ class KmsKeyring(_KmsKeyringBase):
                 {"KeyId": key_id, "GrantTokens": self._grant_tokens},
             )
         except KMSError as exc:
-            if exc.transient:
-                raise  # KMS is unreachable or throttling: an outage, not a misconfiguration
+            if exc.transient or exc.error_code in CREDENTIAL_ERROR_CODES:
+                # KMS is unreachable or throttling (an outage), or nothing was sent for
+                # want of credentials: either way the key was not checked, and its own
+                # message says so better than "failed the start-up check" would.
+                raise
             what = {
                 "AccessDeniedException": "the caller lacks kms:DescribeKey on it",
                 "NotFoundException": "it does not exist in this account and region",

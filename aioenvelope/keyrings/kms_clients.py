@@ -9,6 +9,7 @@ for a connection *before* its deadline starts instead of timing out in the queue
 from __future__ import annotations
 
 import collections
+import contextvars
 import logging
 import os
 from collections.abc import Mapping
@@ -17,7 +18,15 @@ from typing import TYPE_CHECKING, Any
 import aioboto3
 import anyio
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    CredentialRetrievalError,
+    HTTPClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from ..errors import ConfigurationError, DynamoDBError, KMSError, KMSTimeoutError
 from ._log_redaction import release_redaction, retain_redaction
@@ -25,7 +34,7 @@ from ._log_redaction import release_redaction, retain_redaction
 if TYPE_CHECKING:
     from ..runtime import Runtime
 
-__all__ = ["MAX_CLIENTS", "KmsClients", "KmsSettings"]
+__all__ = ["CREDENTIAL_ERROR_CODES", "MAX_CLIENTS", "KmsClients", "KmsSettings"]
 
 log = logging.getLogger("aioenvelope.kms")
 
@@ -59,6 +68,82 @@ _TRANSIENT_CODES = frozenset(
         "RequestTimeoutException",
     }
 )
+
+
+# Errors raised before a request is sent: nothing was asked of the service, so they
+# say nothing about it (no breaker verdict), and retrying will not help.
+_CREDENTIAL_ERRORS = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError)
+#: The ``error_code`` of a call that failed for want of credentials (nothing was sent).
+CREDENTIAL_ERROR_CODES = frozenset(error.__name__ for error in _CREDENTIAL_ERRORS)
+_CREDENTIALS_HINT = (
+    ". Give AWS credentials the way the AWS CLI takes them: the AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY environment variables, a profile (AWS_PROFILE, "
+    "~/.aws/credentials), or an instance or container role"
+)
+_CONNECTION_HINT = ". Check endpoint_url, the region and the network"
+_MESSAGE_LIMIT = 300  # characters of botocore's or the service's own message
+
+
+class _Attempts:
+    """What each failed attempt of one call met, as botocore's retry handler saw it (its
+    ``needs-retry`` event): told apart from the caller's other calls by a context
+    variable, so that a deadline spent on retries can say on what."""
+
+    __slots__ = ("count", "last")
+
+    def __init__(self) -> None:
+        self.count = 0  # failed attempts
+        self.last = ""  # what the last one failed with
+
+
+_ATTEMPTS: contextvars.ContextVar[_Attempts | None] = contextvars.ContextVar(
+    "aioenvelope_attempts", default=None
+)
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())  # one line
+    return text if len(text) <= _MESSAGE_LIMIT else text[:_MESSAGE_LIMIT] + "..."
+
+
+def _what_failed(exc: BaseException) -> str:
+    """One attempt's failure in words, botocore's message kept."""
+    if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+        return f"a connection error ({_clip(str(exc))})"
+    return f"{type(exc).__name__} ({_clip(str(exc))})"
+
+
+def _record_attempt(
+    caught_exception: BaseException | None = None, response: Any = None, **_: Any
+) -> None:
+    """botocore's ``needs-retry`` hook, after every attempt: note a failed one."""
+    attempts = _ATTEMPTS.get()
+    if attempts is None:
+        return  # a call not made by us (a caller-supplied client's own)
+    if caught_exception is not None:
+        attempts.count += 1
+        attempts.last = _what_failed(caught_exception)
+        return
+    parsed = response[1] if isinstance(response, tuple) and len(response) == 2 else None
+    if not isinstance(parsed, Mapping):
+        return
+    status = parsed.get("ResponseMetadata", {}).get("HTTPStatusCode", 200)
+    error = parsed.get("Error")
+    if isinstance(status, int) and status >= 400 and isinstance(error, Mapping):
+        attempts.count += 1
+        code = str(error.get("Code", status))
+        message = str(error.get("Message", "")).strip()
+        attempts.last = _clip(f"{code}: {message}" if message else code)
+
+
+def _watch_attempts(client: Any) -> None:
+    """Register :func:`_record_attempt` on ``client`` (once, first: before the retry
+    handler, which answers the event)."""
+    events = getattr(getattr(client, "meta", None), "events", None)
+    if events is not None:
+        events.register_first(
+            "needs-retry", _record_attempt, unique_id="aioenvelope-record-attempt"
+        )
 
 
 class KmsSettings:
@@ -156,6 +241,7 @@ class KmsClients:
         if settings.client is not None:
             region = str(settings.client.meta.region_name)
             self._supplied = _Entry(region, settings.client, None, settings.max_connections)
+            _watch_attempts(settings.client)
 
     async def open(self) -> None:
         if not self._open:
@@ -291,6 +377,7 @@ class KmsClients:
                 error_code=type(exc).__name__,
                 transient=False,
             ) from exc
+        _watch_attempts(client)
         return _Entry(region, client, context, self.settings.max_connections)
 
     async def call(
@@ -313,7 +400,7 @@ class KmsClients:
         runtime = self.runtime
         breaker = runtime.breaker(region) if runtime is not None else None
         if breaker is not None:
-            breaker.before_call()  # fails fast, with no I/O, while KMS is down
+            breaker.before_call(self.label)  # fails fast, with no I/O, while it is down
         try:
             if operation == "Decrypt" and runtime is not None and not admitted:
                 await runtime.admit_remote_decrypt()
@@ -336,7 +423,9 @@ class KmsClients:
                 exc.error_code,
             )
             if breaker is not None:
-                if exc.transient:
+                if isinstance(exc.__cause__, _CREDENTIAL_ERRORS):
+                    breaker.record_abandoned()  # nothing was sent: no verdict on the service
+                elif exc.transient:
                     breaker.record_failure(self.label)
                 else:
                     breaker.record_success(self.label)  # answered (with an error): it is up
@@ -363,6 +452,8 @@ class KmsClients:
         async with entry.gate:
             log.debug("%s %s %s %s in %s", self.label, operation, self.target, key_id, region)
             self._count(operation)
+            attempts = _Attempts()
+            token = _ATTEMPTS.set(attempts)
             try:
                 with anyio.fail_after(self.settings.deadline):
                     response: dict[str, Any] = await method(**params)
@@ -370,21 +461,51 @@ class KmsClients:
                 raise self._failure(
                     operation,
                     key_id,
-                    f"did not finish within {self.settings.deadline:g} s (retries included)",
+                    self._timed_out(attempts),
                     error_code="Timeout",
                     transient=True,
                 ) from exc
             except ClientError as exc:
                 raise self._from_client_error(exc, operation, key_id) from exc
+            except _CREDENTIAL_ERRORS as exc:
+                raise self._failure(
+                    operation,
+                    key_id,
+                    f"failed: {_clip(str(exc))}{_CREDENTIALS_HINT}",
+                    error_code=type(exc).__name__,
+                    transient=False,
+                ) from exc
             except BotoCoreError as exc:
                 raise self._failure(
                     operation,
                     key_id,
-                    f"failed: {type(exc).__name__}",
+                    self._failed(exc, attempts),
                     error_code=type(exc).__name__,
                     transient=True,
                 ) from exc
+            finally:
+                _ATTEMPTS.reset(token)
         return response
+
+    def _timed_out(self, attempts: _Attempts) -> str:
+        said = f"did not finish within {self.settings.deadline:g} s (retries included)"
+        if not attempts.count:
+            return said  # the first attempt had no answer by then
+        tries = "attempt" if attempts.count == 1 else "attempts"
+        said += (
+            f": the time went on retries after {attempts.count} failed {tries}, the last "
+            f"with {attempts.last}"
+        )
+        return said + (_CONNECTION_HINT if attempts.last.startswith("a connection") else "")
+
+    @staticmethod
+    def _failed(exc: BotoCoreError, attempts: _Attempts) -> str:
+        """A botocore error that ended the call (retries spent, or not retryable)."""
+        what = _what_failed(exc)
+        count = max(attempts.count, 1)
+        said = f"failed with {what}" if count == 1 else f"failed {count} times, last with {what}"
+        connection = isinstance(exc, (BotoConnectionError, HTTPClientError))
+        return said + (_CONNECTION_HINT if connection else "")
 
     def _count(self, operation: str) -> None:
         self.calls[operation] += 1

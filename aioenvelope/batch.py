@@ -5,30 +5,58 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 import anyio
 import anyio.lowlevel
 
 from .errors import ConfigurationError
 
-__all__ = ["BatchProgress", "BatchResult", "run_batch"]
+__all__ = ["BatchFailure", "BatchProgress", "BatchResult", "BatchSuccess", "run_batch"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 @dataclass(frozen=True)
-class BatchResult(Generic[T, R]):
-    """One object's outcome: ``value`` when it succeeded, ``error`` when it did not."""
+class BatchSuccess(Generic[T, R]):
+    """An object whose operation returned ``value``. ``ok`` is ``True`` and ``error``
+    ``None``, typed as such, so that ``if result.ok`` narrows a :data:`BatchResult`."""
 
     item: T
-    value: R | None = field(default=None, repr=False)
-    error: Exception | None = None
+    value: R = field(repr=False)  # values stay out of logs
 
     @property
-    def ok(self) -> bool:
-        return self.error is None
+    def ok(self) -> Literal[True]:
+        return True
+
+    @property
+    def error(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class BatchFailure(Generic[T]):
+    """An object whose operation raised ``error``. ``ok`` is ``False`` and ``value``
+    ``None``."""
+
+    item: T
+    error: Exception
+
+    @property
+    def ok(self) -> Literal[False]:
+        return False
+
+    @property
+    def value(self) -> None:
+        return None
+
+
+BatchResult = BatchSuccess[T, R] | BatchFailure[T]
+"""One object's outcome: a :class:`BatchSuccess` or a :class:`BatchFailure`, both with
+``.item``, ``.value``, ``.error`` and ``.ok``. Test ``ok`` and the type checker knows
+which: ``[r.value for r in results if r.ok]`` is a ``list[R]``, and
+``[r.error for r in results if not r.ok]`` a ``list[Exception]``."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +91,7 @@ async def run_batch(
         results = await run_batch(
             rows, lambda row: client.reencrypt(row.blob, to_keyring=new_keyring), concurrency=16
         )
+        rotated = [r.value for r in results if r.ok]  # a list[bytes] to the type checker
         failed = [r for r in results if not r.ok]
     """
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
@@ -75,9 +104,9 @@ async def run_batch(
     async def one(index: int, item: T) -> None:
         nonlocal done, failed
         try:
-            results[index] = BatchResult(item, value=await operation(item))
+            results[index] = BatchSuccess(item, await operation(item))
         except Exception as exc:
-            results[index] = BatchResult(item, error=exc)
+            results[index] = BatchFailure(item, exc)
             failed += 1
         done += 1
         if on_progress is not None:

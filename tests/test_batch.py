@@ -21,6 +21,7 @@ from aioenvelope import (
     errors,
     run_batch,
 )
+from aioenvelope.batch import BatchFailure, BatchSuccess
 
 
 class Tracker:
@@ -176,10 +177,12 @@ async def test_concurrency_must_be_a_positive_int(concurrency: object) -> None:
 
 
 def test_batch_result_ok_follows_error() -> None:
-    assert BatchResult("x", value=1).ok
-    failed: BatchResult[str, int] = BatchResult("x", error=RuntimeError("no"))
-    assert not failed.ok
-    assert "value" not in repr(BatchResult("x", value=b"secret"))  # values stay out of logs
+    succeeded: BatchResult[str, int] = BatchSuccess("x", 1)
+    assert (succeeded.ok, succeeded.value, succeeded.error) == (True, 1, None)
+    error = RuntimeError("no")
+    failed: BatchResult[str, int] = BatchFailure("x", error)
+    assert (failed.ok, failed.value, failed.error) == (False, None, error)
+    assert "value" not in repr(BatchSuccess("x", b"secret"))  # values stay out of logs
 
 
 async def test_cancellation_stops_the_batch_and_leaves_no_task_running() -> None:

@@ -83,7 +83,6 @@ STREAMS = {"DecryptingStream", "EncryptingStream", "ReencryptingStream"}
 ENUMS = {"AlgorithmSuite", "CommitmentPolicy"}
 VALUE_TYPES = {  # frozen-or-not dataclasses: values a caller reads or builds
     "BatchProgress",
-    "BatchResult",
     "CacheConfig",
     "CircuitBreakerConfig",
     "ClientStats",
@@ -136,6 +135,7 @@ def test_the_public_api_is_exactly_these_names_and_star_import_gives_them() -> N
         | ENUMS
         | VALUE_TYPES
         | {
+            "BatchResult",
             "EnvelopeClient",
             "Keyring",
             "StreamSource",
@@ -148,7 +148,8 @@ def test_the_public_api_is_exactly_these_names_and_star_import_gives_them() -> N
 
 
 def test_every_public_name_is_what_it_says() -> None:
-    for name in PUBLIC_NAMES - {"StreamSource", "errors", "inspect", "run_batch"}:
+    aliases = {"BatchResult", "StreamSource"}  # type aliases: checked below
+    for name in PUBLIC_NAMES - aliases - {"errors", "inspect", "run_batch"}:
         exported = getattr(aioenvelope, name)
         assert isinstance(exported, type), name
         assert exported.__name__ == name  # not an alias of some other class
@@ -172,6 +173,10 @@ def test_every_public_name_is_what_it_says() -> None:
     assert inspect.isfunction(aioenvelope.inspect)
     assert inspect.iscoroutinefunction(aioenvelope.run_batch)
     assert typing.get_args(aioenvelope.StreamSource)[:3] == (bytes, bytearray, memoryview)
+    # A success or a failure, told apart by ``ok`` (for mypy too); both are dataclasses.
+    outcomes = [typing.get_origin(arm) for arm in typing.get_args(aioenvelope.BatchResult)]
+    assert outcomes == [aioenvelope.batch.BatchSuccess, aioenvelope.batch.BatchFailure]
+    assert all(dataclasses.is_dataclass(outcome) for outcome in outcomes)
     assert AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY.value == 0x0478
     assert AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384.value == 0x0578
     assert len(AlgorithmSuite) == 11
@@ -202,7 +207,7 @@ async def test_the_client_hands_back_the_exported_types(client: EnvelopeClient) 
         assert type(reencrypting) is aioenvelope.ReencryptingStream
         assert b"".join([chunk async for chunk in reencrypting])[:1] == b"\x02"
     (batch,) = await aioenvelope.run_batch([message], client.decrypt)
-    assert type(batch) is aioenvelope.BatchResult
+    assert type(batch) is aioenvelope.batch.BatchSuccess
     assert batch.value == b"typed"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 
 __all__ = ["ClientStats", "StatsRecorder"]
@@ -31,6 +31,15 @@ class ClientStats:
     breaker_transitions: int
     branch_key_cache_hits: int
     branch_key_cache_misses: int
+
+    def __repr__(self) -> str:
+        # Plain dicts, not the read-only views' ``mappingproxy({...})``.
+        shown = (
+            f"{f.name}={dict(value) if isinstance(value, Mapping) else value!r}"
+            for f in fields(self)
+            for value in (getattr(self, f.name),)
+        )
+        return f"ClientStats({', '.join(shown)})"
 
 
 @dataclass

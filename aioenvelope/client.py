@@ -36,6 +36,7 @@ from .streams import (
     DecryptingStream,
     EncryptingStream,
     StreamSource,
+    check_destination,
     check_source,
     file_chunks,
     flat,
@@ -310,6 +311,7 @@ class EnvelopeClient:
         The output is written to a temporary file (mode 0600) and moved into place only
         when complete; an existing ``destination`` is kept unless ``overwrite``.
         """
+        await check_destination(destination)
         size = (await anyio.Path(source).stat()).st_size
         stream = self.encrypt_stream(
             file_chunks(source),
@@ -428,6 +430,7 @@ class EnvelopeClient:
     ) -> MessageHeader:
         """Stream the encrypted file ``source`` into ``destination`` (mode 0600), which
         appears only once the whole message verified: on any error nothing is left."""
+        await check_destination(destination)
         stream = self.decrypt_stream(
             file_chunks(source), encryption_context=encryption_context, allow_signed=allow_signed
         )
@@ -522,6 +525,7 @@ class EnvelopeClient:
         """:meth:`reencrypt` from file to file at constant memory: ``destination``
         (mode 0600) appears only once the whole old message verified and the new one
         is complete; on any error nothing is left. Returns the new message's header."""
+        await check_destination(destination)
         info = await anyio.Path(source).stat()
         # A regular file's size bounds its plaintext (and lets the new message use a
         # cached data key); a pipe's or a device's says nothing.

@@ -15,6 +15,7 @@ import errno
 import inspect
 import os
 import secrets
+import stat
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -23,6 +24,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
+    Iterator,
 )
 from contextlib import aclosing
 from pathlib import Path
@@ -556,25 +558,34 @@ async def write_atomically_at(
     file under its hidden ``.NAME.*.partial`` name. ``display`` names the destination
     in errors (default ``name``)."""
     shown = display if display is not None else name
-    if not overwrite and await anyio.to_thread.run_sync(_exists_at, dir_fd, name):
+    # Before the first chunk is asked for: no KMS call, no byte of the source read.
+    with _naming(shown):
+        mode = await anyio.to_thread.run_sync(_mode_at, dir_fd, name)
+    if mode is not None and stat.S_ISDIR(mode):
+        raise _is_directory(shown)
+    if not overwrite and mode is not None:
         raise _exists(shown)
-    temporary = await anyio.to_thread.run_sync(_Temporary, dir_fd, name)
+    with _naming(shown):
+        temporary = await anyio.to_thread.run_sync(_Temporary, dir_fd, name)
     written = 0
     try:
         with os.fdopen(temporary.fd, "wb", closefd=False) as raw:
             pending: list[bytes] = []
             size = 0
-            async for chunk in chunks:
+            async for chunk in chunks:  # its own errors (the source's) are its own
                 pending.append(chunk)
                 size += len(chunk)
                 if size >= STEP:  # one thread hop per MiB, not per frame
-                    await anyio.to_thread.run_sync(raw.writelines, pending)
+                    with _naming(shown):
+                        await anyio.to_thread.run_sync(raw.writelines, pending)
                     written, pending, size = written + size, [], 0
-            await anyio.to_thread.run_sync(raw.writelines, pending)
-            written += size
-            await anyio.to_thread.run_sync(raw.flush)
-        await anyio.to_thread.run_sync(os.fsync, temporary.fd)
-        await anyio.to_thread.run_sync(temporary.move_into_place, name, overwrite, shown)
+            with _naming(shown):
+                await anyio.to_thread.run_sync(raw.writelines, pending)
+                written += size
+                await anyio.to_thread.run_sync(raw.flush)
+        with _naming(shown):
+            await anyio.to_thread.run_sync(os.fsync, temporary.fd)
+            await anyio.to_thread.run_sync(temporary.move_into_place, name, overwrite, shown)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(temporary.discard)
@@ -602,6 +613,27 @@ _NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL})
 
 def _open_directory(path: Path) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _mode_at(dir_fd: int, name: str) -> int | None:
+    """What ``name`` is in the directory (its ``st_mode``; a link's own), or None."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def _naming(shown: str) -> Iterator[None]:
+    """An ``OSError`` of writing the output names the destination ``shown``: not the
+    hidden file it is written to first (``.NAME.*.partial``, ``/proc/self/fd/N``, ``.``),
+    which the caller never asked for and which is gone by the time they read it."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, shown) from None
 
 
 def _exists_at(dir_fd: int, name: str) -> bool:
@@ -719,6 +751,24 @@ class _Temporary:
         if not self._closed:
             self._closed = True
             os.close(self.fd)
+
+
+async def check_destination(destination: str | os.PathLike[str]) -> None:
+    """Refuse a ``destination`` that is a directory at once, before the source is opened
+    or a key asked for (:func:`write_atomically` checks again, for one made meanwhile)."""
+    try:
+        mode = (await anyio.Path(destination).lstat()).st_mode
+    except OSError:
+        return  # absent (fine), or a problem that writing will name
+    if stat.S_ISDIR(mode):
+        raise _is_directory(str(destination))
+
+
+def _is_directory(shown: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"{shown} is a directory: give the path of the file to write "
+        "(overwrite=True replaces a file, never a directory)"
+    )
 
 
 def _exists(shown: str) -> ConfigurationError:

@@ -7,7 +7,8 @@ outages); the clock is injected so tests don't wait 30 s.
 Failures are counted per service: a branch key fetch is a DynamoDB GetItem then a KMS
 Decrypt, and a GetItem that succeeds says nothing about KMS, so it must not end a run of
 KMS failures (if it did, a KMS outage behind a healthy table would never open the
-breaker). Open, the breaker refuses every call in its region, of either service.
+breaker). Open, the breaker refuses every call in its region, of either service; the
+probe is a call to the service that opened it, and only its answer closes it.
 """
 
 from __future__ import annotations
@@ -44,13 +45,21 @@ class CircuitBreaker:
         self.state = CLOSED
         stats.breaker_states[region] = CLOSED
 
-    def before_call(self) -> None:
-        """Let the call through, or raise :class:`CircuitOpenError` without any I/O."""
+    def before_call(self, service: str = "KMS") -> None:
+        """Let a call to ``service`` through, or raise :class:`CircuitOpenError` without
+        any I/O.
+
+        Open, the breaker refuses every call in its region, of either service, until the
+        reset timeout; then the first call to the service that opened it is the one
+        probe (half-open: everything else is refused until it answers). A call to the
+        other service, made then on the way to that probe (a branch key fetch's GetItem
+        before its KMS Decrypt), goes through without becoming the probe."""
         if self.state == CLOSED:
             return
         waited = self._clock() - self._opened_at
         if self.state == OPEN and waited >= self._config.reset_timeout:
-            self._move(HALF_OPEN)  # this call is the one probe
+            if service == self._opened_by:
+                self._move(HALF_OPEN)  # this call is the one probe
             return
         retry_after = max(self._config.reset_timeout - waited, 0.001)
         raise CircuitOpenError(
@@ -62,26 +71,42 @@ class CircuitBreaker:
             retry_after=retry_after,
         )
 
+    def refuses(self) -> bool:
+        """Whether :meth:`before_call` would refuse any call now (open, before the reset
+        timeout, or a probe in flight); no state changes. Lets a caller refuse early,
+        before it spends a rate-limit token on a call that cannot go out."""
+        if self.state == CLOSED:
+            return False
+        return self.state == HALF_OPEN or (
+            self._clock() - self._opened_at < self._config.reset_timeout
+        )
+
     def record_success(self, service: str = "KMS") -> None:
         """``service`` answered (success, or an error that proves it is up).
 
-        Closing on another service's answer (the probe of a fetch is its GetItem, after
-        KMS failed) leaves the service that opened the breaker on probation: its next
-        transient failure opens it again at once."""
-        self._failures.pop(service, None)
-        if self.state != CLOSED:
-            if self._opened_by != service:
-                self._failures[self._opened_by] = self._config.failure_threshold - 1
+        Only the probe's answer closes an open breaker: answers that arrive while it is
+        open, or from the other service while half-open, are late answers to calls let
+        through before (or on the way to the probe) and prove nothing about the service
+        that failed."""
+        if self.state == CLOSED:
+            self._failures.pop(service, None)
+        elif self.state == HALF_OPEN and service == self._opened_by:
+            self._failures.clear()
             self._move(CLOSED)
 
     def record_failure(self, service: str = "KMS") -> None:
         """A transient failure of ``service``: timeout, network, 5xx, throttling after
-        retries."""
+        retries. Counted while closed; the probe's failure reopens the breaker; other
+        answers while it is open change nothing (they would reopen it, or carry stale
+        counts past its closing)."""
         if self.state == HALF_OPEN:
-            self._open(service)
+            if service == self._opened_by:
+                self._open(service)
+            return
+        if self.state == OPEN:
             return
         failures = self._failures[service] = self._failures.get(service, 0) + 1
-        if self.state == CLOSED and failures >= self._config.failure_threshold:
+        if failures >= self._config.failure_threshold:
             self._open(service)
 
     def record_abandoned(self) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from fake_clock import FakeClock
-from fault_proxy import FaultProxy
+from fault_proxy import FaultProxy, wait_for
 from kms_server import REGION
 from task_leaks import other_tasks
 
@@ -471,3 +471,116 @@ async def test_closing_the_client_logs_each_service_client_by_its_name(
         f"closing the DynamoDB client for region {REGION}",
         f"closing the KMS client for region {REGION}",
     ]
+
+
+# ---------------------------------------------------------------------------------------
+# One probe, and only the probe closes the breaker (found by review: late answers and a
+# probe fetch's GetItem used to close it)
+# ---------------------------------------------------------------------------------------
+
+
+async def tenants_table(make_branch_key_store: StoreFactory, count: int) -> list[str]:
+    """A table of ``count`` branch keys, one per tenant: fetches that share nothing."""
+    async with make_branch_key_store() as admin:
+        await admin.create_table()
+        return [await admin.create_branch_key(f"tenant-{i}") for i in range(count)]
+
+
+def by_tenant(ctx: Mapping[str, str]) -> str:
+    return ctx["tenant"]
+
+
+async def kms_outage_opens_the_breaker(client: EnvelopeClient, fault_proxy: FaultProxy) -> None:
+    fault_proxy.fail_next(THRESHOLD, 500, operation="Decrypt")
+    for _ in range(THRESHOLD):
+        with pytest.raises(errors.KMSError):
+            await client.encrypt(PLAINTEXT, encryption_context={"tenant": "tenant-0"})
+    assert client.stats.breaker_states[REGION] == "open"
+
+
+async def test_a_late_answer_does_not_close_an_open_breaker(
+    make_branch_key_store: StoreFactory, fault_proxy: FaultProxy
+) -> None:
+    """GetItems already in flight when KMS failures open the breaker answer afterwards:
+    that says nothing about KMS, and must not close it (their fetches' Decrypts would
+    then reach the failing KMS, and each failure reopen it: a flapping breaker)."""
+    tenants = await tenants_table(make_branch_key_store, 2 * THRESHOLD)
+    store = proxied(make_branch_key_store, fault_proxy, deadline=5.0, max_attempts=1)
+    clock = FakeClock()
+    keyring = HierarchicalKeyring(store, branch_key_id_supplier=by_tenant)
+    async with EnvelopeClient(keyring, clock=clock) as client:
+        fault_proxy.fail_next(100, 500, operation="Decrypt")  # KMS is down throughout
+        fault_proxy.slow_next(THRESHOLD, 1.0, operation="GetItem")
+        late = [
+            asyncio.create_task(client.encrypt(PLAINTEXT, encryption_context={"tenant": t}))
+            for t in tenants[THRESHOLD:]
+        ]
+        await wait_for(lambda: fault_proxy.requests().get("GetItem", 0) >= THRESHOLD, "reads")
+        for tenant in tenants[:THRESHOLD]:
+            with pytest.raises(errors.KMSError):
+                await client.encrypt(PLAINTEXT, encryption_context={"tenant": tenant})
+        assert client.stats.breaker_states[REGION] == "open"
+        decrypts, transitions = fault_proxy.requests()["Decrypt"], client.stats.breaker_transitions
+        outcomes = await asyncio.gather(*late, return_exceptions=True)
+        assert all(isinstance(o, errors.CircuitOpenError) for o in outcomes), outcomes
+        assert fault_proxy.requests()["Decrypt"] == decrypts
+        assert client.stats.breaker_transitions == transitions
+        assert client.stats.breaker_states[REGION] == "open"
+
+
+async def test_after_a_kms_outage_only_the_probe_reaches_kms(
+    make_branch_key_store: StoreFactory, fault_proxy: FaultProxy
+) -> None:
+    """After the reset timeout, the probe is a fetch: its GetItem goes through on the
+    way, and its KMS Decrypt is the one probe. While that Decrypt is pending (KMS hangs
+    now), every other fetch in the region is refused at once: one call reaches the
+    failing KMS, not one per waiting tenant."""
+    tenants = await tenants_table(make_branch_key_store, 10)
+    store = proxied(make_branch_key_store, fault_proxy, deadline=SHORT_DEADLINE, max_attempts=1)
+    clock = FakeClock()
+    keyring = HierarchicalKeyring(store, branch_key_id_supplier=by_tenant)
+    async with EnvelopeClient(keyring, clock=clock) as client:
+        await kms_outage_opens_the_breaker(client, fault_proxy)
+        fault_proxy.slow_next(100, 3.0, operation="Decrypt")  # KMS hangs now
+        clock.advance(RESET_TIMEOUT)
+        before = fault_proxy.requests()["Decrypt"]
+        probe = asyncio.create_task(
+            client.encrypt(PLAINTEXT, encryption_context={"tenant": tenants[0]})
+        )
+        await wait_for(lambda: fault_proxy.requests()["Decrypt"] > before, "the probe's Decrypt")
+        assert client.stats.breaker_states[REGION] == "half_open"
+        others = await asyncio.gather(
+            *(client.encrypt(PLAINTEXT, encryption_context={"tenant": t}) for t in tenants[1:]),
+            return_exceptions=True,
+        )
+        assert all(isinstance(o, errors.CircuitOpenError) for o in others), others
+        with pytest.raises(errors.KMSError):
+            await probe
+        assert fault_proxy.requests()["Decrypt"] == before + 1
+        assert client.stats.breaker_states[REGION] == "open"
+
+
+async def test_fetches_the_open_breaker_refuses_take_no_rate_limit_token(
+    make_branch_key_store: StoreFactory, branch_keys: tuple[str, str], fault_proxy: FaultProxy
+) -> None:
+    """A fetch refused by the open breaker sends nothing, so it must not spend a token
+    of the decrypt rate limit either: otherwise refusals during an outage drain the
+    bucket and the probe after it is refused by the rate limit instead of probing."""
+    store = proxied(make_branch_key_store, fault_proxy, deadline=5.0, max_attempts=1)
+    clock = FakeClock()
+    async with EnvelopeClient(
+        HierarchicalKeyring(store, branch_key_id=branch_keys[0]),
+        clock=clock,
+        decrypt_rate_limit=RateLimit(rate=0.001, burst=2 * THRESHOLD),
+    ) as client:
+        fault_proxy.fail_next(THRESHOLD, 500, operation="Decrypt")
+        for _ in range(THRESHOLD):
+            with pytest.raises(errors.KMSError):
+                await client.encrypt(PLAINTEXT)
+        for _ in range(THRESHOLD):
+            with pytest.raises(errors.CircuitOpenError):
+                await client.encrypt(PLAINTEXT)
+        clock.advance(RESET_TIMEOUT)
+        message = await client.encrypt(PLAINTEXT)  # the probe, with the last token
+        assert await client.decrypt(message) == PLAINTEXT
+        assert client.stats.rate_limited == 0

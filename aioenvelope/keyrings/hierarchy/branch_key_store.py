@@ -605,10 +605,15 @@ class BranchKeyStore:
 
     async def _admit(self) -> None:
         """One decrypt rate-limit token per fetch (its KMS Decrypt is a remote unwrap),
-        taken before the GetItem: a refused fetch costs neither call."""
+        taken before the GetItem: a refused fetch costs neither call. An open breaker is
+        asked first, so a fetch it would refuse takes no token."""
         self._check_open()
         runtime = self._kms.runtime
         if runtime is not None:
+            for service, region in (("DynamoDB", self._ddb_region), ("KMS", self._kms_region)):
+                breaker = runtime.breaker(region)
+                if breaker is not None and breaker.refuses():
+                    breaker.before_call(service)  # raises CircuitOpenError, no I/O
             await runtime.admit_remote_decrypt()
 
     def _where(self, branch_key_id: str, version: str | None) -> str:

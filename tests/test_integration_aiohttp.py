@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import json
+import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -32,9 +34,10 @@ from http_framing import (
     http11_get,
 )
 from kms_server import REGION, KmsKey, MotoKms
+from moto_keyrings import shared_session
 from web_kms import one_attempt_kms_keyring
 
-from aioenvelope import EnvelopeClient, RateLimit, RawAesKeyring, errors
+from aioenvelope import EnvelopeClient, Keyring, KmsKeyring, RateLimit, RawAesKeyring, errors
 from aioenvelope.integrations.aiohttp import (
     ENVELOPE_CLIENT,
     envelope_cleanup_ctx,
@@ -45,6 +48,7 @@ from aioenvelope.integrations.aiohttp import (
 
 CONTEXT = {"tenant": "t1", "purpose": "aiohttp-integration-tests"}
 MIB = 1 << 20
+LOGGER = "aioenvelope.integrations"
 STORE: web.AppKey[Path] = web.AppKey("store", Path)
 SOURCES: web.AppKey[dict[str, CountedSource]] = web.AppKey("sources", dict)
 CAPPED_LIMIT = 256 * 1024
@@ -193,6 +197,11 @@ async def chunks_of(data: bytes) -> AsyncIterator[bytes]:
 async def retry_later(response: aiohttp.ClientResponse) -> tuple[int, str, object]:
     """Status, Retry-After and JSON body of a 429/503."""
     return response.status, response.headers["Retry-After"], await response.json()
+
+
+def integration_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """What the middleware logged (the lines an operator alerts on)."""
+    return [r for r in caplog.records if r.name == LOGGER]
 
 
 # -- one client per application ----------------------------------------------------------
@@ -373,9 +382,10 @@ async def test_rate_limited_decrypt_is_a_429_with_retry_after(
 async def test_open_circuit_breaker_is_a_503_with_retry_after(
     moto_kms: MotoKms, kms_key: KmsKey, tmp_path: Path
 ) -> None:
-    """Five KMS 500s in a row open the breaker (default config); then encrypt, decrypt
-    and a streamed encrypt are 503s with Retry-After: 30 and send KMS nothing, until the
-    held clock passes the reset timeout and a probe succeeds."""
+    """Five KMS 500s in a row (each a 503 ``key_service_unavailable``) open the breaker
+    (default config); then encrypt, decrypt and a streamed encrypt are 503s
+    ``kms_unavailable`` with Retry-After: 30 and send KMS nothing, until the held clock
+    passes the reset timeout and a probe succeeds."""
     async with EnvelopeClient(
         one_attempt_kms_keyring(moto_kms.endpoint_url, kms_key), cache=None
     ) as writer:
@@ -388,9 +398,13 @@ async def test_open_circuit_breaker_is_a_503_with_retry_after(
         async with serving(app) as http:
             proxy.fail_next(5, 500, operation="GenerateDataKey")
             for _ in range(5):
-                # KMSError itself is not the middleware's to map: a plain 500.
+                # Each failure itself is a transient KMSError: 503 with a short wait.
                 async with http.post("/encrypt", data=b"x") as response:
-                    assert response.status == 500
+                    assert await retry_later(response) == (
+                        503,
+                        "2",
+                        {"error": "key_service_unavailable", "retry_after": 2},
+                    )
             assert app[ENVELOPE_CLIENT].stats.breaker_states[REGION] == "open"
             sent = sum(proxy.requests().values())
 
@@ -410,6 +424,173 @@ async def test_open_circuit_breaker_is_a_503_with_retry_after(
                     b"sealed before the outage",
                 )
             assert app[ENVELOPE_CLIENT].stats.breaker_states[REGION] == "closed"
+
+
+# -- messages that cannot be opened as asked ------------------------------------------------
+
+KEY_BYTES = os.urandom(32)
+
+
+def app_keyring() -> RawAesKeyring:
+    return RawAesKeyring("test-namespace", "aiohttp-key", KEY_BYTES)
+
+
+async def sealed_under(keyring: Keyring, context: Mapping[str, str]) -> bytes:
+    async with EnvelopeClient(keyring) as writer:
+        return await writer.encrypt(os.urandom(64 * 1024), encryption_context=context)
+
+
+async def unopenable(case: str) -> bytes:
+    """A message that :func:`app_keyring` cannot open under CONTEXT, for one reason."""
+    if case == "wrong context":  # e.g. a blob copied from another tenant's row
+        return await sealed_under(app_keyring(), {**CONTEXT, "tenant": "t2"})
+    if case == "another key":
+        other = RawAesKeyring("test-namespace", "another-key", os.urandom(32))
+        return await sealed_under(other, CONTEXT)
+    blob = await sealed_under(app_keyring(), CONTEXT)
+    if case in ("tampered", "truncated"):
+        return damaged(blob, case)
+    assert case == "not a message", case
+    return b"a plain CSV file, never encrypted\n"
+
+
+UNOPENABLE = [
+    ("wrong context", 409, "encryption_context_mismatch", errors.EncryptionContextMismatchError),
+    ("tampered", 422, "message_not_authentic", errors.AuthenticationError),
+    ("truncated", 422, "message_truncated", errors.TruncatedMessageError),
+    ("not a message", 422, "malformed_message", errors.MalformedMessageError),
+    ("another key", 422, "no_usable_key", errors.NoUsableKeyError),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "code", "error"), UNOPENABLE, ids=[c[0] for c in UNOPENABLE]
+)
+async def test_a_message_that_cannot_be_opened_is_a_clean_4xx_and_one_warning_line(
+    tmp_path: Path,
+    case: str,
+    status: int,
+    code: str,
+    error: type[errors.EnvelopeError],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The bug: a bare 500. Now a 409 (intact, but bound to another context) or a 422
+    (nobody can open these bytes), a JSON body with a fixed code and nothing else (no
+    exception text, no key name, no plaintext), and one WARNING line with the method,
+    path, status, code, error class and the error's own text, for the operator."""
+    blob = await unopenable(case)
+    async with EnvelopeClient(app_keyring()) as client:
+        with pytest.raises(error) as raised:
+            await client.decrypt(blob, encryption_context=CONTEXT)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        async with (
+            serving(envelope_app(lambda: EnvelopeClient(app_keyring()), tmp_path)) as http,
+            http.post("/decrypt", data=blob) as response,
+        ):
+            status_and_type = (response.status, response.content_type)
+            body = await response.read()
+            assert "Retry-After" not in response.headers
+    assert status_and_type == (status, "application/json")
+    assert json.loads(body) == {"error": code}
+    records = integration_records(caplog)
+    assert [(r.levelno, r.getMessage()) for r in records] == [
+        (
+            logging.WARNING,
+            f"POST /decrypt answered {status} {code}: {type(raised.value).__name__}: "
+            f"{raised.value}",
+        )
+    ]
+    assert (vars(records[0])["http_status"], vars(records[0])["error_code"]) == (status, code)
+    assert KEY_BYTES.hex() not in caplog.text
+
+
+async def test_the_log_line_stays_one_line_whatever_the_path_holds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A path is the client's to choose: a percent-encoded newline must not start a
+    forged log line of its own."""
+    keyring = app_keyring()
+    await store_message(keyring, tmp_path / "a\nWARNING forged", os.urandom(MIB), "truncated")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        async with listening(envelope_app(lambda: EnvelopeClient(keyring), tmp_path)) as port:
+            answer = await exchange(port, http10_get("/objects/a%0AWARNING%20forged"))
+    assert answer.status == 422
+    (record,) = integration_records(caplog)
+    assert record.getMessage().startswith(
+        "GET /objects/a\\nWARNING forged answered 422 message_truncated: "
+    )
+    assert "\n" not in record.getMessage()
+
+
+# -- key services that fail: 503 when transient, a generic 500 otherwise --------------------
+
+
+def proxied_kms_keyring(proxy: FaultProxy, key: KmsKey, *, deadline: float = 2.0) -> KmsKeyring:
+    return KmsKeyring(
+        key.arn,
+        session=shared_session(),
+        region_name=REGION,
+        endpoint_url=proxy.url,
+        check_keys=False,
+        deadline=deadline,
+    )
+
+
+async def test_a_transient_key_service_failure_is_a_503_with_a_short_retry_after(
+    kms_key: KmsKey, fault_proxy: FaultProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """KMS answering 500 to every Decrypt until the keyring's deadline: an outage, not
+    an answer about this request, so 503 ``key_service_unavailable`` with Retry-After: 2;
+    the key ARN only in the log."""
+    keyring = proxied_kms_keyring(fault_proxy, kms_key, deadline=0.5)
+    app = envelope_app(lambda: EnvelopeClient(keyring, cache=None), tmp_path)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        async with serving(app) as http:
+            async with http.post("/encrypt", data=b"sealed before the outage") as response:
+                blob = await response.read()
+            fault_proxy.fail_next(100, 500, operation="Decrypt")
+            async with http.post("/decrypt", data=blob) as response:
+                answer = await retry_later(response)
+    assert answer == (503, "2", {"error": "key_service_unavailable", "retry_after": 2})
+    (record,) = integration_records(caplog)
+    assert record.getMessage().startswith("POST /decrypt answered 503 key_service_unavailable: ")
+    assert kms_key.arn in record.getMessage()
+
+
+async def test_kms_refusing_access_is_a_generic_500_on_encrypt_and_no_usable_key_on_decrypt(
+    kms_key: KmsKey, fault_proxy: FaultProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """AccessDenied is an answer, not an outage: no Retry-After. On encrypt a
+    ``KMSError``, a server misconfiguration: 500 with a generic body, the ARN only in
+    the log. On decrypt a KmsKeyring folds KMS's refusal into ``NoUsableKeyError``, so
+    the message's 422, the log line giving KMS's reason."""
+    keyring = proxied_kms_keyring(fault_proxy, kms_key)
+    app = envelope_app(lambda: EnvelopeClient(keyring, cache=None), tmp_path)
+    answers: list[tuple[int, bytes, bool]] = []
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        async with serving(app) as http:
+            async with http.post("/encrypt", data=b"sealed before the change") as response:
+                blob = await response.read()
+            fault_proxy.refuse_next(1, "AccessDeniedException", operation="GenerateDataKey")
+            async with http.post("/encrypt", data=b"x") as response:
+                answers.append(
+                    (response.status, await response.read(), "Retry-After" in response.headers)
+                )
+            fault_proxy.refuse_next(1, "AccessDeniedException", operation="Decrypt")
+            async with http.post("/decrypt", data=blob) as response:
+                answers.append(
+                    (response.status, await response.read(), "Retry-After" in response.headers)
+                )
+    assert [(status, json.loads(body), later) for status, body, later in answers] == [
+        (500, {"error": "key_service_error"}, False),
+        (422, {"error": "no_usable_key"}, False),
+    ]
+    lines = [r.getMessage() for r in integration_records(caplog)]
+    assert [line.split(": ")[:2] for line in lines] == [
+        ["POST /encrypt answered 500 key_service_error", "KMSError"],
+        ["POST /decrypt answered 422 no_usable_key", "NoUsableKeyError"],
+    ]
+    assert all("AccessDeniedException" in line and kms_key.arn in line for line in lines)
 
 
 # -- how a failed download ends ------------------------------------------------------------
@@ -442,36 +623,51 @@ async def test_http10_download_is_sent_whole_with_a_content_length(tmp_path: Pat
     assert answer.body == plaintext
 
 
+DAMAGE_CODES = {"tampered": "message_not_authentic", "truncated": "message_truncated"}
+
+
 @pytest.mark.parametrize("damage", DAMAGES)
 async def test_damaged_message_over_http10_is_an_error_status_not_a_body_cut_at_the_close(
-    tmp_path: Path, damage: str
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The bug: the first megabyte or so of plaintext went out under a 200, then aiohttp
     dropped the connection, which is how an HTTP/1.0 body ends. Now the whole message is
-    checked first and the error is raised from the handler, before anything is sent."""
+    checked first and the error is raised from the handler, before anything is sent:
+    the middleware answers 422 with the damage's code and logs it."""
     keyring = RawAesKeyring("test-namespace", "aiohttp-key", os.urandom(32))
     plaintext = os.urandom(2 * MIB)
     await store_message(keyring, tmp_path / "doc", plaintext, damage)
-    async with listening(envelope_app(lambda: EnvelopeClient(keyring), tmp_path)) as port:
-        answer = await exchange(port, http10_get("/objects/doc"))
-    assert (answer.status, answer.complete, answer.framed) == (500, True, True), answer.raw[:300]
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        async with listening(envelope_app(lambda: EnvelopeClient(keyring), tmp_path)) as port:
+            answer = await exchange(port, http10_get("/objects/doc"))
+    assert (answer.status, answer.complete, answer.framed) == (422, True, True), answer.raw[:300]
+    assert json.loads(answer.body) == {"error": DAMAGE_CODES[damage]}
     assert plaintext[:64] not in answer.body
+    assert [r.getMessage().split(":")[0] for r in integration_records(caplog)] == [
+        f"GET /objects/doc answered 422 {DAMAGE_CODES[damage]}"
+    ]
 
 
 @pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection-close"])
 @pytest.mark.parametrize("damage", DAMAGES)
 async def test_damaged_message_over_http11_ends_without_the_terminating_chunk(
-    tmp_path: Path, damage: str, close: bool
+    tmp_path: Path, damage: str, close: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """HTTP/1.1 is streamed, with or without ``Connection: close``: chunked (never
     close-delimited), and when decryption fails aiohttp drops the connection without
-    the zero-length chunk that ends a chunked body, so the client sees it incomplete."""
+    the zero-length chunk that ends a chunked body, so the client sees it incomplete.
+    The middleware cannot answer any more, but logs why the body was cut off."""
     keyring = RawAesKeyring("test-namespace", "aiohttp-key", os.urandom(32))
     plaintext = os.urandom(2 * MIB)
     await store_message(keyring, tmp_path / "doc", plaintext, damage)
-    async with listening(envelope_app(lambda: EnvelopeClient(keyring), tmp_path)) as port:
-        answer = await exchange(port, http11_get("/objects/doc", close=close))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        async with listening(envelope_app(lambda: EnvelopeClient(keyring), tmp_path)) as port:
+            answer = await exchange(port, http11_get("/objects/doc", close=close))
     assert_streamed_then_cut_short(answer, plaintext)
+    assert [r.getMessage().split(":")[0] for r in integration_records(caplog)] == [
+        "GET /objects/doc cut off mid-body (the status had been sent; would have been "
+        f"422 {DAMAGE_CODES[damage]})"
+    ]
 
 
 async def test_http10_download_past_the_buffer_limit_is_a_505_and_stops_decrypting(

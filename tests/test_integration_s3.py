@@ -8,6 +8,7 @@ passes the call through to moto unchanged.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import struct
 import uuid
@@ -17,9 +18,12 @@ from typing import Any
 import aioboto3
 import aws_encryption_sdk
 import boto3
+import httpx
 import pytest
 from esdk_peer import esdk_decrypt
+from fastapi import FastAPI, Request
 from kms_server import REGION, KmsKey, MotoKms
+from starlette.responses import StreamingResponse
 
 import aioenvelope
 from aioenvelope import EnvelopeClient, KmsKeyring, errors
@@ -29,6 +33,12 @@ from aioenvelope.integrations.s3 import (
     download_decrypted,
     envelope_metadata,
     upload_encrypted,
+)
+from aioenvelope.integrations.starlette import (
+    envelope_lifespan,
+    get_envelope_client,
+    install_error_handlers,
+    stream_response,
 )
 
 MIB = 1 << 20
@@ -259,3 +269,75 @@ async def test_a_bad_part_size_is_refused_before_any_call(
     with pytest.raises(errors.ConfigurationError, match="part_size"):
         await upload_encrypted(client, s3, b"x", bucket=bucket, key="p", part_size=0)
     assert s3.calls == []
+
+
+# -- behind a web service: what the example services do -----------------------------------
+
+
+def files_app(moto_kms: MotoKms, kms_key: KmsKey, s3: Any, bucket: str) -> FastAPI:
+    """The example services' file routes: each file sealed under ``{"file": name}``."""
+    keyring = KmsKeyring(kms_key.arn, endpoint_url=moto_kms.endpoint_url, region_name=REGION)
+    app = FastAPI(lifespan=envelope_lifespan(lambda: EnvelopeClient(keyring)))
+    install_error_handlers(app)
+
+    @app.put("/files/{name}")
+    async def put_file(name: str, request: Request) -> int:
+        client = await get_envelope_client(request)
+        stored = await upload_encrypted(
+            client, s3, request.stream(), bucket=bucket, key=name, encryption_context={"file": name}
+        )
+        return stored.size
+
+    @app.get("/files/{name}")
+    async def get_file(name: str, request: Request) -> StreamingResponse:
+        client = await get_envelope_client(request)
+        plaintext = download_decrypted(
+            client, s3, bucket=bucket, key=name, encryption_context={"file": name}
+        )
+        return await stream_response(plaintext)
+
+    app.state.keyring = keyring
+    return app
+
+
+async def test_a_renamed_object_is_a_409_and_a_warning_not_a_500_or_the_other_files_data(
+    moto_kms: MotoKms,
+    kms_key: KmsKey,
+    s3: Recording,
+    bucket: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The example services' promise: a file renamed in S3 does not answer for its new
+    name. It is refused at the header, before any KMS call or plaintext, as a 409
+    ``encryption_context_mismatch`` with nothing else in the body (the bug was a bare
+    500 with a traceback), and the operator gets a WARNING line naming the path. An
+    object that is no message at all (uploaded around the service) is a 422."""
+    app = files_app(moto_kms, kms_key, s3, bucket)
+    data = pattern(200_000)
+    admin = admin_s3(moto_kms)
+    transport = httpx.ASGITransport(app=app)
+    with caplog.at_level(logging.WARNING, logger="aioenvelope.integrations"):
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://testserver") as http,
+        ):
+            assert (await http.put("/files/q3.csv", content=data)).status_code == 200
+            assert (await http.get("/files/q3.csv")).content == data
+            admin.copy_object(
+                Bucket=bucket, Key="q4.csv", CopySource={"Bucket": bucket, "Key": "q3.csv"}
+            )
+            admin.delete_object(Bucket=bucket, Key="q3.csv")
+            decrypts = app.state.keyring.kms_calls["Decrypt"]
+            renamed = await http.get("/files/q4.csv")
+            assert app.state.keyring.kms_calls["Decrypt"] == decrypts
+            admin.put_object(Bucket=bucket, Key="plain.csv", Body=b"id,amount\n1,100\n")
+            plain = await http.get("/files/plain.csv")
+    assert (renamed.status_code, renamed.json()) == (409, {"error": "encryption_context_mismatch"})
+    assert (plain.status_code, plain.json()) == (422, {"error": "malformed_message"})
+    assert [r.getMessage() for r in caplog.records if r.name == "aioenvelope.integrations"] == [
+        "GET /files/q4.csv answered 409 encryption_context_mismatch: "
+        "EncryptionContextMismatchError: encryption context value for key 'file' does not "
+        "match the message",
+        "GET /files/plain.csv answered 422 malformed_message: MalformedMessageError: "
+        "not an AWS Encryption SDK message: unknown version byte 0x69",
+    ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
@@ -33,6 +34,7 @@ from http_framing import (
     http11_get,
 )
 from kms_server import REGION, KmsKey, MotoKms
+from moto_keyrings import shared_session
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
@@ -41,9 +43,12 @@ from web_kms import one_attempt_kms_keyring
 
 import aioenvelope
 from aioenvelope import (
+    BranchKeyStore,
     CircuitBreakerConfig,
     EnvelopeClient,
+    HierarchicalKeyring,
     Keyring,
+    KmsKeyring,
     RateLimit,
     RawAesKeyring,
     errors,
@@ -59,6 +64,7 @@ from aioenvelope.integrations.starlette import (
 
 CONTEXT = {"tenant": "t1"}
 MIB = 1 << 20
+LOGGER = "aioenvelope.integrations"
 Envelope = Annotated[EnvelopeClient, Depends(get_envelope_client)]
 Archive = Annotated[EnvelopeClient, Depends(envelope_client_dependency("archive"))]
 
@@ -152,6 +158,22 @@ def assert_retry_later(response: httpx.Response, status: int, error: str, second
     assert response.status_code == status, response.text
     assert response.headers["Retry-After"] == str(seconds)
     assert response.json() == {"error": error, "retry_after": seconds}
+
+
+def integration_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """What the integration logged (the lines an operator alerts on)."""
+    return [r for r in caplog.records if r.name == LOGGER]
+
+
+def assert_logged_once(
+    caplog: pytest.LogCaptureFixture, line: str, *, status: int, code: str
+) -> None:
+    """Exactly one WARNING line from the integration, ``line``, with the structured
+    fields a log handler can index."""
+    records = integration_records(caplog)
+    assert [(r.levelno, r.getMessage()) for r in records] == [(logging.WARNING, line)]
+    fields = vars(records[0])
+    assert (fields["http_status"], fields["error_code"]) == (status, code)
 
 
 @pytest.fixture
@@ -358,8 +380,9 @@ async def test_open_circuit_answers_503_with_retry_after(
     kms_key: KmsKey, proxy: FaultProxy
 ) -> None:
     """Two KMS 500s in a row open the breaker (threshold 2): the failures themselves are
-    not mapped (they reach the server as errors), every call after them is a 503 with
-    Retry-After counting down the 30 s reset timeout, and none reaches KMS."""
+    transient KMS errors, answered 503 ``key_service_unavailable`` with a short
+    Retry-After; every call after them is a 503 ``kms_unavailable`` with Retry-After
+    counting down the 30 s reset timeout, and none reaches KMS."""
     clock = FakeClock()
     app = make_app(
         lambda: EnvelopeClient(
@@ -373,16 +396,9 @@ async def test_open_circuit_answers_503_with_retry_after(
         blob = (await http.post("/encrypt", content=b"before the outage")).content
         proxy.fail_next(2, 500)
         for _ in range(2):
-            with pytest.raises(errors.KMSError) as info:
-                await http.post("/encrypt", content=b"during the outage")
-            assert type(info.value) is errors.KMSError  # not yet a CircuitOpenError
-            failure = info.value
-            assert (failure.operation, failure.error_code, failure.transient) == (
-                "GenerateDataKey",
-                "KMSInternalException",
-                True,
-            )
-            assert failure.key_id == kms_key.arn
+            response = await http.post("/encrypt", content=b"during the outage")
+            assert_retry_later(response, 503, "key_service_unavailable", 2)
+            assert kms_key.arn not in response.text
         assert app.state.envelope.stats.breaker_states[REGION] == "open"
         sent = sum(proxy.requests().values())
 
@@ -416,6 +432,206 @@ async def test_retry_after_is_whole_seconds_rounded_up_and_at_least_one(
         assert_retry_later(await http.get("/open"), 503, "kms_unavailable", seconds)
 
 
+# -- messages that cannot be opened as asked -----------------------------------------------
+
+KEY_BYTES = os.urandom(32)
+
+
+async def sealed_under(keyring: Keyring, context: Mapping[str, str]) -> bytes:
+    async with EnvelopeClient(keyring) as writer:
+        return await writer.encrypt(os.urandom(64 * 1024), encryption_context=context)
+
+
+async def unopenable(case: str) -> bytes:
+    """A message that the app's keyring (``RawAesKeyring("starlette-tests", "app",
+    KEY_BYTES)``) cannot open under CONTEXT, for one reason."""
+    ours = RawAesKeyring("starlette-tests", "app", KEY_BYTES)
+    if case == "wrong context":  # e.g. a blob copied from another tenant's row
+        return await sealed_under(ours, {"tenant": "t2"})
+    if case == "another key":
+        return await sealed_under(
+            RawAesKeyring("starlette-tests", "other", os.urandom(32)), CONTEXT
+        )
+    blob = await sealed_under(ours, CONTEXT)
+    if case in ("tampered", "truncated"):
+        return damaged(blob, case)
+    assert case == "not a message", case
+    return b"a plain CSV file, never encrypted\n"
+
+
+UNOPENABLE = [
+    ("wrong context", 409, "encryption_context_mismatch", errors.EncryptionContextMismatchError),
+    ("tampered", 422, "message_not_authentic", errors.AuthenticationError),
+    ("truncated", 422, "message_truncated", errors.TruncatedMessageError),
+    ("not a message", 422, "malformed_message", errors.MalformedMessageError),
+    ("another key", 422, "no_usable_key", errors.NoUsableKeyError),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "code", "error"), UNOPENABLE, ids=[c[0] for c in UNOPENABLE]
+)
+async def test_a_message_that_cannot_be_opened_is_a_clean_4xx_and_one_warning_line(
+    case: str,
+    status: int,
+    code: str,
+    error: type[errors.EnvelopeError],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The bug: a bare 500 with a traceback. Now a 409 (intact, but bound to another
+    context) or a 422 (nobody can open these bytes), a JSON body with a fixed code and
+    nothing else (no exception text, no key name, no plaintext), and one WARNING line
+    with the method, path, status, code, error class and the error's own text, for the
+    operator to alert on."""
+    blob = await unopenable(case)
+    keyring = RawAesKeyring("starlette-tests", "app", KEY_BYTES)
+    async with EnvelopeClient(keyring) as client:
+        with pytest.raises(error) as raised:
+            await client.decrypt(blob, encryption_context=CONTEXT)
+    app = make_app(lambda: EnvelopeClient(RawAesKeyring("starlette-tests", "app", KEY_BYTES)))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        async with serving(app) as http:
+            response = await http.post("/decrypt", content=blob)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    assert response.content == json.dumps({"error": code}, separators=(",", ":")).encode()
+    assert "Retry-After" not in response.headers
+    assert_logged_once(
+        caplog,
+        f"POST /decrypt answered {status} {code}: {type(raised.value).__name__}: {raised.value}",
+        status=status,
+        code=code,
+    )
+    assert KEY_BYTES.hex() not in caplog.text
+
+
+async def test_a_handler_the_app_registered_first_is_kept() -> None:
+    """An app that maps a wrong context to a 404 (its context encodes the tenant, so
+    the answer must not confirm the object exists) keeps its handler, whichever of the
+    two was installed first."""
+    app = FastAPI()
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"detail": "Not Found"}, status_code=404)
+
+    app.add_exception_handler(errors.EncryptionContextMismatchError, not_found)
+    install_error_handlers(app)
+
+    @app.get("/records/{name}")
+    async def record(name: str) -> None:
+        raise errors.EncryptionContextMismatchError("sealed for another tenant")
+
+    @app.get("/files/{name}")
+    async def file(name: str) -> None:
+        raise errors.AuthenticationError("frame 3 failed authentication")
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        assert (await http.get("/records/r1")).status_code == 404
+        answer = await http.get("/files/f1")
+        assert (answer.status_code, answer.json()) == (422, {"error": "message_not_authentic"})
+
+
+# -- key services that fail: 503 when transient, a generic 500 otherwise --------------------
+
+
+def proxied_kms_keyring(proxy: FaultProxy, key: KmsKey, *, deadline: float = 2.0) -> KmsKeyring:
+    return KmsKeyring(
+        key.arn,
+        session=shared_session(),
+        region_name=REGION,
+        endpoint_url=proxy.url,
+        check_keys=False,
+        deadline=deadline,
+    )
+
+
+async def test_a_transient_key_service_failure_is_a_503_with_a_short_retry_after(
+    kms_key: KmsKey, fault_proxy: FaultProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """KMS answering 500 to every Decrypt until the keyring's deadline: an outage, not
+    an answer about this request, so 503 ``key_service_unavailable`` with Retry-After: 2
+    (the breaker's own 503 takes over if it persists); the key ARN only in the log."""
+    keyring = proxied_kms_keyring(fault_proxy, kms_key, deadline=0.5)
+    app = make_app(lambda: EnvelopeClient(keyring, cache=None))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        async with serving(app) as http:
+            blob = (await http.post("/encrypt", content=b"sealed before the outage")).content
+            fault_proxy.fail_next(100, 500, operation="Decrypt")
+            response = await http.post("/decrypt", content=blob)
+    assert_retry_later(response, 503, "key_service_unavailable", 2)
+    assert kms_key.arn not in response.text
+    (record,) = integration_records(caplog)
+    assert record.getMessage().startswith("POST /decrypt answered 503 key_service_unavailable: ")
+    assert vars(record)["error_class"] in ("KMSError", "KMSTimeoutError")
+    assert kms_key.arn in record.getMessage()
+
+
+async def test_kms_refusing_access_is_a_generic_500_on_encrypt_and_no_usable_key_on_decrypt(
+    kms_key: KmsKey, fault_proxy: FaultProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """AccessDenied is an answer, not an outage: no Retry-After. On encrypt it is a
+    ``KMSError`` (a server misconfiguration): 500 with a generic body, the ARN only in
+    the log. On decrypt a KmsKeyring folds KMS's refusal of a data key into
+    ``NoUsableKeyError`` (a message may carry keys it is not meant to open), so the
+    answer is the message's 422 and the log line gives KMS's reason."""
+    keyring = proxied_kms_keyring(fault_proxy, kms_key)
+    app = make_app(lambda: EnvelopeClient(keyring, cache=None))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        async with serving(app) as http:
+            blob = (await http.post("/encrypt", content=b"sealed before the change")).content
+            fault_proxy.refuse_next(1, "AccessDeniedException", operation="GenerateDataKey")
+            refused_encrypt = await http.post("/encrypt", content=b"x")
+            fault_proxy.refuse_next(1, "AccessDeniedException", operation="Decrypt")
+            refused_decrypt = await http.post("/decrypt", content=blob)
+    assert (refused_encrypt.status_code, refused_encrypt.json()) == (
+        500,
+        {"error": "key_service_error"},
+    )
+    assert "Retry-After" not in refused_encrypt.headers
+    assert (refused_decrypt.status_code, refused_decrypt.json()) == (
+        422,
+        {"error": "no_usable_key"},
+    )
+    assert kms_key.arn not in refused_encrypt.text + refused_decrypt.text
+    lines = [r.getMessage() for r in integration_records(caplog)]
+    assert [line.split(": ")[:2] for line in lines] == [
+        ["POST /encrypt answered 500 key_service_error", "KMSError"],
+        ["POST /decrypt answered 422 no_usable_key", "NoUsableKeyError"],
+    ]
+    assert all("AccessDeniedException" in line and kms_key.arn in line for line in lines)
+
+
+async def test_a_branch_key_store_refused_by_kms_is_a_generic_500(
+    branch_keys: tuple[str, str],
+    make_branch_key_store: Callable[..., BranchKeyStore],
+    fault_proxy: FaultProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The hierarchical keyring's KMS Decrypt is of the branch key, which the server
+    must always be allowed: a refusal is its misconfiguration, a 500 ``key_service_error``
+    whatever the message."""
+    tenant = branch_keys[0]
+    async with EnvelopeClient(
+        HierarchicalKeyring(make_branch_key_store(), branch_key_id=tenant)
+    ) as w:
+        blob = await w.encrypt(b"a record", encryption_context=CONTEXT)
+    store = make_branch_key_store(endpoint_url=fault_proxy.url)
+    app = make_app(lambda: EnvelopeClient(HierarchicalKeyring(store, branch_key_id=tenant)))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        async with serving(app) as http:
+            fault_proxy.refuse_next(1, "AccessDeniedException", operation="Decrypt")
+            response = await http.post("/decrypt", content=blob)
+            again = await http.post("/decrypt", content=blob)
+    assert (response.status_code, response.json()) == (500, {"error": "key_service_error"})
+    assert (again.status_code, again.content) == (200, b"a record")
+    (record,) = integration_records(caplog)
+    assert record.getMessage().startswith(
+        "POST /decrypt answered 500 key_service_error: KMSError: "
+    )
+    assert "AccessDeniedException" in record.getMessage()
+
+
 # -- how a failed download ends, through a real uvicorn ----------------------------------------
 #
 # Over HTTP/1.0 a body without a Content-Length ends when the connection closes, so a
@@ -446,10 +662,16 @@ async def uvicorn_serving(app: ASGIApp) -> AsyncIterator[int]:
 
 class Downloads:
     """A FastAPI app with one download endpoint, ``GET /objects/{name}``, that decrypts
-    a stored message with :func:`stream_response`; the app maps the errors of a message
-    gone bad at rest to a 500 of its own, as docs/errors.md suggests."""
+    a stored message with :func:`stream_response`. With ``corrupt_is_500``, the app
+    maps the errors of a message gone bad at rest to a 500 of its own (registered after
+    :func:`install_error_handlers`, for the base classes only)."""
 
-    def __init__(self, http10_buffer_limit: int = DEFAULT_HTTP10_BUFFER_LIMIT) -> None:
+    def __init__(
+        self,
+        http10_buffer_limit: int = DEFAULT_HTTP10_BUFFER_LIMIT,
+        *,
+        corrupt_is_500: bool = False,
+    ) -> None:
         self.keyring = RawAesKeyring("starlette-tests", "downloads", os.urandom(32))
         self.sources: dict[str, CountedSource] = {}
         self.app = FastAPI(lifespan=envelope_lifespan(lambda: EnvelopeClient(self.keyring)))
@@ -458,8 +680,9 @@ class Downloads:
         async def corrupt_at_rest(request: Request, exc: Exception) -> Response:
             return JSONResponse({"error": "stored_object_corrupt"}, status_code=500)
 
-        self.app.add_exception_handler(errors.AuthenticationError, corrupt_at_rest)
-        self.app.add_exception_handler(errors.MalformedMessageError, corrupt_at_rest)
+        if corrupt_is_500:
+            self.app.add_exception_handler(errors.AuthenticationError, corrupt_at_rest)
+            self.app.add_exception_handler(errors.MalformedMessageError, corrupt_at_rest)
 
         @self.app.get("/objects/{name}")
         async def download(name: str, client: Envelope) -> StreamingResponse:
@@ -488,26 +711,49 @@ async def test_http10_download_is_sent_whole_with_a_content_length() -> None:
     assert downloads.sources["doc"].closed
 
 
+DAMAGE_CODES = {"tampered": "message_not_authentic", "truncated": "message_truncated"}
+
+
 @pytest.mark.parametrize("damage", DAMAGES)
 async def test_damaged_message_over_http10_is_an_error_status_not_a_body_cut_at_the_close(
-    damage: str,
+    damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The bug: the first megabyte or so of plaintext went out under a 200, then the
     connection closed, which is how an HTTP/1.0 body ends. Now the whole message is
-    checked first, and the failure reaches the app's exception handler."""
+    checked first, and the failure reaches the app's exception handlers: a 422 with the
+    damage's code, and the operator's log line."""
     downloads = Downloads()
+    await downloads.store("doc", os.urandom(2 * MIB), damage)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        async with uvicorn_serving(downloads.app) as port:
+            answer = await exchange(port, http10_get("/objects/doc"))
+    assert (answer.status, answer.complete) == (422, True), answer.raw[:300]
+    assert json.loads(answer.body) == {"error": DAMAGE_CODES[damage]}
+    assert downloads.sources["doc"].closed
+    assert [r.getMessage().split(":")[0] for r in integration_records(caplog)] == [
+        f"GET /objects/doc answered 422 {DAMAGE_CODES[damage]}"
+    ]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+async def test_an_apps_own_handler_for_a_base_class_replaces_the_mapping_for_its_family(
+    damage: str,
+) -> None:
+    """An app that knows its storage may answer a corrupt object with its own 500: one
+    handler for ``MalformedMessageError`` covers ``TruncatedMessageError`` too, since
+    install_error_handlers registers the roots of each family only."""
+    downloads = Downloads(corrupt_is_500=True)
     await downloads.store("doc", os.urandom(2 * MIB), damage)
     async with uvicorn_serving(downloads.app) as port:
         answer = await exchange(port, http10_get("/objects/doc"))
     assert (answer.status, answer.complete) == (500, True), answer.raw[:300]
     assert json.loads(answer.body) == {"error": "stored_object_corrupt"}
-    assert downloads.sources["doc"].closed
 
 
 @pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection-close"])
 @pytest.mark.parametrize("damage", DAMAGES)
 async def test_damaged_message_over_http11_ends_without_the_terminating_chunk(
-    damage: str, close: bool
+    damage: str, close: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """HTTP/1.1 is streamed, with or without ``Connection: close``: chunked (never
     close-delimited), and when decryption fails uvicorn drops the connection without
@@ -515,9 +761,16 @@ async def test_damaged_message_over_http11_ends_without_the_terminating_chunk(
     downloads = Downloads()
     plaintext = os.urandom(2 * MIB)
     await downloads.store("doc", plaintext, damage)
-    async with uvicorn_serving(downloads.app) as port:
-        answer = await exchange(port, http11_get("/objects/doc", close=close))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        async with uvicorn_serving(downloads.app) as port:
+            answer = await exchange(port, http11_get("/objects/doc", close=close))
     assert_streamed_then_cut_short(answer, plaintext)
+    # The status went out before the damage was reached, so no handler ran: the line
+    # that says why the body was cut off comes from stream_response.
+    assert [r.getMessage().split(":")[0] for r in integration_records(caplog)] == [
+        "GET /objects/doc cut off mid-body (the status had been sent; would have been "
+        f"422 {DAMAGE_CODES[damage]})"
+    ]
 
 
 async def test_http10_download_past_the_buffer_limit_is_a_505_and_stops_decrypting() -> None:

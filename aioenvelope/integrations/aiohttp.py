@@ -1,5 +1,5 @@
-"""aiohttp integration: one :class:`EnvelopeClient` per application, and HTTP answers
-for the two errors that mean "try again later".
+"""aiohttp integration: one :class:`EnvelopeClient` per application, and clean HTTP
+answers (and a log line) for the library's errors.
 
 The client must live as long as the application: its KMS connections, data-key caches,
 rate limiter and circuit breakers are all per client, so a client per request would
@@ -19,6 +19,13 @@ make a KMS call per request and never trip its breaker. ::
     app = web.Application(middlewares=[envelope_error_middleware])
     app.cleanup_ctx.append(envelope_cleanup_ctx(lambda: EnvelopeClient(KmsKeyring("alias/data"))))
     app.router.add_post("/seal", seal)
+
+:func:`envelope_error_middleware` answers the library's errors with the same statuses,
+JSON bodies and log lines as the Starlette integration's ``install_error_handlers``
+(see its module docstring for the table): 429/503 with ``Retry-After`` for "try again
+later", 409/422 for a message that cannot be opened as asked, 500 for a key service or
+key store that refuses, and one WARNING line on the ``aioenvelope.integrations`` logger
+for each but the load-shedding 429 and 503.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from ..client import EnvelopeClient
-from ..errors import CircuitOpenError, ConfigurationError, KMSDecryptRateLimited
+from ..errors import ConfigurationError, EnvelopeError
+from ._answers import answer_for, log_answered, log_cut_off
 from ._http10 import (
     DEFAULT_HTTP10_BUFFER_LIMIT,
     HTTP10_REFUSAL,
@@ -39,7 +47,6 @@ from ._http10 import (
     gather_within,
     marks_body_end,
 )
-from ._retry_later import retry_later
 
 __all__ = [
     "DEFAULT_HTTP10_BUFFER_LIMIT",
@@ -99,38 +106,54 @@ def envelope_client(
     return client
 
 
-def _retry_later(exc: KMSDecryptRateLimited | CircuitOpenError) -> web.Response:
-    answer = retry_later(exc)
-    return web.json_response(answer.body, status=answer.status, headers=answer.headers)
-
-
 @web.middleware
 async def envelope_error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer :class:`~aioenvelope.errors.KMSDecryptRateLimited` with 429 and
-    :class:`~aioenvelope.errors.CircuitOpenError` with 503, each with ``Retry-After``
-    (whole seconds, rounded up, at least 1) and a JSON body
-    ``{"error": "decrypt_rate_limited" | "kms_unavailable", "retry_after": n}``.
+    """Answer the library's errors with a fixed code in a JSON body, never the
+    exception's text (which names keys, regions and tables: details for the log line
+    this writes, not for callers):
 
-    The body carries a fixed code, not the exception's text, which names the rate limit
-    and the KMS region: details for the server's logs, not for callers.
+    - :class:`~aioenvelope.errors.KMSDecryptRateLimited`: 429, and
+      :class:`~aioenvelope.errors.CircuitOpenError`: 503, each with ``Retry-After``
+      (whole seconds, rounded up, at least 1) and
+      ``{"error": "decrypt_rate_limited" | "kms_unavailable", "retry_after": n}``;
+    - a transient :class:`~aioenvelope.errors.KeyServiceError`: 503
+      ``key_service_unavailable`` with ``Retry-After: 2``; any other: 500
+      ``key_service_error``;
+    - a message that cannot be opened as asked: 409 ``encryption_context_mismatch``, or
+      422 ``message_not_authentic``, ``message_truncated``, ``message_limit_exceeded``,
+      ``malformed_message``, ``algorithm_suite_not_allowed``, ``signed_message_refused``
+      or ``no_usable_key``; a branch key store that cannot serve: 500
+      ``key_store_error``.
 
-    An error raised after a ``StreamResponse`` was prepared cannot become a 429/503: the
-    status line has gone out. The error is re-raised and aiohttp drops the connection;
-    over HTTP/1.1 that leaves a chunked body without its terminating chunk, which the
-    client sees as incomplete, but over HTTP/1.0 a body without a ``Content-Length``
-    ends at the close, so the cut is invisible. Streams make their one KMS call before
-    their first chunk, so use :func:`stream_response`, which takes that chunk before
-    preparing the response and does not stream to HTTP/1.0 requests.
+    Each but the 429 and the open breaker's 503 is logged once at WARNING on the
+    ``aioenvelope.integrations`` logger (method, path, status, code, the error's class
+    and text). To answer otherwise where the handler knows better (a ciphertext the
+    client sent is a 400; a context that encodes a tenant should give a 404), catch the
+    error in the handler, or in a middleware listed after this one.
+
+    An error raised after a ``StreamResponse`` was prepared cannot change the status:
+    the status line has gone out. The error is logged and re-raised, and aiohttp drops
+    the connection; over HTTP/1.1 that leaves a chunked body without its terminating
+    chunk, which the client sees as incomplete, but over HTTP/1.0 a body without a
+    ``Content-Length`` ends at the close, so the cut is invisible. Streams make their one
+    KMS call (and read the message header) before their first chunk, so use
+    :func:`stream_response`, which takes that chunk before preparing the response and
+    does not stream to HTTP/1.0 requests.
     """
     # A snapshot, not a test for zero: what went out before the handler ran (an interim
     # "100 Continue", which some aiohttp versions count) is no response of the handler's.
     sent_before = request.writer.output_size
     try:
         return await handler(request)
-    except (KMSDecryptRateLimited, CircuitOpenError) as exc:
-        if request.writer.output_size > sent_before:
+    except EnvelopeError as exc:
+        answer = answer_for(exc)
+        if answer is None:
             raise
-        return _retry_later(exc)
+        if request.writer.output_size > sent_before:
+            log_cut_off(request.method, request.path, exc)
+            raise
+        log_answered(request.method, request.path, exc, answer)
+        return web.json_response(answer.body, status=answer.status, headers=answer.headers)
 
 
 class _ByteStream(Protocol):

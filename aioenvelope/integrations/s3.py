@@ -35,6 +35,14 @@ encrypted, for operators and inventory jobs, without a download or a KMS call:
 Metadata is not authenticated (anyone with ``s3:PutObject`` can change it): use it to
 find objects, never to trust them; the message header is what decryption checks.
 S3 errors (``NoSuchKey``, ``AccessDenied``...) come from your S3 client unchanged.
+
+Bind each object to its name with the encryption context (``{"file": key}``, as the
+example services do): an object renamed or copied to another key then fails its download
+at the header, before any KMS call or plaintext, with
+:class:`~aioenvelope.errors.EncryptionContextMismatchError`, instead of answering for a
+name it was not written under. The web integrations' error handlers answer that with a
+409, a truncated or altered object with a 422 (or, once streaming over HTTP/1.1, a body
+cut off), and log a WARNING line for each.
 """
 
 from __future__ import annotations

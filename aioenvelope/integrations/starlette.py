@@ -1,5 +1,5 @@
 """Starlette and FastAPI integration: one :class:`EnvelopeClient` per application, and
-HTTP answers for the two errors that mean "try again later".
+clean HTTP answers (and a log line) for the library's errors.
 
 The client must live as long as the application: its KMS connections, data-key caches,
 rate limiter and circuit breakers are all per client, so a client per request would
@@ -31,28 +31,47 @@ make a KMS call per request and never trip its breaker. ::
 Plain Starlette works the same way: ``Starlette(lifespan=envelope_lifespan(...))`` and
 ``client = await get_envelope_client(request)`` in an endpoint.
 
-What :func:`install_error_handlers` maps::
+What :func:`install_error_handlers` maps (JSON bodies ``{"error": code}``, plus
+``"retry_after": n`` with a ``Retry-After: n`` header where shown)::
 
-    KMSDecryptRateLimited  ->  429  {"error": "decrypt_rate_limited", "retry_after": n}
-    CircuitOpenError       ->  503  {"error": "kms_unavailable", "retry_after": n}
-    anything else          ->  unchanged (a 500 unless you map it)
+    KMSDecryptRateLimited            429  decrypt_rate_limited          Retry-After: n
+    CircuitOpenError                 503  kms_unavailable               Retry-After: n
+    KeyServiceError, transient       503  key_service_unavailable       Retry-After: 2
+    KeyServiceError, not transient   500  key_service_error
+    EncryptionContextMismatchError   409  encryption_context_mismatch
+    AuthenticationError              422  message_not_authentic
+    TruncatedMessageError            422  message_truncated
+    MessageLimitError                422  message_limit_exceeded
+    MalformedMessageError            422  malformed_message
+    CommitmentPolicyError            422  algorithm_suite_not_allowed
+    SignedStreamRefusedError         422  signed_message_refused
+    NoUsableKeyError                 422  no_usable_key
+    BranchKeyStoreError (+ subs)     500  key_store_error
+    anything else                    unchanged (a 500 unless you map it)
 
-with ``Retry-After: n``, whole seconds from the error's ``retry_after``, rounded up,
-at least 1.
-
-Nothing else is mapped, on purpose: whether an ``AuthenticationError`` or a
-``MalformedMessageError`` is the caller's fault (400) or corrupt storage (500) depends
-on where the ciphertext came from, which only the application knows.
+``Retry-After`` is whole seconds from the error's ``retry_after``, rounded up, at least
+1. Every answer but the 429 and the open breaker's 503 also logs one WARNING line on the
+``aioenvelope.integrations`` logger (method, path, status, code, the error's class and
+text), which is what to alert on: a 409 or 422 from your own storage means a corrupt,
+tampered or misplaced object. Why 409/422 and not 500: the same request fails the same
+way however often it is repeated, and a 5xx would invite clients and SDKs to retry and
+load balancers to eject a healthy instance. If your endpoint knows better (a ciphertext
+the client sent is a 400; a context that encodes a tenant should give a 404, so the
+answer does not confirm the object exists), catch the error there, or register your own
+handler for its class: :func:`install_error_handlers` leaves handlers already
+registered for a class alone, and one registered later replaces its own.
 
 An error raised after a ``StreamingResponse`` started (its status line is sent before
-its first chunk is pulled) cannot become a 429/503. Streams make their one KMS call
-before their first chunk, so return them with :func:`stream_response`, which pulls that
-chunk before the response starts, and which streams only where a body that fails can
-be told from one that ended:
+its first chunk is pulled) cannot change its status. Streams make their one KMS call
+and read the message header before their first chunk, so return them with
+:func:`stream_response`, which pulls that chunk before the response starts (a wrong
+context, a malformed header, a rate limit: all still answered as above), and which
+streams only where a body that fails can be told from one that ended:
 
 - HTTP/1.1 (and 2): streamed. A later failure (a tampered or truncated message) is
-  re-raised; the server drops the connection without the terminating zero-length chunk
-  (uvicorn does, tested), so the client sees an incomplete body.
+  logged (the same WARNING line, saying the body was cut off) and re-raised; the server
+  drops the connection without the terminating zero-length chunk (uvicorn does,
+  tested), so the client sees an incomplete body.
 - HTTP/1.0 (nginx's default ``proxy_http_version``): a streamed body would end where
   the connection closes, failure or not, so none is streamed. The rest of the stream is
   read first (every frame verified, as ``decrypt()`` would), then sent with a
@@ -76,10 +95,11 @@ import anyio
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from ..client import EnvelopeClient
-from ..errors import CircuitOpenError, ConfigurationError, KMSDecryptRateLimited
+from ..errors import ConfigurationError, EnvelopeError
+from ._answers import ANSWERED, answer_for, log_answered, log_cut_off
 from ._http10 import (
     DEFAULT_HTTP10_BUFFER_LIMIT,
     HTTP10_REFUSAL,
@@ -87,7 +107,6 @@ from ._http10 import (
     gather_within,
     marks_body_end,
 )
-from ._retry_later import retry_later
 
 __all__ = [
     "DEFAULT_HTTP10_BUFFER_LIMIT",
@@ -216,29 +235,38 @@ def envelope_client_dependency(
     return get_client
 
 
-# -- errors that mean "try again later" -------------------------------------------------
+# -- errors ---------------------------------------------------------------------------
 
 
-async def _retry_later(conn: HTTPConnection, exc: Exception) -> Response:
-    if conn.scope["type"] != "http" or not isinstance(
-        exc, (KMSDecryptRateLimited, CircuitOpenError)
-    ):
+def _where(scope: Scope) -> tuple[str, str]:
+    return str(scope.get("method", "")), str(scope.get("path", ""))
+
+
+async def _answer(conn: HTTPConnection, exc: Exception) -> Response:
+    answer = answer_for(exc)
+    if conn.scope["type"] != "http" or answer is None:
         raise exc  # a websocket has no status to answer with: as if unhandled
-    answer = retry_later(exc)
+    log_answered(*_where(conn.scope), exc, answer)
     return JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
 
 
 def install_error_handlers(app: Starlette) -> None:
-    """Answer ``KMSDecryptRateLimited`` with 429 and ``CircuitOpenError`` with 503, as
-    the module docstring shows. Call it before the app starts serving: Starlette copies
-    its handlers when it builds its middleware, the first time it is called.
+    """Answer the library's errors as the module docstring shows: 429 and 503 with
+    ``Retry-After`` for "try again later", 409/422 for a message that cannot be opened
+    as asked, 500 for a key service or key store that refuses; a fixed code in a JSON
+    body, never the exception's text (which names keys, regions and tables: details for
+    the log line this writes, not for callers). Call it before the app starts serving:
+    Starlette copies its handlers when it builds its middleware, the first time it is
+    called.
 
-    The body carries a fixed code, not the exception's text, which names the rate limit
-    and the KMS region: details for the server's logs, not for callers. Websocket
-    endpoints are left alone (they have no status to answer with).
+    A handler the app registered for one of these classes before this call is kept.
+    Websocket endpoints are left alone (they have no status to answer with). An error
+    raised after a streamed response started cannot change its status; see
+    :func:`stream_response`.
     """
-    app.add_exception_handler(KMSDecryptRateLimited, _retry_later)
-    app.add_exception_handler(CircuitOpenError, _retry_later)
+    for cls in ANSWERED:
+        if cls not in app.exception_handlers:
+            app.add_exception_handler(cls, _answer)
 
 
 # -- streams ------------------------------------------------------------------------------
@@ -293,7 +321,7 @@ class _EnvelopeStreamingResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or marks_body_end(scope.get("http_version", "")):
-            await super().__call__(scope, receive, send)
+            await self._stream(scope, receive, send)
             return
         try:
             # Raises before anything is sent, so the app's exception handlers answer.
@@ -307,6 +335,28 @@ class _EnvelopeStreamingResponse(StreamingResponse):
             await self._send_whole(held, send)
         if self.background is not None:
             await self.background()
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Stream; an error after the status line went out is logged and re-raised.
+
+        Re-raised so that the server drops the connection without the body's end marker
+        (the only way left to say "incomplete"); the app's exception handlers are not
+        called for it (Starlette refuses once a response started), so the log line an
+        operator alerts on is written here.
+        """
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await super().__call__(scope, receive, sending)
+        except EnvelopeError as exc:
+            if started:
+                log_cut_off(*_where(scope), exc)
+            raise
 
     async def _send_whole(self, held: list[bytes], send: Send) -> None:
         headers = [

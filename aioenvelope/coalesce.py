@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from functools import partial
 from typing import Any, TypeVar
 
+from .errors import ConfigurationError
 from .stats import StatsRecorder
 
 __all__ = ["Coalescer"]
@@ -43,7 +44,18 @@ class Coalescer:
             task = asyncio.get_running_loop().create_task(shared())
             self._inflight[key] = task
             task.add_done_callback(partial(self._forget, key))
-        result: T = await asyncio.shield(task)
+        try:
+            result: T = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if _being_cancelled() or not task.cancelled():
+                raise  # this caller was cancelled: that is its own business
+            # The shared call was cancelled under a caller nobody cancelled: the client
+            # closed meanwhile (aclose). A CancelledError would look like the caller's
+            # own cancellation (and vanish inside a TaskGroup): say what happened.
+            raise ConfigurationError(
+                "the EnvelopeClient was closed while this call waited for a key service: "
+                "close the client only after its requests are done"
+            ) from None
         return result
 
     def _forget(self, key: Hashable, task: asyncio.Task[Any]) -> None:
@@ -57,3 +69,11 @@ class Coalescer:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task has a cancellation request pending (Python 3.11+; on
+    3.10, which cannot tell, every CancelledError is taken as the caller's own)."""
+    current = asyncio.current_task()
+    cancelling = getattr(current, "cancelling", None)
+    return cancelling is None or cancelling() > 0

@@ -8,7 +8,14 @@ from collections.abc import Callable, Mapping
 import pytest
 from kms_server import KmsKey
 
-from aioenvelope import AlgorithmSuite, BranchKeyStore, EnvelopeClient, HierarchicalKeyring, errors
+from aioenvelope import (
+    AlgorithmSuite,
+    BranchKeyStore,
+    EnvelopeClient,
+    HierarchicalKeyring,
+    errors,
+    inspect,
+)
 
 StoreFactory = Callable[..., BranchKeyStore]
 
@@ -121,3 +128,73 @@ async def test_store_failures_reach_the_caller_as_keyring_errors_naming_what_is_
             with pytest.raises(error) as on_decrypt:
                 await client.decrypt(message)
             assert named in str(on_decrypt.value)
+
+
+def tenant_of(context: Mapping[str, str]) -> str:
+    return context["tenant"]  # KeyError for a context without one
+
+
+async def test_a_supplier_that_raises_is_a_configuration_error_naming_the_context_keys(
+    make_branch_key_store: StoreFactory, branch_keys: tuple[str, str]
+) -> None:
+    """A supplier reading a key the context lacks raises KeyError: the caller gets a
+    library error that says so and lists the context's keys (never its values), on
+    encrypt and on decrypt, before any remote call."""
+    async with EnvelopeClient(
+        HierarchicalKeyring(make_branch_key_store(), branch_key_id=branch_keys[0])
+    ) as writer:
+        message = await writer.encrypt(b"x", encryption_context={"row": "secret-row-7"})
+    store = make_branch_key_store()
+    keyring = HierarchicalKeyring(store, branch_key_id_supplier=tenant_of)
+    async with EnvelopeClient(keyring) as client:
+        with pytest.raises(errors.ConfigurationError) as on_encrypt:
+            await client.encrypt(b"x", encryption_context={"row": "secret-row-7"})
+        with pytest.raises(errors.ConfigurationError) as on_decrypt:
+            await client.decrypt(message)
+    for info in (on_encrypt, on_decrypt):
+        text = str(info.value)
+        assert text.startswith("branch_key_id_supplier raised KeyError: 'tenant'"), text
+        assert "keys ['row']" in text
+        assert "secret-row-7" not in text
+        assert isinstance(info.value.__cause__, KeyError)
+    assert store.calls == {}
+
+
+@pytest.mark.parametrize("where", ["branch_key_id", "supplier"])
+async def test_a_branch_key_id_that_is_not_utf8_is_refused_as_configuration(
+    make_branch_key_store: StoreFactory, where: str
+) -> None:
+    lone_surrogate = "tenant-\ud800"
+    if where == "branch_key_id":
+        with pytest.raises(errors.ConfigurationError, match="not encodable as UTF-8"):
+            HierarchicalKeyring(make_branch_key_store(), branch_key_id=lone_surrogate)
+        return
+    keyring = HierarchicalKeyring(
+        make_branch_key_store(), branch_key_id_supplier=lambda _: lone_surrogate
+    )
+    async with EnvelopeClient(keyring) as client:
+        with pytest.raises(errors.ConfigurationError, match="not encodable as UTF-8"):
+            await client.encrypt(b"x")
+
+
+async def test_an_edk_of_the_wrong_length_is_skipped_without_a_fetch(
+    make_branch_key_store: StoreFactory, branch_keys: tuple[str, str]
+) -> None:
+    """A hierarchy EDK whose length no data key of the message's suite has is malformed:
+    it is passed over before any GetItem or KMS call (hostile input costs no remote
+    work)."""
+    async with EnvelopeClient(
+        HierarchicalKeyring(make_branch_key_store(), branch_key_id=branch_keys[0])
+    ) as writer:
+        message = await writer.encrypt(b"x")
+    edk = inspect(message).encrypted_data_keys[0]
+    longer = message.replace(
+        len(edk.ciphertext).to_bytes(2, "big") + edk.ciphertext,
+        (len(edk.ciphertext) + 1).to_bytes(2, "big") + edk.ciphertext + b"\0",
+    )
+    assert longer != message
+    store = make_branch_key_store()
+    async with EnvelopeClient(HierarchicalKeyring(store, branch_key_id=branch_keys[0])) as client:
+        with pytest.raises(errors.EnvelopeError):
+            await client.decrypt(longer)
+    assert store.calls == {}

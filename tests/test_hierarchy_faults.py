@@ -584,3 +584,24 @@ async def test_fetches_the_open_breaker_refuses_take_no_rate_limit_token(
         message = await client.encrypt(PLAINTEXT)  # the probe, with the last token
         assert await client.decrypt(message) == PLAINTEXT
         assert client.stats.rate_limited == 0
+
+
+async def test_closing_the_client_under_a_waiting_caller_gives_it_a_library_error(
+    make_branch_key_store: StoreFactory, branch_keys: tuple[str, str], fault_proxy: FaultProxy
+) -> None:
+    """Closing the client cancels the fetch in flight. The caller waiting on it was not
+    cancelled itself: a CancelledError would pass for its own cancellation (and vanish
+    inside a TaskGroup), so it gets a library error saying what happened."""
+    store = proxied(make_branch_key_store, fault_proxy)
+    client = EnvelopeClient(HierarchicalKeyring(store, branch_key_id=branch_keys[0]))
+    await client.__aenter__()
+    fault_proxy.hang(True)
+    try:
+        waiting = asyncio.create_task(client.encrypt(PLAINTEXT))
+        await wait_for(lambda: bool(fault_proxy.requests()), "the fetch's GetItem")
+        await client.__aexit__(None, None, None)
+    finally:
+        fault_proxy.hang(False)
+    with pytest.raises(errors.ConfigurationError, match="closed while this call waited"):
+        await waiting
+    assert not waiting.cancelled()

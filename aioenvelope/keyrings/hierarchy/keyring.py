@@ -85,6 +85,16 @@ class _WipingTTLCache(TTLCache[tuple[str, str], BranchKeyMaterials]):
         self.clear()
 
 
+def _check_encodable(branch_key_id: str) -> None:
+    """A branch key ID travels as UTF-8 (EDK provider info, the AAD, the table's key)."""
+    try:
+        branch_key_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigurationError(
+            f"branch key ID {branch_key_id!r} is not encodable as UTF-8 (a lone surrogate)"
+        ) from None
+
+
 class HierarchicalKeyring(Keyring):
     """Wraps each data key under the active version of a branch key ("aws-kms-hierarchy"
     EDKs, MPL-compatible); decrypts with the version each EDK names.
@@ -108,6 +118,8 @@ class HierarchicalKeyring(Keyring):
             raise ConfigurationError("give exactly one of branch_key_id or branch_key_id_supplier")
         if branch_key_id is not None and (not isinstance(branch_key_id, str) or not branch_key_id):
             raise ConfigurationError("branch_key_id must be a non-empty string")
+        if branch_key_id is not None:
+            _check_encodable(branch_key_id)
         if branch_key_id_supplier is not None and not callable(branch_key_id_supplier):
             raise ConfigurationError("branch_key_id_supplier must be callable")
         if not ttl > 0:
@@ -193,11 +205,21 @@ class HierarchicalKeyring(Keyring):
         if self.branch_key_id is not None:
             return self.branch_key_id
         assert self._supplier is not None
-        result = self._supplier(context)
-        if inspect.isawaitable(result):
-            result = await result
+        try:
+            result = self._supplier(context)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:
+            # Typically a context without the key the supplier reads (KeyError): the
+            # caller's mistake, reported as ours, with the context's keys (not values).
+            raise ConfigurationError(
+                f"branch_key_id_supplier raised {type(exc).__name__}: {exc} (for an "
+                f"encryption context with keys {sorted(context)}): every message under "
+                "this keyring needs a context the supplier can map to a branch key ID"
+            ) from exc
         if not isinstance(result, str) or not result:
             raise ConfigurationError("branch_key_id_supplier must return a non-empty string")
+        _check_encodable(result)
         return result
 
     async def _fetch_active(self, branch_key_id: str) -> None:
@@ -271,8 +293,9 @@ class HierarchicalKeyring(Keyring):
         cached = self._cached_active(branch_key_id)
         if cached is None:
             raise NoUsableKeyError(
-                f"branch key {branch_key_id!r} left the cache as soon as it was fetched: "
-                "raise max_cached_keys"
+                f"the active version of branch key {branch_key_id!r} could not be held after "
+                f"{_MAX_REFETCH} fetches: it was rotated during each of them (retry), or "
+                "other branch keys pushed it out of the cache at once (raise max_cached_keys)"
             )
         return cached
 
@@ -328,6 +351,8 @@ class HierarchicalKeyring(Keyring):
         for edk in encrypted_data_keys:
             if edk.provider_id != wrapping.PROVIDER_ID or edk.provider_info != wanted:
                 continue
+            if len(edk.ciphertext) != wrapping.edk_length(materials.algorithm_suite.key_length):
+                continue  # malformed, or another suite's: not worth a fetch
             try:
                 version = wrapping.branch_key_version_of(edk.ciphertext)
                 branch_key = await self._version_key(branch_key_id, version)

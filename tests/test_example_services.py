@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import queue
 import signal
@@ -503,8 +504,8 @@ async def test_a_file_over_http10_is_sent_whole_and_a_damaged_one_is_an_error_st
     service: Service, http: httpx.AsyncClient, s3_admin: Any, bucket: str
 ) -> None:
     """curl --http1.0, or nginx with its default proxy_http_version: the file comes with
-    a Content-Length. Once its object is tampered with in S3, HTTP/1.0 gets an error
-    status (before, a 200 whose body ended at the close, like a whole one), and HTTP/1.1
+    a Content-Length. Once its object is tampered with in S3, HTTP/1.0 gets a clean 422
+    (before, a 200 whose body ended at the close, like a whole one), and HTTP/1.1
     a chunked body without its terminating chunk."""
     body = Body(2, seed=b"http/1.0")
     assert (await http.put("/files/doc", content=body)).status_code == 200
@@ -518,7 +519,27 @@ async def test_a_file_over_http10_is_sent_whole_and_a_damaged_one_is_an_error_st
     blob = s3_admin.get_object(Bucket=bucket, Key="doc")["Body"].read()
     s3_admin.put_object(Bucket=bucket, Key="doc", Body=damaged(blob, "tampered"))
     refused = await exchange(port, http10_get("/files/doc"))
-    assert (refused.status, refused.complete, refused.framed) == (500, True, True)
+    assert (refused.status, refused.complete, refused.framed) == (422, True, True)
+    assert json.loads(refused.body) == {"error": "message_not_authentic"}
     cut = await exchange(port, http11_get("/files/doc"))
     assert (cut.status, cut.complete) == (200, False)
     assert not cut.raw.endswith(TERMINATING_CHUNK)
+
+
+async def test_a_file_renamed_in_s3_is_a_clean_409_not_a_500(
+    service: Service, http: httpx.AsyncClient, s3_admin: Any, bucket: str
+) -> None:
+    """The protection the example advertises: an object copied to another name in S3
+    fails its encryption context ({"file": name}) check, and the service answers a JSON
+    409 an operator can alert on, not a 500 with a traceback."""
+    body = Body(1, seed=b"renamed")
+    assert (await http.put("/files/original", content=body)).status_code == 200
+    s3_admin.copy_object(
+        Bucket=bucket, Key="renamed", CopySource={"Bucket": bucket, "Key": "original"}
+    )
+    refused = await http.get("/files/renamed")
+    assert refused.status_code == 409
+    assert refused.json() == {"error": "encryption_context_mismatch"}
+    output = service.output()  # stderr is line-buffered: the line is written before the answer
+    assert "GET /files/renamed answered 409 encryption_context_mismatch" in output
+    assert "Traceback" not in output

@@ -33,20 +33,13 @@ from ..batch import BatchProgress, run_batch
 from ..client import DEFAULT_FRAME_LENGTH, EnvelopeClient
 from ..errors import EnvelopeError
 from ..keyrings import Keyring
+from ..keyrings.key_file import RawKey, write_raw_key
 from ..streams import DecryptingStream, EncryptingStream, StreamSource
 from ._args import PROG, build_parser
 from ._branch_key import branch_key_command
 from ._inspect import header_json, read_header
 from ._io import MessageStream, Transform, progress_bar, run_job
-from ._keys import (
-    HierarchyOptions,
-    KeyOptions,
-    KmsOptions,
-    RawKey,
-    build_keyring,
-    is_key_arn,
-    write_raw_key,
-)
+from ._keys import HierarchyOptions, KeyOptions, KmsOptions, build_keyring, is_key_arn
 from ._messages import in_cli_words
 from ._paths import (
     STDIO,

@@ -57,6 +57,15 @@ class RawAesKeyring(Keyring):
             key_name.encode("utf-8") + _TAG_BITS.to_bytes(4, "big") + _IV_LENGTH.to_bytes(4, "big")
         )
 
+    @classmethod
+    def from_key_file(cls, path: str | os.PathLike[str]) -> RawAesKeyring:
+        """The keyring of a raw AES key file, as ``aioenvelope keygen`` writes it (the
+        format: :mod:`aioenvelope.keyrings.key_file`). Errors name the file, never the
+        key; read it once at start-up and keep the keyring."""
+        from .key_file import read_raw_key  # key_file imports this module
+
+        return read_raw_key(path).keyring()
+
     def __repr__(self) -> str:
         return (
             f"RawAesKeyring(key_namespace={self.key_namespace!r}, key_name={self.key_name!r}, "

@@ -33,7 +33,9 @@ from aioenvelope import (
     BranchKeyStore,
     EnvelopeClient,
     HierarchicalKeyring,
+    MultiKeyring,
     RateLimit,
+    RawAesKeyring,
     errors,
 )
 
@@ -605,3 +607,23 @@ async def test_closing_the_client_under_a_waiting_caller_gives_it_a_library_erro
     with pytest.raises(errors.ConfigurationError, match="closed while this call waited"):
         await waiting
     assert not waiting.cancelled()
+
+
+async def test_a_multikeyring_whose_branch_key_store_is_down_says_try_later_not_wrong_key(
+    make_branch_key_store: StoreFactory, branch_keys: tuple[str, str], fault_proxy: FaultProxy
+) -> None:
+    """A MultiKeyring tries its next child when one fails; when none opens the message
+    and a child could not even ask its key service (DynamoDB failing), the answer is that
+    transient error (a 503 in the web integrations), not NoUsableKeyError (a 422): the
+    unreachable child may well hold the key."""
+    (message,) = await messages_under_versions(make_branch_key_store, branch_keys[0], 1)
+    store = proxied(make_branch_key_store, fault_proxy, deadline=SHORT_DEADLINE, max_attempts=1)
+    reader = MultiKeyring(
+        generator=RawAesKeyring("other", "key", bytes(32)),
+        children=[HierarchicalKeyring(store, branch_key_id=branch_keys[0])],
+    )
+    inject(fault_proxy, "dynamodb-500", 100)
+    async with EnvelopeClient(reader) as client:
+        with pytest.raises(errors.DynamoDBError) as info:
+            await client.decrypt(message)
+    assert info.value.transient is True

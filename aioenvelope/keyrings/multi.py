@@ -11,7 +11,7 @@ from ..errors import (
     CircuitOpenError,
     ConfigurationError,
     KeyringError,
-    KMSError,
+    KeyServiceError,
     NoUsableKeyError,
 )
 from ..format.header import EncryptedDataKey
@@ -86,16 +86,16 @@ class MultiKeyring(Keyring):
         if materials.plaintext_data_key is not None:
             return materials
         reasons: list[str] = []
-        unavailable: list[KMSError | CircuitOpenError] = []
+        unavailable: list[KeyServiceError | CircuitOpenError] = []
         for keyring in self._all:
             try:
                 result = await keyring.on_decrypt(materials, encrypted_data_keys)
-            except CircuitOpenError as exc:  # KMS is down there: the next child may do
+            except CircuitOpenError as exc:  # a key service is down: the next child may do
                 unavailable.append(exc)
                 reasons.append(str(exc))
                 continue
             except KeyringError as exc:
-                if isinstance(exc, KMSError) and exc.transient:
+                if isinstance(exc, KeyServiceError) and exc.transient:
                     unavailable.append(exc)
                 reasons.append(str(exc))
                 continue

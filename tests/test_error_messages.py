@@ -443,15 +443,16 @@ async def test_a_destination_name_too_long_is_reported_with_its_path(tmp_path: P
 def test_a_str_wrapping_key_is_reported_as_the_wrong_type_without_the_key() -> None:
     """A key read from a file as text, or pasted in base64, is a ``str``: it is a wrong
     type, not a wrong length (32 characters would even have the right one), and the
-    error says how to get bytes; the text itself never appears."""
+    error says how to get bytes (the key file loader, or decoding); the text itself
+    never appears."""
     key_text = base64.b64encode(os.urandom(32)).decode()
     for text in (key_text, key_text[:32]):
         with pytest.raises(errors.ConfigurationError) as info:
             RawAesKeyring("ns", "key", text)  # type: ignore[arg-type]
         assert str(info.value) == (
-            "wrapping_key must be bytes, not str: decode a key held as text first (for "
-            "example base64.b64decode(text) or bytes.fromhex(text)); an `aioenvelope "
-            'keygen` key file is JSON whose "key" field is the key in base64'
+            "wrapping_key must be bytes, not str: load a key file (as `aioenvelope keygen` "
+            "writes it) with RawAesKeyring.from_key_file(path), or decode a key held as "
+            "text first (for example base64.b64decode(text) or bytes.fromhex(text))"
         )
         assert text[:8] not in str(info.value)
 

@@ -25,9 +25,9 @@ def _wrong_key_type(wrapping_key: object) -> str:
     what = type(wrapping_key).__name__
     if isinstance(wrapping_key, str):
         return (
-            "wrapping_key must be bytes, not str: decode a key held as text first (for "
-            "example base64.b64decode(text) or bytes.fromhex(text)); an `aioenvelope "
-            'keygen` key file is JSON whose "key" field is the key in base64'
+            "wrapping_key must be bytes, not str: load a key file (as `aioenvelope keygen` "
+            "writes it) with RawAesKeyring.from_key_file(path), or decode a key held as "
+            "text first (for example base64.b64decode(text) or bytes.fromhex(text))"
         )
     return f"wrapping_key must be bytes (16, 24 or 32 of them), not {what}"
 

@@ -4,7 +4,9 @@ The blocks are extracted from the Markdown (file and line) and executed against 
 embedded AWS: one moto server for this module (:func:`aioenvelope.testing.embedded_aws`),
 reached through ``AWS_ENDPOINT_URL``, so a block needs no endpoint of its own and
 ``KmsKeyring("alias/my-app-data")`` reaches moto unmodified. Before each scenario the
-server is reset and the aliases the docs name (:data:`DOC_ALIASES`) are created.
+aliases the docs name (:data:`DOC_ALIASES`) are pointed at new keys and the tables they
+create dropped (moto's own reset would wipe every other test's keys: its state is per
+process).
 
 The only change made to a block's text is its key setup (:meth:`DocAws.swap_key_setup`):
 a placeholder key ARN (``arn:aws:kms:eu-west-1:111122223333:key/...``) becomes the ARN
@@ -22,11 +24,11 @@ the scenario's prelude, given to the block as its globals.
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
 import re
 import socket
 import textwrap
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -115,6 +117,7 @@ BLOCKS: dict[tuple[str, str], str] = {
 }
 
 DOC_ALIASES = ("alias/my-app-data", "alias/data")
+DOC_TABLES = ("branch-keys",)  # the key store table the docs' blocks create
 PLACEHOLDER_ACCOUNT = "111122223333"
 PLACEHOLDER_ARN = re.compile(
     rf"arn:aws:kms:(?P<region>[a-z0-9-]+):{PLACEHOLDER_ACCOUNT}:key/[\w.-]+"
@@ -205,13 +208,25 @@ class DocAws:
         return str(meta["Arn"])
 
     def reset(self) -> None:
-        """Forget every key, alias and table, then create the aliases the docs name."""
-        reset = urllib.request.Request(f"{self.aws.endpoint_url}/moto-api/reset", method="POST")
-        with urllib.request.urlopen(reset) as answer:  # our own loopback server
-            assert answer.status == 200
+        """A fresh start for a scenario: the aliases the docs name point at new keys,
+        placeholders get new keys, and the tables the docs create are gone.
+
+        Not moto's ``/moto-api/reset``: moto keeps its state per process, not per server,
+        so a reset would wipe the keys and tables of every other test in the session."""
         self.placeholders.clear()
+        kms = self.kms()
+        existing = {a["AliasName"] for a in kms.list_aliases(Limit=1000)["Aliases"]}
         for alias in DOC_ALIASES:
-            self.account = self.create_key(alias=alias).split(":")[4]
+            key_arn = self.create_key()
+            self.account = key_arn.split(":")[4]
+            if alias in existing:
+                kms.update_alias(AliasName=alias, TargetKeyId=key_arn)
+            else:
+                kms.create_alias(AliasName=alias, TargetKeyId=key_arn)
+        dynamodb = boto3.client("dynamodb", **self.aws.client_kwargs())
+        for table in DOC_TABLES:
+            with contextlib.suppress(dynamodb.exceptions.ResourceNotFoundException):
+                dynamodb.delete_table(TableName=table)
 
     def swap_key_setup(self, source: str) -> str:
         """``source`` with placeholder key ARNs replaced by real ones (a key created in

@@ -42,15 +42,15 @@ async def test_async_with_gives_kms_dynamodb_and_s3_on_one_endpoint() -> None:
     """What a user's test needs for each keyring and integration: a KMS key (by ARN,
     and its alias), a DynamoDB key store for the hierarchical keyring, an S3 bucket."""
     async with embedded_aws() as aws:
-        key_arn = await aws.create_kms_key(alias="orders")
+        key_arn = await aws.create_kms_key(alias="harness-orders")
         assert key_arn.startswith(f"arn:aws:kms:{aws.region}:")
         assert await round_trip(aws, key_arn) == b"offline"
         kms = boto3.client("kms", **aws.client_kwargs())
         aliases = {a["AliasName"]: a.get("TargetKeyId") for a in kms.list_aliases()["Aliases"]}
-        assert aliases["alias/orders"] == key_arn.rsplit("/", 1)[1]
+        assert aliases["alias/harness-orders"] == key_arn.rsplit("/", 1)[1]
 
         store = BranchKeyStore(
-            "branch-keys",
+            "harness-branch-keys",
             logical_key_store_name="tests",
             kms_key_id=key_arn,
             session=aws.session(),

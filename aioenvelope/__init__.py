@@ -5,7 +5,7 @@ every other module is private and may change.
 """
 
 from . import errors
-from .batch import BatchProgress, BatchResult, run_batch
+from .batch import BatchFailure, BatchProgress, BatchResult, BatchSuccess, run_batch
 from .client import DecryptResult, EnvelopeClient
 from .config import CacheConfig, CircuitBreakerConfig, RateLimit
 from .format.header import EncryptedDataKey, MessageHeader
@@ -30,8 +30,10 @@ from .streams import DecryptingStream, EncryptingStream, StreamSource
 
 __all__ = [
     "AlgorithmSuite",
+    "BatchFailure",
     "BatchProgress",
     "BatchResult",
+    "BatchSuccess",
     "BranchKeyStore",
     "CacheConfig",
     "CircuitBreakerConfig",

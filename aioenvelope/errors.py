@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "BranchKeyExistsError",
     "BranchKeyIntegrityError",
     "BranchKeyNotFoundError",
     "BranchKeyStoreError",

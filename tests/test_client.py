@@ -40,8 +40,10 @@ WRONG_KEY_OR_CONTEXT = (
 
 PUBLIC_NAMES = {
     "AlgorithmSuite",
+    "BatchFailure",
     "BatchProgress",
     "BatchResult",
+    "BatchSuccess",
     "BranchKeyStore",
     "CacheConfig",
     "CircuitBreakerConfig",
@@ -117,6 +119,7 @@ ERROR_BASES: dict[str, tuple[type, ...]] = {
     "DynamoDBError": (errors.KeyServiceError,),
     "BranchKeyStoreError": (errors.KeyringError,),
     "BranchKeyNotFoundError": (errors.BranchKeyStoreError,),
+    "BranchKeyExistsError": (errors.BranchKeyStoreError,),
     "BranchKeyIntegrityError": (errors.BranchKeyStoreError,),
 }
 
@@ -135,7 +138,9 @@ def test_the_public_api_is_exactly_these_names_and_star_import_gives_them() -> N
         | ENUMS
         | VALUE_TYPES
         | {
+            "BatchFailure",
             "BatchResult",
+            "BatchSuccess",
             "EnvelopeClient",
             "Keyring",
             "StreamSource",
@@ -149,7 +154,8 @@ def test_the_public_api_is_exactly_these_names_and_star_import_gives_them() -> N
 
 def test_every_public_name_is_what_it_says() -> None:
     aliases = {"BatchResult", "StreamSource"}  # type aliases: checked below
-    for name in PUBLIC_NAMES - aliases - {"errors", "inspect", "run_batch"}:
+    generics = {"BatchSuccess", "BatchFailure"}  # the arms of BatchResult: checked below
+    for name in PUBLIC_NAMES - aliases - generics - {"errors", "inspect", "run_batch"}:
         exported = getattr(aioenvelope, name)
         assert isinstance(exported, type), name
         assert exported.__name__ == name  # not an alias of some other class
@@ -175,7 +181,7 @@ def test_every_public_name_is_what_it_says() -> None:
     assert typing.get_args(aioenvelope.StreamSource)[:3] == (bytes, bytearray, memoryview)
     # A success or a failure, told apart by ``ok`` (for mypy too); both are dataclasses.
     outcomes = [typing.get_origin(arm) for arm in typing.get_args(aioenvelope.BatchResult)]
-    assert outcomes == [aioenvelope.batch.BatchSuccess, aioenvelope.batch.BatchFailure]
+    assert outcomes == [aioenvelope.BatchSuccess, aioenvelope.BatchFailure]
     assert all(dataclasses.is_dataclass(outcome) for outcome in outcomes)
     assert AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY.value == 0x0478
     assert AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384.value == 0x0578

@@ -3,6 +3,7 @@ what the caller sees when the key store fails. (Caching: test_hierarchical_keyri
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Mapping
 
 import pytest
@@ -45,11 +46,19 @@ async def test_another_branch_keys_message_has_no_usable_key(
         HierarchicalKeyring(make_branch_key_store(), branch_key_id=branch_keys[1])
     ) as b:
         message = await b.encrypt(b"x")
-    async with EnvelopeClient(
-        HierarchicalKeyring(make_branch_key_store(), branch_key_id=branch_keys[0])
-    ) as a:
-        with pytest.raises(errors.NoUsableKeyError):
+    store = make_branch_key_store()
+    async with EnvelopeClient(HierarchicalKeyring(store, branch_key_id=branch_keys[0])) as a:
+        with pytest.raises(errors.NoUsableKeyError) as info:
             await a.decrypt(message)
+    version = inspect(message).encrypted_data_keys[0].ciphertext[28:44]
+    text = str(info.value)
+    assert text.startswith(
+        f"the hierarchical keyring with branch key {branch_keys[0]!r} (table "
+        f"{store.table_name!r}) could not decrypt any of the message's 1 encrypted data "
+        "keys (0 named this branch key): the message was written under another branch key"
+    ), text
+    assert f"branch key {branch_keys[1]} version {uuid.UUID(bytes=version)}" in text
+    assert store.calls == {}  # nothing fetched for a key it does not hold
 
 
 def test_exactly_one_of_branch_key_id_and_supplier(make_branch_key_store: StoreFactory) -> None:

@@ -348,9 +348,11 @@ class HierarchicalKeyring(Keyring):
         branch_key_id = await self._branch_key_id_for(materials.encryption_context)
         wanted = branch_key_id.encode("utf-8")
         missing: BranchKeyNotFoundError | None = None
+        named = 0
         for edk in encrypted_data_keys:
             if edk.provider_id != wrapping.PROVIDER_ID or edk.provider_info != wanted:
                 continue
+            named += 1
             if len(edk.ciphertext) != wrapping.edk_length(materials.algorithm_suite.key_length):
                 continue  # malformed, or another suite's: not worth a fetch
             try:
@@ -379,8 +381,13 @@ class HierarchicalKeyring(Keyring):
         # Raised, as the raw keyrings do: the default materials manager turns an
         # unchanged result into a bare KeyringError, and MultiKeyring catches this one.
         raise NoUsableKeyError(
-            f"branch key {branch_key_id!r} (table {self.key_store.table_name!r}) could not "
-            f"decrypt any of the message's {len(encrypted_data_keys)} encrypted data keys: "
-            "the message was written under another branch key, or the encryption context "
-            "differs"
+            f"the hierarchical keyring with branch key {branch_key_id!r} (table "
+            f"{self.key_store.table_name!r}) could not decrypt any of the message's "
+            f"{len(encrypted_data_keys)} encrypted data keys ({named} named this branch "
+            "key): "
+            + (
+                "the encryption context differs, or the encrypted data key was changed"
+                if named
+                else "the message was written under another branch key"
+            )
         )

@@ -12,6 +12,7 @@ from .format.header import EncryptedDataKey, MessageHeader
 from .format.suites import AlgorithmSuite, CommitmentPolicy
 from .inspection import inspect
 from .keyrings import (
+    AppRoleAuth,
     BranchKeyStore,
     DecryptionMaterials,
     DiscoveryFilter,
@@ -23,6 +24,7 @@ from .keyrings import (
     MultiKeyring,
     RawAesKeyring,
     RawRsaKeyring,
+    VaultTransitKeyring,
 )
 from .reencrypt import ReencryptingStream
 from .stats import ClientStats
@@ -30,6 +32,7 @@ from .streams import DecryptingStream, EncryptingStream, StreamSource
 
 __all__ = [
     "AlgorithmSuite",
+    "AppRoleAuth",
     "BatchFailure",
     "BatchProgress",
     "BatchResult",
@@ -58,6 +61,7 @@ __all__ = [
     "RawRsaKeyring",
     "ReencryptingStream",
     "StreamSource",
+    "VaultTransitKeyring",
     "errors",
     "inspect",
     "run_batch",

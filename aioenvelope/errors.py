@@ -32,6 +32,8 @@ __all__ = [
     "NoUsableKeyError",
     "SignedStreamRefusedError",
     "TruncatedMessageError",
+    "VaultError",
+    "VaultKeyCheckError",
 ]
 
 
@@ -168,6 +170,35 @@ class DynamoDBError(KeyServiceError):
         self.table_name = table_name
 
 
+class VaultError(KeyServiceError):
+    """A call to HashiCorp Vault or OpenBao (its transit engine, or an auth method's
+    login) failed. ``operation`` is the call (``datakey``, ``encrypt``, ``decrypt``,
+    ``keys``, ``login``), ``key_id`` the transit key as ``mount/name``, ``error_code``
+    one of a small vocabulary (``PermissionDenied``, ``KeyNotFound``, ``NotAuthentic``,
+    ``CiphertextTooOld``, ``InvalidCiphertext``, ``InvalidRequest``, ``Sealed``,
+    ``RateLimited``, ``ServerError``, ``ConnectionError``, ``Timeout``,
+    ``InvalidResponse``). ``transient`` as for :class:`KMSError`: 5xx (a sealed server
+    too), 429, timeouts and network failures, after the retries within the deadline."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str,
+        key_id: str | None,
+        error_code: str,
+        transient: bool,
+    ) -> None:
+        super().__init__(
+            message,
+            service="vault-transit",
+            operation=operation,
+            key_id=key_id,
+            error_code=error_code,
+            transient=transient,
+        )
+
+
 class BranchKeyStoreError(KeyringError):
     """The branch key store refused: its table is missing or has the wrong key schema,
     or a branch key ID to create exists already. ``table_name``, ``branch_key_id`` and
@@ -210,6 +241,12 @@ class KMSTimeoutError(KMSError):
 class KMSKeyCheckError(ConfigurationError):
     """A configured KMS key failed the start-up check (missing, disabled, wrong kind, or
     the caller may not describe it)."""
+
+
+class VaultKeyCheckError(ConfigurationError):
+    """A configured Vault transit key failed the start-up check: it does not exist, the
+    token may not read it, or it cannot be used (not an AEAD type, cannot encrypt, or
+    derived)."""
 
 
 class KMSDecryptRateLimited(EnvelopeError):

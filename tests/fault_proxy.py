@@ -17,6 +17,10 @@ request of its KMS operation, if it names one). While :meth:`hang` is on, reques
 read and counted but held unanswered until it is turned off (then they go on as usual)
 or the proxy stops (then they get a 503). Every request is also recorded (operation,
 retry header, JSON body), so a test can check what reached KMS, not only how often.
+
+Services other than AWS's (Vault's transit engine) name their operation in the path, not
+in ``X-Amz-Target``: give ``operation_of`` (method and path to an operation name), and
+answer with their own error bodies with :meth:`FaultProxy.json_error_next`.
 """
 
 from __future__ import annotations
@@ -93,11 +97,14 @@ class _Fault:
     message: str
     operation: str | None  # None: any request
     dynamodb: bool = False
+    body: Mapping[str, Any] | None = None  # a JSON body as is (json_error_next)
 
     def applies_to(self, operation: str) -> bool:
         return self.operation is None or self.operation == operation
 
     def response(self) -> web.Response:
+        if self.body is not None:
+            return web.json_response(self.body, status=self.status)
         if self.dynamodb:
             return self._dynamodb_response()
         # botocore's JSON parser takes the error code from the body's ``__type`` (real
@@ -138,8 +145,11 @@ class FaultProxy:
     :attr:`url`.
     """
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(
+        self, upstream: str, *, operation_of: Callable[[str, str], str] | None = None
+    ) -> None:
         self.upstream = upstream.rstrip("/")
+        self._operation_of = operation_of
         self.url = ""
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -236,6 +246,19 @@ class FaultProxy:
         fault = _Fault(status, error_type, message, operation, dynamodb=True)
         self._apply(lambda: self._faults.extend([fault] * n))
 
+    def json_error_next(
+        self,
+        n: int,
+        status: int,
+        body: Mapping[str, Any],
+        *,
+        operation: str | None = None,
+    ) -> None:
+        """Answer the next ``n`` requests (for ``operation`` only, if given) with
+        ``status`` and the JSON ``body`` as given (e.g. Vault's ``{"errors": [...]}``)."""
+        fault = _Fault(status, "", "", operation, body=dict(body))
+        self._apply(lambda: self._faults.extend([fault] * n))
+
     def slow_next(self, n: int, seconds: float, *, operation: str | None = None) -> None:
         """Hold each of the next ``n`` requests (for ``operation`` only, if given)
         ``seconds`` before forwarding it to moto: a slow, not a failing, KMS."""
@@ -320,7 +343,10 @@ class FaultProxy:
         assert self._released is not None
         assert self._stopping is not None
         assert self._session is not None
-        operation = request.headers.get("X-Amz-Target", "").rpartition(".")[2] or "<none>"
+        if self._operation_of is not None:
+            operation = self._operation_of(request.method, request.path)
+        else:
+            operation = request.headers.get("X-Amz-Target", "").rpartition(".")[2] or "<none>"
         self._counts[operation] += 1
         body = await request.read()
         self._received.append(

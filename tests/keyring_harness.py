@@ -55,6 +55,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fault_proxy import FaultProxy
 from kms_server import KmsKey, MotoKms
 from moto_keyrings import moto_kms_keyring
+from vault_server import VaultServer, transit_operation, vault_server
 
 from aioenvelope import (
     BranchKeyStore,
@@ -66,6 +67,7 @@ from aioenvelope import (
     MultiKeyring,
     RawAesKeyring,
     RawRsaKeyring,
+    VaultTransitKeyring,
     errors,
 )
 from aioenvelope.runtime import Runtime
@@ -82,6 +84,7 @@ __all__ = [
     "leaks",
     "shown_forms",
     "texts_of",
+    "vault_server",
 ]
 
 Key = Literal["A", "B"]
@@ -229,6 +232,65 @@ def aws_kms_harness(
         several=several,
         remote=KmsBehindProxy(fault_proxy, moto_kms.region),
     )
+
+
+# -- Vault / OpenBao transit: a real dev server behind the fault proxy --------------------
+
+
+class VaultBehindProxy:
+    """The OpenBao dev server seen through a :class:`FaultProxy`: faults are Vault's own
+    error answers (``{"errors": [...]}``), counts the transit requests the proxy saw."""
+
+    def __init__(self, proxy: FaultProxy) -> None:
+        self.proxy = proxy
+        self.breaker_name = f"vault {proxy.url}"  # one breaker per server
+        self.request_error: type[errors.KeyringError] = errors.VaultError
+
+    def fail_next(self, n: int) -> None:
+        self.proxy.json_error_next(n, 500, {"errors": ["injected server error"]})
+
+    def refuse_next(self, n: int) -> None:
+        self.proxy.json_error_next(
+            n, 403, {"errors": ["1 error occurred:\n\t* permission denied\n\n"]}
+        )
+
+    def wrap_requests(self) -> int:
+        counts = self.proxy.requests()
+        return counts.get("datakey", 0) + counts.get("encrypt", 0)
+
+    def unwrap_requests(self) -> int:
+        return self.proxy.requests().get("decrypt", 0)
+
+
+@keyring_harness(Can.CALL_A_REMOTE_SERVICE, Can.BIND_CONTEXT_TO_WRAPPED_KEY, Can.SHARE_DATA_KEYS)
+def vault_transit_harness(vault_server: VaultServer) -> Iterator[KeyringHarness]:
+    """``VaultTransitKeyring`` against the session's OpenBao dev server, through a fault
+    proxy of its own; two fresh aes256-gcm96 keys per test, checked at start-up (before
+    any test sets a fault). Its ``secrets`` are the token's: it must show nowhere either."""
+    names = {"A": vault_server.create_key(), "B": vault_server.create_key()}
+    with FaultProxy(vault_server.url, operation_of=transit_operation) as proxy:
+
+        def keyring(key: Key, *, one_attempt: bool = False, **options: Any) -> Keyring:
+            return VaultTransitKeyring(
+                names[key],
+                url=proxy.url,
+                token=vault_server.root_token,
+                deadline=KMS_DEADLINE,
+                max_attempts=1 if one_attempt else 4,
+                **options,
+            )
+
+        def several(keys: Sequence[Key]) -> Keyring:
+            first, *rest = keys
+            return keyring(first, additional_key_names=[names[k] for k in rest])
+
+        yield KeyringHarness(
+            name="vault-transit",
+            keyring=keyring,
+            several=several,
+            secrets=(vault_server.root_token.encode(),),  # the token is the secret here
+            remote=VaultBehindProxy(proxy),
+        )
 
 
 # -- raw AES and raw RSA: local keys -----------------------------------------------------

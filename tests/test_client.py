@@ -40,6 +40,7 @@ WRONG_KEY_OR_CONTEXT = (
 
 PUBLIC_NAMES = {
     "AlgorithmSuite",
+    "AppRoleAuth",
     "BatchFailure",
     "BatchProgress",
     "BatchResult",
@@ -68,6 +69,7 @@ PUBLIC_NAMES = {
     "RawRsaKeyring",
     "ReencryptingStream",
     "StreamSource",
+    "VaultTransitKeyring",
     "errors",
     "inspect",
     "run_batch",
@@ -79,11 +81,13 @@ KEYRINGS = {
     "MultiKeyring",
     "RawAesKeyring",
     "RawRsaKeyring",
+    "VaultTransitKeyring",
 }
 KEY_STORES = {"BranchKeyStore"}  # administered on their own as async context managers
 STREAMS = {"DecryptingStream", "EncryptingStream", "ReencryptingStream"}
 ENUMS = {"AlgorithmSuite", "CommitmentPolicy"}
 VALUE_TYPES = {  # frozen-or-not dataclasses: values a caller reads or builds
+    "AppRoleAuth",
     "BatchProgress",
     "CacheConfig",
     "CircuitBreakerConfig",
@@ -117,6 +121,8 @@ ERROR_BASES: dict[str, tuple[type, ...]] = {
     "KMSDecryptRateLimited": (errors.EnvelopeError,),
     "CircuitOpenError": (errors.EnvelopeError,),
     "DynamoDBError": (errors.KeyServiceError,),
+    "VaultError": (errors.KeyServiceError,),
+    "VaultKeyCheckError": (errors.ConfigurationError,),
     "BranchKeyStoreError": (errors.KeyringError,),
     "BranchKeyNotFoundError": (errors.BranchKeyStoreError,),
     "BranchKeyExistsError": (errors.BranchKeyStoreError,),

@@ -6,8 +6,10 @@ from .kms import DiscoveryFilter, KmsDiscoveryKeyring, KmsKeyring
 from .multi import MultiKeyring
 from .raw_aes import RawAesKeyring
 from .raw_rsa import RawRsaKeyring
+from .vault import AppRoleAuth, VaultTransitKeyring
 
 __all__ = [
+    "AppRoleAuth",
     "BranchKeyStore",
     "DecryptionMaterials",
     "DiscoveryFilter",
@@ -19,4 +21,5 @@ __all__ = [
     "MultiKeyring",
     "RawAesKeyring",
     "RawRsaKeyring",
+    "VaultTransitKeyring",
 ]

@@ -67,6 +67,12 @@ _KEY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _MOUNT = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 
 
+def _is_path(text: str) -> bool:
+    """A mount or namespace path: segments of letters, digits, '_', '-', '.', none of
+    them '.' or '..' (which would step out of it)."""
+    return bool(_MOUNT.fullmatch(text)) and not {".", ".."} & set(text.split("/"))
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -122,12 +128,12 @@ class VaultTransitKeyring(Keyring):
                 )
         if len(set(names)) != len(names):
             raise ConfigurationError("the same Vault transit key is named twice")
-        if not isinstance(mount, str) or not _MOUNT.fullmatch(mount.strip("/")):
+        if not isinstance(mount, str) or not _is_path(mount.strip("/")):
             raise ConfigurationError(f"{mount!r} is not a Vault mount path, e.g. 'transit'")
         mount = mount.strip("/")
         if namespace is not None:
             namespace = namespace.strip("/")
-            if not _MOUNT.fullmatch(namespace):
+            if not _is_path(namespace):
                 raise ConfigurationError(f"{namespace!r} is not a Vault namespace path")
         url = url or _env("VAULT_ADDR", "BAO_ADDR")
         if not url:

@@ -402,4 +402,4 @@ class VaultTransitKeyring(Keyring):
             f"{self._description} could not decrypt any of the message's "
             f"{len(encrypted_data_keys)} encrypted data keys ({len(attempts)} tried): "
             f"{reasons}"
-        )
+        ) from (failures[-1] if failures else None)

@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,7 +169,7 @@ def _stop(pid: int, process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=_STOP_TIMEOUT)
 
 
-def running_vault() -> Iterator[VaultServer]:
+def running_vault() -> Generator[VaultServer, None, None]:
     """Start a dev server (free port, known root token, transit mounted); stop it by PID."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"

@@ -272,6 +272,7 @@ class VaultTransport:
         auth = self._auth
         assert auth is not None
         if old is not None and old.renewable and time.monotonic() < old.expires_at:
+            self.calls["renew"] += 1
             try:
                 payload = await self._request(
                     "renew", "POST", "auth/token/renew-self", auth.login_path, {}, old.token
@@ -281,7 +282,6 @@ class VaultTransport:
                 pass  # expired, revoked or not renewable after all: log in again
             else:
                 if renewed.duration >= old.duration / 2:  # not yet near its max TTL
-                    self.calls["renew"] += 1
                     return renewed
         self.calls["login"] += 1
         payload = await self._request(
@@ -390,7 +390,20 @@ class VaultTransport:
                 **options,
             ) as response:
                 status = response.status
-                raw = await response.content.read(_RESPONSE_LIMIT)
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.content.iter_chunked(1 << 16):
+                    size += len(chunk)
+                    if size > _RESPONSE_LIMIT:
+                        raise VaultError(
+                            f"{where} answered with more than {_RESPONSE_LIMIT} bytes",
+                            operation=operation,
+                            key_id=key_id,
+                            error_code="InvalidResponse",
+                            transient=False,
+                        )
+                    chunks.append(chunk)
+                raw = b"".join(chunks)
         except aiohttp.ClientError as exc:
             detail = _clip(f"{type(exc).__name__}: {exc}")
             raise VaultError(

@@ -232,3 +232,29 @@ async def test_ten_thousand_concurrent_decrypts_of_one_message_make_one_decrypt_
         plaintexts = await asyncio.gather(*(client.decrypt(message) for _ in range(10_000)))
     assert set(plaintexts) == {PLAINTEXT}
     assert proxy.requests().get("decrypt") == 1
+
+
+async def test_rate_limited_answers_are_retried_and_refusals_are_not(
+    vault_server: VaultServer,
+    through_proxy: Callable[..., VaultTransitKeyring],
+    proxy: FaultProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """429 (a rate-limit quota) is retried like a 5xx; a 400 is an answer, sent once.
+    The log lines of both name the operation and key, never the token."""
+    caplog.set_level("DEBUG", logger="aioenvelope")
+    keyring = through_proxy(deadline=5.0)
+    async with EnvelopeClient(keyring, cache=None) as client:
+        proxy.json_error_next(2, 429, {"errors": ["rate limit quota exceeded"]})
+        message = await client.encrypt(PLAINTEXT)
+        assert proxy.requests()["datakey"] == 3
+        proxy.json_error_next(1, 400, {"errors": ["invalid request"]})
+        with pytest.raises(errors.NoUsableKeyError) as info:
+            await client.decrypt(message)
+        assert proxy.requests()["decrypt"] == 1
+        assert "InvalidRequest" not in str(info.value)
+        assert "HTTP 400: invalid request" in str(info.value)
+        assert client.stats.breaker_states[keyring.breaker_name] == "closed"
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("decrypt" in line for line in logged)
+    assert not [line for line in logged if vault_server.root_token in line]

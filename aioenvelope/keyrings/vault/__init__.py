@@ -1,4 +1,4 @@
-"""The HashiCorp Vault / OpenBao transit keyring (on aiohttp: ``aioenvelope[vault]``)."""
+"""The HashiCorp Vault / OpenBao transit keyring, over aiohttp (a core dependency)."""
 
 from ._auth import AppRoleAuth
 from .keyring import VaultTransitKeyring

@@ -137,12 +137,7 @@ class VaultTransport:
     async def open(self) -> None:
         if self._open:
             return
-        try:
-            import aiohttp
-        except ImportError as exc:  # pragma: no cover - aiohttp is in the vault extra
-            raise ConfigurationError(
-                "the Vault transit keyring needs aiohttp: pip install 'aioenvelope[vault]'"
-            ) from exc
+        import aiohttp  # a core dependency; imported here so KMS-only users never load it
         self._gate = anyio.Semaphore(MAX_CONNECTIONS)
         self._login_lock = anyio.Lock()
         if self._supplied is None:

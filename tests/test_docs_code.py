@@ -48,6 +48,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from vault_server import VaultServer
 
 import aioenvelope
 from aioenvelope import (
@@ -110,6 +111,7 @@ BLOCKS: dict[tuple[str, str], str] = {
     ("docs/rotation.md", "def under_old_key("): "test_rotation_under_old_key_finds_the_old_key",
     ("docs/rotation.md", "async def rotate(rows, store):"): "test_rotation_rotate_rows_re_encrypts",
     ("docs/streaming.md", "async def seal("): "test_streaming_seal_writes_a_message_to_a_file",
+    ("docs/vault.md", "auth=AppRoleAuth(role_id, secret_id),"): "test_vault_guide_round_trips",
     (
         "docs/streaming.md",
         '@app.get("/files/{name}")',
@@ -510,6 +512,46 @@ async def test_readme_testing_example_passes(docs_aws: DocAws) -> None:
     ns = await docs_aws.run("README.md", "async def test_records_round_trip()")
     assert inspect.iscoroutinefunction(ns["test_records_round_trip"])
     assert await ns["test_records_round_trip"]() is None
+
+
+# -- docs/vault.md ------------------------------------------------------------------------------
+
+
+async def test_vault_guide_round_trips(
+    docs_aws: DocAws, vault_server: VaultServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guide's keyring on the real OpenBao dev server: VAULT_ADDR names it, the
+    prelude's AppRole has the guide's narrow policy on key "orders", and the record it
+    seals opens again under a fresh client (the key setup is the only thing supplied)."""
+    with contextlib.suppress(AssertionError):  # already made by an earlier run
+        vault_server.create_key("orders")
+    vault_server.put_policy(
+        "docs-orders",
+        "\n".join(
+            f'path "transit/{path}" {{ capabilities = ["{capability}"] }}'
+            for path, capability in (
+                ("datakey/plaintext/orders", "update"),
+                ("decrypt/orders", "update"),
+                ("keys/orders", "read"),
+            )
+        ),
+    )
+    role_id, secret_id = vault_server.approle(["docs-orders"])
+    monkeypatch.setenv("VAULT_ADDR", vault_server.url)
+    monkeypatch.delenv("VAULT_TOKEN", raising=False)
+    record = b'{"order": 7}'
+    ns = await docs_aws.run(
+        "docs/vault.md",
+        "auth=AppRoleAuth(role_id, secret_id),",
+        role_id=role_id,
+        secret_id=secret_id,
+        record=record,
+    )
+    reader = aioenvelope.VaultTransitKeyring(
+        "orders", auth=aioenvelope.AppRoleAuth(role_id, secret_id)
+    )
+    async with EnvelopeClient(reader) as client:
+        assert await client.decrypt(ns["blob"], encryption_context={"tenant": "acme"}) == record
 
 
 # -- docs/errors.md ----------------------------------------------------------------------------

@@ -45,6 +45,7 @@ __all__ = [
     "ok",
     "on_a_terminal",
     "terminal",
+    "vault_env",
     "without",
 ]
 
@@ -112,6 +113,13 @@ def without(cli: Cli, packages: tuple[str, ...], directory: Path) -> Cli:
     )
     path = os.pathsep.join(filter(None, [str(directory), cli.env.get("PYTHONPATH")]))
     return replace(cli, env={**cli.env, "PYTHONPATH": path})
+
+
+def vault_env(cli: Cli, **settings: str) -> Cli:
+    """``cli`` with no ``VAULT_*`` or ``BAO_*`` variable but ``settings`` (``VAULT_ADDR=``,
+    ``BAO_TOKEN=``...): each Vault test says how the server and the token are found."""
+    env = {k: v for k, v in cli.env.items() if not k.startswith(("VAULT_", "BAO_"))}
+    return replace(cli, env={**env, **settings})
 
 
 @dataclass(frozen=True)

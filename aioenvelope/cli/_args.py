@@ -20,7 +20,7 @@ PROG = "aioenvelope"
 
 _DESCRIPTION = (
     "Envelope encryption in the AWS Encryption SDK message format: files, directories "
-    "and pipes, under AWS KMS keys and/or raw AES key files."
+    "and pipes, under AWS KMS keys, Vault/OpenBao transit keys and/or raw AES key files."
 )
 
 
@@ -160,6 +160,7 @@ def _keys(*, discovery: bool) -> argparse.ArgumentParser:
             help="with --discovery-account (default aws)",
         )
     _hierarchy_options(keys)
+    _vault_options(keys)
     _aws_options(keys)
     _check_keys_option(keys)
     return keys
@@ -197,6 +198,47 @@ def _hierarchy_options(parser: argparse.ArgumentParser, prefix: str = "") -> Non
     )
 
 
+def _vault_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """Vault (or OpenBao) transit keys. ``prefix`` is ``to-`` for reencrypt's new keys,
+    whose connection options default to the source side's."""
+    new = bool(prefix)
+    group = parser.add_argument_group(
+        ("new key: " if new else "")
+        + "Vault/OpenBao transit keys (the token: VAULT_TOKEN, BAO_TOKEN or a token file)"
+    )
+    group.add_argument(
+        f"--{prefix}vault-key",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a transit key name (repeatable; the first generates the data key unless a "
+        f"branch key or --{prefix}kms-key comes first); only its mount and name are written "
+        "into the message, not the server's address",
+    )
+    group.add_argument(
+        f"--{prefix}vault-url",
+        metavar="URL",
+        help="the Vault server, e.g. https://vault.example.com:8200 (default: "
+        + ("--vault-url, else " if new else "")
+        + "VAULT_ADDR, else BAO_ADDR)",
+    )
+    group.add_argument(
+        f"--{prefix}vault-mount",
+        metavar="MOUNT",
+        help="the transit engine's mount path (default: "
+        + ("--vault-mount, else " if new else "")
+        + "transit)",
+    )
+    group.add_argument(
+        f"--{prefix}vault-token-file",
+        metavar="FILE",
+        help="a file holding the Vault token (surrounding whitespace ignored; e.g. "
+        "~/.vault-token or a Vault Agent sink); default: "
+        + ("--vault-token-file, else " if new else "")
+        + "VAULT_TOKEN, else BAO_TOKEN. The token is never printed",
+    )
+
+
 def _aws_options(parser: argparse.ArgumentParser) -> None:
     aws = parser.add_argument_group("AWS connection (KMS, and DynamoDB for a key store)")
     aws.add_argument(
@@ -219,9 +261,10 @@ def _check_keys_option(parser: argparse.ArgumentParser) -> None:
         "--no-check-keys",
         dest="check_keys",
         action="store_false",
-        help="skip the DescribeKey check each --kms-key gets before use (for a caller "
-        "allowed to encrypt or decrypt under a key but not to describe it; a wrong key "
-        "then fails at its first use)",
+        help="skip the check each key gets before use: DescribeKey for a --kms-key, a "
+        "read of the key for a --vault-key (for a caller allowed to encrypt or decrypt "
+        "under a key but not to describe or read it; a wrong key then fails at its first "
+        "use)",
     )
 
 
@@ -326,6 +369,7 @@ def _reencrypt_options(reencrypt: argparse.ArgumentParser) -> None:
         "--to-raw-key-file", action="append", default=[], metavar="FILE", help="repeatable"
     )
     _hierarchy_options(reencrypt, "to-")
+    _vault_options(reencrypt, "to-")
 
 
 def _keygen_options(keygen: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from ..errors import NoUsableKeyError, TruncatedMessageError
 from ..format.header import EncryptedDataKey, HeaderReader, MessageHeader
 from ..inspection import INSPECT_MAX_EDKS, TRUNCATED_HEADER
 from ..keyrings.hierarchy import wrapping
+from ..keyrings.vault import keyring as vault
 from ._io import input_chunks
 
 __all__ = ["header_json", "read_header"]
@@ -22,6 +24,8 @@ __all__ = ["header_json", "read_header"]
 _KMS_PROVIDER_ID = "aws-kms"
 # A raw AES EDK's provider info: key name, tag length in bits (128), IV length (12), IV.
 _RAW_AES_TRAILER = (128).to_bytes(4, "big") + (12).to_bytes(4, "big")
+# A Vault transit ciphertext starts "vault:v<key version>:".
+_VAULT_VERSION = re.compile(rb"vault:v([1-9][0-9]{0,9}):")
 
 
 async def read_header(source: Path | None) -> MessageHeader:
@@ -54,16 +58,20 @@ def header_json(header: MessageHeader) -> dict[str, Any]:
 def _edk_json(edk: EncryptedDataKey) -> dict[str, Any]:
     """Provider info as text where it is text (the key ARN for KMS, the branch key ID for
     the hierarchical keyring, with the branch key version the EDK names, to find
-    messages still under an old version); otherwise hex and base64, plus the key name
-    when it has the raw AES layout."""
+    messages still under an old version; a Vault transit key's ``[namespace/]mount/key``,
+    split into its mount path and key name, with the key version the EDK was wrapped
+    under); otherwise hex and base64, plus the key name when it has the raw AES
+    layout."""
     info = edk.provider_info
     entry: dict[str, Any] = {"provider_id": edk.provider_id}
-    if edk.provider_id in (_KMS_PROVIDER_ID, wrapping.PROVIDER_ID):
+    if edk.provider_id in (_KMS_PROVIDER_ID, wrapping.PROVIDER_ID, vault.PROVIDER_ID):
         with contextlib.suppress(UnicodeDecodeError):
             entry["provider_info"] = info.decode("utf-8")  # the key ARN, or branch key ID
     if edk.provider_id == wrapping.PROVIDER_ID:
         with contextlib.suppress(NoUsableKeyError):  # too short to name one
             entry["branch_key_version"] = wrapping.branch_key_version_of(edk.ciphertext)
+    if edk.provider_id == vault.PROVIDER_ID and "provider_info" in entry:
+        entry.update(_vault_key(entry["provider_info"], edk.ciphertext))
     if "provider_info" not in entry:
         entry["provider_info"] = info.hex()
         entry["provider_info_base64"] = base64.b64encode(info).decode("ascii")
@@ -72,6 +80,18 @@ def _edk_json(edk: EncryptedDataKey) -> dict[str, Any]:
             entry["key_name"] = name
     entry["encrypted_data_key_length"] = len(edk.ciphertext)
     return entry
+
+
+def _vault_key(info: str, ciphertext: bytes) -> dict[str, Any]:
+    """A Vault transit EDK's mount path (after the namespace, if the keyring had one),
+    key name, and the key version its ``vault:vN:`` ciphertext names (to find messages
+    below a key's ``min_decryption_version`` before raising it)."""
+    path, _, name = info.rpartition("/")
+    shown: dict[str, Any] = {"vault_mount": path, "vault_key": name} if path and name else {}
+    version = _VAULT_VERSION.match(ciphertext)
+    if version is not None:
+        shown["vault_key_version"] = int(version.group(1))
+    return shown
 
 
 def _raw_aes_key_name(info: bytes) -> str | None:

@@ -1,11 +1,12 @@
 """The command line's keys: the keyring the key options add up to. Raw AES key files
 (``keygen``, ``--raw-key-file``) are the library's own format:
-:mod:`aioenvelope.keyrings.key_file`."""
+:mod:`aioenvelope.keyrings.key_file`. A Vault token file (``--vault-token-file``) holds
+the token alone, as ``~/.vault-token`` and a Vault Agent sink do."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aioboto3
@@ -22,22 +23,31 @@ from ..keyrings import (
 )
 from ..keyrings.key_file import read_raw_key
 from ..keyrings.kms_arn import parse_arn
+from ..keyrings.vault import VaultTransitKeyring
+from ._paths import CliError
 
 __all__ = [
     "HierarchyOptions",
     "KeyOptions",
     "KmsOptions",
+    "VaultOptions",
     "branch_key_store",
     "build_keyring",
     "is_key_arn",
+    "read_token_file",
 ]
+
+# A Vault service token is about 100 characters, a batch token a few hundred: a file much
+# longer than this is not a token file, and is not read whole.
+_MAX_TOKEN_FILE = 16 * 1024
 
 
 @dataclass(frozen=True)
 class KmsOptions:
     """How to reach KMS: shared by every KMS keyring of one command. ``check_keys``
     False (``--no-check-keys``) skips the DescribeKey each KMS key gets on start, for a
-    caller allowed to use a key but not to describe it."""
+    caller allowed to use a key but not to describe it, and the read of each Vault
+    transit key (the Vault keyring's own ``check_keys``)."""
 
     region: str | None = None
     endpoint_url: str | None = None
@@ -60,9 +70,57 @@ class HierarchyOptions:
 
 
 @dataclass(frozen=True)
+class VaultOptions:
+    """One side's Vault transit keys: the first is the Vault keyring's generator. ``url``
+    and ``token`` None leave them to the keyring (``VAULT_ADDR`` then ``BAO_ADDR``,
+    ``VAULT_TOKEN`` then ``BAO_TOKEN``). The token is never shown in a repr."""
+
+    key_names: Sequence[str]
+    url: str | None = None
+    mount: str = "transit"
+    token: str | None = field(default=None, repr=False)
+
+    def keyring(self, check_keys: bool) -> VaultTransitKeyring:
+        generator, *additional = self.key_names
+        return VaultTransitKeyring(
+            generator,
+            url=self.url,
+            token=self.token,
+            mount=self.mount,
+            additional_key_names=additional,
+            check_keys=check_keys,
+        )
+
+
+def read_token_file(path: Path, flag: str) -> str:
+    """The Vault token in ``path``, surrounding whitespace (a final newline) removed.
+
+    The file's mode is not checked: Kubernetes mounts secrets 0644 by default and Vault
+    Agent writes its sink 0640, and refusing those would refuse the files this option is
+    for; this command only reads the file. Whatever is wrong with it, the error names
+    the file and ``flag``, never its content."""
+    with path.open("rb") as file:
+        raw = file.read(_MAX_TOKEN_FILE + 1)
+    if len(raw) > _MAX_TOKEN_FILE:
+        raise CliError(
+            f"{flag} {path}: longer than {_MAX_TOKEN_FILE} bytes, not a Vault token file"
+        )
+    token = raw.strip()
+    if not token:
+        raise CliError(f"{flag} {path}: the file is empty (it should hold a Vault token)")
+    if not all(0x21 <= byte <= 0x7E for byte in token):
+        raise CliError(
+            f"{flag} {path}: does not hold one Vault token (a single word of printable "
+            "ASCII characters, with nothing else in the file)"
+        )
+    return token.decode("ascii")
+
+
+@dataclass(frozen=True)
 class KeyOptions:
-    """One side's keys: a branch key (hierarchical keyring), KMS keys, raw key files, and
-    discovery (decrypt only). The first of them generates the data key."""
+    """One side's keys: a branch key (hierarchical keyring), KMS keys, Vault transit
+    keys, raw key files, and discovery (decrypt only). The first of them generates the
+    data key."""
 
     kms_keys: Sequence[str] = ()
     raw_key_files: Sequence[Path] = ()
@@ -70,10 +128,15 @@ class KeyOptions:
     discovery_accounts: Sequence[str] = ()
     discovery_partition: str = "aws"
     hierarchy: HierarchyOptions | None = None
+    vault: VaultOptions | None = None
 
     def __bool__(self) -> bool:
         return bool(
-            self.kms_keys or self.raw_key_files or self.discovery or self.hierarchy is not None
+            self.kms_keys
+            or self.raw_key_files
+            or self.discovery
+            or self.hierarchy is not None
+            or self.vault is not None
         )
 
 
@@ -109,7 +172,8 @@ def build_keyring(
     """One keyring for all of ``keys``: several combine into a :class:`MultiKeyring` whose
     generator is the first, so any one of them decrypts. The branch key comes first
     (the generator, and the first tried on decrypt: after one fetch it unwraps locally,
-    where a KMS key costs a call per message), then KMS keys, raw keys, discovery."""
+    where a KMS key costs a call per message), then KMS keys, Vault transit keys, raw
+    keys, discovery."""
     keyrings: list[Keyring] = []
     if keys.hierarchy is not None:
         store = branch_key_store(
@@ -128,6 +192,8 @@ def build_keyring(
                 check_keys=kms.check_keys,
             )
         )
+    if keys.vault is not None:
+        keyrings.append(keys.vault.keyring(kms.check_keys))
     keyrings.extend(read_raw_key(path).keyring() for path in keys.raw_key_files)
     if keys.discovery:
         discovery_filter = (

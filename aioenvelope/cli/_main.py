@@ -39,7 +39,15 @@ from ._args import PROG, build_parser
 from ._branch_key import branch_key_command
 from ._inspect import header_json, read_header
 from ._io import MessageStream, Transform, progress_bar, run_job
-from ._keys import HierarchyOptions, KeyOptions, KmsOptions, build_keyring, is_key_arn
+from ._keys import (
+    HierarchyOptions,
+    KeyOptions,
+    KmsOptions,
+    VaultOptions,
+    build_keyring,
+    is_key_arn,
+    read_token_file,
+)
 from ._messages import in_cli_words
 from ._paths import (
     STDIO,
@@ -271,7 +279,62 @@ def _hierarchy(
     return HierarchyOptions(branch_key_id, table, name, kms_key), kms_keys
 
 
-def _key_options(args: argparse.Namespace) -> KeyOptions:
+def _environment(*names: str) -> str | None:
+    """The first of ``names`` set (and not empty) in the environment, as the Vault
+    keyring reads its address and token."""
+    return next((value for name in names if (value := os.environ.get(name))), None)
+
+
+def _vault(
+    args: argparse.Namespace, prefix: str = "", *, serves_target: bool = False
+) -> VaultOptions | None:
+    """The Vault transit keys of one side (``prefix`` ``to_`` for reencrypt's new keys,
+    whose connection options default to the source side's).
+
+    The server and a token are required here, before any file is opened: a usage error
+    naming this side's flags. The token file is read here; a token from the environment
+    is left to the keyring to read. ``serves_target``: the source side's connection
+    options may be given for the new keys alone (reencrypt from KMS to Vault)."""
+    flag = "--" + prefix.replace("_", "-")
+    names = tuple(getattr(args, f"{prefix}vault_key"))
+    own = {
+        option: getattr(args, f"{prefix}vault_{option}")
+        for option in ("url", "mount", "token_file")
+    }
+    if not names:
+        given = [option for option, value in own.items() if value is not None]
+        if given and not serves_target:
+            option = f"{flag}vault-{given[0].replace('_', '-')}"
+            raise UsageError(f"{option} is for a Vault key: give {flag}vault-key NAME")
+        return None
+    url, mount, token_file = (
+        value if value is not None or not prefix else getattr(args, f"vault_{option}")
+        for option, value in own.items()
+    )
+    fallback = " (or --vault-url)" if prefix else ""
+    url = url or _environment("VAULT_ADDR", "BAO_ADDR")
+    if not url:
+        raise UsageError(
+            f"{flag}vault-key needs the Vault server's address: give {flag}vault-url URL"
+            f"{fallback} or set VAULT_ADDR (or BAO_ADDR)"
+        )
+    token: str | None = None
+    if token_file is not None:
+        source = f"{flag}vault-token-file" if own["token_file"] else "--vault-token-file"
+        try:
+            token = read_token_file(Path(token_file), source)
+        except OSError as exc:
+            raise CliError(f"{source} {token_file}: {exc.strerror}") from None
+    elif not _environment("VAULT_TOKEN", "BAO_TOKEN"):
+        fallback = " (or --vault-token-file)" if prefix else ""
+        raise UsageError(
+            f"{flag}vault-key needs a Vault token: set VAULT_TOKEN (or BAO_TOKEN), or give "
+            f"{flag}vault-token-file FILE{fallback}"
+        )
+    return VaultOptions(names, url=url, mount=mount or "transit", token=token)
+
+
+def _key_options(args: argparse.Namespace, *, vault_serves_target: bool = False) -> KeyOptions:
     hierarchy, kms_keys = _hierarchy(args)
     keys = KeyOptions(
         kms_keys=kms_keys,
@@ -280,6 +343,7 @@ def _key_options(args: argparse.Namespace) -> KeyOptions:
         discovery_accounts=tuple(getattr(args, "discovery_account", ())),
         discovery_partition=str(getattr(args, "discovery_partition", "aws")),
         hierarchy=hierarchy,
+        vault=_vault(args, serves_target=vault_serves_target),
     )
     if keys.discovery_accounts and not keys.discovery:
         raise UsageError("--discovery-account needs --discovery")
@@ -432,13 +496,14 @@ async def _reencrypt(args: argparse.Namespace) -> int:
         kms_keys=to_kms_keys,
         raw_key_files=tuple(Path(p) for p in args.to_raw_key_file),
         hierarchy=to_hierarchy,
+        vault=_vault(args, "to_"),
     )
     if not to_keys:
         raise UsageError(
-            "give the new keys: --to-kms-key ID, --to-raw-key-file FILE and/or "
-            "--to-branch-key-id ID"
+            "give the new keys: --to-kms-key ID, --to-raw-key-file FILE, "
+            "--to-vault-key NAME and/or --to-branch-key-id ID"
         )
-    keys = _key_options(args)
+    keys = _key_options(args, vault_serves_target=to_keys.vault is not None)
     plan = _plan(args, same_name, ciphertext=True)
     keyring, to_keyring = _keyrings(args, keys, to_keys)
     async with EnvelopeClient(keyring, commitment_policy=args.commitment_policy) as client:

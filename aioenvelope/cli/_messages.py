@@ -1,7 +1,8 @@
 """The library's messages in the command line's words.
 
 The library's errors give Python advice (``check_keys=False``, ``region_name``,
-``decrypt_stream(allow_signed=False)``, ``EnvelopeClient.reencrypt_stream``); on the
+``decrypt_stream(allow_signed=False)``, ``EnvelopeClient.reencrypt_stream``, the Vault
+keyring's ``url=``, ``token=`` and ``mount=``); on the
 command line the same advice is a flag or a command. Each rule below rewrites one piece
 of Python advice wherever it appears in a library error, so the rest of the message (what
 went wrong, which key, which file) stays the library's, whatever its wording around it.
@@ -27,8 +28,34 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"\bpass allow_signed=True\b", "leave out --unsigned-only"),
         (r"\ballow_signed=True\b", "--allow-signed"),
         (r"[,;]?\s*or use decrypt\(\)[^.;]*", ""),
-        # KMS keys checked with DescribeKey on start.
+        # KMS keys checked with DescribeKey on start, Vault keys read on start.
         (r"\bcheck_keys=False\b", "--no-check-keys"),
+        # Vault transit keys: the server, the token, the mount.
+        (r"\bgive url= \(", "give --vault-url URL ("),
+        (r"\burl=(?=[\s),])", "--vault-url"),
+        (r"\bthe Vault url\b", "the Vault URL (--vault-url)"),
+        (
+            r"\bgive token=, auth=AppRoleAuth\([^)]*\), or set VAULT_TOKEN\b",
+            "give --vault-token-file FILE or set VAULT_TOKEN (or BAO_TOKEN)",
+        ),
+        (r"\btoken=(?=[\s),])", "--vault-token-file"),
+        (r"\bmount=(?=[\s),])", "--vault-mount"),
+        # A 403 is a policy's denial or a token the server does not know (Vault cannot
+        # say which): where the command line's token comes from.
+        (
+            r"\bthe token may not read (\S+) \(grant 'read' on it\)",
+            r"the token may not read \1 (grant 'read' on it), or the token is not valid "
+            "(check VAULT_TOKEN or --vault-token-file)",
+        ),
+        (
+            r"\bthe token must be valid \(not expired or revoked\)",
+            "the token must be valid (not expired or revoked; check VAULT_TOKEN or "
+            "--vault-token-file)",
+        ),
+        (
+            r"\b(?:EnvelopeClient\.|client\.)reencrypt to the same keyring\b",
+            "`aioenvelope reencrypt` with --to-vault-key naming the same key",
+        ),
         # Where KMS (and a key store's table) is.
         (r"\bregion_name\b=?", "--region"),
         (r"\bset AWS_REGION\b(?! or AWS_DEFAULT_REGION)", "set AWS_REGION or AWS_DEFAULT_REGION"),

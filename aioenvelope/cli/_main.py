@@ -349,7 +349,10 @@ def _key_options(args: argparse.Namespace, *, vault_serves_target: bool = False)
         raise UsageError("--discovery-account needs --discovery")
     if not keys:
         extra = ", --discovery" if hasattr(args, "discovery") else ""
-        raise UsageError(f"give a key: --kms-key ID, --raw-key-file FILE{extra}")
+        raise UsageError(
+            f"give a key: --kms-key ID, --branch-key-id ID, --vault-key NAME, "
+            f"--raw-key-file FILE{extra}"
+        )
     return keys
 
 

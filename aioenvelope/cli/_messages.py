@@ -43,9 +43,9 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         # A 403 is a policy's denial or a token the server does not know (Vault cannot
         # say which): where the command line's token comes from.
         (
-            r"\bthe token may not read (\S+) \(grant 'read' on it\)",
-            r"the token may not read \1 (grant 'read' on it), or the token is not valid "
-            "(check VAULT_TOKEN or --vault-token-file)",
+            r"\bthe token is not valid \(expired, revoked or mistyped",
+            "the token is not valid (check VAULT_TOKEN or --vault-token-file; expired, "
+            "revoked or mistyped",
         ),
         (
             r"\bthe token must be valid \(not expired or revoked\)",

@@ -243,7 +243,10 @@ class VaultTransitKeyring(Keyring):
             if exc.transient or exc.operation == "login":
                 raise  # not checked for want of the server (or of a token): says so itself
             what = {
-                "PermissionDenied": f"the token may not read {path} (grant 'read' on it)",
+                "PermissionDenied": (
+                    f"the token may not read {path}: grant 'read' on it, or the token is "
+                    "not valid (expired, revoked or mistyped: Vault answers both with 403)"
+                ),
                 "NotFound": (
                     "it does not exist (encrypting to it would create a new key where the "
                     "policy allows: check the name and mount=)"

@@ -138,6 +138,7 @@ class VaultTransport:
         if self._open:
             return
         import aiohttp  # a core dependency; imported here so KMS-only users never load it
+
         self._gate = anyio.Semaphore(MAX_CONNECTIONS)
         self._login_lock = anyio.Lock()
         if self._supplied is None:

@@ -10,13 +10,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
+import httpx
 import pytest
 from fake_clock import FakeClock
+from fastapi import FastAPI, Request, Response
 from fault_proxy import FaultProxy
 from task_leaks import other_tasks, settle
 from vault_server import VaultServer, running_vault, transit_operation
 
 from aioenvelope import CacheConfig, EnvelopeClient, VaultTransitKeyring, errors
+from aioenvelope.integrations.starlette import install_error_handlers
 
 CONTEXT = {"tenant": "t1", "purpose": "vault-faults"}
 PLAINTEXT = b"while the server is unwell"
@@ -258,3 +261,38 @@ async def test_rate_limited_answers_are_retried_and_refusals_are_not(
     logged = [record.getMessage() for record in caplog.records]
     assert any("decrypt" in line for line in logged)
     assert not [line for line in logged if vault_server.root_token in line]
+
+
+@pytest.mark.parametrize("answer", ["5xx", "forbidden"])
+async def test_the_web_integrations_answer_vault_failures_like_any_key_service(
+    through_proxy: Callable[..., VaultTransitKeyring], proxy: FaultProxy, answer: str
+) -> None:
+    """One error base for every key service: a FastAPI app with install_error_handlers
+    answers a Vault outage with 503 and Retry-After, and a refusal to encrypt (403) with
+    a generic 500, exactly as it does for KMS, with no token, URL or key name in the
+    body. (A 403 on decrypt is folded into NoUsableKeyError, a 422, as KMS's AccessDenied
+    is: another encrypted data key of the message may still open.)"""
+    keyring = through_proxy(deadline=0.5, max_attempts=2)
+    async with EnvelopeClient(keyring, cache=None) as client:
+        app = FastAPI()
+        install_error_handlers(app)
+
+        @app.post("/seal")
+        async def seal(request: Request) -> Response:
+            return Response(await client.encrypt(await request.body()))
+
+        if answer == "5xx":
+            proxy.json_error_next(100, 500, {"errors": ["internal error"]})
+        else:
+            denied = {"errors": ["1 error occurred:\n\t* permission denied\n\n"]}
+            proxy.json_error_next(1, 403, denied)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            answered = await http.post("/seal", content=PLAINTEXT)
+    if answer == "5xx":
+        assert answered.status_code == 503
+        assert answered.json() == {"error": "key_service_unavailable", "retry_after": 2}
+        assert answered.headers["retry-after"] == "2"
+    else:
+        assert answered.status_code == 500
+        assert answered.json() == {"error": "key_service_error"}

@@ -64,7 +64,7 @@ from aioenvelope.integrations.starlette import (
     get_envelope_client,
     install_error_handlers,
 )
-from aioenvelope.testing import DUMMY_CREDENTIALS, EmbeddedAws, embedded_aws
+from aioenvelope.testing import DUMMY_CREDENTIALS, REAL_AWS_ENVIRONMENT, EmbeddedAws, embedded_aws
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_FILES = ("README.md", *(f"docs/{path.name}" for path in sorted(ROOT.glob("docs/*.md"))))
@@ -126,14 +126,7 @@ PLACEHOLDER_ARN = re.compile(
 )
 # Variables that would point a block's clients somewhere other than the embedded server.
 FOREIGN_AWS_ENVIRONMENT = (
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_ROLE_ARN",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    *REAL_AWS_ENVIRONMENT,
     "AWS_ENDPOINT_URL_KMS",
     "AWS_ENDPOINT_URL_DYNAMODB",
     "AWS_ENDPOINT_URL_S3",

@@ -33,7 +33,7 @@ import anyio.to_thread
 
 from ..errors import ConfigurationError
 
-__all__ = ["DUMMY_CREDENTIALS", "EmbeddedAws", "embedded_aws"]
+__all__ = ["DUMMY_CREDENTIALS", "REAL_AWS_ENVIRONMENT", "EmbeddedAws", "embedded_aws"]
 
 DEFAULT_REGION = "us-west-2"
 DUMMY_CREDENTIALS = {
@@ -42,6 +42,19 @@ DUMMY_CREDENTIALS = {
 }
 """What :meth:`EmbeddedAws.session` signs with: throwaway, so real credentials never
 reach the stand-in (and a request that escaped to AWS would be refused)."""
+
+REAL_AWS_ENVIRONMENT = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
+"""The environment variables botocore reads that could point a client at a real account:
+what the pytest plugin removes while the embedded server runs."""
 
 
 class EmbeddedAws:

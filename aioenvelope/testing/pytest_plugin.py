@@ -29,21 +29,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from . import DUMMY_CREDENTIALS, EmbeddedAws
+from . import DUMMY_CREDENTIALS, REAL_AWS_ENVIRONMENT, EmbeddedAws
 
 __all__: list[str] = []
-
-# The variables botocore reads that could point a client at a real account.
-_AWS_ENVIRONMENT = (
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_ROLE_ARN",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-)
 
 if importlib.util.find_spec("moto") is not None:
     __all__ += ["embedded_aws", "kms_key_arn"]
@@ -52,7 +40,7 @@ if importlib.util.find_spec("moto") is not None:
     def embedded_aws() -> Iterator[EmbeddedAws]:
         """A moto server for the whole test session, with a throwaway AWS environment."""
         with pytest.MonkeyPatch.context() as env:
-            for name in _AWS_ENVIRONMENT:
+            for name in REAL_AWS_ENVIRONMENT:
                 env.delenv(name, raising=False)
             env.setenv("AWS_ACCESS_KEY_ID", DUMMY_CREDENTIALS["aws_access_key_id"])
             env.setenv("AWS_SECRET_ACCESS_KEY", DUMMY_CREDENTIALS["aws_secret_access_key"])

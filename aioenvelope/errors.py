@@ -21,6 +21,8 @@ __all__ = [
     "EncryptionContextError",
     "EncryptionContextMismatchError",
     "EnvelopeError",
+    "GcpKmsError",
+    "GcpKmsKeyCheckError",
     "KMSDecryptRateLimited",
     "KMSError",
     "KMSKeyCheckError",
@@ -199,6 +201,34 @@ class VaultError(KeyServiceError):
         )
 
 
+class GcpKmsError(KeyServiceError):
+    """A call to Google Cloud KMS failed. ``operation`` is the call (``Encrypt``,
+    ``Decrypt``, ``GetCryptoKey``), ``key_id`` the key's resource name (without
+    ``/cryptoKeyVersions/N``), ``error_code`` the gRPC status name (``PERMISSION_DENIED``,
+    ``NOT_FOUND``, ``INVALID_ARGUMENT``, ``UNAVAILABLE``...), ``ChecksumMismatch`` for
+    a CRC32C that did not match, ``Timeout`` or ``InvalidResponse``. ``transient`` as for
+    :class:`KMSError`: UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, a
+    checksum mismatch and timeouts, after the retries within the deadline."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str,
+        key_id: str | None,
+        error_code: str,
+        transient: bool,
+    ) -> None:
+        super().__init__(
+            message,
+            service="gcp-kms",
+            operation=operation,
+            key_id=key_id,
+            error_code=error_code,
+            transient=transient,
+        )
+
+
 class BranchKeyStoreError(KeyringError):
     """The branch key store refused: its table is missing or has the wrong key schema,
     or a branch key ID to create exists already. ``table_name``, ``branch_key_id`` and
@@ -247,6 +277,12 @@ class VaultKeyCheckError(ConfigurationError):
     """A configured Vault transit key failed the start-up check: it does not exist, the
     token may not read it, or it cannot be used (not an AEAD type, cannot encrypt, or
     derived)."""
+
+
+class GcpKmsKeyCheckError(ConfigurationError):
+    """A configured Google Cloud KMS key failed the start-up check (``GetCryptoKey``): it
+    does not exist, the caller may not read it, its purpose is not ENCRYPT_DECRYPT, or
+    its primary version is not enabled."""
 
 
 class KMSDecryptRateLimited(EnvelopeError):

@@ -123,6 +123,8 @@ ERROR_BASES: dict[str, tuple[type, ...]] = {
     "DynamoDBError": (errors.KeyServiceError,),
     "VaultError": (errors.KeyServiceError,),
     "VaultKeyCheckError": (errors.ConfigurationError,),
+    "GcpKmsError": (errors.KeyServiceError,),
+    "GcpKmsKeyCheckError": (errors.ConfigurationError,),
     "BranchKeyStoreError": (errors.KeyringError,),
     "BranchKeyNotFoundError": (errors.BranchKeyStoreError,),
     "BranchKeyExistsError": (errors.BranchKeyStoreError,),

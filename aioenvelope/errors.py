@@ -10,6 +10,8 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "AzureKeyVaultError",
+    "AzureKeyVaultKeyCheckError",
     "BranchKeyExistsError",
     "BranchKeyIntegrityError",
     "BranchKeyNotFoundError",
@@ -229,6 +231,35 @@ class GcpKmsError(KeyServiceError):
         )
 
 
+class AzureKeyVaultError(KeyServiceError):
+    """A call to Azure Key Vault (or Managed HSM) failed. ``operation`` is the call
+    (``wrapkey``, ``unwrapkey``, ``get``), ``key_id`` the key's URL without a version,
+    ``error_code`` Key Vault's own code when it gave one (``Forbidden``,
+    ``KeyNotFound``, ``BadParameter``, ``Unauthorized``, ``Throttled``...), else
+    ``ServerError``, ``ConnectionError``, ``Timeout``, ``CredentialUnavailable``,
+    ``ChallengeRejected`` or ``InvalidResponse``. ``transient`` as for
+    :class:`KMSError`: 5xx, 429, timeouts and network failures, after the retries within
+    the deadline."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str,
+        key_id: str | None,
+        error_code: str,
+        transient: bool,
+    ) -> None:
+        super().__init__(
+            message,
+            service="azure-kv",
+            operation=operation,
+            key_id=key_id,
+            error_code=error_code,
+            transient=transient,
+        )
+
+
 class BranchKeyStoreError(KeyringError):
     """The branch key store refused: its table is missing or has the wrong key schema,
     or a branch key ID to create exists already. ``table_name``, ``branch_key_id`` and
@@ -283,6 +314,12 @@ class GcpKmsKeyCheckError(ConfigurationError):
     """A configured Google Cloud KMS key failed the start-up check (``GetCryptoKey``): it
     does not exist, the caller may not read it, its purpose is not ENCRYPT_DECRYPT, or
     its primary version is not enabled."""
+
+
+class AzureKeyVaultKeyCheckError(ConfigurationError):
+    """A configured Azure Key Vault key failed the start-up check (GET key): it does not
+    exist, the credential may not read it, it is disabled or expired, its key type does
+    not fit the algorithm, or its permitted operations lack wrapKey or unwrapKey."""
 
 
 class KMSDecryptRateLimited(EnvelopeError):

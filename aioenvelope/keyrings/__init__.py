@@ -1,6 +1,7 @@
 """Keyrings: where data keys come from and how they are wrapped."""
 
 from .base import DecryptionMaterials, EncryptionMaterials, Keyring
+from .gcp import GcpKmsKeyring
 from .hierarchy import BranchKeyStore, HierarchicalKeyring
 from .kms import DiscoveryFilter, KmsDiscoveryKeyring, KmsKeyring
 from .multi import MultiKeyring
@@ -14,6 +15,7 @@ __all__ = [
     "DecryptionMaterials",
     "DiscoveryFilter",
     "EncryptionMaterials",
+    "GcpKmsKeyring",
     "HierarchicalKeyring",
     "Keyring",
     "KmsDiscoveryKeyring",

@@ -58,6 +58,7 @@ PUBLIC_NAMES = {
     "EncryptingStream",
     "EncryptionMaterials",
     "EnvelopeClient",
+    "GcpKmsKeyring",
     "HierarchicalKeyring",
     "Keyring",
     "KmsDiscoveryKeyring",
@@ -75,6 +76,7 @@ PUBLIC_NAMES = {
     "run_batch",
 }
 KEYRINGS = {
+    "GcpKmsKeyring",
     "HierarchicalKeyring",
     "KmsDiscoveryKeyring",
     "KmsKeyring",

@@ -53,6 +53,8 @@ from typing import Any, Literal, Protocol
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fault_proxy import FaultProxy
+from gcp_kms_fake import GcpKmsFake, gcp_kms
+from google.auth.credentials import AnonymousCredentials
 from kms_server import KmsKey, MotoKms
 from moto_keyrings import moto_kms_keyring
 from vault_server import VaultServer, transit_operation, vault_server
@@ -62,6 +64,7 @@ from aioenvelope import (
     DecryptionMaterials,
     EncryptedDataKey,
     EncryptionMaterials,
+    GcpKmsKeyring,
     HierarchicalKeyring,
     Keyring,
     MultiKeyring,
@@ -80,6 +83,7 @@ __all__ = [
     "RemoteBackend",
     "WatchedKeyring",
     "exception_chain",
+    "gcp_kms",
     "keyring_harness",
     "leaks",
     "shown_forms",
@@ -291,6 +295,57 @@ def vault_transit_harness(vault_server: VaultServer) -> Iterator[KeyringHarness]
             secrets=(vault_server.root_token.encode(),),  # the token is the secret here
             remote=VaultBehindProxy(proxy),
         )
+
+
+# -- Google Cloud KMS: the real async client against tests/gcp_kms_fake.py ---------------
+
+
+class GcpKmsFakeBackend:
+    """The fake Cloud KMS (a gRPC server): faults are gRPC statuses (UNAVAILABLE, as a
+    Google front end answers an outage; PERMISSION_DENIED), counts the calls it served."""
+
+    def __init__(self, kms: GcpKmsFake) -> None:
+        self.kms = kms
+        self.breaker_name = "gcp-kms global"  # one breaker per location
+        self.request_error: type[errors.KeyringError] = errors.GcpKmsError
+
+    def fail_next(self, n: int) -> None:
+        self.kms.fail_next(n, "UNAVAILABLE")
+
+    def refuse_next(self, n: int) -> None:
+        self.kms.fail_next(n, "PERMISSION_DENIED")
+
+    def wrap_requests(self) -> int:
+        return self.kms.calls["Encrypt"]
+
+    def unwrap_requests(self) -> int:
+        return self.kms.calls["Decrypt"]
+
+
+@keyring_harness(Can.CALL_A_REMOTE_SERVICE, Can.BIND_CONTEXT_TO_WRAPPED_KEY, Can.SHARE_DATA_KEYS)
+def gcp_kms_harness(gcp_kms: GcpKmsFake) -> KeyringHarness:
+    """``GcpKmsKeyring`` (google-cloud-kms's real async client, on an insecure channel)
+    against a fake Cloud KMS of the test's own; two keys, checked at start-up (before any
+    test sets a fault)."""
+    names = {"A": gcp_kms.create_key("harness-a"), "B": gcp_kms.create_key("harness-b")}
+
+    def keyring(key: Key, *, one_attempt: bool = False, **options: Any) -> Keyring:
+        return GcpKmsKeyring(
+            names[key],
+            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+            client_options=gcp_kms.client_options(),
+            deadline=KMS_DEADLINE,
+            max_attempts=1 if one_attempt else 4,
+            **options,
+        )
+
+    def several(keys: Sequence[Key]) -> Keyring:
+        first, *rest = keys
+        return keyring(first, additional_key_names=[names[k] for k in rest])
+
+    return KeyringHarness(
+        name="gcp-kms", keyring=keyring, several=several, remote=GcpKmsFakeBackend(gcp_kms)
+    )
 
 
 # -- raw AES and raw RSA: local keys -----------------------------------------------------

@@ -15,9 +15,12 @@ class AppRoleAuth:
 
     The keyring logs in on its first call, renews the token (``renew-self``) once two
     thirds of its lease have passed, and logs in again when it cannot be renewed any
-    further; a 403 on a token that has been in use for a while is taken for an expired
-    or revoked one, and costs one login and one retry (never more, for one call).
-    Neither ``secret_id`` nor ``role_id`` shows in a repr, a log line or an error.
+    further. Concurrent calls share one login and its outcome; a failed login is also
+    the answer of the calls made within a second after it. After a 403 the token is
+    asked about itself (``auth/token/lookup-self``, allowed by the default policy): only
+    a dead one (expired or revoked) costs one login and one retry (never more, for one
+    call); a live one's 403 is the policy's answer. Neither ``secret_id`` nor
+    ``role_id`` shows in a repr, a log line or an error.
     """
 
     role_id: str = field(repr=False)

@@ -1,11 +1,12 @@
 """The one place Vault (or OpenBao) is called: JSON over HTTP on one aiohttp session.
 
-Every call runs under a deadline (retries included). Answers that say nothing about the
-request (5xx, a sealed server's 503, 429, a refused or dropped connection) are retried
-with jittered exponential backoff within that deadline; the others (400, 403, 404) are
-answers and end the call. The client's circuit breaker for the server hears of each
-outage and each answer, as for KMS (``kms_clients.KmsClients.call``). The token comes
-from the caller, or from an AppRole login kept fresh here.
+Every call runs under one deadline: the wait for a connection, a login and every attempt.
+Answers that say nothing about the request (5xx, a sealed server's 503, 429, a standby's
+redirect, a refused or dropped connection) are retried with jittered exponential backoff
+within that deadline; the others (400, 403, 404) are answers and end the call. The
+client's circuit breaker for the server hears of each outage and each answer, as for KMS
+(``kms_clients.KmsClients.call``), and nothing of calls cut off by the client's close.
+The token comes from the caller, or from an AppRole login kept fresh here.
 
 aiohttp is imported when the keyring opens, so ``import aioenvelope`` works without it.
 """
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from ...breaker import OPEN, CircuitBreaker
 from ...errors import ConfigurationError, VaultError
 from ._auth import AppRoleAuth
 
@@ -44,10 +46,9 @@ _BACKOFF_BASE = 0.05  # seconds before the first retry (at most; full jitter)
 _BACKOFF_CAP = 1.0
 _MESSAGE_LIMIT = 300  # characters of the server's own error text
 _RESPONSE_LIMIT = 1 << 20  # bytes of a response body: transit answers are small
-# A token in use this long, refused with 403, may have expired or been revoked: one
-# login and one retry. Younger, the 403 is the policy's (and logging in again would not
-# help): no login, so a denied call costs at most one login a second.
-_RELOGIN_MIN_AGE = 1.0
+# A failed login is every call's answer for this long (a bad secret ID costs one login
+# a second, not one per call).
+_LOGIN_FAILURE_KEPT = 1.0
 _RENEW_AT = 2 / 3  # of a lease, when the token is renewed (or replaced)
 
 
@@ -96,6 +97,21 @@ def _lease(auth: Mapping[str, Any], now: float) -> _Lease:
     )
 
 
+class _Login:
+    """One login (or renewal), shared by every call that needs a token meanwhile: the
+    call that starts it runs it under its own remaining deadline, the others wait for
+    its outcome (a lease or an error) instead of trying again one after another."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.lease: _Lease | None = None
+        self.error: VaultError | None = None
+
+
+class _Closed(Exception):
+    """The transport was closed (the client exited) while a call was under way."""
+
+
 class VaultTransport:
     """Calls to one Vault server for one keyring; opened and closed with it."""
 
@@ -128,8 +144,10 @@ class VaultTransport:
         self._owned: aiohttp.ClientSession | None = None
         self._gate: anyio.Semaphore | None = None
         self._lease: _Lease | None = None
-        self._login_lock: anyio.Lock | None = None
+        self._login: _Login | None = None  # the login or renewal under way, if any
+        self._failed_login: tuple[VaultError, float] | None = None  # and until when
         self._open = False
+        self._epoch = 0  # one more at each close: a call of an earlier epoch was cut off
 
     def __repr__(self) -> str:
         return f"VaultTransport({self.shown_url!r})"
@@ -140,7 +158,6 @@ class VaultTransport:
         import aiohttp  # a core dependency; imported here so KMS-only users never load it
 
         self._gate = anyio.Semaphore(MAX_CONNECTIONS)
-        self._login_lock = anyio.Lock()
         if self._supplied is None:
             connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS)
             self._owned = self._session = aiohttp.ClientSession(connector=connector)
@@ -150,12 +167,21 @@ class VaultTransport:
         if not self._open:
             return
         self._open = False
+        self._epoch += 1
         self._lease = None
+        self._login = None
+        self._failed_login = None
         owned, self._owned = self._owned, None
         self._session = self._supplied
         if owned is not None:
             with anyio.CancelScope(shield=True):  # a half-closed session leaks sockets
                 await owned.close()
+
+    def _closed_error(self, operation: str, key_id: str) -> ConfigurationError:
+        return ConfigurationError(
+            f"the EnvelopeClient was closed while a Vault {operation} with key {key_id} at "
+            f"{self.shown_url} was under way: close the client only after its calls finish"
+        )
 
     # -- one call ----------------------------------------------------------------------
 
@@ -173,8 +199,10 @@ class VaultTransport:
         :class:`VaultError`.
 
         In order: the server's breaker (fails fast, costing nothing, while it is down),
-        for an unwrap one token of the decrypt rate limit, a token (an AppRole login or
-        renewal when due), then the request, retried within the deadline.
+        a token (an AppRole login or renewal when due, shared with concurrent calls), for
+        an unwrap one token of the decrypt rate limit, then the request, retried. One
+        deadline covers all of it: the wait for a connection, the login and every
+        attempt (not the wait for the client's own decrypt rate limit).
         """
         if not self._open:
             raise ConfigurationError(
@@ -185,37 +213,42 @@ class VaultTransport:
         breaker = runtime.breaker(self.breaker_name) if runtime is not None else None
         if breaker is not None:
             breaker.before_call(SERVICE)
+        epoch = self._epoch
+        deadline_at = anyio.current_time() + self.deadline
         try:
-            if unwrap and runtime is not None:
-                await runtime.admit_remote_decrypt()
-        except BaseException:
-            if breaker is not None:
-                breaker.record_abandoned()  # Vault was not asked: no verdict on it
-            raise
-        self.calls[operation] += 1
-        try:
-            response = await self._call_with_token(operation, method, path, key_id, body)
+            response = await self._call_with_token(
+                operation, method, path, key_id, body, deadline_at, unwrap, breaker
+            )
         except VaultError as exc:
             log.log(
                 logging.WARNING if exc.transient else logging.INFO,
                 "Vault %s with key %s at %s failed: %s",
-                operation,
-                key_id,
+                exc.operation,
+                exc.key_id,
                 self.shown_url,
                 exc.error_code,
             )
             if breaker is not None:
-                if exc.transient:
-                    breaker.record_failure(SERVICE)
+                if epoch != self._epoch:
+                    breaker.record_abandoned()  # cut off by the close: no verdict
+                elif exc.transient or exc.error_code == "InvalidResponse":
+                    breaker.record_failure(SERVICE)  # down, or not answering as Vault
                 else:
                     breaker.record_success(SERVICE)  # answered (with an error): it is up
             raise
+        except _Closed:
+            if breaker is not None:
+                breaker.record_abandoned()
+            raise self._closed_error(operation, key_id) from None
         except BaseException:
             if breaker is not None:
-                breaker.record_abandoned()  # cancelled before an answer
+                breaker.record_abandoned()  # cancelled, or not sent: no verdict
             raise
         if breaker is not None:
-            breaker.record_success(SERVICE)
+            if epoch != self._epoch:
+                breaker.record_abandoned()
+            else:
+                breaker.record_success(SERVICE)
         return response
 
     async def _call_with_token(
@@ -225,75 +258,159 @@ class VaultTransport:
         path: str,
         key_id: str,
         body: Mapping[str, Any] | None,
+        deadline_at: float,
+        unwrap: bool,
+        breaker: CircuitBreaker | None,
     ) -> dict[str, Any]:
-        token = await self._current_token()
+        token = await self._current_token(deadline_at)
+        if breaker is not None and breaker.state == OPEN and breaker.refuses():
+            breaker.before_call(SERVICE)  # opened while this call waited for a login
+        if unwrap and self.runtime is not None:
+            waited_from = anyio.current_time()
+            await self.runtime.admit_remote_decrypt()  # after the login: spent on a request
+            deadline_at += anyio.current_time() - waited_from  # the client's wait, not Vault's
         try:
-            payload = await self._request(operation, method, path, key_id, body, token)
+            payload = await self._request(operation, method, path, key_id, body, token, deadline_at)
         except VaultError as exc:
-            if exc.error_code != "PermissionDenied" or not self._may_log_in_again(token):
+            if exc.error_code != "PermissionDenied" or not await self._token_was_refused(
+                token, deadline_at
+            ):
                 raise
-            log.info("Vault refused a token in use for a while: logging in again, once")
-            token = await self._current_token()
-            payload = await self._request(operation, method, path, key_id, body, token)
+            log.info("Vault refused the keyring's token (expired or revoked): logging in again")
+            token = await self._current_token(deadline_at)
+            payload = await self._request(
+                operation, method, path, key_id, body, token, deadline_at, count=False
+            )
         return _data(payload, operation, key_id)
 
     # -- tokens ------------------------------------------------------------------------
 
-    async def _current_token(self) -> str | None:
+    async def _current_token(self, deadline_at: float) -> str | None:
+        """The token for a request: the fixed one, or the AppRole lease's, after one login
+        or renewal shared by every call that needs it meanwhile. A failed login is the
+        answer of every call that waited for it, and of those that come within a second
+        after it (so a bad secret ID costs one login a second, not one per call)."""
         if self._auth is None:
             return self._token
-        lease = self._lease
-        if lease is None or time.monotonic() >= lease.refresh_at:
-            assert self._login_lock is not None
-            async with self._login_lock:  # one login or renewal for every waiting call
-                lease = self._lease
-                if lease is None or time.monotonic() >= lease.refresh_at:
-                    lease = self._lease = await self._refresh(lease)
-        return lease.token
+        epoch = self._epoch
+        while True:
+            if epoch != self._epoch:
+                raise _Closed
+            lease = self._lease
+            now = time.monotonic()
+            if lease is not None and now < lease.refresh_at:
+                return lease.token
+            failed = self._failed_login
+            if failed is not None and now < failed[1]:
+                raise _again(
+                    failed[0], " (a login that failed under a second ago: not retried yet)"
+                )
+            attempt = self._login
+            if attempt is None:
+                return await self._log_in(lease, deadline_at)
+            with anyio.move_on_at(deadline_at):
+                await attempt.done.wait()
+            if not attempt.done.is_set():
+                raise self._timeout("login", self._auth.login_path, None, 0)
+            if attempt.error is not None:
+                raise _again(attempt.error)
+            if attempt.lease is not None:
+                return attempt.lease.token
+            # The call that ran it was cancelled: the next one round runs it.
 
-    def _may_log_in_again(self, token: str | None) -> bool:
-        """After a 403 on ``token``: whether to log in again (once) and retry."""
+    async def _log_in(self, old: _Lease | None, deadline_at: float) -> str:
+        epoch = self._epoch
+        attempt = self._login = _Login()
+        try:
+            lease = await self._refresh(old, deadline_at)
+        except VaultError as exc:
+            if epoch == self._epoch:
+                attempt.error = exc
+                self._failed_login = (exc, time.monotonic() + _LOGIN_FAILURE_KEPT)
+            raise
+        else:
+            if epoch != self._epoch:
+                raise _Closed  # never keep a lease on a closed transport
+            self._lease = attempt.lease = lease
+            self._failed_login = None
+            return lease.token
+        finally:
+            if self._login is attempt:
+                self._login = None
+            attempt.done.set()
+
+    async def _token_was_refused(self, token: str | None, deadline_at: float) -> bool:
+        """After a 403 on ``token``: whether the token itself is dead (expired or revoked),
+        so that one login and one retry may help. Vault answers a dead token and a policy
+        denial alike, and a message can name any key: so the token is asked about itself
+        (``auth/token/lookup-self``, which the default policy allows) before it is thrown
+        away, and a live token's 403 is the policy's answer, costing no login."""
         if self._auth is None:
             return False
         lease = self._lease
         if lease is None or lease.token != token:
             return True  # another call has replaced it meanwhile: retry with the new one
-        if time.monotonic() - lease.obtained_at < _RELOGIN_MIN_AGE:
-            return False
-        lease.refresh_at = 0.0  # log in again: a refused token is not renewed
-        lease.renewable = False
-        return True
+        try:
+            await self._request(
+                "lookup",
+                "GET",
+                "auth/token/lookup-self",
+                self._auth.login_path,
+                None,
+                token,
+                deadline_at,
+            )
+        except VaultError as exc:
+            if exc.error_code != "PermissionDenied":
+                raise
+            if self._lease is lease:
+                self._lease = None  # dead: the next token comes from a login
+            return True
+        return False
 
-    async def _refresh(self, old: _Lease | None) -> _Lease:
+    async def _refresh(self, old: _Lease | None, deadline_at: float) -> _Lease:
         auth = self._auth
         assert auth is not None
         if old is not None and old.renewable and time.monotonic() < old.expires_at:
-            self.calls["renew"] += 1
             try:
                 payload = await self._request(
-                    "renew", "POST", "auth/token/renew-self", auth.login_path, {}, old.token
+                    "renew",
+                    "POST",
+                    "auth/token/renew-self",
+                    auth.login_path,
+                    {},
+                    old.token,
+                    deadline_at,
                 )
                 renewed = _lease(payload.get("auth") or {}, time.monotonic())
-            except (VaultError, ValueError):
-                pass  # expired, revoked or not renewable after all: log in again
+            except VaultError as exc:
+                if exc.error_code == "Timeout":
+                    raise  # no time left to log in either
+            except ValueError:
+                pass  # not renewable after all: log in again
             else:
                 if renewed.duration >= old.duration / 2:  # not yet near its max TTL
                     return renewed
-        self.calls["login"] += 1
         payload = await self._request(
-            "login", "POST", auth.login_path, auth.login_path, auth.login_body(), None
+            "login",
+            "POST",
+            auth.login_path,
+            auth.login_path,
+            auth.login_body(),
+            None,
+            deadline_at,
         )
         try:
             return _lease(payload.get("auth") or {}, time.monotonic())
         except ValueError:
-            raise VaultError(
-                f"Vault AppRole login at {auth.login_path} ({self.shown_url}) returned no "
-                "client token",
-                operation="login",
-                key_id=auth.login_path,
-                error_code="InvalidResponse",
-                transient=False,
-            ) from None
+            pass
+        raise VaultError(
+            f"Vault AppRole login at {auth.login_path} ({self.shown_url}) returned no client token",
+            operation="login",
+            key_id=auth.login_path,
+            error_code="InvalidResponse",
+            transient=False,
+        )
 
     # -- requests, with retries within the deadline ------------------------------------
 
@@ -305,51 +422,55 @@ class VaultTransport:
         key_id: str,
         body: Mapping[str, Any] | None,
         token: str | None,
+        deadline_at: float,
+        *,
+        count: bool = True,
     ) -> dict[str, Any]:
         assert self._gate is not None
-        async with self._gate:  # a connection first, then the deadline starts
-            started = anyio.current_time()
-            failures = 0
-            last: VaultError | None = None
-            try:
-                with anyio.fail_after(self.deadline):
-                    while True:
-                        try:
-                            return await self._attempt(operation, method, path, key_id, body, token)
-                        except VaultError as exc:
-                            if not exc.transient:
-                                raise
-                            failures += 1
-                            last = exc
-                        if failures >= self.max_attempts:
-                            raise self._spent(last, failures) from last
-                        delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**failures))  # noqa: S311 - jitter, not a secret
-                        if anyio.current_time() + delay - started >= self.deadline:
-                            raise self._spent(last, failures) from last
-                        await anyio.sleep(delay)
-            except TimeoutError as exc:
-                said = f"did not finish within {self.deadline:g} s (retries included)"
-                if last is not None:
-                    tries = "attempt" if failures == 1 else "attempts"
-                    said += f": after {failures} failed {tries}, the last with {last.error_code}"
-                raise VaultError(
-                    f"Vault {operation} with key {key_id} at {self.shown_url} {said}",
-                    operation=operation,
-                    key_id=key_id,
-                    error_code="Timeout",
-                    transient=True,
-                ) from (last or exc)
+        epoch = self._epoch
+        failures = 0
+        last: VaultError | None = None
+        with anyio.move_on_at(deadline_at):
+            async with self._gate:  # a connection slot: its wait is within the deadline
+                if count:
+                    self.calls[operation] += 1  # counted once sent, not its retries
+                while True:
+                    if epoch != self._epoch:
+                        raise _Closed
+                    try:
+                        return await self._attempt(operation, method, path, key_id, body, token)
+                    except VaultError as exc:
+                        if epoch != self._epoch:
+                            raise _Closed from None
+                        if not exc.transient:
+                            raise
+                        failures += 1
+                        last = exc
+                    if failures >= self.max_attempts:
+                        raise _spent(last, failures)
+                    delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**failures))  # noqa: S311 - jitter, not a secret
+                    if anyio.current_time() + delay >= deadline_at:
+                        raise _spent(last, failures)
+                    await anyio.sleep(delay)
+        if epoch != self._epoch:
+            raise _Closed
+        raise self._timeout(operation, key_id, last, failures)
 
-    @staticmethod
-    def _spent(last: VaultError | None, failures: int) -> VaultError:
-        assert last is not None
-        if failures == 1:
-            return last
+    def _timeout(
+        self, operation: str, key_id: str, last: VaultError | None, failures: int
+    ) -> VaultError:
+        said = (
+            f"did not finish within {self.deadline:g} s, the call's one deadline (the "
+            "wait for a connection, a login and retries included)"
+        )
+        if last is not None:
+            tries = "attempt" if failures == 1 else "attempts"
+            said += f": after {failures} failed {tries}, the last with {last.error_code}"
         return VaultError(
-            f"{last} (the last of {failures} attempts)",
-            operation=last.operation,
-            key_id=last.key_id,
-            error_code=last.error_code,
+            f"Vault {operation} with key {key_id} at {self.shown_url} {said}",
+            operation=operation,
+            key_id=key_id,
+            error_code="Timeout",
             transient=True,
         )
 
@@ -365,7 +486,8 @@ class VaultTransport:
         import aiohttp
 
         session = self._session
-        assert session is not None
+        if session is None or not self._open:
+            raise _Closed
         headers = {}
         if token is not None:
             headers["X-Vault-Token"] = token
@@ -376,6 +498,14 @@ class VaultTransport:
             options["ssl"] = self._ssl
         where = f"Vault {operation} with key {key_id} at {self.shown_url}"
         log.debug("Vault %s with key %s at %s", operation, key_id, self.shown_url)
+        # aiohttp's exceptions are never chained to ours, nor raised from inside their
+        # handler (which would leave them as __context__): some (ClientResponseError's
+        # request_info) hold the request's headers, and so the token.
+        failure: str | None = None
+        too_big = False
+        status = 0
+        location = ""
+        raw = b""
         try:
             async with session.request(
                 method,
@@ -386,33 +516,40 @@ class VaultTransport:
                 **options,
             ) as response:
                 status = response.status
+                location = response.headers.get("Location", "")
                 chunks: list[bytes] = []
                 size = 0
                 async for chunk in response.content.iter_chunked(1 << 16):
                     size += len(chunk)
                     if size > _RESPONSE_LIMIT:
-                        raise VaultError(
-                            f"{where} answered with more than {_RESPONSE_LIMIT} bytes",
-                            operation=operation,
-                            key_id=key_id,
-                            error_code="InvalidResponse",
-                            transient=False,
-                        )
+                        too_big = True
+                        break
                     chunks.append(chunk)
                 raw = b"".join(chunks)
-        except aiohttp.ClientError as exc:
-            detail = _clip(f"{type(exc).__name__}: {exc}")
+        except (aiohttp.ClientError, RuntimeError) as exc:  # RuntimeError: session closed
+            failure = _clip(f"{type(exc).__name__}: {exc}").replace(self.url, self.shown_url)
+        if failure is not None:
+            if not self._open:
+                raise _Closed
             raise VaultError(
-                f"{where} failed with a connection error ({detail}). Check url= (or "
+                f"{where} failed with a connection error ({failure}). Check url= (or "
                 "VAULT_ADDR) and the network",
                 operation=operation,
                 key_id=key_id,
                 error_code="ConnectionError",
                 transient=True,
-            ) from exc
+            )
+        if too_big:
+            raise VaultError(
+                f"{where} answered with more than {_RESPONSE_LIMIT} bytes",
+                operation=operation,
+                key_id=key_id,
+                error_code="InvalidResponse",
+                transient=False,
+            )
         try:
             payload = json.loads(raw) if raw else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             payload = None
         if not isinstance(payload, dict):
             payload = {}
@@ -426,7 +563,45 @@ class VaultTransport:
                 )
         if status < 300:
             return payload
+        if status < 400:
+            # An HA standby redirects to the active node. Not followed (the token would
+            # go wherever Location says): retried, as during a fail-over.
+            target = f" to {shown_url(location)}" if location.startswith("http") else ""
+            raise VaultError(
+                f"{where} was redirected (HTTP {status}){target}: a standby node that does "
+                "not forward requests; give url= the active node or a load balancer in "
+                "front of the cluster",
+                operation=operation,
+                key_id=key_id,
+                error_code="Redirected",
+                transient=True,
+            )
         raise _error(where, status, payload, operation, key_id, method, path)
+
+
+def _again(error: VaultError, note: str = "") -> VaultError:
+    """``error`` once more, for another call: a new exception (one raised in several
+    tasks would gather all of their tracebacks)."""
+    return VaultError(
+        str(error) + note,
+        operation=error.operation,
+        key_id=error.key_id,
+        error_code=error.error_code,
+        transient=error.transient,
+    )
+
+
+def _spent(last: VaultError | None, failures: int) -> VaultError:
+    assert last is not None
+    if failures == 1:
+        return last
+    return VaultError(
+        f"{last} (the last of {failures} attempts)",
+        operation=last.operation,
+        key_id=last.key_id,
+        error_code=last.error_code,
+        transient=True,
+    )
 
 
 def _data(payload: Mapping[str, Any], operation: str, key_id: str) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Encrypt: one ``datakey/plaintext`` call under ``key_name`` gives the data key and its
 first EDK; each additional key wraps it with ``encrypt``, in parallel. Decrypt: ``decrypt``
-of each EDK that names one of this keyring's keys, in order, until one opens.
+of each EDK that names one of this keyring's keys, in order, until one opens (an outage
+or a failed login ends it: the next EDK would go to the same server).
 
 What is bound to what: the message's encryption context, serialized as the message
 format does it, goes to Vault as ``associated_data`` on every call, so an EDK opens only
@@ -27,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..._concurrency import gather_in_order
 from ...errors import (
-    CircuitOpenError,
     ConfigurationError,
     NoUsableKeyError,
     VaultError,
@@ -203,7 +203,7 @@ class VaultTransitKeyring(Keyring):
     @property
     def vault_calls(self) -> Mapping[str, int]:
         """Vault calls made so far, by operation (``datakey``, ``encrypt``, ``decrypt``,
-        ``keys``, ``login``, ``renew``): calls, not their retries."""
+        ``keys``, ``login``, ``renew``, ``lookup``): calls sent, not their retries."""
         return dict(self._transport.calls)
 
     def provider_info(self, key_name: str) -> bytes:
@@ -370,7 +370,6 @@ class VaultTransitKeyring(Keyring):
         aad = _b64(materials.serialized_encryption_context)
         length = materials.algorithm_suite.key_length
         failures: list[VaultError] = []
-        refused: list[CircuitOpenError] = []
         for edk, name in attempts:
             try:
                 data = await self._transport.call(
@@ -381,16 +380,14 @@ class VaultTransitKeyring(Keyring):
                     {"ciphertext": edk.ciphertext.decode("ascii"), "associated_data": aad},
                     unwrap=True,
                 )
-                return materials.with_data_key(self._plaintext(data, length, "decrypt", name))
             except VaultError as exc:
+                if exc.transient or exc.operation != "decrypt":
+                    # An outage (every EDK here goes to the same server: the next would
+                    # wait out a deadline of its own), or no token: not a wrong key.
+                    raise
                 failures.append(exc)
-            except CircuitOpenError as exc:
-                refused.append(exc)
-        if refused and all(f.transient for f in failures):
-            # Nothing answered: the server is down. A 503, not a 4xx.
-            raise min(refused, key=lambda exc: exc.retry_after)
-        if failures and all(f.transient for f in failures):
-            raise failures[-1]  # an outage, not a wrong key: say so
+                continue
+            return materials.with_data_key(self._plaintext(data, length, "decrypt", name))
         reasons = "; ".join(str(f) for f in failures)
         if malformed:
             reasons += ("; " if reasons else "") + (

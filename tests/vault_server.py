@@ -38,7 +38,7 @@ _STOP_TIMEOUT = 10.0
 def transit_operation(method: str, path: str) -> str:
     """A Vault request's operation as the tests count it (for ``FaultProxy``):
     ``datakey``, ``encrypt``, ``decrypt``, ``keys`` (reads of a key), ``login``, ``renew``,
-    or the path itself for anything else."""
+    ``lookup`` (a token asked about itself), or the path itself for anything else."""
     parts = path.strip("/").split("/")
     if parts[:1] == ["v1"] and len(parts) >= 4 and parts[2] in ("datakey", "encrypt", "decrypt"):
         return parts[2]
@@ -48,6 +48,8 @@ def transit_operation(method: str, path: str) -> str:
         return "login"
     if parts[-1:] == ["renew-self"]:
         return "renew"
+    if parts[-1:] == ["lookup-self"]:
+        return "lookup"
     return path
 
 

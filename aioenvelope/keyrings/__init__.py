@@ -1,5 +1,6 @@
 """Keyrings: where data keys come from and how they are wrapped."""
 
+from .azure import AzureKeyVaultKeyring
 from .base import DecryptionMaterials, EncryptionMaterials, Keyring
 from .gcp import GcpKmsKeyring
 from .hierarchy import BranchKeyStore, HierarchicalKeyring
@@ -11,6 +12,7 @@ from .vault import AppRoleAuth, VaultTransitKeyring
 
 __all__ = [
     "AppRoleAuth",
+    "AzureKeyVaultKeyring",
     "BranchKeyStore",
     "DecryptionMaterials",
     "DiscoveryFilter",

@@ -13,6 +13,7 @@ from .format.suites import AlgorithmSuite, CommitmentPolicy
 from .inspection import inspect
 from .keyrings import (
     AppRoleAuth,
+    AzureKeyVaultKeyring,
     BranchKeyStore,
     DecryptionMaterials,
     DiscoveryFilter,
@@ -34,6 +35,7 @@ from .streams import DecryptingStream, EncryptingStream, StreamSource
 __all__ = [
     "AlgorithmSuite",
     "AppRoleAuth",
+    "AzureKeyVaultKeyring",
     "BatchFailure",
     "BatchProgress",
     "BatchResult",

@@ -41,6 +41,7 @@ WRONG_KEY_OR_CONTEXT = (
 PUBLIC_NAMES = {
     "AlgorithmSuite",
     "AppRoleAuth",
+    "AzureKeyVaultKeyring",
     "BatchFailure",
     "BatchProgress",
     "BatchResult",
@@ -76,6 +77,7 @@ PUBLIC_NAMES = {
     "run_batch",
 }
 KEYRINGS = {
+    "AzureKeyVaultKeyring",
     "GcpKmsKeyring",
     "HierarchicalKeyring",
     "KmsDiscoveryKeyring",
@@ -127,6 +129,8 @@ ERROR_BASES: dict[str, tuple[type, ...]] = {
     "VaultKeyCheckError": (errors.ConfigurationError,),
     "GcpKmsError": (errors.KeyServiceError,),
     "GcpKmsKeyCheckError": (errors.ConfigurationError,),
+    "AzureKeyVaultError": (errors.KeyServiceError,),
+    "AzureKeyVaultKeyCheckError": (errors.ConfigurationError,),
     "BranchKeyStoreError": (errors.KeyringError,),
     "BranchKeyNotFoundError": (errors.BranchKeyStoreError,),
     "BranchKeyExistsError": (errors.BranchKeyStoreError,),

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import pytest
+from azure_kv_fake import AzureKeyVaultFake, azure_kv, azure_kv_server
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fault_proxy import FaultProxy
 from gcp_kms_fake import GcpKmsFake, gcp_kms
@@ -60,6 +61,7 @@ from moto_keyrings import moto_kms_keyring
 from vault_server import VaultServer, transit_operation, vault_server
 
 from aioenvelope import (
+    AzureKeyVaultKeyring,
     BranchKeyStore,
     DecryptionMaterials,
     EncryptedDataKey,
@@ -82,6 +84,8 @@ __all__ = [
     "KeyringHarness",
     "RemoteBackend",
     "WatchedKeyring",
+    "azure_kv",
+    "azure_kv_server",
     "exception_chain",
     "gcp_kms",
     "keyring_harness",
@@ -345,6 +349,70 @@ def gcp_kms_harness(gcp_kms: GcpKmsFake) -> KeyringHarness:
 
     return KeyringHarness(
         name="gcp-kms", keyring=keyring, several=several, remote=GcpKmsFakeBackend(gcp_kms)
+    )
+
+
+# -- Azure Key Vault: the real async client against tests/azure_kv_fake.py --------------
+
+
+class AzureKeyVaultFakeBackend:
+    """The fake Key Vault (HTTPS, a throwaway CA, the bearer challenge): faults are its
+    503 (an outage) and 403 Forbidden (a refusal); counts are its requests for the
+    harness's two keys."""
+
+    def __init__(self, vault: AzureKeyVaultFake, names: Sequence[str]) -> None:
+        self.vault = vault
+        self.names = tuple(names)
+        self.breaker_name = f"azure-kv {vault.url}"  # one breaker per vault
+        self.request_error: type[errors.KeyringError] = errors.AzureKeyVaultError
+
+    def fail_next(self, n: int) -> None:
+        self.vault.fail_next(n, 503)
+
+    def refuse_next(self, n: int) -> None:
+        self.vault.refuse_next(n, 403)
+
+    def _count(self, operation: str) -> int:
+        return sum(self.vault.requests(name)[operation] for name in self.names)
+
+    def wrap_requests(self) -> int:
+        return self._count("wrapkey")
+
+    def unwrap_requests(self) -> int:
+        return self._count("unwrapkey")
+
+
+@keyring_harness(Can.CALL_A_REMOTE_SERVICE, Can.SHARE_DATA_KEYS)
+def azure_kv_harness(azure_kv: AzureKeyVaultFake) -> KeyringHarness:
+    """``AzureKeyVaultKeyring`` (azure-keyvault-keys' real async client over HTTPS, with
+    the 401 bearer challenge) against the session's fake Key Vault; two fresh RSA keys
+    per test, checked at start-up (before any test sets a fault). RSA-OAEP takes no
+    associated data: the context is bound by the header tag, as for raw RSA. Its
+    ``secrets`` are the bearer token and the keys' private exponents."""
+    urls = {"A": azure_kv.create_key(), "B": azure_kv.create_key()}
+    names = [url.rsplit("/", 1)[1] for url in urls.values()]
+
+    def keyring(key: Key, *, one_attempt: bool = False, **options: Any) -> Keyring:
+        return AzureKeyVaultKeyring(
+            urls[key],
+            credential=azure_kv.credential(),
+            client_options=azure_kv.client_options(),
+            deadline=KMS_DEADLINE,
+            max_attempts=1 if one_attempt else 4,
+            **options,
+        )
+
+    def several(keys: Sequence[Key]) -> Keyring:
+        first, *rest = keys
+        return keyring(first, additional_key_ids=[urls[k] for k in rest])
+
+    secrets = (azure_kv.token.encode(), *(s for n in names for s in azure_kv.secrets(n)))
+    return KeyringHarness(
+        name="azure-kv",
+        keyring=keyring,
+        several=several,
+        secrets=secrets,
+        remote=AzureKeyVaultFakeBackend(azure_kv, names),
     )
 
 

@@ -236,10 +236,19 @@ class AzureKeyVaultFake:
     """The server (see the module docstring). Use as a context manager, or the
     ``azure_kv`` fixture (one server per test session, faults cleared per test)."""
 
-    def __init__(self) -> None:
-        self.token = "fake-kv-token-" + uuid.uuid4().hex
+    def __init__(self, *, like: AzureKeyVaultFake | None = None) -> None:
+        """``like``: another fake whose token and certificates this one shares (a second
+        vault that the same credential and CA reach)."""
         self._dir = tempfile.TemporaryDirectory(prefix="azure-kv-fake-")
-        self.ca_path, self._cert, self._key_pem = make_certificates(pathlib.Path(self._dir.name))
+        if like is None:
+            self.token = "fake-kv-token-" + uuid.uuid4().hex
+            made = make_certificates(pathlib.Path(self._dir.name))
+        else:
+            self.token = like.token
+            made = (like.ca_path, like._cert, like._key_pem)  # its dir outlives ours
+        self.ca_path: pathlib.Path = made[0]
+        self._cert: pathlib.Path = made[1]
+        self._key_pem: pathlib.Path = made[2]
         self._keys: dict[str, _Key] = {}
         self._faults: collections.deque[_Fault] = collections.deque()
         self._counts: dict[str, collections.Counter[str]] = collections.defaultdict(

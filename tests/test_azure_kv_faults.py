@@ -212,6 +212,24 @@ async def test_an_outage_of_one_vault_leaves_a_key_in_another_to_decrypt(
     assert counts(second_vault, other) == (1, 1)
 
 
+async def test_an_open_breaker_of_one_vault_leaves_a_key_in_another_to_decrypt(
+    azure_kv: AzureKeyVaultFake, second_vault: AzureKeyVaultFake, make: Make, key: str
+) -> None:
+    """Five outages of the first vault open its breaker while every decrypt still
+    succeeds through the second vault; then the first vault is skipped (no request) and
+    the second still answers."""
+    other = second_vault.create_key()
+    keyring = make(additional_key_ids=[other], max_attempts=1)
+    async with EnvelopeClient(keyring, cache=None) as client:
+        message = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+        azure_kv.fail_next(THRESHOLD, 503)
+        for _ in range(THRESHOLD + 2):
+            assert await client.decrypt(message) == PLAINTEXT
+        assert client.stats.breaker_states[f"azure-kv {azure_kv.url}"] == "open"
+    assert counts(azure_kv, key) == (1, THRESHOLD)
+    assert counts(second_vault, other) == (1, THRESHOLD + 2)
+
+
 async def test_no_credential_anywhere_fails_start_up_within_the_deadline(
     azure_kv: AzureKeyVaultFake, key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -186,6 +186,20 @@ async def test_a_pinned_version_wraps_under_that_version_and_reads_nothing_witho
     assert await decrypt_with(make(), message) == PLAINTEXT
 
 
+async def test_without_the_check_an_unversioned_key_is_read_once_for_its_version(
+    azure_kv: AzureKeyVaultFake, make: Make, key: str
+) -> None:
+    """check_keys=False and no version in the URL: the current version is read once
+    (one GET, shared by concurrent encrypts), then every wrap goes under it."""
+    async with EnvelopeClient(make(check_keys=False), cache=None) as client:
+        messages = [await client.encrypt(PLAINTEXT, encryption_context=CONTEXT) for _ in range(3)]
+    counts = azure_kv.requests(name_of(key))
+    assert (counts["get"], counts["wrapkey"]) == (1, 3)
+    version = azure_kv.current_version(name_of(key))
+    for message in messages:
+        assert inspect(message).encrypted_data_keys[0].provider_info.endswith(version.encode())
+
+
 async def test_a_disabled_key_is_refused_on_encrypt_by_the_service(
     azure_kv: AzureKeyVaultFake, make: Make, key: str
 ) -> None:

@@ -33,6 +33,7 @@ from ..._concurrency import gather_in_order
 from ...errors import (
     AzureKeyVaultError,
     AzureKeyVaultKeyCheckError,
+    CircuitOpenError,
     ConfigurationError,
     NoUsableKeyError,
 )
@@ -371,7 +372,7 @@ class AzureKeyVaultKeyring(Keyring):
             attempts.append((edk, *ours))
         length = materials.algorithm_suite.key_length
         failures: list[AzureKeyVaultError] = []
-        outages: list[AzureKeyVaultError] = []
+        outages: list[AzureKeyVaultError | CircuitOpenError] = []
         down: set[str] = set()  # vaults that failed transiently: their other EDKs would too
         for edk, key, version in attempts:
             if key.vault_url in down:
@@ -395,6 +396,10 @@ class AzureKeyVaultKeyring(Keyring):
                 else:
                     failures.append(exc)
                 continue
+            except CircuitOpenError as exc:
+                outages.append(exc)  # that vault's breaker is open: another may answer
+                down.add(key.vault_url)
+                continue
             data_key = _unb64url(data.get("value"))
             if data_key is None or len(data_key) != length:
                 failures.append(
@@ -411,7 +416,7 @@ class AzureKeyVaultKeyring(Keyring):
                 continue
             return materials.with_data_key(data_key)
         if outages:
-            raise outages[0]  # an outage, not a wrong key: worth retrying later
+            raise outages[0]  # an outage (or an open breaker), not a wrong key: retry later
         reasons = "; ".join(str(f) for f in failures)
         if malformed:
             reasons += ("; " if reasons else "") + (

@@ -10,6 +10,7 @@ caching, no secrets in errors) runs in the conformance suite (``azure_kv`` harne
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -192,7 +193,9 @@ async def test_without_the_check_an_unversioned_key_is_read_once_for_its_version
     """check_keys=False and no version in the URL: the current version is read once
     (one GET, shared by concurrent encrypts), then every wrap goes under it."""
     async with EnvelopeClient(make(check_keys=False), cache=None) as client:
-        messages = [await client.encrypt(PLAINTEXT, encryption_context=CONTEXT) for _ in range(3)]
+        messages = await asyncio.gather(
+            *(client.encrypt(PLAINTEXT, encryption_context=CONTEXT) for _ in range(3))
+        )
     counts = azure_kv.requests(name_of(key))
     assert (counts["get"], counts["wrapkey"]) == (1, 3)
     version = azure_kv.current_version(name_of(key))

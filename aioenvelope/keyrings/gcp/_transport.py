@@ -15,11 +15,12 @@ without the ``[gcp]`` extra.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["GcpKmsTransport", "crc32c"]
 
 log = logging.getLogger("aioenvelope.gcp")
+T = TypeVar("T")
 
 SERVICE = "GCP KMS"  # what the circuit breaker counts failures of
 SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
@@ -291,8 +293,15 @@ class GcpKmsTransport:
         }[operation]
         where = f"Cloud KMS {operation} with key {key_id}"
         log.debug("Cloud KMS %s with key %s", operation, key_id)
+        # Google's exception is not chained (nor left as __context__, so the error is
+        # made here and raised after the except block): it holds the gRPC call, which
+        # keeps the channel's connection open, even after the channel is closed, for as
+        # long as anything (a caller, a log record) keeps the error.
+        failure: GcpKmsError | None = None
         try:
-            response = await method(request=dict(request), retry=None, timeout=remaining)
+            response = await _cancellable(
+                method(request=dict(request), retry=None, timeout=remaining)
+            )
         except api_exceptions.GoogleAPICallError as exc:
             status = exc.grpc_status_code
             code = status.name if status is not None else type(exc).__name__
@@ -301,21 +310,23 @@ class GcpKmsTransport:
             if code == "INVALID_ARGUMENT" and "checksum" in text.lower():
                 # Cloud KMS checked our CRC32C and it did not match: corrupted on the way.
                 code, transient = "ChecksumMismatch", True
-            raise GcpKmsError(
+            failure = GcpKmsError(
                 f"{where} failed: {code}: {text}{_hint(code, operation)}",
                 operation=operation,
                 key_id=key_id,
                 error_code=code,
                 transient=transient,
-            ) from exc
+            )
         except api_exceptions.RetryError as exc:  # not with retry=None; kept for safety
-            raise GcpKmsError(
+            failure = GcpKmsError(
                 f"{where} failed: {_clip(str(exc))}",
                 operation=operation,
                 key_id=key_id,
                 error_code="UNAVAILABLE",
                 transient=True,
-            ) from exc
+            )
+        if failure is not None:
+            raise failure
         try:
             return check(response)
         except ChecksumMismatch as exc:
@@ -352,6 +363,32 @@ class GcpKmsTransport:
             error_code="Timeout",
             transient=True,
         )
+
+
+async def _cancellable(call: Awaitable[T]) -> T:
+    """Await a gRPC call so that a cancel scope (ours at the deadline, or a caller's) can
+    cancel it. Awaited directly, a cancelled grpc.aio call raises a CancelledError of its
+    own, which anyio does not take for its scope's: it escapes ``move_on_at`` and
+    cancels the whole task. Run as a task of its own and waited for, it is cancelled
+    and reaped here, and the CancelledError the scope sees is the scope's."""
+    task = asyncio.ensure_future(call)
+    del call
+    try:
+        await asyncio.wait({task})
+    except BaseException:
+        task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # seen: no "exception was never retrieved"
+        del task
+        raise
+    try:
+        return task.result()
+    finally:
+        # The task holds its exception, whose traceback holds this frame: no cycle
+        # (which would keep the gRPC call, and its connection, until a gc run).
+        del task
 
 
 def _hint(code: str, operation: str) -> str:

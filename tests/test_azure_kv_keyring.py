@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from azure_kv_fake import TENANT, AzureKeyVaultFake, StaticTokenCredential
+from fake_clock import FakeClock
 from kms_server import KmsKey, MotoKms
 from moto_keyrings import moto_kms_keyring
 
@@ -33,6 +34,7 @@ from aioenvelope import (
 )
 
 CONTEXT = {"tenant": "t1", "purpose": "azure-kv-keyring"}
+VERSION_REFRESH = 600  # seconds: how often an unpinned key's version is read again (documented)
 PLAINTEXT = b"a record under an Azure Key Vault key" * 3
 
 Make = Callable[..., AzureKeyVaultKeyring]
@@ -172,6 +174,35 @@ async def test_rotation_leaves_old_edks_openable_and_new_ones_use_the_new_versio
     assert inspect(new).encrypted_data_keys[0].provider_info.endswith(new_version.encode())
     assert await decrypt_with(make(), old) == PLAINTEXT
     assert await decrypt_with(make(), new) == PLAINTEXT
+
+
+async def test_a_long_lived_client_follows_a_rotation_after_the_refresh_interval(
+    azure_kv: AzureKeyVaultFake, make: Make, key: str
+) -> None:
+    """An unpinned key's current version is read again after VERSION_REFRESH (the
+    client's clock, 10 minutes): until then wraps stay on the version read at start-up, then go to
+    the new one. A failed re-read keeps the old version (the encrypt succeeds) and is
+    tried again a minute later."""
+    name = name_of(key)
+    clock = FakeClock()
+
+    async def wrapped_under(client: EnvelopeClient) -> bytes:
+        message = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+        return inspect(message).encrypted_data_keys[0].provider_info.rsplit(b"/", 1)[1]
+
+    async with EnvelopeClient(make(), cache=None, clock=clock) as client:
+        first = azure_kv.current_version(name).encode()
+        second = azure_kv.rotate(name).encode()
+        assert await wrapped_under(client) == first
+        clock.advance(VERSION_REFRESH + 1)
+        assert await wrapped_under(client) == second
+        third = azure_kv.rotate(name).encode()
+        clock.advance(VERSION_REFRESH + 1)
+        azure_kv.refuse_next(1, 403)  # the re-read (GET) is refused
+        assert await wrapped_under(client) == second
+        clock.advance(61)
+        assert await wrapped_under(client) == third
+    assert azure_kv.requests(name)["get"] == 4  # start-up, two re-reads, the refused one
 
 
 async def test_a_pinned_version_wraps_under_that_version_and_reads_nothing_without_check(

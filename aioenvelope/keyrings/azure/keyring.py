@@ -23,7 +23,9 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
-from collections.abc import Mapping, Sequence
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +57,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ALGORITHMS", "PROVIDER_ID", "AzureKeyVaultKeyring"]
 
+log = logging.getLogger("aioenvelope.azure")
+
 PROVIDER_ID = "azure-kv"
 #: Wrap algorithms, and the key types (JWK ``kty``) each needs. RSA1_5 is not offered.
 ALGORITHMS: Mapping[str, frozenset[str]] = {
@@ -68,6 +72,11 @@ ALGORITHMS: Mapping[str, frozenset[str]] = {
 _MAX_CIPHERTEXT = 2048
 # A versioned key URL is ~100 characters; a longer provider info is never parsed.
 _MAX_INFO = 512
+#: Seconds after which an unpinned key's current version is read again (GET), so that a
+#: long-lived client follows a rotation; a failed read keeps the version it has and
+#: tries again a minute later.
+VERSION_REFRESH = 600.0
+_REFRESH_RETRY = 60.0
 
 
 def _b64url(data: bytes) -> str:
@@ -88,7 +97,8 @@ class AzureKeyVaultKeyring(Keyring):
 
     ``key_id`` (and each of ``additional_key_ids``) is a key URL,
     ``https://NAME.vault.azure.net/keys/KEY`` (its current version, read when the client
-    is entered) or ``.../keys/KEY/VERSION`` (that version). Data keys are wrapped under
+    is entered and again every 10 minutes, so a rotation is followed) or
+    ``.../keys/KEY/VERSION`` (that version). Data keys are wrapped under
     every key; any one of them unwraps (any version of it). ``credential`` is an async
     azure-identity credential, used as given and never closed; without one, azure-identity's
     ``DefaultAzureCredential`` is made when the ``EnvelopeClient`` is entered and closed
@@ -148,6 +158,8 @@ class AzureKeyVaultKeyring(Keyring):
         #: The version each key wraps under: pinned, or read on open.
         self._versions: dict[str, str] = {k.versionless: k.version for k in keys if k.version}
         self._version_lock: anyio.Lock | None = None
+        self._read_at: dict[str, float] = {}  # when each unpinned key's version was read
+        self._clock: Callable[[], float] = time.monotonic
         vaults: dict[str, str] = {}
         for key in keys:
             vaults.setdefault(key.vault_url, key.versionless)
@@ -190,6 +202,7 @@ class AzureKeyVaultKeyring(Keyring):
 
     def attach(self, runtime: Runtime) -> None:
         self._transport.runtime = runtime
+        self._clock = runtime.clock
 
     async def open(self) -> None:
         self._version_lock = anyio.Lock()
@@ -206,6 +219,7 @@ class AzureKeyVaultKeyring(Keyring):
         for key in self._keys:
             if key.version is None:
                 self._versions.pop(key.versionless, None)  # read again on the next open
+                self._read_at.pop(key.versionless, None)
 
     # -- the key: its current version and the start-up check ----------------------------
 
@@ -283,12 +297,23 @@ class AzureKeyVaultKeyring(Keyring):
                 f"Azure Key Vault key {self._shown(key)} (version {version}) cannot be used: "
                 + "; ".join(problems)
             )
-        self._versions.setdefault(key.versionless, version)
+        if key.version is None:
+            self._versions[key.versionless] = version
+            self._read_at[key.versionless] = self._clock()
+
+    def _fresh(self, key: KeyUrl) -> str | None:
+        version = self._versions.get(key.versionless)
+        if version is None or key.version is not None:
+            return version
+        if self._clock() - self._read_at.get(key.versionless, 0.0) < VERSION_REFRESH:
+            return version
+        return None
 
     async def _version(self, key: KeyUrl) -> str:
-        """The version ``key`` wraps under: pinned, read by the start-up check, or (with
-        ``check_keys=False``) read once here, shared by concurrent callers."""
-        version = self._versions.get(key.versionless)
+        """The version ``key`` wraps under: pinned, or its current one as read on open
+        (or, with ``check_keys=False``, on first use) and again every
+        ``VERSION_REFRESH`` seconds; one read shared by concurrent callers."""
+        version = self._fresh(key)
         if version is not None:
             return version
         lock = self._version_lock
@@ -298,10 +323,26 @@ class AzureKeyVaultKeyring(Keyring):
                 "`async with EnvelopeClient(...)`"
             )
         async with lock:
-            version = self._versions.get(key.versionless)
-            if version is None:
+            version = self._fresh(key)
+            if version is not None:
+                return version
+            old = self._versions.get(key.versionless)
+            try:
                 version, _ = await self._get_key(key)
-                self._versions[key.versionless] = version
+            except AzureKeyVaultError as exc:
+                if old is None:
+                    raise
+                log.warning(
+                    "Azure Key Vault key %s: reading its current version failed (%s); "
+                    "wrapping under version %s meanwhile",
+                    key.versionless,
+                    exc.error_code,
+                    old,
+                )
+                self._read_at[key.versionless] = self._clock() - VERSION_REFRESH + _REFRESH_RETRY
+                return old
+            self._versions[key.versionless] = version
+            self._read_at[key.versionless] = self._clock()
         return version
 
     # -- encrypt -----------------------------------------------------------------------

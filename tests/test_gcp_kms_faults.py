@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 import pytest
 from fake_clock import FakeClock
 from gcp_kms_fake import KEY_RING, GcpKmsFake
@@ -271,3 +272,41 @@ async def test_ten_thousand_concurrent_decrypts_of_one_message_make_one_decrypt_
         plaintexts = await asyncio.gather(*(client.decrypt(message) for _ in range(10_000)))
     assert set(plaintexts) == {PLAINTEXT}
     assert gcp_kms.calls["Decrypt"] == 1
+
+
+async def test_a_callers_cancel_scope_cancels_a_call_in_flight_and_only_that(
+    gcp_kms: GcpKmsFake, make: Make
+) -> None:
+    """A caller's own timeout (an anyio or asyncio scope) around an encrypt cancels the
+    Encrypt in flight and is caught by that scope, not passed on as a cancellation of
+    the whole task; the breaker hears no verdict and the client goes on working."""
+    keyring = make(deadline=5.0)
+    async with EnvelopeClient(keyring, cache=None) as client:
+        gcp_kms.delay_next(1, 1.0)
+        with anyio.move_on_after(0.2) as scope:
+            await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+        assert scope.cancelled_caught
+        gcp_kms.delay_next(1, 1.0)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+        assert await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+        assert client.stats.breaker_states[keyring.breaker_name] == "closed"
+    assert gcp_kms.calls["Encrypt"] == 3
+
+
+async def test_an_outage_at_start_up_is_transient_and_closes_the_channel(
+    gcp_kms: GcpKmsFake, make: Make
+) -> None:
+    """UNAVAILABLE on every GetCryptoKey: entering the client fails with a transient
+    GcpKmsError (the key was not checked, for want of the service: not a
+    GcpKmsKeyCheckError), and the keyring's channel is closed."""
+    port = int(gcp_kms.address.rsplit(":", 1)[1])
+    gcp_kms.fail_next(4, "UNAVAILABLE")
+    with pytest.raises(errors.GcpKmsError) as info:
+        async with EnvelopeClient(make(deadline=5.0)):
+            pass
+    assert info.value.transient is True
+    assert info.value.operation == "GetCryptoKey"
+    assert gcp_kms.calls["GetCryptoKey"] == 4
+    await eventually(lambda: established_to(port) == 0, "the channel's connection closed")

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from azure_kv_fake import TENANT, AzureKeyVaultFake, StaticTokenCredential
 from fake_clock import FakeClock
+from keyring_harness import leaks
 from kms_server import KmsKey, MotoKms
 from moto_keyrings import moto_kms_keyring
 
@@ -368,6 +369,28 @@ async def test_a_challenge_for_another_resource_is_refused_unless_verification_i
     assert info.value.error_code == "ChallengeRejected"
     assert "verify_challenge_resource" in str(info.value)
     assert credential.calls == 0
+
+
+async def test_no_token_or_key_material_in_any_log_line(
+    azure_kv: AzureKeyVaultFake, make: Make, key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every logger at DEBUG (ours, azure-core's HTTP logging, azure-identity) through a
+    round trip, a refusal and an outage: the bearer token and the key's private
+    exponent show nowhere; our own lines name the operation and the key."""
+    caplog.set_level("DEBUG")
+    async with EnvelopeClient(make(max_attempts=1), cache=None) as client:
+        message = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+        azure_kv.refuse_next(1, 403)
+        with pytest.raises(errors.NoUsableKeyError):
+            await client.decrypt(message)
+        azure_kv.fail_next(1, 503)
+        with pytest.raises(errors.AzureKeyVaultError):
+            await client.decrypt(message)
+    secrets = {"token": azure_kv.token.encode()}
+    secrets.update({f"key-{n}": s for n, s in enumerate(azure_kv.secrets(name_of(key)))})
+    assert leaks([caplog.text], secrets) == []
+    assert f"Azure Key Vault unwrapkey with key {key} failed: Forbidden" in caplog.text
+    assert "'Authorization': 'REDACTED'" in caplog.text  # the SDK did log the headers
 
 
 @pytest.mark.parametrize(

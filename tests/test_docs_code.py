@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import inspect
 import re
 import socket
@@ -43,6 +44,7 @@ import boto3
 import httpx
 import pytest
 from aiohttp import test_utils, web
+from azure_kv_fake import AzureKeyVaultFake
 from fastapi import Depends, FastAPI
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -113,6 +115,10 @@ BLOCKS: dict[tuple[str, str], str] = {
     ("docs/streaming.md", "async def seal("): "test_streaming_seal_writes_a_message_to_a_file",
     ("docs/vault.md", "auth=AppRoleAuth(role_id, secret_id),"): "test_vault_guide_round_trips",
     (
+        "docs/azure-key-vault.md",
+        'keyring = AzureKeyVaultKeyring("https://orders-kv.vault.azure.net/keys/orders")',
+    ): "test_azure_guide_round_trips_on_the_fake",
+    (
         "docs/streaming.md",
         '@app.get("/files/{name}")',
     ): "test_streaming_download_route_serves_plaintext",
@@ -178,6 +184,8 @@ class DocAws:
         self.aws = aws
         self.account = ""
         self.placeholders: dict[str, str] = {}  # placeholder ARN -> the real key's ARN
+        # Another key service's placeholder key ID -> the key a scenario made on its fake.
+        self.other_keys: dict[str, str] = {}
         self._kms_clients: dict[str, Any] = {}
         # The scenarios' own keyrings share one session (each new one loads botocore's
         # models again); the blocks' keyrings make theirs, as the docs show.
@@ -209,6 +217,7 @@ class DocAws:
         Not moto's ``/moto-api/reset``: moto keeps its state per process, not per server,
         so a reset would wipe the keys and tables of every other test in the session."""
         self.placeholders.clear()
+        self.other_keys.clear()
         kms = self.kms()
         existing = {a["AliasName"] for a in kms.list_aliases(Limit=1000)["Aliases"]}
         for alias in DOC_ALIASES:
@@ -234,7 +243,10 @@ class DocAws:
                 self.placeholders[placeholder] = self.create_key(match["region"])
             return self.placeholders[placeholder]
 
-        return PLACEHOLDER_ARN.sub(real_arn, source).replace(PLACEHOLDER_ACCOUNT, self.account)
+        swapped = PLACEHOLDER_ARN.sub(real_arn, source).replace(PLACEHOLDER_ACCOUNT, self.account)
+        for placeholder, real in self.other_keys.items():  # other key services' key IDs
+            swapped = swapped.replace(placeholder, real)
+        return swapped
 
     def compile(self, block: DocBlock) -> CodeType:
         # Padded so that tracebacks name the Markdown file's own lines. dont_inherit:
@@ -545,6 +557,34 @@ async def test_vault_guide_round_trips(
     )
     async with EnvelopeClient(reader) as client:
         assert await client.decrypt(ns["blob"], encryption_context={"tenant": "acme"}) == record
+
+
+# -- docs/azure-key-vault.md ---------------------------------------------------------------------
+
+
+async def test_azure_guide_round_trips_on_the_fake(
+    docs_aws: DocAws, azure_kv: AzureKeyVaultFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guide's keyring against the Key Vault fake. Swapped, as key setup: the key URL
+    (a key made on the fake), DefaultAzureCredential (the fake's token), and the fake's
+    client_options (trust its throwaway CA; its challenge names vault.azure.net, not its
+    host). Nothing else of the block changes: it round trips as written."""
+    import azure.identity.aio
+
+    key_url = azure_kv.create_key()
+    docs_aws.other_keys["https://orders-kv.vault.azure.net/keys/orders"] = key_url
+    monkeypatch.setattr(azure.identity.aio, "DefaultAzureCredential", azure_kv.credential)
+    with_fake_options = functools.partial(
+        aioenvelope.AzureKeyVaultKeyring, client_options=azure_kv.client_options()
+    )
+    monkeypatch.setattr(aioenvelope, "AzureKeyVaultKeyring", with_fake_options)
+    ns = await docs_aws.run(
+        "docs/azure-key-vault.md",
+        'keyring = AzureKeyVaultKeyring("https://orders-kv.vault.azure.net/keys/orders")',
+        data=b"order 7",
+    )
+    assert azure_kv.requests(key_url.rsplit("/", 1)[1])["wrapkey"] == 1
+    assert ns["message"].startswith(b"\x02")
 
 
 # -- docs/errors.md ----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ __all__ = [
     "Cli",
     "RawKeyFile",
     "clean_env",
+    "cloud_env",
     "failed",
     "keygen",
     "kms_cli",
@@ -119,6 +120,15 @@ def vault_env(cli: Cli, **settings: str) -> Cli:
     """``cli`` with no ``VAULT_*`` or ``BAO_*`` variable but ``settings`` (``VAULT_ADDR=``,
     ``BAO_TOKEN=``...): each Vault test says how the server and the token are found."""
     env = {k: v for k, v in cli.env.items() if not k.startswith(("VAULT_", "BAO_"))}
+    return replace(cli, env={**env, **settings})
+
+
+def cloud_env(cli: Cli, **settings: str) -> Cli:
+    """``cli`` with no Google or Azure credential setting (``GOOGLE_*``, ``AZURE_*``, the
+    managed-identity ``IDENTITY_*``/``MSI_*``/``IMDS_*``) but ``settings``: each Cloud KMS
+    or Key Vault test says how its credentials are found."""
+    prefixes = ("GOOGLE_", "GCLOUD_", "CLOUDSDK_", "AZURE_", "IDENTITY_", "MSI_", "IMDS_")
+    env = {k: v for k, v in cli.env.items() if not k.startswith(prefixes)}
     return replace(cli, env={**env, **settings})
 
 

@@ -7,20 +7,25 @@ Values are checked here, at parse time, whenever they can be, so a typo is a usa
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from collections.abc import Callable
 
 from .. import __version__
+from ..errors import ConfigurationError
 from ..format.header import MAX_FRAME_LENGTH
 from ..format.suites import AlgorithmSuite, CommitmentPolicy
+from ..keyrings import GcpKmsKeyring
+from ..keyrings.azure._key_id import parse_key_url
 from ..materials import WRITABLE_SUITES
 
-__all__ = ["PROG", "build_parser"]
+__all__ = ["PROG", "build_parser", "gcp_endpoint", "is_loopback"]
 
 PROG = "aioenvelope"
 
 _DESCRIPTION = (
     "Envelope encryption in the AWS Encryption SDK message format: files, directories "
-    "and pipes, under AWS KMS keys, Vault/OpenBao transit keys and/or raw AES key files."
+    "and pipes, under AWS KMS keys, Vault/OpenBao transit keys, Google Cloud KMS keys, "
+    "Azure Key Vault keys and/or raw AES key files."
 )
 
 
@@ -161,6 +166,8 @@ def _keys(*, discovery: bool) -> argparse.ArgumentParser:
         )
     _hierarchy_options(keys)
     _vault_options(keys)
+    _gcp_options(keys)
+    _azure_options(keys)
     _aws_options(keys)
     _check_keys_option(keys)
     return keys
@@ -239,6 +246,107 @@ def _vault_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     )
 
 
+def _gcp_key(text: str) -> str:
+    """A Cloud KMS key name, checked as the keyring checks it (nothing is opened)."""
+    try:
+        GcpKmsKeyring(text, check_keys=False)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _azure_key(text: str) -> str:
+    """A Key Vault key URL, checked as the keyring checks it."""
+    try:
+        parse_key_url(text)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def gcp_endpoint(text: str) -> str:
+    """``HOST:PORT`` (``[::1]:PORT`` for an IPv6 address): a Cloud KMS endpoint."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT (e.g. kms.example.internal:443), got {text!r}"
+        )
+    return text
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Whether a ``HOST:PORT`` endpoint is on this machine (localhost, 127.0.0.0/8, ::1)."""
+    host = endpoint.rpartition(":")[0].strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _gcp_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "Google Cloud KMS keys (credentials: Application Default Credentials, e.g. "
+        "GOOGLE_APPLICATION_CREDENTIALS or `gcloud auth application-default login`)"
+    )
+    group.add_argument(
+        "--gcp-key",
+        action="append",
+        type=_gcp_key,
+        default=[],
+        metavar="NAME",
+        help="a Cloud KMS key, projects/P/locations/L/keyRings/R/cryptoKeys/K (repeatable; "
+        "the first generates the data key unless a branch key, --kms-key or --vault-key "
+        "comes first; Encrypt uses its primary version, Decrypt any version)",
+    )
+    group.add_argument(
+        "--gcp-endpoint",
+        type=gcp_endpoint,
+        metavar="HOST:PORT",
+        help="the Cloud KMS API endpoint (default cloudkms.googleapis.com:443), e.g. a "
+        "Private Service Connect endpoint; for every --gcp-key and --to-gcp-key. On this "
+        "machine (localhost, 127.0.0.1, [::1]: an emulator or test server) the channel is "
+        "plaintext gRPC and no credentials are looked up or sent",
+    )
+
+
+def _azure_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "Azure Key Vault keys (credentials: azure-identity's DefaultAzureCredential: "
+        "AZURE_* environment variables, workload or managed identity, `az login`)"
+    )
+    group.add_argument(
+        "--azure-key",
+        action="append",
+        type=_azure_key,
+        default=[],
+        metavar="URL",
+        help="a Key Vault (or Managed HSM) RSA key, wrapping with RSA-OAEP-256 in the vault: "
+        "https://VAULT.vault.azure.net/keys/KEY "
+        "(its current version) or .../keys/KEY/VERSION (repeatable; the first generates "
+        "the data key unless a branch key, --kms-key, --vault-key or --gcp-key comes first)",
+    )
+    group.add_argument(
+        "--azure-ca-file",
+        metavar="FILE",
+        help="trust the CA certificates in FILE (PEM) instead of the system's for the "
+        "vaults, e.g. behind a TLS-inspecting proxy; for every --azure-key and "
+        "--to-azure-key",
+    )
+    group.add_argument(
+        "--azure-no-challenge-resource-check",
+        dest="azure_challenge_resource_check",
+        action="store_false",
+        help="accept a vault's authentication challenge whose resource is not the vault's "
+        "own domain (*.vault.azure.net, *.managedhsm.azure.net): needed for a vault reached "
+        "under another host name (a private endpoint's custom DNS name, a proxy, a test "
+        "server)",
+    )
+
+
 def _aws_options(parser: argparse.ArgumentParser) -> None:
     aws = parser.add_argument_group("AWS connection (KMS, and DynamoDB for a key store)")
     aws.add_argument(
@@ -262,9 +370,9 @@ def _check_keys_option(parser: argparse.ArgumentParser) -> None:
         dest="check_keys",
         action="store_false",
         help="skip the check each key gets before use: DescribeKey for a --kms-key, a "
-        "read of the key for a --vault-key (for a caller allowed to encrypt or decrypt "
-        "under a key but not to describe or read it; a wrong key then fails at its first "
-        "use)",
+        "read of the key for a --vault-key or --azure-key, GetCryptoKey for a --gcp-key "
+        "(for a caller allowed to encrypt or decrypt under a key but not to describe or "
+        "read it; a wrong key then fails at its first use)",
     )
 
 
@@ -367,6 +475,23 @@ def _reencrypt_options(reencrypt: argparse.ArgumentParser) -> None:
     to.add_argument("--to-kms-key", action="append", default=[], metavar="ID", help="repeatable")
     to.add_argument(
         "--to-raw-key-file", action="append", default=[], metavar="FILE", help="repeatable"
+    )
+    to.add_argument(
+        "--to-gcp-key",
+        action="append",
+        type=_gcp_key,
+        default=[],
+        metavar="NAME",
+        help="a Cloud KMS key name (repeatable; reached as --gcp-key's, through --gcp-endpoint)",
+    )
+    to.add_argument(
+        "--to-azure-key",
+        action="append",
+        type=_azure_key,
+        default=[],
+        metavar="URL",
+        help="a Key Vault key URL (repeatable; reached as --azure-key's, with --azure-ca-file "
+        "and --azure-no-challenge-resource-check)",
     )
     _hierarchy_options(reencrypt, "to-")
     _vault_options(reencrypt, "to-")

@@ -12,9 +12,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import NoUsableKeyError, TruncatedMessageError
+from ..errors import ConfigurationError, NoUsableKeyError, TruncatedMessageError
 from ..format.header import EncryptedDataKey, HeaderReader, MessageHeader
 from ..inspection import INSPECT_MAX_EDKS, TRUNCATED_HEADER
+from ..keyrings.azure import keyring as azure
+from ..keyrings.azure._key_id import parse_key_url
+from ..keyrings.gcp import keyring as gcp
 from ..keyrings.hierarchy import wrapping
 from ..keyrings.vault import keyring as vault
 from ._io import input_chunks
@@ -26,6 +29,11 @@ _KMS_PROVIDER_ID = "aws-kms"
 _RAW_AES_TRAILER = (128).to_bytes(4, "big") + (12).to_bytes(4, "big")
 # A Vault transit ciphertext starts "vault:v<key version>:".
 _VAULT_VERSION = re.compile(rb"vault:v([1-9][0-9]{0,9}):")
+# Provider IDs whose provider info is a key's name (ARN, branch key ID, transit key,
+# Cloud KMS resource name, Key Vault key URL): shown as text.
+_TEXT_INFO = frozenset(
+    {_KMS_PROVIDER_ID, wrapping.PROVIDER_ID, vault.PROVIDER_ID, gcp.PROVIDER_ID, azure.PROVIDER_ID}
+)
 
 
 async def read_header(source: Path | None) -> MessageHeader:
@@ -60,11 +68,12 @@ def _edk_json(edk: EncryptedDataKey) -> dict[str, Any]:
     the hierarchical keyring, with the branch key version the EDK names, to find
     messages still under an old version; a Vault transit key's ``[namespace/]mount/key``,
     split into its mount path and key name, with the key version the EDK was wrapped
-    under); otherwise hex and base64, plus the key name when it has the raw AES
-    layout."""
+    under; a Cloud KMS key's resource name; a Key Vault key's versioned URL, split into
+    its vault, key name and version); otherwise hex and base64, plus the key name when it
+    has the raw AES layout."""
     info = edk.provider_info
     entry: dict[str, Any] = {"provider_id": edk.provider_id}
-    if edk.provider_id in (_KMS_PROVIDER_ID, wrapping.PROVIDER_ID, vault.PROVIDER_ID):
+    if edk.provider_id in _TEXT_INFO:
         with contextlib.suppress(UnicodeDecodeError):
             entry["provider_info"] = info.decode("utf-8")  # the key ARN, or branch key ID
     if edk.provider_id == wrapping.PROVIDER_ID:
@@ -72,6 +81,8 @@ def _edk_json(edk: EncryptedDataKey) -> dict[str, Any]:
             entry["branch_key_version"] = wrapping.branch_key_version_of(edk.ciphertext)
     if edk.provider_id == vault.PROVIDER_ID and "provider_info" in entry:
         entry.update(_vault_key(entry["provider_info"], edk.ciphertext))
+    if edk.provider_id == azure.PROVIDER_ID and "provider_info" in entry:
+        entry.update(_azure_key(entry["provider_info"]))
     if "provider_info" not in entry:
         entry["provider_info"] = info.hex()
         entry["provider_info_base64"] = base64.b64encode(info).decode("ascii")
@@ -91,6 +102,19 @@ def _vault_key(info: str, ciphertext: bytes) -> dict[str, Any]:
     version = _VAULT_VERSION.match(ciphertext)
     if version is not None:
         shown["vault_key_version"] = int(version.group(1))
+    return shown
+
+
+def _azure_key(info: str) -> dict[str, Any]:
+    """A Key Vault EDK's vault, key name and key version (parsed as the keyring parses
+    its keys: anything else is shown as the text alone)."""
+    try:
+        key = parse_key_url(info)
+    except ConfigurationError:
+        return {}
+    shown: dict[str, Any] = {"azure_vault": key.vault_url, "azure_key": key.name}
+    if key.version is not None:
+        shown["azure_key_version"] = key.version
     return shown
 
 

@@ -5,16 +5,19 @@ the token alone, as ``~/.vault-token`` and a Vault Agent sink do."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aioboto3
 
 from ..errors import ConfigurationError
 from ..keyrings import (
+    AzureKeyVaultKeyring,
     BranchKeyStore,
     DiscoveryFilter,
+    GcpKmsKeyring,
     HierarchicalKeyring,
     Keyring,
     KmsDiscoveryKeyring,
@@ -24,9 +27,11 @@ from ..keyrings import (
 from ..keyrings.key_file import read_raw_key
 from ..keyrings.kms_arn import parse_arn
 from ..keyrings.vault import VaultTransitKeyring
+from ._args import is_loopback
 from ._paths import CliError
 
 __all__ = [
+    "CloudOptions",
     "HierarchyOptions",
     "KeyOptions",
     "KmsOptions",
@@ -117,6 +122,65 @@ def read_token_file(path: Path, flag: str) -> str:
 
 
 @dataclass(frozen=True)
+class CloudOptions:
+    """How Google Cloud KMS and Azure Key Vault are reached: shared by both sides of a
+    reencrypt. Credentials are the vendors' defaults (``google.auth.default()``,
+    azure-identity's ``DefaultAzureCredential``), except on a loopback ``gcp_endpoint``."""
+
+    gcp_endpoint: str | None = None
+    azure_ca_file: str | None = None
+    azure_challenge_resource_check: bool = True
+
+    def gcp_keyring(self, names: Sequence[str], check_keys: bool) -> GcpKmsKeyring:
+        """A --gcp-endpoint on this machine (an emulator, a test server) is reached over
+        plaintext gRPC with anonymous credentials: nothing would carry a token safely,
+        and none is looked for. Any other endpoint is TLS with the default credentials."""
+        generator, *additional = names
+        options: dict[str, Any] = {}
+        credentials: Any = None
+        if self.gcp_endpoint is not None and is_loopback(self.gcp_endpoint):
+            credentials, options["transport"] = _plaintext_gcp(self.gcp_endpoint)
+        elif self.gcp_endpoint is not None:
+            options["client_options"] = {"api_endpoint": self.gcp_endpoint}
+        return GcpKmsKeyring(
+            generator,
+            additional_key_names=additional,
+            credentials=credentials,
+            client_options=options,
+            check_keys=check_keys,
+        )
+
+    def azure_keyring(self, key_ids: Sequence[str], check_keys: bool) -> AzureKeyVaultKeyring:
+        generator, *additional = key_ids
+        options: dict[str, Any] = {}
+        if self.azure_ca_file is not None:
+            options["connection_verify"] = self.azure_ca_file
+        if not self.azure_challenge_resource_check:
+            options["verify_challenge_resource"] = False
+        return AzureKeyVaultKeyring(
+            generator, additional_key_ids=additional, client_options=options, check_keys=check_keys
+        )
+
+
+def _plaintext_gcp(endpoint: str) -> tuple[Any, Callable[..., Any]]:
+    """Anonymous credentials, and a transport factory the client calls when the keyring
+    opens (inside the running loop, where a gRPC channel must be made)."""
+    try:
+        import grpc
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud.kms_v1.services.key_management_service.transports import (
+            KeyManagementServiceGrpcAsyncIOTransport,
+        )
+    except ImportError:
+        raise CliError("--gcp-key needs the [gcp] extra: pip install 'aioenvelope[gcp]'") from None
+
+    def transport(**_: Any) -> Any:
+        return KeyManagementServiceGrpcAsyncIOTransport(channel=grpc.aio.insecure_channel(endpoint))
+
+    return AnonymousCredentials(), transport  # type: ignore[no-untyped-call]
+
+
+@dataclass(frozen=True)
 class KeyOptions:
     """One side's keys: a branch key (hierarchical keyring), KMS keys, Vault transit
     keys, raw key files, and discovery (decrypt only). The first of them generates the
@@ -129,6 +193,8 @@ class KeyOptions:
     discovery_partition: str = "aws"
     hierarchy: HierarchyOptions | None = None
     vault: VaultOptions | None = None
+    gcp_keys: Sequence[str] = ()
+    azure_keys: Sequence[str] = ()
 
     def __bool__(self) -> bool:
         return bool(
@@ -137,6 +203,8 @@ class KeyOptions:
             or self.discovery
             or self.hierarchy is not None
             or self.vault is not None
+            or self.gcp_keys
+            or self.azure_keys
         )
 
 
@@ -167,13 +235,18 @@ def branch_key_store(
 
 
 def build_keyring(
-    keys: KeyOptions, kms: KmsOptions, session: aioboto3.Session | None = None
+    keys: KeyOptions,
+    kms: KmsOptions,
+    session: aioboto3.Session | None = None,
+    cloud: CloudOptions | None = None,
 ) -> Keyring:
     """One keyring for all of ``keys``: several combine into a :class:`MultiKeyring` whose
     generator is the first, so any one of them decrypts. The branch key comes first
     (the generator, and the first tried on decrypt: after one fetch it unwraps locally,
-    where a KMS key costs a call per message), then KMS keys, Vault transit keys, raw
-    keys, discovery."""
+    where a KMS key costs a call per message), then KMS keys, Vault transit keys, Cloud
+    KMS keys, Key Vault keys, raw keys, discovery. ``--no-check-keys`` (``kms.check_keys``)
+    applies to every remote key."""
+    cloud = cloud or CloudOptions()
     keyrings: list[Keyring] = []
     if keys.hierarchy is not None:
         store = branch_key_store(
@@ -194,6 +267,10 @@ def build_keyring(
         )
     if keys.vault is not None:
         keyrings.append(keys.vault.keyring(kms.check_keys))
+    if keys.gcp_keys:
+        keyrings.append(cloud.gcp_keyring(keys.gcp_keys, kms.check_keys))
+    if keys.azure_keys:
+        keyrings.append(cloud.azure_keyring(keys.azure_keys, kms.check_keys))
     keyrings.extend(read_raw_key(path).keyring() for path in keys.raw_key_files)
     if keys.discovery:
         discovery_filter = (

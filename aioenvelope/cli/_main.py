@@ -40,6 +40,7 @@ from ._branch_key import branch_key_command
 from ._inspect import header_json, read_header
 from ._io import MessageStream, Transform, progress_bar, run_job
 from ._keys import (
+    CloudOptions,
     HierarchyOptions,
     KeyOptions,
     KmsOptions,
@@ -344,6 +345,8 @@ def _key_options(args: argparse.Namespace, *, vault_serves_target: bool = False)
         discovery_partition=str(getattr(args, "discovery_partition", "aws")),
         hierarchy=hierarchy,
         vault=_vault(args, serves_target=vault_serves_target),
+        gcp_keys=tuple(args.gcp_key),
+        azure_keys=tuple(args.azure_key),
     )
     if keys.discovery_accounts and not keys.discovery:
         raise UsageError("--discovery-account needs --discovery")
@@ -356,8 +359,40 @@ def _key_options(args: argparse.Namespace, *, vault_serves_target: bool = False)
     return keys
 
 
+def _cloud(args: argparse.Namespace, *sides: KeyOptions) -> CloudOptions:
+    """How Cloud KMS and Key Vault are reached, for both sides. Their options without a
+    key of theirs on either side are usage errors (a mistyped flag would otherwise be
+    ignored), and a CA file must be readable before any file is opened."""
+    gcp = any(side.gcp_keys for side in sides)
+    azure = any(side.azure_keys for side in sides)
+    if args.gcp_endpoint is not None and not gcp:
+        raise UsageError("--gcp-endpoint is for a Cloud KMS key: give --gcp-key NAME")
+    azure_options = [
+        flag
+        for flag, given in (
+            ("--azure-ca-file", args.azure_ca_file is not None),
+            ("--azure-no-challenge-resource-check", not args.azure_challenge_resource_check),
+        )
+        if given
+    ]
+    if azure_options and not azure:
+        raise UsageError(f"{azure_options[0]} is for a Key Vault key: give --azure-key URL")
+    if args.azure_ca_file is not None:
+        try:
+            with open(args.azure_ca_file, "rb"):
+                pass
+        except OSError as exc:
+            raise CliError(f"--azure-ca-file {args.azure_ca_file}: {exc.strerror}") from None
+    return CloudOptions(
+        gcp_endpoint=args.gcp_endpoint,
+        azure_ca_file=args.azure_ca_file,
+        azure_challenge_resource_check=args.azure_challenge_resource_check,
+    )
+
+
 def _keyrings(args: argparse.Namespace, *sides: KeyOptions) -> list[Keyring]:
     """One keyring per side, sharing one AWS session (for --profile)."""
+    cloud = _cloud(args, *sides)
     kms = KmsOptions(
         region=args.region,
         endpoint_url=args.endpoint_url,
@@ -366,7 +401,7 @@ def _keyrings(args: argparse.Namespace, *sides: KeyOptions) -> list[Keyring]:
     )
     uses_kms = any(side.kms_keys or side.discovery or side.hierarchy for side in sides)
     session = kms.session() if uses_kms else None
-    return [build_keyring(side, kms, session) for side in sides]
+    return [build_keyring(side, kms, session, cloud) for side in sides]
 
 
 def _plan(
@@ -500,11 +535,14 @@ async def _reencrypt(args: argparse.Namespace) -> int:
         raw_key_files=tuple(Path(p) for p in args.to_raw_key_file),
         hierarchy=to_hierarchy,
         vault=_vault(args, "to_"),
+        gcp_keys=tuple(args.to_gcp_key),
+        azure_keys=tuple(args.to_azure_key),
     )
     if not to_keys:
         raise UsageError(
             "give the new keys: --to-kms-key ID, --to-raw-key-file FILE, "
-            "--to-vault-key NAME and/or --to-branch-key-id ID"
+            "--to-vault-key NAME, --to-gcp-key NAME, --to-azure-key URL and/or "
+            "--to-branch-key-id ID"
         )
     keys = _key_options(args, vault_serves_target=to_keys.vault is not None)
     plan = _plan(args, same_name, ciphertext=True)

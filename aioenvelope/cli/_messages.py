@@ -2,7 +2,8 @@
 
 The library's errors give Python advice (``check_keys=False``, ``region_name``,
 ``decrypt_stream(allow_signed=False)``, ``EnvelopeClient.reencrypt_stream``, the Vault
-keyring's ``url=``, ``token=`` and ``mount=``); on the
+keyring's ``url=``, ``token=`` and ``mount=``, the Cloud KMS keyring's ``credentials=``,
+the Key Vault keyring's ``credential=`` and ``client_options=``); on the
 command line the same advice is a flag or a command. Each rule below rewrites one piece
 of Python advice wherever it appears in a library error, so the rest of the message (what
 went wrong, which key, which file) stays the library's, whatever its wording around it.
@@ -55,6 +56,25 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (
             r"\b(?:EnvelopeClient\.|client\.)reencrypt to the same keyring\b",
             "`aioenvelope reencrypt` with --to-vault-key naming the same key",
+        ),
+        # Google Cloud KMS: credentials are Application Default Credentials only.
+        (r"\brun on Google Cloud, or pass credentials=", "or run on Google Cloud"),
+        # Azure Key Vault: the default credential, the challenge check, the extra.
+        (r"\bcheck credential= \(by default ", "check the credential ("),
+        (
+            r"\bclient_options=\{'verify_challenge_resource': False\}",
+            "--azure-no-challenge-resource-check",
+        ),
+        # (azure-keyvault-keys' own words for the same advice, quoted in the error.)
+        (
+            r"\s*Pass `verify_challenge_resource=False` to your client's constructor to "
+            r"disable this verification\.",
+            "",
+        ),
+        (
+            r"\bno credential= given and azure-identity is not installed: pip install "
+            r"'aioenvelope\[azure\]', or pass an async credential\b",
+            "azure-identity is not installed: pip install 'aioenvelope[azure]'",
         ),
         # Where KMS (and a key store's table) is.
         (r"\bregion_name\b=?", "--region"),

@@ -484,7 +484,7 @@ def test_usage_errors_exit_2(cli: Cli, tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.decode().splitlines()[-1] == (
         "aioenvelope encrypt: error: give a key: --kms-key ID, --branch-key-id ID, "
-        "--vault-key NAME, --raw-key-file FILE"
+        "--vault-key NAME, --gcp-key NAME, --azure-key URL, --raw-key-file FILE"
     )
     assert result.stderr.startswith(b"usage: aioenvelope encrypt ")
     assert listing(tmp_path) == {"a"}

@@ -353,8 +353,8 @@ def _key_options(args: argparse.Namespace, *, vault_serves_target: bool = False)
     if not keys:
         extra = ", --discovery" if hasattr(args, "discovery") else ""
         raise UsageError(
-            f"give a key: --kms-key ID, --branch-key-id ID, --vault-key NAME, "
-            f"--raw-key-file FILE{extra}"
+            "give a key: --kms-key ID, --branch-key-id ID, --vault-key NAME, "
+            f"--gcp-key NAME, --azure-key URL, --raw-key-file FILE{extra}"
         )
     return keys
 

@@ -311,7 +311,7 @@ class GcpKmsTransport:
                 # Cloud KMS checked our CRC32C and it did not match: corrupted on the way.
                 code, transient = "ChecksumMismatch", True
             failure = GcpKmsError(
-                f"{where} failed: {code}: {text}{_hint(code, operation)}",
+                f"{where} failed: {code}: {text.rstrip('.')}{_hint(code, operation)}",
                 operation=operation,
                 key_id=key_id,
                 error_code=code,

@@ -19,7 +19,15 @@ from gcp_kms_fake import KEY_RING, GcpKmsFake
 from google.auth.credentials import AnonymousCredentials
 from task_leaks import other_tasks
 
-from aioenvelope import CacheConfig, EnvelopeClient, GcpKmsKeyring, errors
+from aioenvelope import (
+    AlgorithmSuite,
+    CacheConfig,
+    DecryptionMaterials,
+    EncryptionMaterials,
+    EnvelopeClient,
+    GcpKmsKeyring,
+    errors,
+)
 
 CONTEXT = {"tenant": "t1", "purpose": "gcp-kms-faults"}
 PLAINTEXT = b"while the service is unwell"
@@ -308,3 +316,27 @@ async def test_an_outage_at_start_up_is_transient_and_closes_the_channel(
     assert info.value.operation == "GetCryptoKey"
     assert gcp_kms.calls["GetCryptoKey"] == 4
     await eventually(lambda: established_to(port) == 0, "the channel's connection closed")
+
+
+async def test_a_data_key_of_another_suites_length_is_no_usable_key_not_an_outage(
+    gcp_kms: GcpKmsFake, make: Make
+) -> None:
+    """Anyone with Encrypt permission can wrap a 16-byte data key and present it in a
+    message of a 32-byte suite. Cloud KMS answers that Decrypt as asked, so it is the
+    message's fault: NoUsableKeyError naming the length, and the breaker hears a
+    success. Were it counted as a failure, five such messages would open the location's
+    breaker and refuse every caller's decrypts (a denial of service)."""
+    keyring = make()
+    async with EnvelopeClient(keyring, cache=None) as client:
+        good = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+        short = await keyring.on_encrypt(
+            EncryptionMaterials(AlgorithmSuite.AES_128_GCM_IV12_TAG16_HKDF_SHA256, CONTEXT)
+        )
+        hostile = DecryptionMaterials(AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY, CONTEXT)
+        for _ in range(2 * THRESHOLD):
+            with pytest.raises(errors.NoUsableKeyError) as info:
+                await keyring.on_decrypt(hostile, short.encrypted_data_keys)
+            assert "wrong length (not the suite's 32 bytes)" in str(info.value)
+        assert client.stats.breaker_states[keyring.breaker_name] == "closed"
+        assert await client.decrypt(good) == PLAINTEXT
+    assert gcp_kms.calls["Decrypt"] == 2 * THRESHOLD + 1

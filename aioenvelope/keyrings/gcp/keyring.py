@@ -312,10 +312,9 @@ class GcpKmsKeyring(Keyring):
             plaintext = bytes(response.plaintext)
             if response.plaintext_crc32c != crc32c(plaintext):
                 raise ChecksumMismatch("the plaintext's CRC32C did not match")
-            if len(plaintext) != length:
-                raise InvalidResponse(
-                    f"the data key is of the wrong length (not the suite's {length} bytes)"
-                )
+            # Its length is checked by the caller, not here: Cloud KMS answered as asked
+            # (a data key of another suite, wrapped by anyone with Encrypt permission, is
+            # the message's fault, not the service's: no breaker failure for it).
             return plaintext
 
         failures: list[GcpKmsError] = []
@@ -330,7 +329,18 @@ class GcpKmsKeyring(Keyring):
             }
             try:
                 data_key = await self._call("Decrypt", name, request, check, unwrap=True)
-                return materials.with_data_key(data_key)
+                if len(data_key) == length:
+                    return materials.with_data_key(data_key)
+                failures.append(
+                    GcpKmsError(
+                        f"Cloud KMS Decrypt with key {name}: the data key is of the wrong "
+                        f"length (not the suite's {length} bytes)",
+                        operation="Decrypt",
+                        key_id=name,
+                        error_code="InvalidResponse",
+                        transient=False,
+                    )
+                )
             except GcpKmsError as exc:
                 failures.append(exc)
             except CircuitOpenError as exc:

@@ -21,7 +21,8 @@ sends). What it does for real:
 What it does not do: IAM (every caller may do everything: a PERMISSION_DENIED is only
 ever an injected one), quotas, Google's exact error texts (those here are modelled on
 them), protection levels, other key purposes' operations, or authentication (the client
-reaches it over an insecure channel, and its credentials are never presented).
+reaches it over an insecure channel, and its credentials are never presented; with
+``local_credentials=True`` they are asked for a token, but the server does not check it).
 """
 
 from __future__ import annotations
@@ -81,7 +82,10 @@ class GcpKmsFake:
     """The server. Use ``async with GcpKmsFake() as kms`` inside the test's loop, then
     :meth:`create_key` and :meth:`client_options` for the keyring."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, local_credentials: bool = False) -> None:
+        #: Serve with gRPC's local (loopback) credentials rather than on an insecure
+        #: port: then the client's call credentials (google-auth's plugin) run.
+        self.local_credentials = local_credentials
         self.keys: dict[str, _Key] = {}
         self.calls: collections.Counter[str] = collections.Counter()
         self._faults: collections.deque[_Fault] = collections.deque()
@@ -91,7 +95,11 @@ class GcpKmsFake:
     async def __aenter__(self) -> GcpKmsFake:
         server = grpc.aio.server()
         server.add_generic_rpc_handlers([self._handler()])
-        port = server.add_insecure_port("127.0.0.1:0")
+        if self.local_credentials:
+            local = grpc.local_server_credentials(grpc.LocalConnectionType.LOCAL_TCP)
+            port = server.add_secure_port("127.0.0.1:0", local)
+        else:
+            port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         self._server = server
         self.address = f"127.0.0.1:{port}"
@@ -170,6 +178,22 @@ class GcpKmsFake:
         ``client_options=``): a transport on an insecure channel to this server, made when
         the client is (so inside the running loop)."""
         return {"transport": fake_transport(self.address)}
+
+    def authenticated_client_options(self) -> dict[str, Any]:
+        """Like :meth:`client_options`, for a fake made with ``local_credentials=True``:
+        the transport is made with the keyring's credentials on a local (loopback) secure
+        channel, so google-auth's plugin asks them for a token before each call."""
+
+        def make(credentials: Any = None, **_: Any) -> KeyManagementServiceGrpcAsyncIOTransport:
+            return KeyManagementServiceGrpcAsyncIOTransport(
+                host=self.address,
+                credentials=credentials,
+                ssl_channel_credentials=grpc.local_channel_credentials(
+                    grpc.LocalConnectionType.LOCAL_TCP
+                ),
+            )
+
+        return {"transport": make}
 
     def client(self) -> KeyManagementServiceAsyncClient:
         """A client of the test's own (a caller's ``client=``): close its transport."""

@@ -16,6 +16,8 @@ import anyio
 import pytest
 from fake_clock import FakeClock
 from gcp_kms_fake import KEY_RING, GcpKmsFake
+from google.auth import credentials as ga_credentials
+from google.auth import exceptions as ga_exceptions
 from google.auth.credentials import AnonymousCredentials
 from task_leaks import other_tasks
 
@@ -340,3 +342,76 @@ async def test_a_data_key_of_another_suites_length_is_no_usable_key_not_an_outag
         assert client.stats.breaker_states[keyring.breaker_name] == "closed"
         assert await client.decrypt(good) == PLAINTEXT
     assert gcp_kms.calls["Decrypt"] == 2 * THRESHOLD + 1
+
+
+class RefusedCredentials(ga_credentials.Credentials):
+    """Credentials Google refuses: each refresh raises RefreshError (invalid_grant), as
+    for a deleted service account key."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.refreshes = 0
+
+    def refresh(self, request: Any) -> None:
+        self.refreshes += 1
+        raise ga_exceptions.RefreshError(  # type: ignore[no-untyped-call]
+            "invalid_grant: Invalid JWT Signature.", {"error": "invalid_grant"}
+        )
+
+
+async def test_refused_credentials_are_a_lasting_error_not_an_outage() -> None:
+    """google-auth's RefreshError reaches gRPC as UNAVAILABLE ("Getting metadata from
+    plugin failed"), but nothing was sent and retrying will not mend the credentials:
+    a non-transient CredentialUnavailable, one attempt per call, no breaker verdict (ten
+    calls leave it closed), the same on decrypt (not NoUsableKeyError: no EDK will do)
+    and at start-up (not a key-check failure)."""
+    credentials = RefusedCredentials()
+    async with GcpKmsFake(local_credentials=True) as kms:
+        name = kms.create_key("orders")
+        options = kms.authenticated_client_options()
+        keyring = GcpKmsKeyring(
+            name, credentials=credentials, check_keys=False, client_options=options
+        )
+        async with EnvelopeClient(keyring, cache=None) as client:
+            for _ in range(2 * THRESHOLD):
+                with pytest.raises(errors.GcpKmsError) as info:
+                    await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+                assert info.value.error_code == "CredentialUnavailable"
+                assert info.value.transient is False
+            assert credentials.refreshes == 2 * THRESHOLD  # one attempt each
+            assert "invalid_grant" in str(info.value)
+            assert "fix the credentials" in str(info.value)
+            assert client.stats.breaker_states[keyring.breaker_name] == "closed"
+            message = await encrypt_under(kms, name)
+            with pytest.raises(errors.GcpKmsError) as decrypting:
+                await client.decrypt(message)
+            assert decrypting.value.error_code == "CredentialUnavailable"
+        with pytest.raises(errors.GcpKmsError) as opening:
+            async with EnvelopeClient(
+                GcpKmsKeyring(name, credentials=credentials, client_options=options)
+            ):
+                pass
+        assert not isinstance(opening.value, errors.GcpKmsKeyCheckError)
+        assert opening.value.error_code == "CredentialUnavailable"
+        assert kms.calls == {}  # nothing ever reached the service
+
+
+async def encrypt_under(kms: GcpKmsFake, name: str) -> bytes:
+    """A message under ``name``, made by a caller whose credentials are good."""
+    keyring = GcpKmsKeyring(
+        name, credentials=GoodCredentials(), client_options=kms.authenticated_client_options()
+    )
+    async with EnvelopeClient(keyring, cache=None) as client:
+        message = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+    kms.calls.clear()
+    return message
+
+
+class GoodCredentials(ga_credentials.Credentials):
+    """Credentials whose refresh always gets a token."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+
+    def refresh(self, request: Any) -> None:
+        self.token = "test-access-token"

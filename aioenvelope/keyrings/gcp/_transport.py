@@ -43,6 +43,8 @@ TRANSIENT = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
 _BACKOFF_BASE = 0.05  # seconds before the first retry (at most; full jitter)
 _BACKOFF_CAP = 1.0
 _MESSAGE_LIMIT = 300  # characters of the service's own error text
+# How gRPC reports an exception raised by the call credentials' plugin (google-auth).
+_PLUGIN_FAILED = "Getting metadata from plugin failed"
 _INSTALL = "the Google Cloud KMS keyring needs the [gcp] extra: pip install 'aioenvelope[gcp]'"
 
 
@@ -212,8 +214,9 @@ class GcpKmsTransport:
                 exc.error_code,
             )
             if breaker is not None:
-                if epoch != self._epoch:
-                    breaker.record_abandoned()  # cut off by the close: no verdict
+                if epoch != self._epoch or exc.error_code == "CredentialUnavailable":
+                    # Cut off by the close, or never sent (no credentials): no verdict.
+                    breaker.record_abandoned()
                 elif exc.transient or exc.error_code == "InvalidResponse":
                     breaker.record_failure(SERVICE)  # down, or not answering as Cloud KMS
                 else:
@@ -310,6 +313,11 @@ class GcpKmsTransport:
             if code == "INVALID_ARGUMENT" and "checksum" in text.lower():
                 # Cloud KMS checked our CRC32C and it did not match: corrupted on the way.
                 code, transient = "ChecksumMismatch", True
+            elif code == "UNAVAILABLE" and text.startswith(_PLUGIN_FAILED):
+                # gRPC's word for credentials that could not be had (google-auth raised
+                # in the auth plugin, e.g. RefreshError: invalid_grant): no request was
+                # sent, so nothing about the service; retrying will not mend them.
+                code, transient = "CredentialUnavailable", False
             failure = GcpKmsError(
                 f"{where} failed: {code}: {text.rstrip('.')}{_hint(code, operation)}",
                 operation=operation,
@@ -404,6 +412,11 @@ def _hint(code: str, operation: str) -> str:
             "this for a key that does not exist, to callers who may not know)"
         ),
         "UNAUTHENTICATED": ". The credentials were refused: expired, revoked or for another project",
+        "CredentialUnavailable": (
+            ". No access token could be had for the credentials (refused by Google: "
+            "expired, revoked or deleted; or the token endpoint could not be reached), so "
+            "nothing was sent: fix the credentials"
+        ),
         "NOT_FOUND": ". Check the key's resource name (project, location, key ring, key)",
         "FAILED_PRECONDITION": ". The key or its version is not in a usable state (disabled or destroyed?)",
     }.get(code, "")

@@ -201,8 +201,8 @@ class GcpKmsKeyring(Keyring):
         try:
             key = await self._call("GetCryptoKey", name, {"name": name}, lambda r: r)
         except GcpKmsError as exc:
-            if exc.transient:
-                raise  # not checked for want of the service: says so itself
+            if exc.transient or exc.error_code == "CredentialUnavailable":
+                raise  # not checked for want of the service (or of a token): says so itself
             what = {
                 "PERMISSION_DENIED": (
                     "the caller may not read it (GetCryptoKey needs cloudkms.cryptoKeys.get, "
@@ -342,6 +342,8 @@ class GcpKmsKeyring(Keyring):
                     )
                 )
             except GcpKmsError as exc:
+                if exc.error_code == "CredentialUnavailable":
+                    raise  # no token: not a wrong key, and no EDK will do
                 failures.append(exc)
             except CircuitOpenError as exc:
                 refused.append(exc)

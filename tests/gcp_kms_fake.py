@@ -117,10 +117,13 @@ class GcpKmsFake:
         key_id: str,
         *,
         purpose: str = "ENCRYPT_DECRYPT",
+        location: str = "global",
     ) -> str:
         """A new key with one enabled primary version; its resource name. ``purpose`` is
-        a ``CryptoKeyPurpose`` name (only ENCRYPT_DECRYPT keys encrypt)."""
-        name = f"{KEY_RING}/cryptoKeys/{key_id}"
+        a ``CryptoKeyPurpose`` name (only ENCRYPT_DECRYPT keys encrypt); ``location``
+        replaces ``KEY_RING``'s (another location: another breaker in the client)."""
+        ring = KEY_RING.replace("/locations/global/", f"/locations/{location}/")
+        name = f"{ring}/cryptoKeys/{key_id}"
         self.keys[name] = _Key(name, getattr(types.CryptoKey.CryptoKeyPurpose, purpose))
         self.rotate(name)
         return name

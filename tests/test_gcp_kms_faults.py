@@ -415,3 +415,56 @@ class GoodCredentials(ga_credentials.Credentials):
 
     def refresh(self, request: Any) -> None:
         self.token = "test-access-token"
+
+
+async def test_one_key_unreachable_and_another_refused_is_an_outage_not_no_usable_key(
+    gcp_kms: GcpKmsFake, make: Make
+) -> None:
+    """A message under two keys: the first down for the whole call (UNAVAILABLE), the
+    second answering PERMISSION_DENIED to this caller. The first might have opened it,
+    so the caller gets the transient outage (retry later, a 503), not NoUsableKeyError
+    (a 4xx, "this message is not for you")."""
+    second = gcp_kms.create_key("invoices")
+    message = await encrypt_with(make(additional_key_names=[second]))
+    async with EnvelopeClient(
+        make(additional_key_names=[second], check_keys=False), cache=None
+    ) as client:
+        gcp_kms.fail_next(4, "UNAVAILABLE")  # the first key: every attempt
+        gcp_kms.fail_next(1, "PERMISSION_DENIED")  # the second
+        with pytest.raises(errors.GcpKmsError) as info:
+            await client.decrypt(message)
+    assert not isinstance(info.value, errors.NoUsableKeyError)
+    assert info.value.transient is True
+    assert info.value.error_code == "UNAVAILABLE"
+    assert gcp_kms.calls["Decrypt"] == 4 + 1  # every attempt at the first, one at the second
+
+
+async def test_an_open_breaker_and_another_key_refused_is_an_outage_not_no_usable_key(
+    gcp_kms: GcpKmsFake, make: Make
+) -> None:
+    """The first key's location has its breaker open (five outages in a row, while the
+    second key, elsewhere, opened each message), and the second key answers
+    PERMISSION_DENIED: CircuitOpenError (retry after), not NoUsableKeyError; the
+    refused key costs no request."""
+    first = gcp_kms.create_key("orders-eu", location="europe-west1")
+    second = gcp_kms.create_key("orders-us", location="us-east1")
+    message = await encrypt_with(make(key_name=first, additional_key_names=[second]))
+    keyring = make(key_name=first, additional_key_names=[second], check_keys=False)
+    async with EnvelopeClient(keyring, cache=None) as client:
+        for _ in range(THRESHOLD):
+            gcp_kms.fail_next(4, "UNAVAILABLE")  # the first key; the second opens it
+            assert await client.decrypt(message) == PLAINTEXT
+        assert client.stats.breaker_states["gcp-kms europe-west1"] == "open"
+        assert client.stats.breaker_states["gcp-kms us-east1"] == "closed"
+        sent = gcp_kms.calls["Decrypt"]
+        gcp_kms.fail_next(1, "PERMISSION_DENIED")
+        with pytest.raises(errors.CircuitOpenError) as info:
+            await client.decrypt(message)
+    assert info.value.retry_after > 0
+    assert gcp_kms.calls["Decrypt"] == sent + 1
+
+
+async def encrypt_with(keyring: GcpKmsKeyring) -> bytes:
+    """A message under ``keyring``'s keys, from a client of its own."""
+    async with EnvelopeClient(keyring, cache=None) as client:
+        return await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)

@@ -347,11 +347,14 @@ class GcpKmsKeyring(Keyring):
                 failures.append(exc)
             except CircuitOpenError as exc:
                 refused.append(exc)
-        if refused and all(f.transient for f in failures):
-            # Nothing answered: the service is down. A 503, not a 4xx.
+        # An EDK that went unanswered (an outage, or its location's breaker open) might
+        # have opened the message, whatever the others answered: retry later (a 503),
+        # not "no usable key" (a 4xx).
+        if refused:
             raise min(refused, key=lambda exc: exc.retry_after)
-        if failures and all(f.transient for f in failures):
-            raise failures[-1]  # an outage, not a wrong key: say so
+        outages = [f for f in failures if f.transient]
+        if outages:
+            raise outages[-1]
         reasons = "; ".join(str(f) for f in failures)
         if malformed:
             reasons += ("; " if reasons else "") + (

@@ -449,6 +449,35 @@ def test_other_configuration_errors() -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("client_options", "said"),
+    [
+        ({"bogus": 1}, "TypeError"),
+        (
+            {"client_options": {"api_endpoint": "x", "credentials_file": "/nonexistent.json"}},
+            "not a credentials file in client_options",
+        ),
+    ],
+)
+async def test_client_options_the_client_refuses_are_a_configuration_error_at_open(
+    gcp_kms: GcpKmsFake, client_options: dict[str, Any], said: str
+) -> None:
+    """Options KeyManagementServiceAsyncClient refuses (an unknown keyword, a
+    credentials file beside the credentials) are caught when the client is made, on
+    entering the EnvelopeClient: a ConfigurationError naming client_options, not
+    Google's raw TypeError or DuplicateCredentialArgs; no call reaches the service."""
+    keyring = GcpKmsKeyring(
+        gcp_kms.create_key("orders"),
+        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        client_options=client_options,
+    )
+    with pytest.raises(errors.ConfigurationError, match="client_options") as info:
+        async with EnvelopeClient(keyring):
+            pass
+    assert said in str(info.value)
+    assert gcp_kms.calls == {}
+
+
 async def test_using_the_keyring_outside_a_client_says_how(gcp_kms: GcpKmsFake, make: Make) -> None:
     """A keyring never opened (not inside ``async with EnvelopeClient``) says so."""
     keyring = make(gcp_kms.create_key("orders"))

@@ -146,7 +146,7 @@ class GcpKmsTransport:
                 credentials = self._credentials or await default_credentials(self.deadline)
                 options["credentials"] = credentials
             # Made here, inside the running loop: its gRPC channel belongs to this loop.
-            self._owned = self._client = KeyManagementServiceAsyncClient(**options)
+            self._owned = self._client = _make_client(KeyManagementServiceAsyncClient, options)
         self._open = True
 
     async def close(self) -> None:
@@ -371,6 +371,34 @@ class GcpKmsTransport:
             error_code="Timeout",
             transient=True,
         )
+
+
+def _make_client(
+    factory: type[KeyManagementServiceAsyncClient], options: Mapping[str, Any]
+) -> KeyManagementServiceAsyncClient:
+    """The client, or a ConfigurationError naming ``client_options`` for options it
+    refuses (an unknown keyword, ``credentials_file`` beside the credentials...)."""
+    from google.api_core import exceptions as api_exceptions
+    from google.auth import exceptions as auth_exceptions
+
+    try:
+        return factory(**options)
+    except (
+        TypeError,
+        ValueError,
+        api_exceptions.GoogleAPIError,
+        auth_exceptions.GoogleAuthError,
+    ) as exc:
+        hint = (
+            ": credentials come from credentials= or google.auth.default(), not a "
+            "credentials file in client_options"
+            if isinstance(exc, api_exceptions.DuplicateCredentialArgs)
+            else ""
+        )
+        raise ConfigurationError(
+            "the Google Cloud KMS keyring's client_options were refused by "
+            f"KeyManagementServiceAsyncClient: {type(exc).__name__}: {_clip(str(exc))}{hint}"
+        ) from None
 
 
 async def _cancellable(call: Awaitable[T]) -> T:

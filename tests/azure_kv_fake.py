@@ -230,6 +230,9 @@ class _Fault:
     message: str = ""
     retry_after: float | None = None
     delay: float = 0.0
+    body: bytes | None = None  # answered as is, with content_type (not Key Vault's shape)
+    content_type: str = "application/json"
+    cut: bool = False  # Content-Length promises more than is sent; then the socket closes
 
 
 class AzureKeyVaultFake:
@@ -353,6 +356,18 @@ class AzureKeyVaultFake:
         )
         self._add(n, _Fault(status, code, message))
 
+    def garble_next(
+        self, n: int, status: int = 200, body: bytes = b"{<truncated", content_type: str = ""
+    ) -> None:
+        """The next ``n`` authenticated requests are answered ``status`` with ``body``,
+        which is not what its Content-Type (JSON by default) says (a gateway's page)."""
+        self._add(n, _Fault(status, body=body, content_type=content_type or "application/json"))
+
+    def cut_next(self, n: int) -> None:
+        """The next ``n`` authenticated requests get a 200 whose body stops after a few
+        of its promised bytes, and the connection is closed (a network failure)."""
+        self._add(n, _Fault(200, cut=True))
+
     def delay_next(self, n: int, seconds: float) -> None:
         """The next ``n`` authenticated requests are answered after ``seconds``."""
         self._add(n, _Fault(delay=seconds))
@@ -388,7 +403,7 @@ class AzureKeyVaultFake:
 
     # -- the REST API ------------------------------------------------------------------
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         parts = request.path.strip("/").split("/")
         name = parts[1] if len(parts) >= 2 and parts[0] == "keys" else ""
         if request.headers.get("Authorization") != f"Bearer {self.token}":
@@ -418,6 +433,19 @@ class AzureKeyVaultFake:
         if fault is not None:
             if fault.delay:
                 await asyncio.sleep(fault.delay)
+            if fault.cut:
+                response = web.StreamResponse(status=200)
+                response.content_type = "application/json"
+                response.content_length = 500
+                await response.prepare(request)
+                await response.write(b'{"kid":"x","val')
+                assert request.transport is not None
+                request.transport.close()
+                return response
+            if fault.body is not None:
+                return web.Response(
+                    status=fault.status, body=fault.body, content_type=fault.content_type
+                )
             if fault.status:
                 headers = {}
                 if fault.retry_after is not None:

@@ -296,3 +296,115 @@ async def test_ten_thousand_concurrent_decrypts_of_one_message_make_one_unwrap_c
         plaintexts = await asyncio.gather(*(client.decrypt(message) for _ in range(10_000)))
     assert set(plaintexts) == {PLAINTEXT}
     assert counts(azure_kv, key) == (1, 1)
+
+
+def strings_reachable(exc: BaseException) -> list[str]:
+    """Every str (and decoded bytes) reachable from ``exc``: its causes and contexts,
+    group members, args and the attributes of every object reached (not traceback
+    frames), so a test can say a token is nowhere in what a caller may log or keep."""
+    found: list[str] = []
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, str):
+            found.append(item)
+        elif isinstance(item, (bytes, bytearray)):
+            found.append(bytes(item).decode("latin-1"))
+        elif isinstance(item, dict):
+            todo += [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            todo += list(item)
+        elif isinstance(item, (int, float, bool)):
+            continue
+        else:
+            if isinstance(item, BaseException):
+                todo += [item.__cause__, item.__context__, *item.args]
+                todo += list(getattr(item, "exceptions", ()))
+            found.append(repr(item))
+            todo += list(getattr(item, "__dict__", {}).values())
+    return found
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type"),
+    [(200, "application/json"), (502, "application/json"), (503, "text/xml")],
+)
+async def test_an_answer_that_does_not_parse_is_a_transient_failure_holding_no_token(
+    azure_kv: AzureKeyVaultFake, make: Make, key: str, status: int, content_type: str
+) -> None:
+    """A gateway's body that is not what its Content-Type says makes azure-core raise
+    DecodeError, whose response holds the request and its Authorization header. It is
+    a library error (InvalidResponse, transient), retried, and counted by the breaker;
+    the vendor's exception is nowhere in what is raised, so neither is the token."""
+    keyring = make(max_attempts=2)
+    async with EnvelopeClient(keyring, cache=None) as client:
+        azure_kv.garble_next(1, status, content_type=content_type)
+        message = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+        assert counts(azure_kv, key) == (2, 0)  # the garbled answer was retried
+        for _ in range(THRESHOLD):
+            azure_kv.garble_next(2, status, content_type=content_type)
+            with pytest.raises(errors.AzureKeyVaultError) as info:
+                await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+            assert info.value.error_code == "InvalidResponse"
+            assert info.value.transient is True
+            assert not any(azure_kv.token in text for text in strings_reachable(info.value))
+        assert "DecodeError" in str(info.value)
+        assert client.stats.breaker_states[keyring.breaker_name] == "open"
+    async with EnvelopeClient(make(max_attempts=1), cache=None) as client:
+        azure_kv.garble_next(1, status, content_type=content_type)
+        with pytest.raises(errors.AzureKeyVaultError) as info:
+            await client.decrypt(message)
+        assert info.value.error_code == "InvalidResponse"
+        assert not any(azure_kv.token in text for text in strings_reachable(info.value))
+
+
+async def test_a_connection_cut_mid_body_is_a_retried_connection_error(
+    azure_kv: AzureKeyVaultFake, make: Make, key: str
+) -> None:
+    """A 200 whose body stops short of its Content-Length before the socket closes is
+    azure-core's IncompleteReadError: a network failure (ConnectionError, transient),
+    retried, and counted by the breaker, never the vendor's exception."""
+    keyring = make(max_attempts=1)
+    async with EnvelopeClient(make(max_attempts=2), cache=None) as client:
+        azure_kv.cut_next(1)
+        assert await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+    assert counts(azure_kv, key) == (2, 0)
+    async with EnvelopeClient(keyring, cache=None) as client:
+        for _ in range(THRESHOLD):
+            azure_kv.cut_next(1)
+            with pytest.raises(errors.AzureKeyVaultError) as info:
+                await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+            assert info.value.error_code == "ConnectionError"
+            assert info.value.transient is True
+            assert info.value.__cause__ is None
+            assert info.value.__context__ is None
+        assert client.stats.breaker_states[keyring.breaker_name] == "open"
+
+
+async def test_a_refused_token_at_one_vault_leaves_a_key_in_another_to_decrypt(
+    azure_kv: AzureKeyVaultFake, second_vault: AzureKeyVaultFake, make: Make, key: str
+) -> None:
+    """401 from the first vault (say it moved to another tenant) is about that vault,
+    not about the message: the key in the second vault is still asked and opens it.
+    Only when no vault opens the message is the 401 the error."""
+    other = second_vault.create_key()
+    keyring = make(additional_key_ids=[other])
+    async with EnvelopeClient(keyring, cache=None) as client:
+        message = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+        azure_kv.refuse_next(
+            1, status=401, code="Unauthorized", message="AKV10032: Invalid issuer."
+        )
+        assert await client.decrypt(message) == PLAINTEXT
+        azure_kv.refuse_next(
+            1, status=401, code="Unauthorized", message="AKV10032: Invalid issuer."
+        )
+        second_vault.refuse_next(1, status=403)
+        with pytest.raises(errors.AzureKeyVaultError) as info:
+            await client.decrypt(message)
+        assert info.value.error_code == "Unauthorized"
+    assert counts(azure_kv, key) == (1, 2)
+    assert counts(second_vault, other) == (1, 2)

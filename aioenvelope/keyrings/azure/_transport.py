@@ -113,9 +113,49 @@ class AzureTransport:
                 ) from None
             credential = self._owned_credential = DefaultAzureCredential()
         options = {**self._options, "retry_total": 0}  # retries are ours, within the deadline
-        for vault_url, key_url in self._vaults.items():
-            self._clients[vault_url] = CryptographyClient(key_url, credential, **options)
-        self._open = True
+        transport = options.get("transport")
+        if transport is not None and not all(
+            callable(getattr(transport, name, None)) for name in ("send", "__aenter__", "__aexit__")
+        ):
+            await self._close_owned()
+            raise ConfigurationError(
+                "client_options['transport'] must be an azure-core async transport (an "
+                "AsyncHttpTransport such as azure.core.pipeline.transport.AioHttpTransport), "
+                f"not {type(transport).__name__}"
+            )
+        try:
+            for vault_url, key_url in self._vaults.items():
+                self._clients[vault_url] = CryptographyClient(key_url, credential, **options)
+        except Exception as exc:  # what the SDK makes of an option it refuses
+            said = f"{type(exc).__name__}: {clip(str(exc))}"
+        else:
+            self._open = True
+            return
+        clients, self._clients = self._clients, {}
+        await self._close_all(clients)
+        await self._close_owned()
+        raise ConfigurationError(
+            f"client_options were refused by the Key Vault CryptographyClient ({said}); "
+            "check each option's name and value"
+        )
+
+    async def _close_owned(self) -> None:
+        owned, self._owned_credential = self._owned_credential, None
+        if owned is not None:
+            with anyio.CancelScope(shield=True):
+                await owned.close()  # a caller's credential is theirs to close
+
+    @staticmethod
+    async def _close_all(clients: Mapping[str, Any]) -> str | None:
+        """Close each client; what went wrong with the first that would not close."""
+        failed: str | None = None
+        with anyio.CancelScope(shield=True):  # a half-closed session leaks sockets
+            for client in clients.values():
+                try:
+                    await client.close()
+                except Exception as exc:  # close the others regardless
+                    failed = failed or f"{type(exc).__name__}: {clip(str(exc))}"
+        return failed
 
     async def close(self) -> None:
         if not self._open:
@@ -123,12 +163,13 @@ class AzureTransport:
         self._open = False
         self._epoch += 1
         clients, self._clients = self._clients, {}
-        owned, self._owned_credential = self._owned_credential, None
-        with anyio.CancelScope(shield=True):  # a half-closed session leaks sockets
-            for client in clients.values():
-                await client.close()
-            if owned is not None:
-                await owned.close()  # a caller's credential is theirs to close
+        failed = await self._close_all(clients)
+        await self._close_owned()
+        if failed is not None:
+            raise ConfigurationError(
+                f"closing the Key Vault CryptographyClient failed ({failed}); check "
+                "client_options (a 'transport' must be an azure-core async transport)"
+            )
 
     def _closed_error(self, operation: str, key_id: str) -> ConfigurationError:
         return ConfigurationError(
@@ -259,6 +300,8 @@ class AzureTransport:
     ) -> dict[str, Any]:
         from azure.core.exceptions import (
             ClientAuthenticationError,
+            HttpResponseError,
+            IncompleteReadError,
             ServiceRequestError,
             ServiceResponseError,
         )
@@ -289,6 +332,24 @@ class AzureTransport:
                 "ConnectionError",
                 f"a connection error ({type(exc).__name__}: {clip(str(exc))}); check the "
                 "vault URL and the network",
+                True,
+            )
+        except IncompleteReadError as exc:  # the connection was cut within the body
+            failure = (
+                "ConnectionError",
+                f"a connection error ({type(exc).__name__}: the answer was cut off); check "
+                "the vault URL and the network",
+                True,
+            )
+        except HttpResponseError as exc:
+            # Raised by the pipeline itself, not a status: a body that does not parse as
+            # its Content-Type says (DecodeError), too many redirects... Not Key Vault
+            # answering: transient, retried, a failure for the breaker. Its own text is
+            # not kept (it may quote the body: an unwrapkey answer holds a data key).
+            failure = (
+                "InvalidResponse",
+                f"an answer that is not Key Vault's ({type(exc).__name__}, HTTP "
+                f"{_status_of(exc)}); a gateway or proxy in the way?",
                 True,
             )
         except ValueError as exc:  # the challenge policy refused the 401's resource
@@ -334,6 +395,11 @@ class AzureTransport:
         if error.transient:
             raise _Retryable(error, _retry_after(response.headers.get("Retry-After")))
         raise error
+
+
+def _status_of(exc: Any) -> str:
+    status = getattr(exc, "status_code", None)
+    return str(status) if isinstance(status, int) else "status unknown"
 
 
 class _Retryable(Exception):

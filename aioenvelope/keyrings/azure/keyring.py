@@ -415,6 +415,7 @@ class AzureKeyVaultKeyring(Keyring):
         failures: list[AzureKeyVaultError] = []
         outages: list[AzureKeyVaultError | CircuitOpenError] = []
         down: set[str] = set()  # vaults that failed transiently: their other EDKs would too
+        refused: list[AzureKeyVaultError] = []  # a vault refused the token: try the others
         for edk, key, version in attempts:
             if key.vault_url in down:
                 continue
@@ -429,9 +430,12 @@ class AzureKeyVaultKeyring(Keyring):
                     unwrap=True,
                 )
             except AzureKeyVaultError as exc:
+                if exc.error_code == "CredentialUnavailable":
+                    raise  # no token at all: no vault will do
                 if exc.error_code in AUTH_CODES:
-                    raise  # no token, or refused: not a wrong key, and no EDK will do
-                if exc.transient:
+                    refused.append(exc)  # this vault refused the token; another may not
+                    down.add(key.vault_url)
+                elif exc.transient:
                     outages.append(exc)  # another vault may still answer
                     down.add(key.vault_url)
                 else:
@@ -456,6 +460,8 @@ class AzureKeyVaultKeyring(Keyring):
                 )
                 continue
             return materials.with_data_key(data_key)
+        if refused:
+            raise refused[0]  # not a wrong key: the credential is not let in
         if outages:
             raise outages[0]  # an outage (or an open breaker), not a wrong key: retry later
         reasons = "; ".join(str(f) for f in failures)

@@ -428,6 +428,42 @@ def test_other_configuration_errors() -> None:
         AzureKeyVaultKeyring(url, deadline=0)
 
 
+@pytest.mark.parametrize(
+    "option", ["logging_enable", "http_logging_policy", "logging_policy", "logger"]
+)
+def test_logging_client_options_are_refused_saying_why(option: str) -> None:
+    """azure-core's network trace (logging_enable) logs the bearer token and the
+    wrapkey/unwrapkey bodies, the plaintext data key among them: every logging option is
+    refused when the keyring is made, naming the option and the reason."""
+    with pytest.raises(errors.ConfigurationError, match=f"{option}.*data key"):
+        AzureKeyVaultKeyring("https://v.vault.azure.net/keys/k", client_options={option: True})
+
+
+async def test_a_transport_option_that_is_not_a_transport_is_a_configuration_error(
+    azure_kv: AzureKeyVaultFake, make: Make
+) -> None:
+    """client_options={'transport': 5} used to fail with AttributeError when the client
+    closed; it is refused on entering the client with ConfigurationError naming it."""
+    options = {**azure_kv.client_options(), "transport": 5}
+    with pytest.raises(errors.ConfigurationError, match=r"client_options\['transport'\]"):
+        async with EnvelopeClient(make(client_options=options), cache=None):
+            pass
+
+
+def test_the_https_port_is_dropped_so_a_key_is_named_one_way() -> None:
+    """':443' in a key URL names the same key as without it (and as Key Vault's kid):
+    the EDK provider info and the breaker are the same either way; another port stays."""
+    with_port = AzureKeyVaultKeyring("https://V.vault.azure.net:443/keys/k")
+    without = AzureKeyVaultKeyring("https://v.vault.azure.net/keys/k")
+    assert with_port.key_ids == without.key_ids == ("https://v.vault.azure.net/keys/k",)
+    assert with_port.breaker_name == without.breaker_name
+    assert with_port.provider_info("https://v.vault.azure.net:443/keys/k", "abc") == (
+        b"https://v.vault.azure.net/keys/k/abc"
+    )
+    other = AzureKeyVaultKeyring("https://v.vault.azure.net:8443/keys/k")
+    assert other.key_ids == ("https://v.vault.azure.net:8443/keys/k",)
+
+
 async def test_using_the_keyring_outside_a_client_says_how(make: Make) -> None:
     """Used before its client is entered, the keyring says to enter one."""
     materials = EncryptionMaterials(AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY, CONTEXT)

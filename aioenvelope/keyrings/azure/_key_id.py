@@ -24,7 +24,7 @@ _HOST = re.compile(r"[0-9A-Za-z.-]{1,253}")
 
 @dataclass(frozen=True)
 class KeyUrl:
-    vault_url: str  # https://host[:port], lower-case host, no trailing slash
+    vault_url: str  # https://host[:port], lower-case host, no :443, no trailing slash
     name: str
     version: str | None  # a pinned version, or None for the key's current one
 
@@ -76,5 +76,7 @@ def parse_key_url(key_id: object) -> KeyUrl:
             f"{shown!r} is not a Key Vault key URL like {example}: the path must be "
             "/keys/NAME or /keys/NAME/VERSION (a key, not a secret or certificate)"
         )
-    vault_url = f"https://{host}" + (f":{port}" if port is not None else "")
+    # https's own port is dropped, so that the key is named one way (Key Vault's kid has
+    # no port): an EDK made with ':443' matches the same key configured without it.
+    vault_url = f"https://{host}" + (f":{port}" if port not in (None, 443) else "")
     return KeyUrl(vault_url, segments[2], segments[3] if len(segments) == 4 else None)

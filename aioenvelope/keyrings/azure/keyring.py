@@ -106,7 +106,8 @@ class AzureKeyVaultKeyring(Keyring):
     a Managed HSM); wraps always go to Key Vault, never done locally. ``client_options``
     go to each ``CryptographyClient`` (``transport``, ``connection_verify``,
     ``verify_challenge_resource``, ``api_version``...), except retry settings: each call
-    has ``deadline`` seconds, retries included, and at most ``max_attempts`` attempts. On
+    has ``deadline`` seconds, retries included, and at most ``max_attempts`` attempts;
+    and except logging settings (``logging_enable`` logs the token and data keys). On
     open each key is read (GET) to check it exists, is enabled, fits the algorithm and
     permits wrapKey and unwrapKey, unless ``check_keys=False``.
     """
@@ -145,6 +146,14 @@ class AzureKeyVaultKeyring(Keyring):
             raise ConfigurationError(
                 f"client_options may not set {', '.join(retry)}: the keyring retries within "
                 "deadline= (and max_attempts=), the SDK's retries are turned off"
+            )
+        logging_options = sorted(k for k in options if "logging" in k.lower() or k == "logger")
+        if logging_options:
+            raise ConfigurationError(
+                f"client_options may not set {', '.join(logging_options)}: azure-core's "
+                "network trace logs the bearer token and the wrapkey and unwrapkey bodies, "
+                "which hold the plaintext data key; the keyring logs its calls itself "
+                "(logger 'aioenvelope.azure')"
             )
         if credential is not None and not callable(getattr(credential, "get_token", None)):
             raise ConfigurationError(

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from gcp_kms_fake import KEY_RING, GcpKmsFake, fake_transport
 from google.auth.credentials import AnonymousCredentials
 from google.oauth2 import service_account
+from keyring_harness import leaks
 from kms_server import KmsKey, MotoKms
 from moto_keyrings import moto_kms_keyring
 
@@ -299,6 +300,40 @@ async def test_start_up_check_denied_names_the_permission_it_needs(
             pass
     assert "roles/cloudkms.viewer" in str(info.value)
     assert isinstance(info.value.__cause__, errors.GcpKmsError)
+
+
+async def test_no_data_key_in_any_log_record_with_every_logger_at_debug(
+    gcp_kms: GcpKmsFake, make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With every logger at DEBUG, google-cloud-kms's transport logs each request and
+    response with its payload as JSON in the record's extras: an Encrypt request and a
+    Decrypt response hold the plaintext data key. The keyring redacts those payloads:
+    the data key shows in no record, in its message or any attribute; other calls'
+    payloads (GetCryptoKey) are left alone."""
+    caplog.set_level("DEBUG")
+    caplog.set_level("DEBUG", logger="google")
+    suite = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
+    keyring = make(gcp_kms.create_key("orders"))
+    async with EnvelopeClient(keyring, cache=None):
+        made = await keyring.on_encrypt(EncryptionMaterials(suite, CONTEXT))
+        opened = await keyring.on_decrypt(
+            DecryptionMaterials(suite, CONTEXT), made.encrypted_data_keys
+        )
+    assert made.plaintext_data_key is not None
+    assert opened.plaintext_data_key == made.plaintext_data_key
+    texts = [r.getMessage() + repr(r.__dict__) for r in caplog.records]
+    assert leaks(texts, {"data key": made.plaintext_data_key}) == []
+    redacted = {
+        str(getattr(r, "rpcName", "")).rstrip("'").rsplit("/", 1)[-1]
+        for r in caplog.records
+        if "<redacted by aioenvelope" in repr(r.__dict__)
+    }
+    assert redacted == {"Encrypt", "Decrypt"}  # the SDK did log them, and they were cut
+    assert any(  # GetCryptoKey's payload is left as the SDK logged it
+        keyring.key_name in str(getattr(r, "response", {}).get("payload"))
+        for r in caplog.records
+        if "GetCryptoKey" in str(getattr(r, "rpcName", ""))
+    )
 
 
 # -- credentials and clients -------------------------------------------------------------

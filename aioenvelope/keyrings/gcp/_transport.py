@@ -19,6 +19,7 @@ import asyncio
 import collections
 import logging
 import random
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -104,6 +105,47 @@ async def default_credentials(deadline: float) -> Credentials:
     )
 
 
+# google-cloud-kms's transports log each request and response at DEBUG (when the
+# ``google`` logger is set to it), payload included as JSON in the record's extras: an
+# Encrypt request or a Decrypt response holds the plaintext data key. These methods'
+# payloads are redacted on the way, before any handler sees the record.
+_LOGGING_TRANSPORTS = tuple(
+    f"google.cloud.kms_v1.services.key_management_service.transports.{name}"
+    for name in ("grpc_asyncio", "grpc", "rest")
+)
+_SECRET_RPC = re.compile(
+    r"(?:Raw|Asymmetric)?(?:Encrypt|Decrypt)|Decapsulate|GenerateRandomBytes", re.IGNORECASE
+)
+_PAYLOAD_EXTRAS = ("request", "response", "httpRequest", "httpResponse")
+REDACTED = "<redacted by aioenvelope: may hold key material>"
+
+
+class _RedactKeyMaterial(logging.Filter):
+    """Replaces the payload of Cloud KMS cryptographic calls' log records (Encrypt,
+    Decrypt and the like) with :data:`REDACTED`; other records pass unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rpc = str(getattr(record, "rpcName", "")).rstrip("'").rsplit("/", 1)[-1]
+        if not _SECRET_RPC.fullmatch(rpc):
+            return True
+        for extra in _PAYLOAD_EXTRAS:
+            value = getattr(record, extra, None)
+            if isinstance(value, dict) and "payload" in value:
+                setattr(record, extra, {**value, "payload": REDACTED})
+        return True
+
+
+_REDACT = _RedactKeyMaterial()
+
+
+def redact_transport_logs() -> None:
+    """Install the redacting filter on google-cloud-kms's transport loggers (once)."""
+    for name in _LOGGING_TRANSPORTS:
+        logger = logging.getLogger(name)
+        if _REDACT not in logger.filters:
+            logger.addFilter(_REDACT)
+
+
 class GcpKmsTransport:
     """Calls to Cloud KMS for one keyring; opened and closed with it."""
 
@@ -138,6 +180,7 @@ class GcpKmsTransport:
             from google.cloud.kms_v1 import KeyManagementServiceAsyncClient
         except ImportError as exc:
             raise ConfigurationError(_INSTALL) from exc
+        redact_transport_logs()  # a caller's client= logs through the same loggers
         if self._supplied is None:
             options = dict(self._options)
             transport = options.get("transport")

@@ -208,7 +208,8 @@ class GcpKmsError(KeyServiceError):
     ``Decrypt``, ``GetCryptoKey``), ``key_id`` the key's resource name (without
     ``/cryptoKeyVersions/N``), ``error_code`` the gRPC status name (``PERMISSION_DENIED``,
     ``NOT_FOUND``, ``INVALID_ARGUMENT``, ``UNAVAILABLE``...), ``ChecksumMismatch`` for
-    a CRC32C that did not match, ``Timeout`` or ``InvalidResponse``. ``transient`` as for
+    a CRC32C that did not match, ``CredentialUnavailable`` for credentials Google refused
+    (not transient: fix them), ``Timeout`` or ``InvalidResponse``. ``transient`` as for
     :class:`KMSError`: UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, a
     checksum mismatch and timeouts, after the retries within the deadline."""
 

@@ -8,6 +8,8 @@ what to do, and never carry key material.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 __all__ = [
     "AuthenticationError",
     "AzureKeyVaultError",
@@ -107,18 +109,24 @@ class KeyServiceError(KeyringError):
     call, ``key_id`` the key (or table) it was about, ``error_code`` the service's code;
     the service's own exception is chained."""
 
+    SERVICE: ClassVar[str | None] = None
+    """What ``service`` a subclass names (``"aws-kms"``, ...): one constructor for all."""
+
     def __init__(
         self,
         message: str,
         *,
-        service: str,
         operation: str,
         key_id: str | None,
         error_code: str,
         transient: bool,
+        service: str | None = None,
     ) -> None:
         super().__init__(message)
-        self.service = service
+        named = service if service is not None else type(self).SERVICE
+        if named is None:
+            raise TypeError(f"{type(self).__name__} needs service=")
+        self.service = named
         self.operation = operation
         self.key_id = key_id
         self.error_code = error_code
@@ -130,29 +138,15 @@ class KMSError(KeyServiceError):
     and why; the botocore exception is chained. ``transient`` is true for failures that
     say nothing about the request (throttling after retries, 5xx, timeouts, network)."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        operation: str,
-        key_id: str | None,
-        error_code: str,
-        transient: bool,
-    ) -> None:
-        super().__init__(
-            message,
-            service="aws-kms",
-            operation=operation,
-            key_id=key_id,
-            error_code=error_code,
-            transient=transient,
-        )
+    SERVICE = "aws-kms"
 
 
 class DynamoDBError(KeyServiceError):
     """A call to Amazon DynamoDB (a branch key store's table) failed. ``operation``,
     ``table_name`` (also ``key_id``) and ``error_code`` say which and why; the botocore
     exception is chained. ``transient`` as for :class:`KMSError`."""
+
+    SERVICE = "dynamodb"
 
     def __init__(
         self,
@@ -165,7 +159,6 @@ class DynamoDBError(KeyServiceError):
     ) -> None:
         super().__init__(
             message,
-            service="dynamodb",
             operation=operation,
             key_id=table_name,
             error_code=error_code,
@@ -184,23 +177,7 @@ class VaultError(KeyServiceError):
     ``InvalidResponse``). ``transient`` as for :class:`KMSError`: 5xx (a sealed server
     too), 429, timeouts and network failures, after the retries within the deadline."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        operation: str,
-        key_id: str | None,
-        error_code: str,
-        transient: bool,
-    ) -> None:
-        super().__init__(
-            message,
-            service="vault-transit",
-            operation=operation,
-            key_id=key_id,
-            error_code=error_code,
-            transient=transient,
-        )
+    SERVICE = "vault-transit"
 
 
 class GcpKmsError(KeyServiceError):
@@ -213,23 +190,7 @@ class GcpKmsError(KeyServiceError):
     :class:`KMSError`: UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, a
     checksum mismatch and timeouts, after the retries within the deadline."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        operation: str,
-        key_id: str | None,
-        error_code: str,
-        transient: bool,
-    ) -> None:
-        super().__init__(
-            message,
-            service="gcp-kms",
-            operation=operation,
-            key_id=key_id,
-            error_code=error_code,
-            transient=transient,
-        )
+    SERVICE = "gcp-kms"
 
 
 class AzureKeyVaultError(KeyServiceError):
@@ -242,23 +203,7 @@ class AzureKeyVaultError(KeyServiceError):
     :class:`KMSError`: 5xx, 429, timeouts and network failures, after the retries within
     the deadline."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        operation: str,
-        key_id: str | None,
-        error_code: str,
-        transient: bool,
-    ) -> None:
-        super().__init__(
-            message,
-            service="azure-kv",
-            operation=operation,
-            key_id=key_id,
-            error_code=error_code,
-            transient=transient,
-        )
+    SERVICE = "azure-kv"
 
 
 class BranchKeyStoreError(KeyringError):

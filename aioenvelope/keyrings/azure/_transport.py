@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ...breaker import CircuitBreaker
 from ...errors import AzureKeyVaultError, ConfigurationError
+from .._remote import last_of_attempts, record_verdict
 
 if TYPE_CHECKING:
     from azure.core.credentials_async import AsyncTokenCredential
@@ -220,7 +220,14 @@ class AzureTransport:
                 exc.key_id,
                 exc.error_code,
             )
-            _verdict(breaker, exc, epoch != self._epoch)
+            record_verdict(
+                breaker,
+                SERVICE,
+                exc,
+                # cut off by the close, or never reached the vault: no verdict
+                unasked=epoch != self._epoch
+                or exc.error_code in ("CredentialUnavailable", "ChallengeRejected"),
+            )
             raise
         except _Closed:
             if breaker is not None:
@@ -230,11 +237,7 @@ class AzureTransport:
             if breaker is not None:
                 breaker.record_abandoned()  # cancelled, rate-limited, not sent: no verdict
             raise
-        if breaker is not None:
-            if epoch != self._epoch:
-                breaker.record_abandoned()
-            else:
-                breaker.record_success(SERVICE)
+        record_verdict(breaker, SERVICE, None, unasked=epoch != self._epoch)
         return answer
 
     async def _request(
@@ -266,11 +269,11 @@ class AzureTransport:
                     failures += 1
                     last, retry_after = exc.error, exc.retry_after
                 if failures >= self.max_attempts:
-                    raise _spent(last, failures)
+                    raise last_of_attempts(last, failures)
                 delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**failures))  # noqa: S311 - jitter, not a secret
                 delay = max(delay, retry_after)
                 if anyio.current_time() + delay >= deadline_at:
-                    raise _spent(last, failures)
+                    raise last_of_attempts(last, failures)
                 await anyio.sleep(delay)
         if epoch != self._epoch:
             raise _Closed
@@ -416,30 +419,6 @@ def _retry_after(value: str | None) -> float:
     except ValueError:
         return 0.0
     return seconds if 0 < seconds < 3600 else 0.0
-
-
-def _verdict(breaker: CircuitBreaker | None, exc: AzureKeyVaultError, abandoned: bool) -> None:
-    if breaker is None:
-        return
-    if abandoned or exc.error_code in ("CredentialUnavailable", "ChallengeRejected"):
-        breaker.record_abandoned()  # cut off by the close, or never reached the vault
-    elif exc.transient or exc.error_code == "InvalidResponse":
-        breaker.record_failure(SERVICE)  # down, or not answering as Key Vault
-    else:
-        breaker.record_success(SERVICE)  # answered (with an error): it is up
-
-
-def _spent(last: AzureKeyVaultError | None, failures: int) -> AzureKeyVaultError:
-    assert last is not None
-    if failures == 1:
-        return last
-    return AzureKeyVaultError(
-        f"{last} (the last of {failures} attempts)",
-        operation=last.operation,
-        key_id=last.key_id,
-        error_code=last.error_code,
-        transient=True,
-    )
 
 
 def _error(

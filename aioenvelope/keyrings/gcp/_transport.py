@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 
 from ...errors import ConfigurationError, GcpKmsError
+from .._remote import last_of_attempts, record_verdict
 
 if TYPE_CHECKING:
     from google.auth.credentials import Credentials
@@ -256,14 +257,9 @@ class GcpKmsTransport:
                 key_id,
                 exc.error_code,
             )
-            if breaker is not None:
-                if epoch != self._epoch or exc.error_code == "CredentialUnavailable":
-                    # Cut off by the close, or never sent (no credentials): no verdict.
-                    breaker.record_abandoned()
-                elif exc.transient or exc.error_code == "InvalidResponse":
-                    breaker.record_failure(SERVICE)  # down, or not answering as Cloud KMS
-                else:
-                    breaker.record_success(SERVICE)  # answered (with an error): it is up
+            # Cut off by the close, or never sent (no credentials): no verdict.
+            unasked = epoch != self._epoch or exc.error_code == "CredentialUnavailable"
+            record_verdict(breaker, SERVICE, exc, unasked=unasked)
             if epoch != self._epoch:
                 raise self._closed_error(operation, key_id) from exc
             raise
@@ -275,11 +271,7 @@ class GcpKmsTransport:
             if breaker is not None:
                 breaker.record_abandoned()  # cancelled, or not sent: no verdict
             raise
-        if breaker is not None:
-            if epoch != self._epoch:
-                breaker.record_abandoned()
-            else:
-                breaker.record_success(SERVICE)
+        record_verdict(breaker, SERVICE, None, unasked=epoch != self._epoch)
         return result
 
     async def _attempts(
@@ -310,10 +302,10 @@ class GcpKmsTransport:
                     failures += 1
                     last = exc
                 if failures >= self.max_attempts:
-                    raise _spent(last, failures)
+                    raise last_of_attempts(last, failures)
                 delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**failures))  # noqa: S311 - jitter, not a secret
                 if anyio.current_time() + delay >= deadline_at:
-                    raise _spent(last, failures)
+                    raise last_of_attempts(last, failures)
                 await anyio.sleep(delay)
         if epoch != self._epoch:
             raise _Closed
@@ -491,16 +483,3 @@ def _hint(code: str, operation: str) -> str:
         "NOT_FOUND": ". Check the key's resource name (project, location, key ring, key)",
         "FAILED_PRECONDITION": ". The key or its version is not in a usable state (disabled or destroyed?)",
     }.get(code, "")
-
-
-def _spent(last: GcpKmsError | None, failures: int) -> GcpKmsError:
-    assert last is not None
-    if failures == 1:
-        return last
-    return GcpKmsError(
-        f"{last} (the last of {failures} attempts)",
-        operation=last.operation,
-        key_id=last.key_id,
-        error_code=last.error_code,
-        transient=True,
-    )

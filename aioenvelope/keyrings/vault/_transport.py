@@ -27,6 +27,7 @@ import anyio
 
 from ...breaker import OPEN, CircuitBreaker
 from ...errors import ConfigurationError, VaultError
+from .._remote import last_of_attempts, record_verdict
 from ._auth import AppRoleAuth
 
 if TYPE_CHECKING:
@@ -228,13 +229,8 @@ class VaultTransport:
                 self.shown_url,
                 exc.error_code,
             )
-            if breaker is not None:
-                if epoch != self._epoch:
-                    breaker.record_abandoned()  # cut off by the close: no verdict
-                elif exc.transient or exc.error_code == "InvalidResponse":
-                    breaker.record_failure(SERVICE)  # down, or not answering as Vault
-                else:
-                    breaker.record_success(SERVICE)  # answered (with an error): it is up
+            # Cut off by the close: no verdict.
+            record_verdict(breaker, SERVICE, exc, unasked=epoch != self._epoch)
             raise
         except _Closed:
             if breaker is not None:
@@ -244,11 +240,7 @@ class VaultTransport:
             if breaker is not None:
                 breaker.record_abandoned()  # cancelled, or not sent: no verdict
             raise
-        if breaker is not None:
-            if epoch != self._epoch:
-                breaker.record_abandoned()
-            else:
-                breaker.record_success(SERVICE)
+        record_verdict(breaker, SERVICE, None, unasked=epoch != self._epoch)
         return response
 
     async def _call_with_token(
@@ -447,10 +439,10 @@ class VaultTransport:
                         failures += 1
                         last = exc
                     if failures >= self.max_attempts:
-                        raise _spent(last, failures)
+                        raise last_of_attempts(last, failures)
                     delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**failures))  # noqa: S311 - jitter, not a secret
                     if anyio.current_time() + delay >= deadline_at:
-                        raise _spent(last, failures)
+                        raise last_of_attempts(last, failures)
                     await anyio.sleep(delay)
         if epoch != self._epoch:
             raise _Closed
@@ -588,19 +580,6 @@ def _again(error: VaultError, note: str = "") -> VaultError:
         key_id=error.key_id,
         error_code=error.error_code,
         transient=error.transient,
-    )
-
-
-def _spent(last: VaultError | None, failures: int) -> VaultError:
-    assert last is not None
-    if failures == 1:
-        return last
-    return VaultError(
-        f"{last} (the last of {failures} attempts)",
-        operation=last.operation,
-        key_id=last.key_id,
-        error_code=last.error_code,
-        transient=True,
     )
 
 

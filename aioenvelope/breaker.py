@@ -17,8 +17,9 @@ import logging
 from collections.abc import Callable
 
 from .config import CircuitBreakerConfig
-from .errors import CircuitOpenError
+from .errors import CircuitOpenError, KeyServiceError
 from .stats import StatsRecorder
+from .telemetry import NULL_OBSERVER, Observer
 
 __all__ = ["CircuitBreaker"]
 
@@ -34,8 +35,12 @@ class CircuitBreaker:
         config: CircuitBreakerConfig,
         clock: Callable[[], float],
         stats: StatsRecorder,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         self.region = region
+        self._observer = observer
+        # The failure that opened it (or last reopened it): named in the log line.
+        self._cause: tuple[str | None, str | None] = (None, None)
         self._config = config
         self._clock = clock
         self._stats = stats
@@ -94,40 +99,61 @@ class CircuitBreaker:
             self._failures.clear()
             self._move(CLOSED)
 
-    def record_failure(self, service: str = "KMS") -> None:
+    def record_failure(self, service: str = "KMS", cause: KeyServiceError | None = None) -> None:
         """A transient failure of ``service``: timeout, network, 5xx, throttling after
-        retries. Counted while closed; the probe's failure reopens the breaker; other
-        answers while it is open change nothing (they would reopen it, or carry stale
-        counts past its closing)."""
+        retries (``cause``: the error, whose operation and code the log line names).
+        Counted while closed; the probe's failure reopens the breaker; other answers
+        while it is open change nothing (they would reopen it, or carry stale counts past
+        its closing)."""
         if self.state == HALF_OPEN:
             if service == self._opened_by:
-                self._open(service)
+                self._open(service, cause)
             return
         if self.state == OPEN:
             return
         failures = self._failures[service] = self._failures.get(service, 0) + 1
         if failures >= self._config.failure_threshold:
-            self._open(service)
+            self._open(service, cause)
 
     def record_abandoned(self) -> None:
         """The probe was cancelled before an answer: the next call may probe again."""
         if self.state == HALF_OPEN:
             self._move(OPEN)
 
-    def _open(self, service: str) -> None:
+    def _open(self, service: str, cause: KeyServiceError | None) -> None:
         self._opened_at = self._clock()
         self._opened_by = service
+        self._cause = (cause.operation, cause.error_code) if cause is not None else (None, None)
         self._move(OPEN)
 
     def _move(self, state: str) -> None:
-        log.log(
-            logging.WARNING if state == OPEN else logging.INFO,
-            "circuit breaker for %s: %s -> %s%s",
+        """Every transition is logged at WARNING (an operator wants to see the recovery
+        as much as the outage), naming the endpoint, the service and the failure that
+        opened it; and told to telemetry."""
+        operation, error_code = self._cause
+        log.warning(
+            "circuit breaker for %s: %s -> %s (%s%s%s)",
             self.region,
             self.state,
             state,
-            f" ({self._opened_by} failing)" if state == OPEN else "",
+            self._opened_by,
+            f" {operation}" if operation else "",
+            f" failing with {error_code}" if error_code else " failing",
+            extra={
+                "aioenvelope_endpoint": self.region,
+                "aioenvelope_service": self._opened_by,
+                "aioenvelope_operation": operation,
+                "aioenvelope_error_code": error_code,
+            },
         )
-        self.state = state
+        old, self.state = self.state, state
         self._stats.breaker_states[self.region] = state
         self._stats.breaker_transitions += 1
+        self._observer.breaker_moved(
+            self.region,
+            old,
+            state,
+            service=self._opened_by,
+            operation=operation,
+            error_code=error_code,
+        )

@@ -7,6 +7,7 @@ import stat
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
 
 import anyio
@@ -42,6 +43,7 @@ from .streams import (
     flat,
     save_stream,
 )
+from .telemetry import MessageWatch, Telemetry, build_observer
 
 __all__ = [
     "DEFAULT_FRAME_LENGTH",
@@ -115,9 +117,12 @@ class EnvelopeClient:
         decrypt_rate_limit: RateLimit | None = None,
         circuit_breaker: CircuitBreakerConfig | None = CircuitBreakerConfig(),  # noqa: B008
         clock: Callable[[], float] = time.monotonic,
+        telemetry: bool | Telemetry = False,
     ) -> None:
         """``cache``, ``decrypt_rate_limit`` and ``circuit_breaker`` configure the key
-        manager (``None`` switches one off); ``clock`` drives their timing (tests)."""
+        manager (``None`` switches one off); ``clock`` drives their timing (tests).
+        ``telemetry=True`` (or a :class:`~aioenvelope.Telemetry`) emits OpenTelemetry
+        spans and metrics (the ``[otel]`` extra; docs/observability.md)."""
         _check_keyring(keyring, "keyring")
         if not isinstance(commitment_policy, CommitmentPolicy):
             raise ConfigurationError("commitment_policy must be a CommitmentPolicy member")
@@ -140,6 +145,8 @@ class EnvelopeClient:
             if value is not None and not isinstance(value, kind):
                 raise ConfigurationError(f"{name} must be a {kind.__name__} or None")
         self._stats = StatsRecorder()
+        # None when telemetry is off: opentelemetry is then never imported.
+        self._observer = build_observer(telemetry)
         self._coalescer = Coalescer(self._stats)
         # The decrypt rate limit lives in the runtime: keyrings charge it per remote call.
         self._runtime = Runtime(
@@ -147,6 +154,7 @@ class EnvelopeClient:
             stats=self._stats,
             breaker_config=circuit_breaker,
             decrypt_rate_limit=decrypt_rate_limit,
+            observer=self._observer,
         )
         self._cache_config, self._clock = cache, clock
         self._materials = self._key_manager(keyring)
@@ -177,6 +185,8 @@ class EnvelopeClient:
         self.keyring.attach(self._runtime)
         await self.keyring.open()
         self._state = "open"
+        if self._observer is not None:
+            self._observer.attach(self._stats)
         return self
 
     async def __aexit__(
@@ -198,6 +208,8 @@ class EnvelopeClient:
         finally:
             for manager in self._managers.values():
                 manager.close()  # zero the cached data keys
+            if self._observer is not None:
+                self._observer.detach(self._stats)
         if failures:
             raise failures[0]
 
@@ -232,28 +244,83 @@ class EnvelopeClient:
         self._require_open()
         plaintext = _checked_bytes(plaintext, "plaintext")
         length = memoryview(plaintext).nbytes
+        frame_length = self._frame_length_or_default(frame_length)
+        observer = self._observer
+        watch = observer.message("encrypt", encryption_context) if observer else None
+        if watch is not None:
+            return await self._encrypt_watched(
+                watch,
+                plaintext,
+                length,
+                encryption_context,
+                algorithm_suite,
+                frame_length,
+                required_encryption_context_keys,
+            )
         encryptor = await self._new_encryptor(
             encryption_context,
             algorithm_suite,
-            self._frame_length_or_default(frame_length),
+            frame_length,
             required_encryption_context_keys,
             length,
         )
         return await self._seal(encryptor, plaintext)
 
-    @staticmethod
-    async def _seal(encryptor: MessageEncryptor, plaintext: _BytesLike) -> bytes:
+    async def _encrypt_watched(
+        self,
+        watch: MessageWatch,
+        plaintext: _BytesLike,
+        length: int,
+        encryption_context: Mapping[str, str] | None,
+        algorithm_suite: AlgorithmSuite | None,
+        frame_length: int,
+        required_encryption_context_keys: Collection[str],
+    ) -> bytes:
+        """:meth:`encrypt` inside a telemetry span (its key-service call a child)."""
+        encryptor: MessageEncryptor | None = None
+        try:
+            with watch.current():
+                encryptor = await self._new_encryptor(
+                    encryption_context,
+                    algorithm_suite,
+                    frame_length,
+                    required_encryption_context_keys,
+                    length,
+                )
+                message = await self._seal(encryptor, plaintext)
+        except BaseException as exc:
+            watch.finish(
+                suite_id=encryptor.header_value.algorithm_suite.suite_id if encryptor else None,
+                frames=encryptor.frames if encryptor else 0,
+                plaintext_bytes=0,
+                error=exc,
+            )
+            raise
+        watch.finish(
+            suite_id=encryptor.header_value.algorithm_suite.suite_id,
+            frames=encryptor.frames,
+            plaintext_bytes=length,
+            error=None,
+        )
+        return message
+
+    async def _seal(self, encryptor: MessageEncryptor, plaintext: _BytesLike) -> bytes:
         """The whole message: in one call for small plaintexts; through the streaming
         engine for large ones, so they get the same stepping and thread offload (and
         give the loop the same breathing room)."""
         length = memoryview(plaintext).nbytes
         if length < OFFLOAD_THRESHOLD:
-            return encryptor.encrypt_all(plaintext)
+            message = encryptor.encrypt_all(plaintext)
+            stats = self._stats
+            stats.messages_encrypted += 1
+            stats.bytes_encrypted += length
+            return message
 
         async def ready() -> MessageEncryptor:
             return encryptor
 
-        return await EncryptingStream(plaintext, ready, plaintext_length=length).read_all()
+        stream = EncryptingStream(plaintext, ready, plaintext_length=length, stats=self._stats)
+        return await stream.read_all()
 
     def encrypt_stream(
         self,
@@ -293,7 +360,22 @@ class EnvelopeClient:
                 plaintext_length,
             )
 
-        return EncryptingStream(source, start, plaintext_length=plaintext_length)
+        return EncryptingStream(
+            source,
+            start,
+            plaintext_length=plaintext_length,
+            stats=self._stats,
+            watch=self._stream_watch("encrypt", encryption_context),
+        )
+
+    def _stream_watch(
+        self, operation: str, context: Mapping[str, str] | None
+    ) -> Callable[[], MessageWatch | None] | None:
+        """What a stream calls at its first chunk for its telemetry span (None: off)."""
+        observer = self._observer
+        if observer is None:
+            return None
+        return lambda: observer.stream(operation, context)
 
     async def encrypt_file(
         self,
@@ -372,11 +454,41 @@ class EnvelopeClient:
         """Like :meth:`decrypt`, and also return the parsed header."""
         self._require_open()
         ciphertext = _checked_bytes(ciphertext, "ciphertext")
+        observer = self._observer
+        watch = observer.message("decrypt", encryption_context) if observer else None
+        if watch is None:
+            return (await self._open_message(ciphertext, encryption_context))[0]
+        try:
+            with watch.current():
+                result, frames = await self._open_message(ciphertext, encryption_context)
+        except BaseException as exc:
+            watch.finish(suite_id=None, frames=0, plaintext_bytes=0, error=exc)
+            raise
+        header = result.header
+        watch.finish(
+            suite_id=header.algorithm_suite.suite_id,
+            frames=frames,
+            plaintext_bytes=len(result.plaintext),
+            error=None,
+            context=header.encryption_context,
+        )
+        return result
+
+    async def _open_message(
+        self, ciphertext: _BytesLike, encryption_context: Mapping[str, str] | None
+    ) -> tuple[DecryptResult, int]:
+        """The message's plaintext and header, and how many frames it had."""
         if memoryview(ciphertext).nbytes >= OFFLOAD_THRESHOLD:
-            stream = self.decrypt_stream(ciphertext, encryption_context=encryption_context)
+            stream = DecryptingStream(
+                ciphertext,
+                partial(self._materials.decryption_plan, reproduced_context=encryption_context),
+                max_encrypted_data_keys=self.max_encrypted_data_keys,
+                allow_signed=True,
+                stats=self._stats,
+            )
             plaintext = await stream.read_all()
             assert stream.header is not None
-            return DecryptResult(plaintext, stream.header)
+            return DecryptResult(plaintext, stream.header), stream.frames
         decryptor = MessageDecryptor(max_encrypted_data_keys=self.max_encrypted_data_keys)
         decryptor.receive_data(ciphertext)
         decryptor.receive_eof()
@@ -388,7 +500,11 @@ class EnvelopeClient:
             required_encryption_context=plan.required_context,
             verifier=plan.verifier,
         )
-        return DecryptResult(decryptor.read_all(), parsed.header)
+        plaintext = decryptor.read_all()
+        stats = self._stats
+        stats.messages_decrypted += 1
+        stats.bytes_decrypted += len(plaintext)
+        return DecryptResult(plaintext, parsed.header), decryptor.frames
 
     def decrypt_stream(
         self,
@@ -417,6 +533,8 @@ class EnvelopeClient:
             plan,
             max_encrypted_data_keys=self.max_encrypted_data_keys,
             allow_signed=allow_signed,
+            stats=self._stats,
+            watch=self._stream_watch("decrypt", encryption_context),
         )
 
     async def decrypt_file(
@@ -657,4 +775,5 @@ class EnvelopeClient:
             coalescer=self._coalescer,
             clock=self._clock,
             stats=self._stats,
+            observer=self._observer,
         )

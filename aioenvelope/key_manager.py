@@ -33,6 +33,7 @@ from .materials import (
     verifier_for,
 )
 from .stats import StatsRecorder
+from .telemetry import Observer
 
 __all__ = ["KeyManager"]
 
@@ -121,8 +122,10 @@ class KeyManager:
         coalescer: Coalescer,
         clock: Callable[[], float],
         stats: StatsRecorder,
+        observer: Observer | None = None,
     ) -> None:
         self.inner = inner
+        self._observer = observer  # None: telemetry off (one check per lookup)
         self._config = cache
         self._coalescer = coalescer
         self._clock = clock
@@ -189,9 +192,13 @@ class KeyManager:
             if entry is not None and entry.try_use(self._clock(), plaintext_length, config):
                 if not waited:
                     self._stats.encrypt_cache_hits += 1
+                    if self._observer is not None:
+                        self._observer.cache_lookup("encrypt", True)
                 return entry.plan_for_message()
             if not waited:
                 self._stats.encrypt_cache_misses += 1
+                if self._observer is not None:
+                    self._observer.cache_lookup("encrypt", False)
 
             async def refill(key: Hashable = key) -> None:
                 plan = await fresh()
@@ -241,8 +248,12 @@ class KeyManager:
         entry: _DecryptEntry | None = cache.get(key)
         if entry is not None:
             self._stats.decrypt_cache_hits += 1
+            if self._observer is not None:
+                self._observer.cache_lookup("decrypt", True)
             return DecryptionPlan(entry.use(), verifier)
         self._stats.decrypt_cache_misses += 1
+        if self._observer is not None:
+            self._observer.cache_lookup("decrypt", False)
 
         async def fetch_and_cache() -> DecryptionMaterials:
             materials = await fetch()

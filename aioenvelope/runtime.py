@@ -1,5 +1,5 @@
 """What an open ``EnvelopeClient`` shares with its keyrings: the clock, the counters, the
-per-region circuit breakers and the decrypt rate limit."""
+per-region circuit breakers, the decrypt rate limit and the telemetry observer."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from .breaker import CLOSED, CircuitBreaker
 from .config import CircuitBreakerConfig, RateLimit
 from .rate_limit import TokenBucket
 from .stats import StatsRecorder
+from .telemetry import NULL_OBSERVER, Observer
 
 __all__ = ["Runtime"]
 
@@ -28,9 +29,13 @@ class Runtime:
         breaker_config: CircuitBreakerConfig | None,
         decrypt_rate_limit: RateLimit | None = None,
         max_breakers: int = MAX_BREAKERS,
+        observer: Observer | None = None,
     ) -> None:
         self.clock = clock
         self.stats = stats
+        # What keyrings tell telemetry: key-service calls, breaker transitions, branch
+        # key cache lookups (the base records nothing).
+        self.observer = observer if observer is not None else NULL_OBSERVER
         self._breaker_config = breaker_config
         self._breakers: collections.OrderedDict[str, CircuitBreaker] = collections.OrderedDict()
         self._max_breakers = max(1, max_breakers)
@@ -52,7 +57,7 @@ class Runtime:
             self._breakers.move_to_end(region)
             return breaker
         breaker = self._breakers[region] = CircuitBreaker(
-            region, self._breaker_config, self.clock, self.stats
+            region, self._breaker_config, self.clock, self.stats, self.observer
         )
         while len(self._breakers) > self._max_breakers:
             victim = next(

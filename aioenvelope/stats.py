@@ -17,7 +17,9 @@ class ClientStats:
     ``kms_calls`` counts AWS KMS calls by operation (a hierarchical keyring's branch key
     fetches included), ``dynamodb_calls`` the DynamoDB calls of a branch key store.
     ``branch_key_cache_hits``/``misses`` count a hierarchical keyring's lookups of a
-    branch key (a miss is one GetItem + one KMS Decrypt, or a wait on one in flight)."""
+    branch key (a miss is one GetItem + one KMS Decrypt, or a wait on one in flight).
+    ``messages_*``/``bytes_*`` count messages completed and plaintext bytes sealed or
+    released (a stream's bytes as they go, its message when it ends)."""
 
     kms_calls: Mapping[str, int]
     dynamodb_calls: Mapping[str, int]
@@ -31,6 +33,10 @@ class ClientStats:
     breaker_transitions: int
     branch_key_cache_hits: int
     branch_key_cache_misses: int
+    messages_encrypted: int = 0
+    messages_decrypted: int = 0
+    bytes_encrypted: int = 0
+    bytes_decrypted: int = 0
 
     def __repr__(self) -> str:
         # Plain dicts, not the read-only views' ``mappingproxy({...})``.
@@ -42,7 +48,7 @@ class ClientStats:
         return f"ClientStats({', '.join(shown)})"
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: telemetry keeps them in a WeakKeyDictionary
 class StatsRecorder:
     """The live counters (mutated in place; single event loop, so no locking)."""
 
@@ -58,6 +64,10 @@ class StatsRecorder:
     breaker_transitions: int = 0
     branch_key_cache_hits: int = 0
     branch_key_cache_misses: int = 0
+    messages_encrypted: int = 0
+    messages_decrypted: int = 0
+    bytes_encrypted: int = 0
+    bytes_decrypted: int = 0
 
     def snapshot(self) -> ClientStats:
         return ClientStats(
@@ -73,4 +83,8 @@ class StatsRecorder:
             breaker_transitions=self.breaker_transitions,
             branch_key_cache_hits=self.branch_key_cache_hits,
             branch_key_cache_misses=self.branch_key_cache_misses,
+            messages_encrypted=self.messages_encrypted,
+            messages_decrypted=self.messages_decrypted,
+            bytes_encrypted=self.bytes_encrypted,
+            bytes_decrypted=self.bytes_decrypted,
         )

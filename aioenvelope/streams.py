@@ -26,7 +26,7 @@ from collections.abc import (
     Iterable,
     Iterator,
 )
-from contextlib import aclosing
+from contextlib import aclosing, nullcontext
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, TypeVar
@@ -41,6 +41,8 @@ from .format.decryptor import EndOfMessage, MessageDecryptor
 from .format.encryptor import MessageEncryptor
 from .format.header import MessageHeader
 from .materials import DecryptionPlan
+from .stats import StatsRecorder
+from .telemetry import MessageWatch
 
 __all__ = [
     "STEP",
@@ -294,6 +296,7 @@ class _Stream:
     def __init__(self) -> None:
         self.header = None
         self._started = False
+        self._machine: MessageEncryptor | MessageDecryptor | None = None
         self._gen = self._run()
 
     def __repr__(self) -> str:
@@ -301,6 +304,11 @@ class _Stream:
 
     def _run(self) -> AsyncGenerator[bytes, None]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @property
+    def frames(self) -> int:
+        """Frames sealed or opened so far."""
+        return self._machine.frames if self._machine is not None else 0
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         # The generator itself: ``async for`` then skips one call layer per chunk.
@@ -345,17 +353,58 @@ class EncryptingStream(_Stream):
         start: Callable[[], Awaitable[MessageEncryptor]],
         *,
         plaintext_length: int | None,
+        stats: StatsRecorder | None = None,
+        watch: Callable[[], MessageWatch | None] | None = None,
     ) -> None:
         self._source = source
         self._start = start
         self._limit = plaintext_length
+        self._stats = stats
+        self._watch = watch
         super().__init__()
 
-    async def _run(self) -> AsyncGenerator[bytes, None]:
+    def _run(self) -> AsyncGenerator[bytes, None]:
+        # Without telemetry, the body itself: no generator layer per chunk.
+        return self._encrypt(None) if self._watch is None else self._watched(self._watch)
+
+    async def _watched(
+        self, make_watch: Callable[[], MessageWatch | None]
+    ) -> AsyncGenerator[bytes, None]:
+        """The body inside a telemetry span, started at the first chunk asked for."""
+        watch = make_watch()
+        total = [0]
+        error: BaseException | None = None
+        try:
+            async with aclosing(self._encrypt(watch, total)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if watch is not None:
+                header = self.header
+                watch.finish(
+                    suite_id=header.algorithm_suite.suite_id if header is not None else None,
+                    frames=self.frames,
+                    plaintext_bytes=total[0],
+                    error=error,
+                )
+
+    async def _encrypt(
+        self,
+        watch: MessageWatch | None,
+        sealed_bytes: list[int] | None = None,
+    ) -> AsyncGenerator[bytes, None]:
+        """The stream's body; ``sealed_bytes`` tells a telemetry watch how much it
+        sealed (a list: an async generator returns nothing)."""
         self._started = True
+        stats = self._stats
         pieces = _pieces(self._source, STEP)
         try:
-            encryptor = await self._start()  # the one KMS call, before any output
+            with watch.current() if watch is not None else nullcontext():
+                encryptor = await self._start()  # the one KMS call, before any output
+            self._machine = encryptor
             self.header = encryptor.header_value
             frame_length = encryptor.header_value.frame_length
             pacer = _Pacer()
@@ -364,6 +413,10 @@ class EncryptingStream(_Stream):
             async for piece in pieces:
                 size = _nbytes(piece)
                 total += size
+                if stats is not None:
+                    stats.bytes_encrypted += size
+                if sealed_bytes is not None:
+                    sealed_bytes[0] = total
                 if self._limit is not None and total > self._limit:
                     raise ConfigurationError(
                         f"the stream is longer than plaintext_length={self._limit}; pass "
@@ -392,6 +445,8 @@ class EncryptingStream(_Stream):
                     f"the stream held {total} bytes, not plaintext_length={self._limit}"
                 )
             final = await pacer.run(encryptor.pending_bytes, encryptor.finalize_frames)
+            if stats is not None:
+                stats.messages_encrypted += 1
             # Never joined (frame_length=STEP); a large final body is cut up.
             async with aclosing(_emitted(final, STEP, encryptor.recycle)) as chunks:
                 async for chunk in chunks:
@@ -429,17 +484,57 @@ class DecryptingStream(_Stream):
         *,
         max_encrypted_data_keys: int,
         allow_signed: bool,
+        stats: StatsRecorder | None = None,
+        watch: Callable[[], MessageWatch | None] | None = None,
     ) -> None:
         self._source = source
         self._plan = plan
         self._max_edks = max_encrypted_data_keys
         self._allow_signed = allow_signed
+        self._stats = stats
+        self._watch = watch
         super().__init__()
 
-    async def _run(self) -> AsyncGenerator[bytes, None]:
+    def _run(self) -> AsyncGenerator[bytes, None]:
+        # Without telemetry, the body itself: no generator layer per chunk.
+        return self._decrypt(None) if self._watch is None else self._watched(self._watch)
+
+    async def _watched(
+        self, make_watch: Callable[[], MessageWatch | None]
+    ) -> AsyncGenerator[bytes, None]:
+        """The body inside a telemetry span, started at the first chunk asked for."""
+        watch = make_watch()
+        released = [0]
+        error: BaseException | None = None
+        try:
+            async with aclosing(self._decrypt(watch, released)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if watch is not None:
+                header = self.header
+                watch.finish(
+                    suite_id=header.algorithm_suite.suite_id if header is not None else None,
+                    frames=self.frames,
+                    plaintext_bytes=released[0],
+                    error=error,
+                    context=header.encryption_context if header is not None else None,
+                )
+
+    async def _decrypt(
+        self,
+        watch: MessageWatch | None,
+        released: list[int] | None = None,
+    ) -> AsyncGenerator[bytes, None]:
+        """The stream's body; ``released`` tells a telemetry watch how much plaintext it
+        released (a list: an async generator returns nothing)."""
         self._started = True
+        stats = self._stats
         pieces = _pieces(self._source, STEP)
-        decryptor = MessageDecryptor(max_encrypted_data_keys=self._max_edks)
+        decryptor = self._machine = MessageDecryptor(max_encrypted_data_keys=self._max_edks)
         try:
             parsed = None
             async for piece in pieces:
@@ -460,7 +555,8 @@ class DecryptingStream(_Stream):
                     "allow_signed=True (the last frame is still held until the signature "
                     "verified), or use decrypt() to verify everything before any output"
                 )
-            plan = await self._plan(header)
+            with watch.current() if watch is not None else nullcontext():
+                plan = await self._plan(header)
             decryptor.begin_body(
                 plan.data_key,
                 required_encryption_context=plan.required_context,
@@ -486,6 +582,14 @@ class DecryptingStream(_Stream):
                     buffered = decryptor.buffered_bytes
                     cost = buffered if ended else buffered // wire_frame * wire_frame
                     parts, done = await pacer.run(cost, _drain, decryptor)
+                if parts and (stats is not None or released is not None):
+                    size = sum(len(part) for part in parts)
+                    if stats is not None:
+                        stats.bytes_decrypted += size
+                    if released is not None:
+                        released[0] += size
+                if done and stats is not None:
+                    stats.messages_decrypted += 1
                 async with aclosing(_emitted(parts, frame_length, decryptor.recycle)) as chunks:
                     async for chunk in chunks:
                         yield chunk

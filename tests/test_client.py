@@ -71,6 +71,7 @@ PUBLIC_NAMES = {
     "RawRsaKeyring",
     "ReencryptingStream",
     "StreamSource",
+    "Telemetry",
     "VaultTransitKeyring",
     "errors",
     "inspect",
@@ -103,6 +104,7 @@ VALUE_TYPES = {  # frozen-or-not dataclasses: values a caller reads or builds
     "EncryptionMaterials",
     "MessageHeader",
     "RateLimit",
+    "Telemetry",
 }
 # Each error's direct base classes: the hierarchy callers catch by.
 ERROR_BASES: dict[str, tuple[type, ...]] = {

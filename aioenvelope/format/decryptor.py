@@ -147,6 +147,11 @@ class MessageDecryptor:
         # (see _continue_opening), never joined: no step does more than its piece's AES.
         self._opening: _Opening | None = None
 
+    @property
+    def frames(self) -> int:
+        """Frames opened and verified so far (0 for a non-framed body)."""
+        return self._sequence - 1
+
     # -- input -----------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:

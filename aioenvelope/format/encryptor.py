@@ -134,6 +134,11 @@ class MessageEncryptor:
     # -- streaming -----------------------------------------------------------------
 
     @property
+    def frames(self) -> int:
+        """Frames sealed so far (the final frame included once finalized)."""
+        return self._sequence - 1
+
+    @property
     def pending_bytes(self) -> int:
         """Plaintext taken but not yet sealed (at most ``frame_length``): what the next
         frame, or :meth:`finalize_frames`, has left to seal."""

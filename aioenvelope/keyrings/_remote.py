@@ -1,5 +1,6 @@
-"""What the remote keyrings' transports (Vault, Cloud KMS, Key Vault) share: the circuit
-breaker's verdict on a call, and the error that ends a call whose attempts ran out.
+"""What the remote keyrings' transports (Vault, Cloud KMS, Key Vault) share: the telemetry
+watch around a call, the circuit breaker's verdict on it, and the error that ends a call
+whose attempts ran out.
 
 AWS KMS and DynamoDB have their own (``kms_clients.py``: botocore retries inside a
 call and answers in its own terms); these three retry themselves, one attempt at a time.
@@ -7,14 +8,61 @@ call and answers in its own terms); these three retry themselves, one attempt at
 
 from __future__ import annotations
 
+import logging
 from typing import TypeVar
 
 from ..breaker import CircuitBreaker
 from ..errors import KeyServiceError
+from ..runtime import Runtime
+from ..telemetry import NULL_OBSERVER, CallWatch
 
-__all__ = ["last_of_attempts", "record_verdict"]
+__all__ = ["last_of_attempts", "log_failure", "observe_call", "record_verdict"]
 
 E = TypeVar("E", bound=KeyServiceError)
+
+
+def observe_call(
+    runtime: Runtime | None,
+    service: str,
+    operation: str,
+    key_id: str,
+    endpoint: str | None,
+    *,
+    region: str | None = None,
+) -> CallWatch:
+    """The telemetry watch around one call (a span and a duration when telemetry is on):
+    enter it before the breaker is asked, so a refused call is seen too."""
+    observer = runtime.observer if runtime is not None else NULL_OBSERVER
+    return observer.call(service, operation, key_id=key_id, endpoint=endpoint, region=region)
+
+
+def log_failure(
+    logger: logging.Logger,
+    label: str,
+    error: KeyServiceError,
+    endpoint: str | None,
+    *,
+    shown_at: str | None = None,
+) -> None:
+    """One WARNING line for a failed key-service call: ``label``, operation, key, error
+    code (never the error's message: a service may echo what it was sent), and the same
+    as structured fields (``aioenvelope_endpoint``, ``_service``, ``_operation``,
+    ``_error_code``) for JSON log formatters. Not per message: a call is made on a cache
+    miss, and decrypt misses are rate-limited."""
+    logger.warning(
+        "%s %s with key %s%s failed: %s",
+        label,
+        error.operation,
+        error.key_id,
+        f" at {shown_at}" if shown_at else "",
+        error.error_code,
+        extra={
+            "aioenvelope_endpoint": endpoint,
+            "aioenvelope_service": error.SERVICE,
+            "aioenvelope_operation": error.operation,
+            "aioenvelope_error_code": error.error_code,
+        },
+    )
 
 
 def record_verdict(
@@ -34,7 +82,7 @@ def record_verdict(
     if unasked:
         breaker.record_abandoned()
     elif error is not None and (error.transient or error.error_code == "InvalidResponse"):
-        breaker.record_failure(service)
+        breaker.record_failure(service, error)
     else:
         breaker.record_success(service)
 

@@ -12,6 +12,7 @@ import collections
 import contextvars
 import logging
 import os
+import urllib.parse
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from ..errors import ConfigurationError, DynamoDBError, KMSError, KMSTimeoutError
+from ..telemetry import NULL_OBSERVER, CallWatch
 from ._log_redaction import release_redaction, retain_redaction
 
 if TYPE_CHECKING:
@@ -136,6 +138,18 @@ def _record_attempt(
         attempts.last = _clip(f"{code}: {message}" if message else code)
 
 
+def _host_of(url: object) -> str | None:
+    """``host[:port]`` of an endpoint URL (for telemetry: no scheme, path or userinfo)."""
+    if not isinstance(url, str):
+        return None
+    return urllib.parse.urlsplit(url).netloc.rpartition("@")[2] or None
+
+
+def _endpoint_of(client: Any) -> str | None:
+    """The host a botocore client sends to."""
+    return _host_of(getattr(getattr(client, "meta", None), "endpoint_url", None))
+
+
 def _watch_attempts(client: Any) -> None:
     """Register :func:`_record_attempt` on ``client`` (once, first: before the retry
     handler, which answers the event)."""
@@ -223,6 +237,7 @@ class KmsClients:
 
     service = "kms"
     label = "KMS"
+    telemetry_name = KMSError.SERVICE  # the service as telemetry and log fields name it
     target = "with key"  # how log lines name what ``key_id`` is
     methods: Mapping[str, str] = _METHODS
     transient_codes: frozenset[str] = _TRANSIENT_CODES
@@ -398,6 +413,26 @@ class KmsClients:
         region's client (opened on first use, errors mapped), then the call.
         """
         runtime = self.runtime
+        observer = runtime.observer if runtime is not None else NULL_OBSERVER
+        with observer.call(
+            self.telemetry_name,
+            operation,
+            key_id=key_id,
+            endpoint=_host_of(self.settings.endpoint_url),
+            region=region,
+        ) as watch:
+            return await self._guarded_call(operation, region, key_id, params, admitted, watch)
+
+    async def _guarded_call(
+        self,
+        operation: str,
+        region: str,
+        key_id: str,
+        params: Mapping[str, Any],
+        admitted: bool,
+        watch: CallWatch,
+    ) -> dict[str, Any]:
+        runtime = self.runtime
         breaker = runtime.breaker(region) if runtime is not None else None
         if breaker is not None:
             breaker.before_call(self.label)  # fails fast, with no I/O, while it is down
@@ -409,11 +444,12 @@ class KmsClients:
             if breaker is not None:
                 breaker.record_abandoned()  # KMS was not asked: no verdict on it
             raise
+        if watch.endpoint is None:
+            watch.endpoint = _endpoint_of(entry.client)
         try:
-            response = await self._call(entry, operation, region, key_id, params)
+            response = await self._call(entry, operation, region, key_id, params, watch)
         except (KMSError, DynamoDBError) as exc:
-            log.log(
-                logging.WARNING if exc.transient else logging.INFO,
+            log.warning(
                 "%s %s %s %s in %s failed: %s",
                 self.label,
                 operation,
@@ -421,12 +457,18 @@ class KmsClients:
                 key_id,
                 region,
                 exc.error_code,
+                extra={
+                    "aioenvelope_endpoint": watch.endpoint or region,
+                    "aioenvelope_service": self.telemetry_name,
+                    "aioenvelope_operation": operation,
+                    "aioenvelope_error_code": exc.error_code,
+                },
             )
             if breaker is not None:
                 if isinstance(exc.__cause__, _CREDENTIAL_ERRORS):
                     breaker.record_abandoned()  # nothing was sent: no verdict on the service
                 elif exc.transient:
-                    breaker.record_failure(self.label)
+                    breaker.record_failure(self.label, exc)
                 else:
                     breaker.record_success(self.label)  # answered (with an error): it is up
             raise
@@ -447,17 +489,20 @@ class KmsClients:
         region: str,
         key_id: str,
         params: Mapping[str, Any],
+        watch: CallWatch,
     ) -> dict[str, Any]:
         method = getattr(entry.client, self.methods[operation])
         async with entry.gate:
             log.debug("%s %s %s %s in %s", self.label, operation, self.target, key_id, region)
             self._count(operation)
             attempts = _Attempts()
+            unanswered = 0
             token = _ATTEMPTS.set(attempts)
             try:
                 with anyio.fail_after(self.settings.deadline):
                     response: dict[str, Any] = await method(**params)
             except TimeoutError as exc:
+                unanswered = 1  # the attempt in flight when the deadline came
                 raise self._failure(
                     operation,
                     key_id,
@@ -485,6 +530,11 @@ class KmsClients:
                 ) from exc
             finally:
                 _ATTEMPTS.reset(token)
+                # botocore's ``needs-retry`` shows the attempts that failed (an error
+                # answer ends the call as one); an answer or the deadline ends it in
+                # one more, an attempt that was never counted.
+                watch.attempts = max(attempts.count + unanswered, 1)
+        watch.attempts = attempts.count + 1
         return response
 
     def _timed_out(self, attempts: _Attempts) -> str:

@@ -25,13 +25,15 @@ import collections
 import json
 import logging
 import random
+import urllib.parse
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from ...errors import AzureKeyVaultError, ConfigurationError
-from .._remote import last_of_attempts, record_verdict
+from ...telemetry import note_attempt
+from .._remote import last_of_attempts, log_failure, observe_call, record_verdict
 
 if TYPE_CHECKING:
     from azure.core.credentials_async import AsyncTokenCredential
@@ -190,6 +192,24 @@ class AzureTransport:
         *,
         unwrap: bool = False,
     ) -> dict[str, Any]:
+        """:meth:`_guarded_call` inside its telemetry watch."""
+        host = urllib.parse.urlsplit(vault_url).netloc or None
+        with observe_call(self.runtime, SERVICE, operation, key_id, host):
+            return await self._guarded_call(
+                operation, method, vault_url, path, key_id, body, unwrap=unwrap
+            )
+
+    async def _guarded_call(
+        self,
+        operation: str,
+        method: str,
+        vault_url: str,
+        path: str,
+        key_id: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        unwrap: bool = False,
+    ) -> dict[str, Any]:
         """Send ``method path`` to ``vault_url`` and return the JSON answer, or raise
         :class:`AzureKeyVaultError`. In order: the vault's breaker (fails fast while it
         is down), for an unwrap one token of the decrypt rate limit, then the request,
@@ -213,13 +233,7 @@ class AzureTransport:
                 operation, method, vault_url, path, key_id, body, deadline_at
             )
         except AzureKeyVaultError as exc:
-            log.log(
-                logging.WARNING if exc.transient else logging.INFO,
-                "Azure Key Vault %s with key %s failed: %s",
-                exc.operation,
-                exc.key_id,
-                exc.error_code,
-            )
+            log_failure(log, "Azure Key Vault", exc, urllib.parse.urlsplit(vault_url).netloc)
             record_verdict(
                 breaker,
                 SERVICE,
@@ -301,6 +315,7 @@ class AzureTransport:
         body: Mapping[str, Any] | None,
         deadline_at: float,
     ) -> dict[str, Any]:
+        note_attempt()  # telemetry counts what is sent, retries included
         from azure.core.exceptions import (
             ClientAuthenticationError,
             HttpResponseError,

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 
 from ...errors import ConfigurationError, GcpKmsError
-from .._remote import last_of_attempts, record_verdict
+from ...telemetry import note_attempt
+from .._remote import last_of_attempts, log_failure, observe_call, record_verdict
 
 if TYPE_CHECKING:
     from google.auth.credentials import Credentials
@@ -223,6 +224,30 @@ class GcpKmsTransport:
         *,
         unwrap: bool = False,
     ) -> Any:
+        """:meth:`_guarded_call` inside its telemetry watch."""
+        endpoint = getattr(self._client, "api_endpoint", None)
+        with observe_call(
+            self.runtime,
+            SERVICE,
+            operation,
+            key_id,
+            endpoint if isinstance(endpoint, str) else None,
+            region=breaker_name.partition(" ")[2] or None,
+        ):
+            return await self._guarded_call(
+                operation, key_id, breaker_name, request, check, unwrap=unwrap
+            )
+
+    async def _guarded_call(
+        self,
+        operation: str,
+        key_id: str,
+        breaker_name: str,
+        request: Mapping[str, Any],
+        check: Callable[[Any], Any],
+        *,
+        unwrap: bool = False,
+    ) -> Any:
         """Call ``operation`` (``Encrypt``, ``Decrypt``, ``GetCryptoKey``) with
         ``request`` and return ``check(response)``, or raise :class:`GcpKmsError`.
 
@@ -250,13 +275,7 @@ class GcpKmsTransport:
             self.calls[operation] += 1  # counted once sent, not its retries
             result = await self._attempts(operation, key_id, request, check, deadline_at)
         except GcpKmsError as exc:
-            log.log(
-                logging.WARNING if exc.transient else logging.INFO,
-                "Cloud KMS %s with key %s failed: %s",
-                operation,
-                key_id,
-                exc.error_code,
-            )
+            log_failure(log, "Cloud KMS", exc, breaker_name.partition(" ")[2] or None)
             # Cut off by the close, or never sent (no credentials): no verdict.
             unasked = epoch != self._epoch or exc.error_code == "CredentialUnavailable"
             record_verdict(breaker, SERVICE, exc, unasked=unasked)
@@ -319,6 +338,7 @@ class GcpKmsTransport:
         check: Callable[[Any], Any],
         remaining: float,
     ) -> Any:
+        note_attempt()  # telemetry counts what is sent, retries included
         from google.api_core import exceptions as api_exceptions
 
         client = self._client

@@ -115,6 +115,7 @@ class _DynamoDbClients(KmsClients):
 
     service = "dynamodb"
     label = "DynamoDB"
+    telemetry_name = DynamoDBError.SERVICE
     target = "on table"
     methods = MappingProxyType(
         {

@@ -182,11 +182,13 @@ class HierarchicalKeyring(Keyring):
             self._rotated_while_fetching.add(branch_key_id)
 
     def _count(self, *, hit: bool) -> None:
-        if self._runtime is not None:
+        runtime = self._runtime
+        if runtime is not None:
             if hit:
-                self._runtime.stats.branch_key_cache_hits += 1
+                runtime.stats.branch_key_cache_hits += 1
             else:
-                self._runtime.stats.branch_key_cache_misses += 1
+                runtime.stats.branch_key_cache_misses += 1
+            runtime.observer.cache_lookup("branch_key", hit)
 
     async def open(self) -> None:
         await self.key_store.open()

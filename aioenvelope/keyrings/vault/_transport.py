@@ -27,7 +27,8 @@ import anyio
 
 from ...breaker import OPEN, CircuitBreaker
 from ...errors import ConfigurationError, VaultError
-from .._remote import last_of_attempts, record_verdict
+from ...telemetry import note_attempt
+from .._remote import last_of_attempts, log_failure, observe_call, record_verdict
 from ._auth import AppRoleAuth
 
 if TYPE_CHECKING:
@@ -132,6 +133,7 @@ class VaultTransport:
         self.shown_url = shown_url(self.url)
         #: The circuit breaker's name (``client.stats.breaker_states``): one per server.
         self.breaker_name = f"vault {self.shown_url}"
+        self.address = urllib.parse.urlsplit(self.shown_url).netloc or None  # telemetry
         self.deadline = deadline
         self.max_attempts = max_attempts
         self.calls: collections.Counter[str] = collections.Counter()
@@ -196,6 +198,20 @@ class VaultTransport:
         *,
         unwrap: bool = False,
     ) -> dict[str, Any]:
+        """:meth:`_guarded_call` inside its telemetry watch."""
+        with observe_call(self.runtime, SERVICE, operation, key_id, self.address):
+            return await self._guarded_call(operation, method, path, key_id, body, unwrap=unwrap)
+
+    async def _guarded_call(
+        self,
+        operation: str,
+        method: str,
+        path: str,
+        key_id: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        unwrap: bool = False,
+    ) -> dict[str, Any]:
         """Call ``method path`` and return the response's ``data``, or raise
         :class:`VaultError`.
 
@@ -221,14 +237,7 @@ class VaultTransport:
                 operation, method, path, key_id, body, deadline_at, unwrap, breaker
             )
         except VaultError as exc:
-            log.log(
-                logging.WARNING if exc.transient else logging.INFO,
-                "Vault %s with key %s at %s failed: %s",
-                exc.operation,
-                exc.key_id,
-                self.shown_url,
-                exc.error_code,
-            )
+            log_failure(log, "Vault", exc, self.address, shown_at=self.shown_url)
             # Cut off by the close: no verdict.
             record_verdict(breaker, SERVICE, exc, unasked=epoch != self._epoch)
             raise
@@ -475,6 +484,7 @@ class VaultTransport:
         body: Mapping[str, Any] | None,
         token: str | None,
     ) -> dict[str, Any]:
+        note_attempt()  # telemetry counts what is sent, retries included
         import aiohttp
 
         session = self._session

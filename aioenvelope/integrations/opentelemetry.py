@@ -1,0 +1,435 @@
+"""OpenTelemetry traces and metrics for an :class:`~aioenvelope.EnvelopeClient`.
+
+Imported only when a client is made with ``telemetry=True`` (or a
+:class:`~aioenvelope.Telemetry`); needs ``opentelemetry-api`` (the ``[otel]`` extra).
+The application brings the SDK and its exporters; with none configured every call here
+goes to OpenTelemetry's no-op.
+
+What is recorded (docs/observability.md lists every name):
+
+- a span per remote key-service call (CLIENT kind), per stream, and per one-shot message
+  under :attr:`Telemetry.message_spans`;
+- a histogram of key-service call durations, recorded per call;
+- counters read from the client's own counters (:class:`~aioenvelope.ClientStats`) when
+  the metric reader collects, so a message costs no metric call at all: cache lookups,
+  coalesced waits, rate-limited requests, messages and plaintext bytes;
+- breaker transitions as they happen, and each breaker's state as an up-down counter.
+
+Never recorded: key material, plaintext, encryption-context values, error messages
+(their ``error.type`` code is); context keys only with ``record_context_keys=True``.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from ..breaker import CLOSED, HALF_OPEN, OPEN
+from ..errors import CircuitOpenError, KeyServiceError, KMSDecryptRateLimited
+from ..stats import StatsRecorder
+from ..telemetry import CallWatch, MessageWatch, Observer, Telemetry
+
+__all__ = ["SCOPE", "OpenTelemetryObserver"]
+
+SCOPE = "aioenvelope"
+"""The instrumentation scope (tracer and meter name)."""
+
+# Seconds; OpenTelemetry's advisory boundaries for durations in seconds (its default
+# boundaries are for milliseconds and would put every KMS call in the first bucket).
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+
+# Counted from StatsRecorder fields: (metric, field, attributes).
+_COUNTED: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
+    *(
+        (
+            "aioenvelope.cache.lookups",
+            f"{cache}_cache_{field}",
+            (("aioenvelope.cache", cache), ("aioenvelope.cache.result", result)),
+        )
+        for cache in ("encrypt", "decrypt", "branch_key")
+        for field, result in (("hits", "hit"), ("misses", "miss"))
+    ),
+    ("aioenvelope.coalesced_waits", "coalesced_waits", ()),
+    ("aioenvelope.rate_limited", "rate_limited", ()),
+    ("aioenvelope.messages", "messages_encrypted", (("aioenvelope.operation", "encrypt"),)),
+    ("aioenvelope.messages", "messages_decrypted", (("aioenvelope.operation", "decrypt"),)),
+    ("aioenvelope.bytes", "bytes_encrypted", (("aioenvelope.operation", "encrypt"),)),
+    ("aioenvelope.bytes", "bytes_decrypted", (("aioenvelope.operation", "decrypt"),)),
+)
+
+_COUNTERS: dict[str, tuple[str, str]] = {
+    "aioenvelope.cache.lookups": (
+        "{lookup}",
+        "Per-message lookups of the data-key and branch-key caches, by cache and result",
+    ),
+    "aioenvelope.coalesced_waits": (
+        "{wait}",
+        "Cache misses that waited for a key-service call already in flight",
+    ),
+    "aioenvelope.rate_limited": (
+        "{request}",
+        "Remote unwrap requests the decrypt rate limit refused or made wait",
+    ),
+    "aioenvelope.messages": ("{message}", "Messages encrypted or decrypted"),
+    "aioenvelope.bytes": ("By", "Plaintext bytes encrypted or decrypted"),
+}
+
+_STATES = (CLOSED, OPEN, HALF_OPEN)
+
+
+class _Totals:
+    """The counters of every client on one meter provider: live clients' counts are
+    read at collection, a closed client's final counts kept, so each counter only grows
+    (a client dropped without closing loses at most what it counted since the last
+    collection)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # collection may run on an exporter's thread
+        self._live: weakref.WeakKeyDictionary[StatsRecorder, dict[str, int]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._totals: collections.Counter[tuple[str, tuple[tuple[str, str], ...]]] = (
+            collections.Counter()
+        )
+
+    def attach(self, stats: StatsRecorder) -> None:
+        with self._lock:
+            self._live.setdefault(stats, {})
+
+    def detach(self, stats: StatsRecorder) -> None:
+        with self._lock:
+            self._fold(stats)
+            self._live.pop(stats, None)
+
+    def _fold(self, stats: StatsRecorder) -> None:
+        seen = self._live.get(stats)
+        if seen is None:
+            return
+        for metric, field, attributes in _COUNTED:
+            value = getattr(stats, field)
+            self._totals[metric, attributes] += value - seen.get(field, 0)
+            seen[field] = value
+
+    def observe(self, metric: str) -> Iterator[Observation]:
+        with self._lock:
+            for stats in list(self._live):
+                self._fold(stats)
+            for (name, attributes), value in self._totals.items():
+                if name == metric:
+                    yield Observation(value, dict(attributes))
+            # Every attribute set is reported from the start, zeros included, so a
+            # dashboard's "misses / lookups" has both series before the first miss.
+            for name, _field, attributes in _COUNTED:
+                if name == metric and (name, attributes) not in self._totals:
+                    yield Observation(0, dict(attributes))
+
+    def breaker_states(self) -> Iterator[Observation]:
+        with self._lock:
+            counts: collections.Counter[tuple[str, str]] = collections.Counter()
+            names: set[str] = set()
+            for stats in list(self._live):
+                for name, state in list(stats.breaker_states.items()):
+                    names.add(name)
+                    counts[name, state] += 1
+        for name in sorted(names):
+            for state in _STATES:
+                yield Observation(
+                    counts[name, state],
+                    {
+                        "aioenvelope.circuit_breaker": name,
+                        "aioenvelope.circuit_breaker.state": state,
+                    },
+                )
+
+
+class _Instruments:
+    """One set of instruments per meter provider, shared by its clients (OpenTelemetry
+    keeps the first instrument of a name; a second client's callbacks would be lost)."""
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.totals = _Totals()
+        self.call_duration = meter.create_histogram(
+            "aioenvelope.key_service.call.duration",
+            unit="s",
+            description="Duration of remote key-service calls (retries included), by "
+            "service, operation and outcome",
+            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
+        )
+        self.transitions = meter.create_counter(
+            "aioenvelope.circuit_breaker.transitions",
+            unit="{transition}",
+            description="Circuit breaker state changes, by breaker and new state",
+        )
+        for name, (unit, description) in _COUNTERS.items():
+            meter.create_observable_counter(
+                name, callbacks=[self._callback(name)], unit=unit, description=description
+            )
+        meter.create_observable_up_down_counter(
+            "aioenvelope.circuit_breaker.state",
+            callbacks=[lambda _options: self.totals.breaker_states()],
+            unit="{breaker}",
+            description="Circuit breakers in each state (1 for the current state of each "
+            "breaker, 0 for the others), by breaker",
+        )
+
+    def _callback(self, name: str) -> Any:
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            return list(self.totals.observe(name))
+
+        return observe
+
+
+_INSTRUMENTS: dict[int, tuple[Any, _Instruments]] = {}
+_INSTRUMENTS_LOCK = threading.Lock()
+
+
+def _instruments_for(provider: Any) -> _Instruments:
+    with _INSTRUMENTS_LOCK:
+        known = _INSTRUMENTS.get(id(provider))
+        if known is None or known[0] is not provider:
+            meter = provider.get_meter(SCOPE, _version())
+            known = _INSTRUMENTS[id(provider)] = (provider, _Instruments(meter))
+        return known[1]
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+class _CallWatch(CallWatch):
+    __slots__ = ("_attributes", "_observer", "_span", "_started", "_token_otel")
+
+    def __init__(
+        self,
+        observer: OpenTelemetryObserver,
+        span: Span,
+        attributes: dict[str, str],
+        endpoint: str | None,
+    ) -> None:
+        super().__init__(endpoint)
+        self._observer = observer
+        self._span = span
+        self._attributes = attributes
+        self._started = 0.0
+        self._token_otel: object = None
+
+    def __enter__(self) -> _CallWatch:
+        super().__enter__()
+        self._token_otel = otel_context.attach(trace.set_span_in_context(self._span))
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        elapsed = time.perf_counter() - self._started
+        super().__exit__(exc_type, exc, tb)
+        otel_context.detach(self._token_otel)  # type: ignore[arg-type]
+        span, attributes = self._span, self._attributes
+        outcome, error_type = _outcome(exc)
+        if self.endpoint:
+            attributes["server.address"] = self.endpoint
+        if span.is_recording():
+            span.set_attribute("aioenvelope.attempts", self.attempts)
+            span.set_attribute("aioenvelope.outcome", outcome)
+            for key in ("server.address",):
+                if key in attributes:
+                    span.set_attribute(key, attributes[key])
+            if error_type is not None:
+                span.set_attribute("error.type", error_type)
+                if isinstance(exc, KeyServiceError):
+                    span.set_attribute("aioenvelope.error.transient", exc.transient)
+                span.set_status(Status(StatusCode.ERROR, error_type))
+        span.end()
+        if outcome in ("ok", "error"):  # sent (not refused by the breaker or rate limit)
+            metric = {
+                "aioenvelope.key_service": attributes["aioenvelope.key_service"],
+                "rpc.method": attributes["rpc.method"],
+                "aioenvelope.outcome": outcome,
+            }
+            if error_type is not None:
+                metric["error.type"] = error_type
+            if "server.address" in attributes:
+                metric["server.address"] = attributes["server.address"]
+            self._observer.instruments.call_duration.record(elapsed, metric)
+
+
+def _outcome(exc: BaseException | None) -> tuple[str, str | None]:
+    """(outcome, error.type) of a call that ended with ``exc``."""
+    if exc is None:
+        return "ok", None
+    if isinstance(exc, CircuitOpenError):
+        return "refused", "CircuitOpen"
+    if isinstance(exc, KMSDecryptRateLimited):
+        return "refused", "RateLimited"
+    if isinstance(exc, KeyServiceError):
+        return "error", exc.error_code or type(exc).__name__
+    if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)) or _is_cancel(exc):
+        return "cancelled", type(exc).__name__
+    return "error", type(exc).__name__
+
+
+def _is_cancel(exc: BaseException) -> bool:
+    import asyncio
+
+    return isinstance(exc, asyncio.CancelledError)
+
+
+class _MessageWatch(MessageWatch):
+    __slots__ = ("_record_keys", "_span")
+
+    def __init__(self, span: Span, record_keys: bool) -> None:
+        self._span = span
+        self._record_keys = record_keys
+
+    def current(self) -> AbstractContextManager[object]:
+        # Not OpenTelemetry's status on exception: it writes the exception's message,
+        # and finish() says what failed by its type alone.
+        return trace.use_span(
+            self._span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+        )
+
+    def finish(
+        self,
+        *,
+        suite_id: int | None,
+        frames: int,
+        plaintext_bytes: int,
+        error: BaseException | None,
+        context: Mapping[str, str] | None = None,
+    ) -> None:
+        span = self._span
+        if self._record_keys and context:
+            _set_context_keys(span, context)
+        if suite_id is not None:
+            span.set_attribute("aioenvelope.suite", f"0x{suite_id:04X}")
+        span.set_attribute("aioenvelope.frames", frames)
+        span.set_attribute("aioenvelope.plaintext.bytes", plaintext_bytes)
+        if error is not None:
+            outcome, error_type = _outcome(error)
+            span.set_attribute("aioenvelope.outcome", outcome)
+            span.set_attribute("error.type", error_type or type(error).__name__)
+            if outcome != "cancelled":
+                span.set_status(Status(StatusCode.ERROR, error_type))
+        else:
+            span.set_attribute("aioenvelope.outcome", "ok")
+        span.end()
+
+
+class OpenTelemetryObserver(Observer):
+    """Spans and metrics for one client (see the module docstring)."""
+
+    def __init__(self, settings: Telemetry) -> None:
+        self.settings = settings
+        tracer_provider = settings.tracer_provider or trace.get_tracer_provider()
+        meter_provider = settings.meter_provider or metrics.get_meter_provider()
+        self.tracer = tracer_provider.get_tracer(SCOPE, _version())
+        self.instruments = _instruments_for(meter_provider)
+        self._message_spans = settings.message_spans
+
+    # -- key-service calls ------------------------------------------------------------
+
+    def call(
+        self,
+        service: str,
+        operation: str,
+        *,
+        key_id: str,
+        endpoint: str | None = None,
+        region: str | None = None,
+    ) -> CallWatch:
+        attributes = {
+            "aioenvelope.key_service": service,
+            "rpc.method": operation,
+            "aioenvelope.key_id": key_id,
+        }
+        if region:
+            attributes["cloud.region"] = region
+        span = self.tracer.start_span(
+            f"{service} {operation}", kind=SpanKind.CLIENT, attributes=attributes
+        )
+        return _CallWatch(self, span, attributes, endpoint)
+
+    def breaker_moved(
+        self,
+        name: str,
+        old: str,
+        new: str,
+        *,
+        service: str,
+        operation: str | None,
+        error_code: str | None,
+    ) -> None:
+        self.instruments.transitions.add(
+            1,
+            {
+                "aioenvelope.circuit_breaker": name,
+                "aioenvelope.circuit_breaker.state": new,
+                "aioenvelope.key_service": service,
+            },
+        )
+        span = trace.get_current_span()
+        if span.is_recording():
+            event = {"aioenvelope.circuit_breaker": name, "from": old, "to": new}
+            if error_code:
+                event["error.type"] = error_code
+            span.add_event("aioenvelope.circuit_breaker.transition", event)
+
+    # -- messages ---------------------------------------------------------------------
+
+    def cache_lookup(self, cache: str, hit: bool) -> None:
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attribute(f"aioenvelope.{cache}_cache.hit", hit)
+
+    def message(self, operation: str, context: Mapping[str, str] | None) -> MessageWatch | None:
+        mode = self._message_spans
+        if mode == "never" or (
+            mode == "when_traced" and not trace.get_current_span().is_recording()
+        ):
+            return None
+        return self._start(f"aioenvelope.{operation}", operation, context)
+
+    def stream(self, operation: str, context: Mapping[str, str] | None) -> MessageWatch | None:
+        return self._start(f"aioenvelope.{operation}_stream", operation, context)
+
+    def _start(
+        self, name: str, operation: str, context: Mapping[str, str] | None
+    ) -> MessageWatch | None:
+        span = self.tracer.start_span(name, attributes={"aioenvelope.operation": operation})
+        if not span.is_recording():
+            return None
+        record_keys = self.settings.record_context_keys
+        if record_keys and context:
+            _set_context_keys(span, context)
+        return _MessageWatch(span, record_keys)
+
+    # -- counters ---------------------------------------------------------------------
+
+    def attach(self, stats: StatsRecorder) -> None:
+        self.instruments.totals.attach(stats)
+
+    def detach(self, stats: StatsRecorder) -> None:
+        self.instruments.totals.detach(stats)
+
+
+def _set_context_keys(span: Span, context: Mapping[str, str]) -> None:
+    """The encryption context's keys (never its values), sorted; the ESDK's reserved
+    ``aws-crypto-public-key`` included when a signed message stores it."""
+    span.set_attribute("aioenvelope.encryption_context.keys", sorted(str(k) for k in context))

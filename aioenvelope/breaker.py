@@ -19,7 +19,7 @@ from collections.abc import Callable
 from .config import CircuitBreakerConfig
 from .errors import CircuitOpenError, KeyServiceError
 from .stats import StatsRecorder
-from .telemetry import NULL_OBSERVER, Observer
+from .telemetry import NULL_OBSERVER, Observer, service_name
 
 __all__ = ["CircuitBreaker"]
 
@@ -141,7 +141,7 @@ class CircuitBreaker:
             f" failing with {error_code}" if error_code else " failing",
             extra={
                 "aioenvelope_endpoint": self.region,
-                "aioenvelope_service": self._opened_by,
+                "aioenvelope_service": service_name(self._opened_by),
                 "aioenvelope_operation": operation,
                 "aioenvelope_error_code": error_code,
             },
@@ -153,7 +153,7 @@ class CircuitBreaker:
             self.region,
             old,
             state,
-            service=self._opened_by,
+            service=service_name(self._opened_by),
             operation=operation,
             error_code=error_code,
         )

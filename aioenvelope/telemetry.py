@@ -37,6 +37,7 @@ __all__ = [
     "Telemetry",
     "build_observer",
     "note_attempt",
+    "service_name",
 ]
 
 MessageSpans = Literal["when_traced", "always", "never"]
@@ -187,6 +188,21 @@ class Observer:
 
 
 NULL_OBSERVER = Observer()
+
+# The breaker names services as its messages do ("KMS in us-east-1 failed ..."); the
+# telemetry and log fields name every service as its error class does (``SERVICE``).
+_SERVICE_NAMES = {
+    "KMS": "aws-kms",
+    "DynamoDB": "dynamodb",
+    "Vault": "vault-transit",
+    "GCP KMS": "gcp-kms",
+    "Azure Key Vault": "azure-kv",
+}
+
+
+def service_name(label: str) -> str:
+    """The telemetry name of a service the breaker calls ``label``."""
+    return _SERVICE_NAMES.get(label, label)
 
 
 def build_observer(telemetry: bool | Telemetry | None) -> Observer | None:

@@ -31,6 +31,9 @@ from keyring_harness import (
     leaks,
     texts_of,
 )
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind, StatusCode
+from otel_support import Otel, attributes_of
 
 from aioenvelope import (
     AlgorithmSuite,
@@ -648,3 +651,89 @@ async def test_no_key_bytes_in_remote_failure_errors(harness: KeyringHarness) ->
     secrets.update({f"wrapped key {i}": k for i, k in enumerate(generator.generator.data_keys)})
     assert len(secrets) == 3
     assert leaks([t for exc in raised for t in texts_of(exc)], secrets) == []
+
+
+# -- telemetry ---------------------------------------------------------------------------
+
+
+def client_spans(otel: Otel) -> list[ReadableSpan]:
+    return [s for s in otel.spans() if s.kind is SpanKind.CLIENT]
+
+
+@harnesses(Can.CALL_A_REMOTE_SERVICE)
+async def test_each_request_to_the_service_is_one_client_span_and_one_duration_point(
+    harness: KeyringHarness,
+) -> None:
+    """Every wrap and unwrap the service received is one CLIENT span named after the
+    service (its error class's ``SERVICE``) and the operation, with the key, the
+    endpoint, one attempt and outcome ok, and one point of the duration histogram."""
+    remote = remote_of(harness)
+    otel = Otel()
+    service = remote.request_error.SERVICE  # type: ignore[attr-defined]
+    async with EnvelopeClient(
+        harness.keyring("A"), cache=None, telemetry=otel.telemetry()
+    ) as client:
+        otel.clear()  # start-up key checks are calls too, but not this test's
+        before = otel.value("aioenvelope.key_service.call.duration")
+        sent = remote.wrap_requests() + remote.unwrap_requests()
+        message = await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)
+        assert await client.decrypt(message, encryption_context=CONTEXT) == PLAINTEXT
+        sent = remote.wrap_requests() + remote.unwrap_requests() - sent
+    calls = client_spans(otel)
+    assert sent >= 2
+    assert len(calls) == sent
+    assert otel.value("aioenvelope.key_service.call.duration") - before == sent
+    for span in calls:
+        attrs = attributes_of(span)
+        assert span.name == f"{service} {attrs['rpc.method']}"
+        assert attrs["aioenvelope.key_service"] == service
+        assert attrs["aioenvelope.outcome"] == "ok"
+        assert attrs["aioenvelope.attempts"] == 1
+        assert attrs["aioenvelope.key_id"]
+        assert attrs["server.address"]
+
+
+@harnesses(Can.CALL_A_REMOTE_SERVICE)
+async def test_outages_are_error_spans_and_the_breaker_opening_is_a_transition(
+    harness: KeyringHarness,
+) -> None:
+    """Five outages: five transient error spans with the service's error code, one
+    transition to open on the service's breaker and the state gauge saying so; then a
+    refused span (no request)."""
+    remote = remote_of(harness)
+    otel = Otel()
+    async with EnvelopeClient(
+        harness.keyring("A", one_attempt=True),
+        cache=None,
+        clock=FakeClock(),
+        telemetry=otel.telemetry(),
+    ) as client:
+        otel.clear()
+        remote.fail_next(THRESHOLD)
+        for i in range(THRESHOLD):
+            await failure(
+                client.encrypt(PLAINTEXT, encryption_context={"n": str(i)}), remote.request_error
+            )
+        await failure(
+            client.encrypt(PLAINTEXT, encryption_context=CONTEXT), errors.CircuitOpenError
+        )
+        gauge = {
+            "aioenvelope.circuit_breaker": remote.breaker_name,
+            "aioenvelope.circuit_breaker.state": "open",
+        }
+        assert otel.value("aioenvelope.circuit_breaker.state", gauge) == 1
+    *failed, refused = client_spans(otel)
+    assert len(failed) == THRESHOLD
+    for span in failed:
+        attrs = attributes_of(span)
+        assert attrs["aioenvelope.outcome"] == "error"
+        assert attrs["aioenvelope.error.transient"] is True
+        assert attrs["error.type"]
+        assert span.status.status_code is StatusCode.ERROR
+    assert attributes_of(refused)["error.type"] == "CircuitOpen"
+    opened = {
+        "aioenvelope.circuit_breaker": remote.breaker_name,
+        "aioenvelope.circuit_breaker.state": "open",
+        "aioenvelope.key_service": remote.request_error.SERVICE,  # type: ignore[attr-defined]
+    }
+    assert otel.value("aioenvelope.circuit_breaker.transitions", opened) == 1

@@ -60,12 +60,12 @@ def only(spans: list[ReadableSpan], what: str) -> ReadableSpan:
 
 def parent_of(span: ReadableSpan) -> int:
     assert span.parent is not None, f"{span.name} has no parent"
-    return span.parent.span_id
+    return int(span.parent.span_id)
 
 
 def id_of(span: ReadableSpan) -> int:
     assert span.context is not None
-    return span.context.span_id
+    return int(span.context.span_id)
 
 
 # -- a cache miss, a hit ------------------------------------------------------------------
@@ -294,7 +294,7 @@ async def test_a_breaker_opening_is_seen_in_spans_metrics_and_one_warning_each(
             {
                 "aioenvelope.circuit_breaker": region,
                 "aioenvelope.circuit_breaker.state": "open",
-                "aioenvelope.key_service": "KMS",
+                "aioenvelope.key_service": "aws-kms",
             },
             1,
         )

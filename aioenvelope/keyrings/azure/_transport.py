@@ -194,7 +194,7 @@ class AzureTransport:
     ) -> dict[str, Any]:
         """:meth:`_guarded_call` inside its telemetry watch."""
         host = urllib.parse.urlsplit(vault_url).netloc or None
-        with observe_call(self.runtime, SERVICE, operation, key_id, host):
+        with observe_call(self.runtime, AzureKeyVaultError.SERVICE, operation, key_id, host):
             return await self._guarded_call(
                 operation, method, vault_url, path, key_id, body, unwrap=unwrap
             )

@@ -228,7 +228,7 @@ class GcpKmsTransport:
         endpoint = getattr(self._client, "api_endpoint", None)
         with observe_call(
             self.runtime,
-            SERVICE,
+            GcpKmsError.SERVICE,
             operation,
             key_id,
             endpoint if isinstance(endpoint, str) else None,

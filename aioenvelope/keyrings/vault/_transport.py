@@ -199,7 +199,7 @@ class VaultTransport:
         unwrap: bool = False,
     ) -> dict[str, Any]:
         """:meth:`_guarded_call` inside its telemetry watch."""
-        with observe_call(self.runtime, SERVICE, operation, key_id, self.address):
+        with observe_call(self.runtime, VaultError.SERVICE, operation, key_id, self.address):
             return await self._guarded_call(operation, method, path, key_id, body, unwrap=unwrap)
 
     async def _guarded_call(

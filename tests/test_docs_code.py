@@ -74,6 +74,10 @@ DOC_FILES = ("README.md", *(f"docs/{path.name}" for path in sorted(ROOT.glob("do
 
 # (file, a line that only this block of the file contains) -> the test that runs it.
 BLOCKS: dict[tuple[str, str], str] = {
+    (
+        "docs/observability.md",
+        "telemetry=Telemetry(",
+    ): "test_observability_guide_exports_spans_and_metrics_to_the_console",
     ("README.md", "asyncio.run(main())"): "test_readme_quickstart_refuses_another_tenant",
     (
         "README.md",
@@ -842,3 +846,26 @@ async def test_streaming_download_route_serves_plaintext(docs_aws: DocAws) -> No
     assert (served.status_code, served.content) == (200, plaintext)
     assert refused.status_code >= 400
     assert b"7,100" not in refused.content
+
+
+# -- docs/observability.md ----------------------------------------------------------------------
+
+
+async def test_observability_guide_exports_spans_and_metrics_to_the_console(
+    docs_aws: DocAws, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The page's setup, as written: a KMS miss and a cache hit reach the console
+    exporters as a KMS span and the cache-lookup metric; no context value is printed."""
+    ns = await docs_aws.run("docs/observability.md", "telemetry=Telemetry(")
+    async with ns["client"] as client:
+        message = await client.encrypt(b"record", encryption_context={"tenant": "t-secret"})
+        await client.encrypt(b"record", encryption_context={"tenant": "t-secret"})
+        assert await client.decrypt(message) == b"record"
+    ns["tracer_provider"].shutdown()  # flushes the batch processor
+    ns["meter_provider"].shutdown()  # exports once more
+    out = capsys.readouterr().out
+    assert '"name": "aws-kms GenerateDataKey"' in out
+    assert '"name": "aws-kms Decrypt"' in out
+    assert "aioenvelope.cache.lookups" in out
+    assert "aioenvelope.key_service.call.duration" in out
+    assert "t-secret" not in out

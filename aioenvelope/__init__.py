@@ -4,8 +4,6 @@ The public surface is what ``__all__`` lists (plus :mod:`aioenvelope.errors`);
 every other module is private and may change.
 """
 
-import logging
-
 from . import errors
 from .batch import BatchFailure, BatchProgress, BatchResult, BatchSuccess, run_batch
 from .client import DecryptResult, EnvelopeClient
@@ -34,10 +32,6 @@ from .reencrypt import ReencryptingStream
 from .stats import ClientStats
 from .streams import DecryptingStream, EncryptingStream, StreamSource
 from .telemetry import Telemetry
-
-# Library logging convention: records go to the application's handlers; none printed
-# when it has configured none. Loggers: docs/observability.md.
-logging.getLogger("aioenvelope").addHandler(logging.NullHandler())
 
 __all__ = [
     "AlgorithmSuite",

@@ -687,7 +687,7 @@ class EnvelopeClient:
                 length_bound,
             )
 
-        return ReencryptingStream(plaintext, start, length_bound=length_bound)
+        return ReencryptingStream(plaintext, start, length_bound=length_bound, stats=self._stats)
 
     async def _reencryptor(
         self,

@@ -16,6 +16,7 @@ from contextlib import aclosing
 from .errors import ConfigurationError
 from .format.encryptor import MessageEncryptor
 from .format.header import MessageHeader
+from .stats import StatsRecorder
 from .streams import DecryptingStream, EncryptingStream, _Stream
 
 __all__ = ["ReencryptingStream"]
@@ -36,6 +37,7 @@ class ReencryptingStream(_Stream):
         start: Callable[[MessageHeader], Awaitable[MessageEncryptor]],
         *,
         length_bound: int | None = None,
+        stats: StatsRecorder | None = None,
     ) -> None:
         """``length_bound``: what the data-key cache was charged for the new message
         (the input's size); more plaintext than that is refused, so a key's byte limit
@@ -44,6 +46,7 @@ class ReencryptingStream(_Stream):
         self._plaintext = plaintext
         self._start = start
         self._bound = length_bound
+        self._stats = stats  # the new message's bytes and completion (the old one counts its own)
         super().__init__()
 
     async def _run(self) -> AsyncGenerator[bytes, None]:
@@ -83,7 +86,9 @@ class ReencryptingStream(_Stream):
                             )
                         yield chunk
 
-            async with EncryptingStream(rest(), ready, plaintext_length=None) as out:
+            async with EncryptingStream(
+                rest(), ready, plaintext_length=None, stats=self._stats
+            ) as out:
                 async for chunk in out:
                     self.header = out.header
                     yield chunk

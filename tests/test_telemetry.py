@@ -662,3 +662,26 @@ async def test_telemetry_true_uses_the_global_providers() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['aioenvelope.decrypt', 'aioenvelope.encrypt']"
+
+
+async def test_re_encryption_counts_the_old_message_decrypted_and_the_new_one_encrypted(
+    otel: Otel,
+) -> None:
+    """One-shot and streamed re-encryption alike: one message decrypted and one
+    encrypted each, their plaintext bytes on both sides."""
+    old_keyring = RawAesKeyring("ns", "old", os.urandom(32))
+    new_keyring = RawAesKeyring("ns", "new", os.urandom(32))
+    async with EnvelopeClient(old_keyring, telemetry=otel.telemetry()) as client:
+        message = await client.encrypt(PLAINTEXT)
+        await client.reencrypt(message, to_keyring=new_keyring)
+        await client.reencrypt_stream(message, to_keyring=new_keyring).read_all()
+        stats = client.stats
+    assert (stats.messages_encrypted, stats.messages_decrypted) == (3, 2)
+    assert (stats.bytes_encrypted, stats.bytes_decrypted) == (
+        3 * len(PLAINTEXT),
+        2 * len(PLAINTEXT),
+    )
+    assert otel.value("aioenvelope.messages", {"aioenvelope.operation": "encrypt"}) == 3
+    assert otel.value("aioenvelope.bytes", {"aioenvelope.operation": "decrypt"}) == 2 * len(
+        PLAINTEXT
+    )

@@ -39,6 +39,7 @@ from aioenvelope import (
     EnvelopeClient,
     HierarchicalKeyring,
     KmsKeyring,
+    Telemetry,
 )
 from aioenvelope.errors import BranchKeyExistsError, BranchKeyNotFoundError, ConfigurationError
 from aioenvelope.testing import embedded_aws
@@ -46,6 +47,7 @@ from aioenvelope.testing import embedded_aws
 __all__ = [
     "DEFAULT_TENANT",
     "Aws",
+    "argument_parser",
     "aws_from",
     "branch_key_id",
     "call_counts",
@@ -117,6 +119,11 @@ def call_counts(stats: ClientStats) -> dict[str, dict[str, int]]:
 
 
 def parse_args(description: str) -> argparse.Namespace:
+    return argument_parser(description).parse_args()
+
+
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    """The services' shared options, for a service to add its own to."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
@@ -142,7 +149,7 @@ def parse_args(description: str) -> argparse.Namespace:
         default="aioenvelope-example",
         help="the key store's logical name: the same for every reader and writer of the table",
     )
-    return parser.parse_args()
+    return parser
 
 
 @dataclass(frozen=True)
@@ -159,12 +166,12 @@ class Aws:
     endpoint_url: str | None = None
     region: str | None = None
 
-    def envelope_client(self) -> EnvelopeClient:
+    def envelope_client(self, telemetry: bool | Telemetry = False) -> EnvelopeClient:
         """A new client for files, under the KMS key: the app's lifespan calls this at
         start-up, inside the running loop that the client's KMS connections then belong
-        to."""
+        to. ``telemetry``: as the client takes it (False: none)."""
         keyring = KmsKeyring(self.key_id, session=self.session, endpoint_url=self.endpoint_url)
-        return EnvelopeClient(keyring)
+        return EnvelopeClient(keyring, telemetry=telemetry)
 
     def key_store(self) -> BranchKeyStore:
         return BranchKeyStore(
@@ -176,11 +183,11 @@ class Aws:
             endpoint_url=self.endpoint_url,
         )
 
-    def records_client(self) -> EnvelopeClient:
+    def records_client(self, telemetry: bool | Telemetry = False) -> EnvelopeClient:
         """A new client for records: each tenant's under its own branch key, which is
         fetched (a GetItem and a KMS Decrypt) at its first use and cached for 10 minutes."""
         keyring = HierarchicalKeyring(self.key_store(), branch_key_id_supplier=tenant_branch_key)
-        return EnvelopeClient(keyring)
+        return EnvelopeClient(keyring, telemetry=telemetry)
 
     async def prepare_key_store(self) -> None:
         """Create the table unless it exists, and each tenant's branch key unless it

@@ -13,6 +13,9 @@ EnvelopeClients for the whole app.
     curl localhost:8000/files/big.iso -o copy.iso        # streamed back, decrypted
     curl --http1.0 localhost:8000/files/small.bin -o x   # HTTP/1.0: whole, Content-Length
 
+    python examples/fastapi_service.py --metrics console     # spans and metrics on stdout
+    python examples/fastapi_service.py --metrics prometheus  # curl localhost:9464/metrics
+
 Files stream both ways at constant memory, however large, except to HTTP/1.0 clients
 (and proxies: nginx speaks HTTP/1.0 upstream unless told otherwise), which cannot tell
 a streamed body cut off by a failed decryption from a whole one: they get the file
@@ -28,15 +31,35 @@ GetItem and one KMS Decrypt per tenant per 10 minutes however many records (``GE
 few and large: they stay under the KMS key (context {"file": name}, so a file renamed in
 S3 fails too), and any AWS Encryption SDK with that key reads a downloaded object, with
 no key store. See ``_example_env.py`` for the key store, tenants and branch keys.
+
+``--metrics console`` prints OpenTelemetry's JSON on stdout: a trace per request, its
+root FastAPI's span named by the route (``PUT /tenants/{tenant}/records/{record_id}``;
+FastAPI 0.142 and later traces requests itself once given a tracer provider), with the
+library's spans in it: the record's ``aioenvelope.encrypt``, a file's
+``aioenvelope.decrypt_stream``, and under them each KMS or DynamoDB call (``aws-kms
+GenerateDataKey``, ``dynamodb GetItem``) with its attempts and outcome. Every 5 seconds,
+and once more at shutdown, the metrics: key-service call durations (a histogram by
+service, operation and outcome), data-key and branch-key cache lookups by result,
+messages and plaintext bytes, breaker states, and FastAPI's request durations.
+``--metrics prometheus`` serves the same metrics at http://127.0.0.1:9464/metrics
+(``--metrics-port``; 0 picks a free port, printed) for Prometheus to scrape:
+``aioenvelope_key_service_call_duration_seconds`` (``_bucket``, ``_count``, ``_sum``),
+``aioenvelope_cache_lookups_total``, ``aioenvelope_messages_total``,
+``aioenvelope_bytes_total``, ``http_server_request_duration_seconds``. It records no
+traces: Prometheus takes only metrics, and a service sends its traces to a collector
+with an OTLP span exporter (``opentelemetry-exporter-otlp``) where the console one is
+here. Without ``--metrics`` the service loads neither the OpenTelemetry SDK nor the
+library's integration, and its clients record nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -45,9 +68,9 @@ import uvicorn
 from _example_env import (
     DEFAULT_TENANT,
     Aws,
+    argument_parser,
     aws_from,
     call_counts,
-    parse_args,
     prepare_records_table,
     record_context,
 )
@@ -55,7 +78,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Respons
 from fastapi.responses import JSONResponse
 from starlette.responses import StreamingResponse
 
-from aioenvelope import EnvelopeClient
+from aioenvelope import EnvelopeClient, Telemetry
 from aioenvelope.errors import EncryptionContextMismatchError
 from aioenvelope.integrations.s3 import download_decrypted, upload_encrypted
 from aioenvelope.integrations.starlette import (
@@ -67,6 +90,8 @@ from aioenvelope.integrations.starlette import (
 )
 
 RECORDS_STATE_KEY = "records_envelope"  # app.state's name for the records' client
+METRICS_PORT = 9464  # the Prometheus exporter's customary port
+EXPORT_INTERVAL_MS = 5000  # --metrics console: how often the metrics are printed
 
 
 @dataclass(frozen=True)
@@ -181,7 +206,7 @@ async def get_file(name: str, client: Envelope, store: Store) -> StreamingRespon
         raise HTTPException(404, f"no file {name!r}") from None
 
 
-def create_app(aws: Aws, db_path: str) -> FastAPI:
+def create_app(aws: Aws, db_path: str, exporting: Exporting | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def storage(app: FastAPI) -> AsyncIterator[dict[str, Storage]]:
         """Runs inside the envelope lifespan: opened after the client, closed before it."""
@@ -192,11 +217,116 @@ def create_app(aws: Aws, db_path: str) -> FastAPI:
     # One client per keyring for the app: caches (of data keys, of branch keys), rate
     # limiter and circuit breaker are per client, so a client per request would call KMS
     # per request. The records' client runs inside the files', and the storage inside both.
-    records = envelope_lifespan(aws.records_client, state_key=RECORDS_STATE_KEY, inner=storage)
-    app = FastAPI(lifespan=envelope_lifespan(aws.envelope_client, inner=records))
+    telemetry = exporting.telemetry if exporting is not None else False
+    records = envelope_lifespan(
+        lambda: aws.records_client(telemetry), state_key=RECORDS_STATE_KEY, inner=storage
+    )
+    clients = envelope_lifespan(lambda: aws.envelope_client(telemetry), inner=records)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[Mapping[str, Any]]:
+        try:
+            async with clients(app) as state:
+                yield state
+        finally:
+            if exporting is not None:
+                # Once the clients have closed, so the last export has their final
+                # counts. Here, not after serve() in main(): uvicorn re-raises SIGTERM
+                # once the app is down, which ends the process there.
+                exporting.shutdown()
+
+    if exporting is None:
+        app = FastAPI(lifespan=lifespan)
+    else:
+        # FastAPI's own telemetry (0.142 and later) on the service's providers: a span
+        # per request, current while the route runs, so the library's spans are in its
+        # trace; and FastAPI's http.server.request.duration next to the library's metrics.
+        providers = exporting.telemetry
+        app = FastAPI(
+            lifespan=lifespan,
+            telemetry={
+                "tracer_provider": providers.tracer_provider,
+                "meter_provider": providers.meter_provider,
+            },
+        )
     install_error_handlers(app)  # KMS throttled: 429; KMS down: 503; with Retry-After
     app.include_router(router)
     return app
+
+
+# -- --metrics -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Exporting:
+    """What ``--metrics`` set up: the providers, in the clients' telemetry settings,
+    and how to flush and stop them."""
+
+    telemetry: Telemetry
+    shutdown: Callable[[], None]
+
+
+def start_exporting(kind: str, port: int) -> Exporting:
+    """OpenTelemetry's SDK, exporting to the console or serving Prometheus.
+
+    The providers are handed to whatever records into them, the clients (in a
+    ``Telemetry``) and FastAPI, rather than set globally with ``telemetry=True``: what
+    records is then plain to see, the service shuts them down (and flushes them) when
+    its app stops, and a test process can run several apps, each with its own. A
+    service with more instrumentations that only use the global providers (an HTTP
+    client's, a database driver's) sets them globally instead, once, at start-up, and
+    passes ``telemetry=True``: FastAPI uses the global ones by default too.
+    """
+    # Imported here, not at the top: without --metrics the service never imports them.
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import (
+        ConsoleMetricExporter,
+        PeriodicExportingMetricReader,
+    )
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    from opentelemetry.trace import NoOpTracerProvider
+
+    resource = Resource.create({"service.name": "aioenvelope-fastapi-example"})
+    if kind == "console":
+        tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+        tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        reader = PeriodicExportingMetricReader(
+            ConsoleMetricExporter(), export_interval_millis=EXPORT_INTERVAL_MS
+        )
+        meter_provider = MeterProvider([reader], resource=resource, shutdown_on_exit=False)
+
+        def shutdown() -> None:  # each flushes first: the last spans, the final metrics
+            tracer_provider.shutdown()
+            meter_provider.shutdown()
+
+        return Exporting(
+            Telemetry(tracer_provider=tracer_provider, meter_provider=meter_provider), shutdown
+        )
+
+    import prometheus_client
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+    prometheus = MeterProvider(
+        [PrometheusMetricReader()], resource=resource, shutdown_on_exit=False
+    )
+    try:
+        server, thread = prometheus_client.start_http_server(port, addr="127.0.0.1")
+    except OSError as exc:
+        raise SystemExit(f"--metrics-port {port}: {exc}") from None
+    print(f"prometheus metrics on http://127.0.0.1:{server.server_port}/metrics", flush=True)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+        prometheus.shutdown()
+
+    # No traces: a no-op tracer provider (None would mean the global one, for FastAPI too).
+    return Exporting(
+        Telemetry(tracer_provider=NoOpTracerProvider(), meter_provider=prometheus), stop
+    )
 
 
 class Server(uvicorn.Server):
@@ -209,9 +339,27 @@ class Server(uvicorn.Server):
 
 
 async def main() -> None:
-    args = parse_args(__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--metrics",
+        choices=("console", "prometheus"),
+        help="export traces and metrics to stdout, or serve metrics to Prometheus",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help=f"--metrics prometheus: the port of /metrics (default {METRICS_PORT}; "
+        "0 picks a free one)",
+    )
+    args = parser.parse_args()
+    if args.metrics_port is not None and args.metrics != "prometheus":
+        parser.error("--metrics-port is for --metrics prometheus")
+    if args.metrics and importlib.util.find_spec("fastapi.telemetry") is None:
+        parser.error("--metrics needs FastAPI 0.142 or later (its own OpenTelemetry support)")
+    port = METRICS_PORT if args.metrics_port is None else args.metrics_port
+    exporting = start_exporting(args.metrics, port) if args.metrics else None
     async with aws_from(args) as aws:
-        app = create_app(aws, args.db)
+        app = create_app(aws, args.db, exporting)
         await Server(uvicorn.Config(app, host=args.host, port=args.port)).serve()
 
 

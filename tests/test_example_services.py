@@ -37,8 +37,11 @@ import pytest
 from esdk_peer import esdk_decrypt
 from http_framing import TERMINATING_CHUNK, damaged, exchange, http10_get, http11_get
 from kms_server import REGION, KmsKey, MotoKms
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from aioenvelope import AlgorithmSuite, inspect
+from aioenvelope.integrations.opentelemetry import DURATION_BUCKETS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MIB = 1 << 20
@@ -84,9 +87,17 @@ class Service:
     url: str
     stderr_path: Path
     stdout_lines: list[str] = field(default_factory=list)
+    stdout_closed: threading.Event = field(default_factory=threading.Event)
 
     def output(self) -> str:
         return "".join(self.stdout_lines) + self.stderr_path.read_text()
+
+    def stdout_after_exit(self) -> str:
+        """Everything the stopped process printed on stdout, its last lines included
+        (the pipe is drained by a thread, which may still be reading them)."""
+        assert self.proc.poll() is not None, "stop the service first"
+        assert self.stdout_closed.wait(STOP_TIMEOUT), "stdout still open after the exit"
+        return "".join(self.stdout_lines)
 
     def peak_rss(self) -> int:
         """VmHWM: the most resident memory the process has had so far, in bytes."""
@@ -106,21 +117,32 @@ class Service:
             raise
 
 
-def _pump(stream: TextIO, lines: list[str], seen: queue.Queue[str | None]) -> None:
+def _pump(
+    stream: TextIO, lines: list[str], seen: queue.Queue[str | None], closed: threading.Event
+) -> None:
     """Drain the service's stdout (a full pipe would block it), line by line."""
     for line in stream:
         lines.append(line)
         seen.put(line)
+    closed.set()
     seen.put(None)
 
 
 @contextlib.contextmanager
 def running(
-    example: Example, moto: MotoKms, key: KmsKey, bucket: str, tmp: Path, key_store_table: str
+    example: Example,
+    moto: MotoKms,
+    key: KmsKey,
+    bucket: str,
+    tmp: Path,
+    key_store_table: str,
+    *options: str,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Service]:
     """``example`` started on a free port (``--port 0``; it prints the real one), and
     stopped with SIGTERM at the end unless the test stopped it. Its records go to
-    ``tmp/records.db``, its branch keys to ``key_store_table`` (created if missing)."""
+    ``tmp/records.db``, its branch keys to ``key_store_table`` (created if missing).
+    ``options``: more of its command line; ``env``: more environment variables."""
     stderr_path = tmp / f"stderr-{example.script}.txt"
     with stderr_path.open("w") as stderr:
         proc = subprocess.Popen(
@@ -130,17 +152,20 @@ def running(
                 *("--host", "127.0.0.1", "--port", "0", "--db", str(tmp / "records.db")),
                 *("--bucket", bucket, "--kms-key-id", key.arn, "--endpoint-url", moto.endpoint_url),
                 *("--key-store-table", key_store_table),
+                *options,
             ],
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
-            env=dict(os.environ),  # moto_kms's dummy credentials and region
+            env=os.environ | (env or {}),  # moto_kms's dummy credentials and region
         )
     service = Service(proc, url="", stderr_path=stderr_path)
     seen: queue.Queue[str | None] = queue.Queue()
     assert proc.stdout is not None
     threading.Thread(
-        target=_pump, args=(proc.stdout, service.stdout_lines, seen), daemon=True
+        target=_pump,
+        args=(proc.stdout, service.stdout_lines, seen, service.stdout_closed),
+        daemon=True,
     ).start()
     deadline = time.monotonic() + START_TIMEOUT
     try:
@@ -543,3 +568,197 @@ async def test_a_file_renamed_in_s3_is_a_clean_409_not_a_500(
     output = service.output()  # stderr is line-buffered: the line is written before the answer
     assert "GET /files/renamed answered 409 encryption_context_mismatch" in output
     assert "Traceback" not in output
+
+
+# -- --metrics (FastAPI) -------------------------------------------------------------------
+
+PROMETHEUS_AT = "prometheus metrics on "
+
+
+def fastapi_example() -> Example:
+    example = EXAMPLE_SERVICES[0].values[0]
+    assert isinstance(example, Example)
+    assert example.script == "fastapi_service.py"
+    return example
+
+
+def scraped(url: str) -> list[Sample]:
+    """Every sample of a Prometheus scrape, parsed as Prometheus parses it."""
+    answer = httpx.get(url, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return [s for family in text_string_to_metric_families(answer.text) for s in family.samples]
+
+
+def sample(samples: list[Sample], name: str, **labels: str) -> float:
+    """The one sample ``name`` whose labels include ``labels``."""
+    found = [s.value for s in samples if s.name == name and labels.items() <= s.labels.items()]
+    assert len(found) == 1, (name, labels, [s for s in samples if s.name == name])
+    return found[0]
+
+
+def printed_json(stdout: str) -> list[dict[str, Any]]:
+    """The JSON documents the OpenTelemetry console exporters printed (indented, each
+    from a ``{`` line to a ``}`` line), among the service's other lines."""
+    documents: list[dict[str, Any]] = []
+    lines: list[str] | None = None
+    for line in stdout.splitlines():
+        if line == "{":
+            lines = []
+        if lines is not None:
+            lines.append(line)
+            if line == "}":
+                documents.append(json.loads("\n".join(lines)))
+                lines = None
+    return documents
+
+
+def test_the_fastapi_service_serves_kms_latency_cache_hits_and_counts_to_prometheus(
+    moto_kms: MotoKms, kms_key: KmsKey, bucket: str, tmp_path: Path, key_store_table: str
+) -> None:
+    """``--metrics prometheus --metrics-port 0``: the service prints where its
+    ``/metrics`` is, and a scrape after three records written and read has the
+    key-service call histogram (in seconds: the library's bucket boundaries, not the
+    SDK's millisecond ones) with the branch key's one KMS Decrypt and one DynamoDB
+    GetItem, the branch-key cache's one miss and five hits, and the messages and
+    plaintext bytes both ways, as ``GET /stats`` and the request bodies count them."""
+    options = ("--metrics", "prometheus", "--metrics-port", "0")
+    with running(
+        fastapi_example(), moto_kms, kms_key, bucket, tmp_path, key_store_table, *options
+    ) as service:
+        (line,) = [line for line in service.stdout_lines if line.startswith(PROMETHEUS_AT)]
+        metrics_url = line.removeprefix(PROMETHEUS_AT).strip()
+        assert metrics_url.startswith("http://127.0.0.1:")
+        records = [{"i": i, "pan": "4111"} for i in range(3)]
+        for i, record in enumerate(records):
+            put = httpx.put(f"{service.url}/records/r{i}", json=record)
+            assert put.status_code == 204, put.text
+        for i, record in enumerate(records):
+            assert httpx.get(f"{service.url}/records/r{i}").json() == record
+        samples = scraped(metrics_url)
+        stats = httpx.get(f"{service.url}/stats").json()["records"]
+
+    assert stats == {"kms_calls": {"Decrypt": 1}, "dynamodb_calls": {"GetItem": 1}}
+    calls = "aioenvelope_key_service_call_duration_seconds"
+    for service_name, operation in (("aws-kms", "Decrypt"), ("dynamodb", "GetItem")):
+        labels = {"aioenvelope_key_service": service_name, "rpc_method": operation}
+        assert sample(samples, f"{calls}_count", **labels, aioenvelope_outcome="ok") == 1
+        assert sample(samples, f"{calls}_bucket", **labels, le="+Inf") == 1
+        bounds = {
+            float(s.labels["le"])
+            for s in samples
+            if s.name == f"{calls}_bucket" and labels.items() <= s.labels.items()
+        }
+        assert bounds == {*DURATION_BUCKETS, float("inf")}
+    branch_keys = {"aioenvelope_cache": "branch_key"}
+    lookups = "aioenvelope_cache_lookups_total"
+    assert sample(samples, lookups, **branch_keys, aioenvelope_cache_result="hit") == 5
+    assert sample(samples, lookups, **branch_keys, aioenvelope_cache_result="miss") == 1
+    plaintext = sum(len(json.dumps(record).encode()) for record in records)
+    for operation in ("encrypt", "decrypt"):
+        op = {"aioenvelope_operation": operation}
+        assert sample(samples, "aioenvelope_messages_total", **op) == 3
+        assert sample(samples, "aioenvelope_bytes_total", **op) == plaintext
+
+
+def test_the_fastapi_service_prints_request_spans_around_the_librarys_and_metrics_at_exit(
+    moto_kms: MotoKms, kms_key: KmsKey, bucket: str, tmp_path: Path, key_store_table: str
+) -> None:
+    """``--metrics console``: each request is a trace whose root is FastAPI's span,
+    named by the route; the record's ``aioenvelope.encrypt`` and the file's stream are
+    in it (message spans are "when_traced": they exist because the request's span is
+    current), the KMS call under the stream. At shutdown, once the clients have closed,
+    the metrics are printed one last time, every message counted, FastAPI's request
+    durations next to the library's metrics."""
+    example = fastapi_example()
+    with running(
+        example, moto_kms, kms_key, bucket, tmp_path, key_store_table, "--metrics", "console"
+    ) as service:
+        assert httpx.put(f"{service.url}/records/r1", json={"a": 1}).status_code == 204
+        assert httpx.get(f"{service.url}/records/r1").json() == {"a": 1}
+        stored = httpx.put(f"{service.url}/files/notes.txt", content=b"notes " * 1000)
+        assert stored.status_code == 200, stored.text
+        assert httpx.get(f"{service.url}/files/notes.txt").content == b"notes " * 1000
+        assert service.stop() == example.clean_exit[signal.SIGTERM], service.output()
+        printed = printed_json(service.stdout_after_exit())
+    assert example.shutdown_line in service.output()
+
+    spans = [d for d in printed if "context" in d]
+    by_id = {s["context"]["span_id"]: s for s in spans}
+
+    def named(name: str) -> dict[str, Any]:
+        (span,) = [s for s in spans if s["name"] == name]
+        return span
+
+    def ancestors(span: dict[str, Any]) -> list[str]:
+        """Names from ``span``'s parent up to its trace's root, checked to be one trace."""
+        names = []
+        while span["parent_id"] is not None:
+            parent = by_id[span["parent_id"]]
+            assert parent["context"]["trace_id"] == span["context"]["trace_id"]
+            names.append(parent["name"])
+            span = parent
+        return names
+
+    assert ancestors(named("aioenvelope.encrypt"))[-1] == "PUT /records/{record_id}"
+    assert ancestors(named("aioenvelope.decrypt"))[-1] == "GET /records/{record_id}"
+    kms = named("aws-kms GenerateDataKey")
+    assert kms["kind"] == "SpanKind.CLIENT"
+    assert kms["attributes"]["aioenvelope.outcome"] == "ok"
+    up = ancestors(kms)
+    assert (up[0], up[-1]) == ("aioenvelope.encrypt_stream", "PUT /files/{name}")
+    request = named("PUT /records/{record_id}")
+    assert request["kind"] == "SpanKind.SERVER"
+    assert request["attributes"]["http.response.status_code"] == 204
+
+    exports = [d for d in printed if "resource_metrics" in d]
+    assert exports, "no metrics printed"
+    final = {
+        metric["name"]: metric["data"]["data_points"]
+        for resource in exports[-1]["resource_metrics"]
+        for scope in resource["scope_metrics"]
+        for metric in scope["metrics"]
+    }
+    assert {
+        "aioenvelope.key_service.call.duration",
+        "aioenvelope.cache.lookups",
+        "aioenvelope.messages",
+        "aioenvelope.bytes",
+        "http.server.request.duration",
+    } <= final.keys()
+    messages = {
+        p["attributes"]["aioenvelope.operation"]: p["value"] for p in final["aioenvelope.messages"]
+    }
+    assert messages == {"encrypt": 2, "decrypt": 2}  # a record and a file, each way
+
+
+def test_the_fastapi_service_without_metrics_loads_no_opentelemetry_sdk_or_exporter(
+    moto_kms: MotoKms, kms_key: KmsKey, bucket: str, tmp_path: Path, key_store_table: str
+) -> None:
+    """Python's import log (``PYTHONPROFILEIMPORTTIME``: every module as it is first
+    imported, on stderr) of a run that seals and opens a record: aioenvelope is in it,
+    and neither the library's OpenTelemetry integration, nor the SDK, nor an exporter.
+    (The OpenTelemetry API is: FastAPI 0.142 and later imports it for its own support.)"""
+    with running(
+        fastapi_example(),
+        moto_kms,
+        kms_key,
+        bucket,
+        tmp_path,
+        key_store_table,
+        env={"PYTHONPROFILEIMPORTTIME": "1"},
+    ) as service:
+        assert httpx.put(f"{service.url}/records/r1", json={"a": 1}).status_code == 204
+        assert httpx.get(f"{service.url}/records/r1").json() == {"a": 1}
+    imported = [
+        line.rsplit("|", 1)[-1].strip()
+        for line in service.stderr_path.read_text().splitlines()
+        if line.startswith("import time:")
+    ]
+    assert "aioenvelope.client" in imported
+    unwanted = (
+        "aioenvelope.integrations.opentelemetry",
+        "opentelemetry.sdk",
+        "opentelemetry.exporter",
+        "prometheus_client",
+    )
+    assert [m for m in imported if m.startswith(unwanted)] == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import os
 import platform
 import sys
@@ -26,7 +27,17 @@ import cryptography
 from cryptography.hazmat.backends.openssl.backend import backend
 
 import aioenvelope
-from bench import common, esdk, hierarchy, kms_cache, latency, oneshot, reencrypt, stream
+from bench import (
+    common,
+    esdk,
+    hierarchy,
+    kms_cache,
+    latency,
+    oneshot,
+    reencrypt,
+    stream,
+    telemetry,
+)
 
 Collector = Callable[[common.Settings, AsyncExitStack], Awaitable[list[common.Case]]]
 COLLECTORS: tuple[Collector, ...] = (
@@ -36,6 +47,7 @@ COLLECTORS: tuple[Collector, ...] = (
     stream.collect,
     reencrypt.collect,
     latency.collect,
+    telemetry.collect,
 )
 
 
@@ -57,12 +69,24 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _versions(*distributions: str) -> str:
+    """``name version`` of each distribution, or ``name not installed``."""
+    found = []
+    for name in distributions:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    return ", ".join(found)
+
+
 def _environment(settings: common.Settings) -> str:
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return "\n".join(
         [
             f"aioenvelope {aioenvelope.__version__}, {esdk.ESDK_LABEL}, "
             f"cryptography {cryptography.__version__} ({backend.openssl_version_text()})",
+            _versions("opentelemetry-api", "opentelemetry-sdk"),
             f"{platform.python_implementation()} {platform.python_version()} on "
             f"{platform.machine()}, {os.cpu_count()} CPUs, affinity {affinity}",
             f"mode: {'quick (smoke run: rough figures)' if settings.quick else 'full'}",

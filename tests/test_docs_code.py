@@ -29,6 +29,7 @@ import functools
 import inspect
 import re
 import socket
+import sys
 import textwrap
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -851,6 +852,29 @@ async def test_streaming_download_route_serves_plaintext(docs_aws: DocAws) -> No
 # -- docs/observability.md ----------------------------------------------------------------------
 
 
+@pytest.fixture
+def console_exporters_on_current_stdout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK's console exporters default ``out`` to the ``sys.stdout`` of the moment
+    their module was first imported, which under pytest is whichever capture stream was
+    active then (an earlier test's, or the session's), not ``capsys``'s. The page's code
+    is run unchanged; only the default is rebound to the stdout of this test."""
+    from opentelemetry.sdk.metrics import export as metric_export
+    from opentelemetry.sdk.trace import export as trace_export
+
+    span_exporter = trace_export.ConsoleSpanExporter
+    metric_exporter = metric_export.ConsoleMetricExporter
+
+    def spans_to_stdout(**kwargs: Any) -> Any:
+        return span_exporter(**{"out": sys.stdout, **kwargs})
+
+    def metrics_to_stdout(**kwargs: Any) -> Any:
+        return metric_exporter(**{"out": sys.stdout, **kwargs})
+
+    monkeypatch.setattr(trace_export, "ConsoleSpanExporter", spans_to_stdout)
+    monkeypatch.setattr(metric_export, "ConsoleMetricExporter", metrics_to_stdout)
+
+
+@pytest.mark.usefixtures("console_exporters_on_current_stdout")
 async def test_observability_guide_exports_spans_and_metrics_to_the_console(
     docs_aws: DocAws, capsys: pytest.CaptureFixture[str]
 ) -> None:

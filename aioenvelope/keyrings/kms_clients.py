@@ -13,7 +13,7 @@ import contextvars
 import logging
 import os
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 import aioboto3
@@ -30,7 +30,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from ..errors import ConfigurationError, DynamoDBError, KMSError, KMSTimeoutError
-from ..telemetry import NULL_OBSERVER, CallWatch
+from ..telemetry import NULL_OBSERVER, CallWatch, note_attempt
 from ._log_redaction import release_redaction, retain_redaction
 
 if TYPE_CHECKING:
@@ -138,6 +138,13 @@ def _record_attempt(
         attempts.last = _clip(f"{code}: {message}" if message else code)
 
 
+def _record_send(**_: Any) -> None:
+    """botocore's ``before-send`` hook, before each HTTP attempt: telemetry counts the
+    requests a call sent (none when it failed before sending, e.g. no credentials; none
+    for a deadline that fell in a pause between retries)."""
+    note_attempt()
+
+
 def _host_of(url: object) -> str | None:
     """``host[:port]`` of an endpoint URL (for telemetry: no scheme, path or userinfo)."""
     if not isinstance(url, str):
@@ -158,6 +165,7 @@ def _watch_attempts(client: Any) -> None:
         events.register_first(
             "needs-retry", _record_attempt, unique_id="aioenvelope-record-attempt"
         )
+        events.register_first("before-send", _record_send, unique_id="aioenvelope-record-send")
 
 
 class KmsSettings:
@@ -403,6 +411,7 @@ class KmsClients:
         params: Mapping[str, Any],
         *,
         admitted: bool = False,
+        expected: Collection[str] | None = (),
     ) -> dict[str, Any]:
         """Call ``operation`` and return its response, or raise a :class:`KMSError`.
 
@@ -411,6 +420,10 @@ class KmsClients:
         concurrent requests meet the bucket in the order they came; ``admitted=True``
         when the caller took it already, before earlier calls of the same unwrap), the
         region's client (opened on first use, errors mapped), then the call.
+
+        ``expected``: error codes the caller handles, logged at DEBUG rather than
+        WARNING; ``None``: every answered refusal (an unwrap trying a key it may not
+        be allowed to use). Outages are always WARNING.
         """
         runtime = self.runtime
         observer = runtime.observer if runtime is not None else NULL_OBSERVER
@@ -421,7 +434,9 @@ class KmsClients:
             endpoint=_host_of(self.settings.endpoint_url),
             region=region,
         ) as watch:
-            return await self._guarded_call(operation, region, key_id, params, admitted, watch)
+            return await self._guarded_call(
+                operation, region, key_id, params, admitted, expected, watch
+            )
 
     async def _guarded_call(
         self,
@@ -430,6 +445,7 @@ class KmsClients:
         key_id: str,
         params: Mapping[str, Any],
         admitted: bool,
+        expected: Collection[str] | None,
         watch: CallWatch,
     ) -> dict[str, Any]:
         runtime = self.runtime
@@ -447,9 +463,14 @@ class KmsClients:
         if watch.endpoint is None:
             watch.endpoint = _endpoint_of(entry.client)
         try:
-            response = await self._call(entry, operation, region, key_id, params, watch)
+            response = await self._call(entry, operation, region, key_id, params)
         except (KMSError, DynamoDBError) as exc:
-            log.warning(
+            # An outage, or a refusal nobody expected: WARNING. A refusal the caller
+            # handles (a key this keyring may not use, a table not there yet): DEBUG,
+            # or a decrypt of messages carrying others' keys would log one per message.
+            quiet = not exc.transient and (expected is None or exc.error_code in expected)
+            log.log(
+                logging.DEBUG if quiet else logging.WARNING,
                 "%s %s %s %s in %s failed: %s",
                 self.label,
                 operation,
@@ -489,20 +510,17 @@ class KmsClients:
         region: str,
         key_id: str,
         params: Mapping[str, Any],
-        watch: CallWatch,
     ) -> dict[str, Any]:
         method = getattr(entry.client, self.methods[operation])
         async with entry.gate:
             log.debug("%s %s %s %s in %s", self.label, operation, self.target, key_id, region)
             self._count(operation)
             attempts = _Attempts()
-            unanswered = 0
             token = _ATTEMPTS.set(attempts)
             try:
                 with anyio.fail_after(self.settings.deadline):
                     response: dict[str, Any] = await method(**params)
             except TimeoutError as exc:
-                unanswered = 1  # the attempt in flight when the deadline came
                 raise self._failure(
                     operation,
                     key_id,
@@ -530,11 +548,6 @@ class KmsClients:
                 ) from exc
             finally:
                 _ATTEMPTS.reset(token)
-                # botocore's ``needs-retry`` shows the attempts that failed (an error
-                # answer ends the call as one); an answer or the deadline ends it in
-                # one more, an attempt that was never counted.
-                watch.attempts = max(attempts.count + unanswered, 1)
-        watch.attempts = attempts.count + 1
         return response
 
     def _timed_out(self, attempts: _Attempts) -> str:

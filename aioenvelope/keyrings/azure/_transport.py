@@ -315,7 +315,6 @@ class AzureTransport:
         body: Mapping[str, Any] | None,
         deadline_at: float,
     ) -> dict[str, Any]:
-        note_attempt()  # telemetry counts what is sent, retries included
         from azure.core.exceptions import (
             ClientAuthenticationError,
             HttpResponseError,
@@ -333,6 +332,7 @@ class AzureTransport:
         request = HttpRequest(method, path, json=dict(body) if body is not None else None)
         failure: tuple[str, str, bool] | None = None  # (code, text, transient)
         response: Any = None
+        note_attempt()  # telemetry counts what is sent, retries included
         try:
             response = await client.send_request(
                 request, connection_timeout=remaining, read_timeout=remaining

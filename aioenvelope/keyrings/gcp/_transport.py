@@ -338,7 +338,6 @@ class GcpKmsTransport:
         check: Callable[[Any], Any],
         remaining: float,
     ) -> Any:
-        note_attempt()  # telemetry counts what is sent, retries included
         from google.api_core import exceptions as api_exceptions
 
         client = self._client
@@ -356,6 +355,7 @@ class GcpKmsTransport:
         # keeps the channel's connection open, even after the channel is closed, for as
         # long as anything (a caller, a log record) keeps the error.
         failure: GcpKmsError | None = None
+        note_attempt()  # telemetry counts what is sent, retries included
         try:
             response = await _cancellable(
                 method(request=dict(request), retry=None, timeout=remaining)

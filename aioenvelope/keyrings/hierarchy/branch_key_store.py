@@ -27,7 +27,7 @@ import datetime
 import re
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -299,11 +299,18 @@ class BranchKeyStore:
     # -- remote calls -------------------------------------------------------------
 
     async def _ddb_call(
-        self, operation: str, params: Mapping[str, Any], branch_key_id: str | None = None
+        self,
+        operation: str,
+        params: Mapping[str, Any],
+        branch_key_id: str | None = None,
+        *,
+        expected: Collection[str] = (),
     ) -> dict[str, Any]:
         self._check_open()
         try:
-            return await self._ddb.call(operation, self._ddb_region, self.table_name, params)
+            return await self._ddb.call(
+                operation, self._ddb_region, self.table_name, params, expected=expected
+            )
         except DynamoDBError as exc:
             if exc.error_code == "ResourceNotFoundException" and operation != "DescribeTable":
                 raise BranchKeyStoreError(
@@ -342,7 +349,13 @@ class BranchKeyStore:
         ARN. An existing table with the key store's key schema is accepted as it is; one
         with another key schema is refused (:class:`BranchKeyStoreError`)."""
         try:
-            table = (await self._ddb_call("DescribeTable", {"TableName": self.table_name}))["Table"]
+            table = (
+                await self._ddb_call(
+                    "DescribeTable",
+                    {"TableName": self.table_name},
+                    expected=("ResourceNotFoundException",),
+                )
+            )["Table"]
         except DynamoDBError as exc:
             if exc.error_code != "ResourceNotFoundException":
                 raise
@@ -365,7 +378,9 @@ class BranchKeyStore:
             "BillingMode": "PAY_PER_REQUEST",
         }
         try:
-            response = await self._ddb_call("CreateTable", params)
+            response = await self._ddb_call(
+                "CreateTable", params, expected=("ResourceInUseException",)
+            )
         except DynamoDBError as exc:
             if exc.error_code != "ResourceInUseException":
                 raise

@@ -43,6 +43,8 @@ __all__ = ["VaultTransport", "shown_url"]
 log = logging.getLogger("aioenvelope.vault")
 
 SERVICE = "Vault"  # what the circuit breaker counts failures of
+# Token requests made on the way to a transit call: not attempts of that call.
+_AUTH_OPERATIONS = frozenset({"login", "lookup", "renew"})
 MAX_CONNECTIONS = 32
 _BACKOFF_BASE = 0.05  # seconds before the first retry (at most; full jitter)
 _BACKOFF_CAP = 1.0
@@ -484,7 +486,8 @@ class VaultTransport:
         body: Mapping[str, Any] | None,
         token: str | None,
     ) -> dict[str, Any]:
-        note_attempt()  # telemetry counts what is sent, retries included
+        if operation not in _AUTH_OPERATIONS:
+            note_attempt()  # telemetry counts transit requests sent, retries included
         import aiohttp
 
         session = self._session

@@ -118,7 +118,7 @@ class CircuitBreaker:
     def record_abandoned(self) -> None:
         """The probe was cancelled before an answer: the next call may probe again."""
         if self.state == HALF_OPEN:
-            self._move(OPEN)
+            self._move(OPEN, f"the probe of {self._opened_by} was abandoned")
 
     def _open(self, service: str, cause: KeyServiceError | None) -> None:
         self._opened_at = self._clock()
@@ -126,19 +126,27 @@ class CircuitBreaker:
         self._cause = (cause.operation, cause.error_code) if cause is not None else (None, None)
         self._move(OPEN)
 
-    def _move(self, state: str) -> None:
+    def _move(self, state: str, why: str | None = None) -> None:
         """Every transition is logged at WARNING (an operator wants to see the recovery
         as much as the outage), naming the endpoint, the service and the failure that
-        opened it; and told to telemetry."""
+        opened it, and why it moved (``why`` overrides: an abandoned probe); and told to
+        telemetry."""
         operation, error_code = self._cause
+        failed = " ".join(filter(None, (self._opened_by, operation)))
+        failed += f" failing with {error_code}" if error_code else " failing"
+        if why is None:
+            if state == OPEN:
+                why = failed if self.state == CLOSED else f"the probe failed: {failed}"
+            elif state == HALF_OPEN:
+                why = f"probing {self._opened_by}, after {failed}"
+            else:
+                why = f"{self._opened_by} answered the probe"
         log.warning(
-            "circuit breaker for %s: %s -> %s (%s%s%s)",
+            "circuit breaker for %s: %s -> %s (%s)",
             self.region,
             self.state,
             state,
-            self._opened_by,
-            f" {operation}" if operation else "",
-            f" failing with {error_code}" if error_code else " failing",
+            why,
             extra={
                 "aioenvelope_endpoint": self.region,
                 "aioenvelope_service": service_name(self._opened_by),

@@ -4,13 +4,14 @@ per-region circuit breakers, the decrypt rate limit and the telemetry observer."
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Callable
 
 from .breaker import CLOSED, CircuitBreaker
 from .config import CircuitBreakerConfig, RateLimit
 from .rate_limit import TokenBucket
 from .stats import StatsRecorder
-from .telemetry import NULL_OBSERVER, Observer
+from .telemetry import NULL_OBSERVER, Observer, note_local_wait
 
 __all__ = ["Runtime"]
 
@@ -79,4 +80,9 @@ class Runtime:
         :class:`~aioenvelope.errors.KMSDecryptRateLimited`, or waits in ``wait=True`` mode.
         """
         if self._limiter is not None:
-            await self._limiter.take()
+            started = time.perf_counter()
+            try:
+                await self._limiter.take()
+            finally:
+                # In wait=True mode the wait is ours, not the service's latency.
+                note_local_wait(time.perf_counter() - started)

@@ -413,15 +413,16 @@ class EncryptingStream(_Stream):
             async for piece in pieces:
                 size = _nbytes(piece)
                 total += size
-                if stats is not None:
-                    stats.bytes_encrypted += size
-                if sealed_bytes is not None:
-                    sealed_bytes[0] = total
                 if self._limit is not None and total > self._limit:
                     raise ConfigurationError(
                         f"the stream is longer than plaintext_length={self._limit}; pass "
                         "the true length or None"
                     )
+                # Counted once accepted: a piece past the declared length is never sealed.
+                if stats is not None:
+                    stats.bytes_encrypted += size
+                if sealed_bytes is not None:
+                    sealed_bytes[0] = total
                 if frame_length >= LARGE_FRAME:
                     # Large frames are sealed as they fill, a piece per inline step.
                     for part in _split(piece, pacer.piece_size()):

@@ -37,6 +37,7 @@ __all__ = [
     "Telemetry",
     "build_observer",
     "note_attempt",
+    "note_local_wait",
     "service_name",
 ]
 
@@ -79,13 +80,15 @@ class Telemetry:
 class CallWatch:
     """One remote key-service call as telemetry sees it: a context manager around the
     whole call (breaker, rate limit, retries). The transport reports each attempt it
-    sends (:func:`note_attempt`) and, once known, the endpoint. This base does nothing
-    but keep the count."""
+    sends (:func:`note_attempt`), the time spent waiting for our own rate limit
+    (:func:`note_local_wait`: not the service's latency) and, once known, the endpoint.
+    This base does nothing but keep the counts."""
 
-    __slots__ = ("_token", "attempts", "endpoint")
+    __slots__ = ("_token", "attempts", "endpoint", "local_wait")
 
     def __init__(self, endpoint: str | None) -> None:
         self.attempts = 0
+        self.local_wait = 0.0
         self.endpoint = endpoint
         self._token: contextvars.Token[CallWatch | None] | None = None
 
@@ -114,6 +117,14 @@ def note_attempt() -> None:
     watch = _CURRENT_CALL.get()
     if watch is not None:
         watch.attempts += 1
+
+
+def note_local_wait(seconds: float) -> None:
+    """The current key-service call waited ``seconds`` for the decrypt rate limit: time
+    spent here, taken out of the call's recorded duration."""
+    watch = _CURRENT_CALL.get()
+    if watch is not None:
+        watch.local_wait += seconds
 
 
 class MessageWatch:
@@ -156,6 +167,19 @@ class Observer:
         region: str | None = None,
     ) -> CallWatch:
         return CallWatch(endpoint)
+
+    def refused(
+        self,
+        service: str,
+        operation: str,
+        *,
+        key_id: str,
+        region: str | None,
+        error: BaseException,
+    ) -> None:
+        """A call refused (breaker, rate limit) before it reached :meth:`call`: the
+        hierarchical keyring asks both before fetching a branch key, so a refused fetch
+        costs neither of its two calls."""
 
     def breaker_moved(
         self,

@@ -361,10 +361,12 @@ async def test_a_breaker_closing_after_its_probe_is_a_warning_and_a_transition(
     ]
     assert sorted(moves) == [("closed", 1), ("half_open", 1), ("open", 1)]
     lines = [r.getMessage() for r in caplog.records if r.name == "aioenvelope.breaker"]
-    assert [line.split(": ", 1)[1].split(" (")[0] for line in lines] == [
-        "closed -> open",
-        "open -> half_open",
-        "half_open -> closed",
+    region = moto_kms.region
+    failed = "KMS GenerateDataKey failing with KMSInternalException"
+    assert lines == [
+        f"circuit breaker for {region}: closed -> open ({failed})",
+        f"circuit breaker for {region}: open -> half_open (probing KMS, after {failed})",
+        f"circuit breaker for {region}: half_open -> closed (KMS answered the probe)",
     ]
 
 

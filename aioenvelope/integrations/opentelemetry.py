@@ -22,6 +22,7 @@ Never recorded: key material, plaintext, encryption-context values, error messag
 from __future__ import annotations
 
 import collections
+import contextvars
 import threading
 import time
 import weakref
@@ -179,8 +180,9 @@ class _Instruments:
             "aioenvelope.circuit_breaker.state",
             callbacks=[lambda _options: self.totals.breaker_states()],
             unit="{breaker}",
-            description="Circuit breakers in each state (1 for the current state of each "
-            "breaker, 0 for the others), by breaker",
+            description="Number of circuit breakers in each state, by breaker (endpoint) "
+            "and state; every state is reported, 0 included. Clients in one process with "
+            "a breaker for the same endpoint add up",
         )
 
     def _callback(self, name: str) -> Any:
@@ -190,17 +192,28 @@ class _Instruments:
         return observe
 
 
-_INSTRUMENTS: dict[int, tuple[Any, _Instruments]] = {}
+# Instruments per meter provider, dropped with it (a test suite or an application that
+# makes providers must not keep every one alive). The global provider has one set,
+# keyed apart: before the application sets it, OpenTelemetry hands out a proxy that
+# forwards to the real one once set, so a client made before and one made after must
+# share instruments (the real meter keeps the first instruments of a name and ignores a
+# second set's callbacks).
+_INSTRUMENTS: weakref.WeakKeyDictionary[Any, _Instruments] = weakref.WeakKeyDictionary()
+_GLOBAL_INSTRUMENTS: list[_Instruments] = []
 _INSTRUMENTS_LOCK = threading.Lock()
 
 
 def _instruments_for(provider: Any) -> _Instruments:
+    """The instruments for ``provider`` (``None``: OpenTelemetry's global provider)."""
     with _INSTRUMENTS_LOCK:
-        known = _INSTRUMENTS.get(id(provider))
-        if known is None or known[0] is not provider:
-            meter = provider.get_meter(SCOPE, _version())
-            known = _INSTRUMENTS[id(provider)] = (provider, _Instruments(meter))
-        return known[1]
+        if provider is None:
+            if not _GLOBAL_INSTRUMENTS:
+                _GLOBAL_INSTRUMENTS.append(_Instruments(metrics.get_meter(SCOPE, _version())))
+            return _GLOBAL_INSTRUMENTS[0]
+        known = _INSTRUMENTS.get(provider)
+        if known is None:
+            known = _INSTRUMENTS[provider] = _Instruments(provider.get_meter(SCOPE, _version()))
+        return known
 
 
 def _version() -> str:
@@ -241,23 +254,34 @@ class _CallWatch(CallWatch):
         elapsed = time.perf_counter() - self._started
         super().__exit__(exc_type, exc, tb)
         otel_context.detach(self._token_otel)  # type: ignore[arg-type]
+        self.finish(exc, elapsed)
+
+    def finish(self, exc: BaseException | None, elapsed: float) -> None:
+        """End the span; record the duration of a call that sent something, less the
+        time it waited for our own rate limit."""
         span, attributes = self._span, self._attributes
         outcome, error_type = _outcome(exc)
         if self.endpoint:
             attributes["server.address"] = self.endpoint
         if span.is_recording():
-            span.set_attribute("aioenvelope.attempts", self.attempts)
-            span.set_attribute("aioenvelope.outcome", outcome)
-            for key in ("server.address",):
-                if key in attributes:
-                    span.set_attribute(key, attributes[key])
+            recorded: dict[str, Any] = {
+                "aioenvelope.attempts": self.attempts,
+                "aioenvelope.outcome": outcome,
+            }
+            if "server.address" in attributes:
+                recorded["server.address"] = attributes["server.address"]
+            if self.local_wait > 0:
+                recorded["aioenvelope.rate_limit.wait"] = self.local_wait
             if error_type is not None:
-                span.set_attribute("error.type", error_type)
+                recorded["error.type"] = error_type
                 if isinstance(exc, KeyServiceError):
-                    span.set_attribute("aioenvelope.error.transient", exc.transient)
+                    recorded["aioenvelope.error.transient"] = exc.transient
                 span.set_status(Status(StatusCode.ERROR, error_type))
+            span.set_attributes(recorded)
         span.end()
-        if outcome in ("ok", "error"):  # sent (not refused by the breaker or rate limit)
+        # Refused (breaker, rate limit) or failed before sending (no credentials): the
+        # service was not called, and its latency histogram says nothing of it.
+        if outcome in ("ok", "error") and self.attempts > 0:
             metric = {
                 "aioenvelope.key_service": attributes["aioenvelope.key_service"],
                 "rpc.method": attributes["rpc.method"],
@@ -267,11 +291,17 @@ class _CallWatch(CallWatch):
                 metric["error.type"] = error_type
             if "server.address" in attributes:
                 metric["server.address"] = attributes["server.address"]
-            self._observer.instruments.call_duration.record(elapsed, metric)
+            self._observer.instruments.call_duration.record(
+                max(elapsed - self.local_wait, 0.0), metric
+            )
+
+
+_ERROR_TYPE_CHARS = 64  # a service's error code, clipped: an attribute and a metric label
 
 
 def _outcome(exc: BaseException | None) -> tuple[str, str | None]:
-    """(outcome, error.type) of a call that ended with ``exc``."""
+    """(outcome, error.type) of a call that ended with ``exc``: the key service's error
+    code for a :class:`~aioenvelope.errors.KeyServiceError`, else the class name."""
     if exc is None:
         return "ok", None
     if isinstance(exc, CircuitOpenError):
@@ -279,7 +309,7 @@ def _outcome(exc: BaseException | None) -> tuple[str, str | None]:
     if isinstance(exc, KMSDecryptRateLimited):
         return "refused", "RateLimited"
     if isinstance(exc, KeyServiceError):
-        return "error", exc.error_code or type(exc).__name__
+        return "error", (exc.error_code or type(exc).__name__)[:_ERROR_TYPE_CHARS]
     if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)) or _is_cancel(exc):
         return "cancelled", type(exc).__name__
     return "error", type(exc).__name__
@@ -291,6 +321,45 @@ def _is_cancel(exc: BaseException) -> bool:
     return isinstance(exc, asyncio.CancelledError)
 
 
+# The span of the message or stream being worked on, when it has one: what a cache
+# lookup annotates (never a caller's span, which is not ours to write on).
+_MESSAGE_SPAN: contextvars.ContextVar[Span | None] = contextvars.ContextVar(
+    "aioenvelope_message_span", default=None
+)
+
+
+class _Current:
+    """Makes a message's span the current span and the one cache lookups annotate."""
+
+    __slots__ = ("_span", "_token", "_use")
+
+    def __init__(self, span: Span) -> None:
+        self._span = span
+        # Not OpenTelemetry's status on exception: it writes the exception's message,
+        # and finish() says what failed by its type alone.
+        self._use = trace.use_span(
+            span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+        )
+        self._token: contextvars.Token[Span | None] | None = None
+
+    def __enter__(self) -> Span:
+        self._token = _MESSAGE_SPAN.set(self._span)
+        return self._use.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self._use.__exit__(exc_type, exc, tb)
+        finally:
+            if self._token is not None:
+                _MESSAGE_SPAN.reset(self._token)
+                self._token = None
+
+
 class _MessageWatch(MessageWatch):
     __slots__ = ("_record_keys", "_span")
 
@@ -299,11 +368,7 @@ class _MessageWatch(MessageWatch):
         self._record_keys = record_keys
 
     def current(self) -> AbstractContextManager[object]:
-        # Not OpenTelemetry's status on exception: it writes the exception's message,
-        # and finish() says what failed by its type alone.
-        return trace.use_span(
-            self._span, end_on_exit=False, record_exception=False, set_status_on_exception=False
-        )
+        return _Current(self._span)
 
     def finish(
         self,
@@ -317,18 +382,20 @@ class _MessageWatch(MessageWatch):
         span = self._span
         if self._record_keys and context:
             _set_context_keys(span, context)
+        recorded: dict[str, Any] = {
+            "aioenvelope.frames": frames,
+            "aioenvelope.plaintext.bytes": plaintext_bytes,
+            "aioenvelope.outcome": "ok",
+        }
         if suite_id is not None:
-            span.set_attribute("aioenvelope.suite", f"0x{suite_id:04X}")
-        span.set_attribute("aioenvelope.frames", frames)
-        span.set_attribute("aioenvelope.plaintext.bytes", plaintext_bytes)
+            recorded["aioenvelope.suite"] = f"0x{suite_id:04X}"
         if error is not None:
             outcome, error_type = _outcome(error)
-            span.set_attribute("aioenvelope.outcome", outcome)
-            span.set_attribute("error.type", error_type or type(error).__name__)
+            recorded["aioenvelope.outcome"] = outcome
+            recorded["error.type"] = error_type or type(error).__name__
             if outcome != "cancelled":
                 span.set_status(Status(StatusCode.ERROR, error_type))
-        else:
-            span.set_attribute("aioenvelope.outcome", "ok")
+        span.set_attributes(recorded)
         span.end()
 
 
@@ -337,10 +404,11 @@ class OpenTelemetryObserver(Observer):
 
     def __init__(self, settings: Telemetry) -> None:
         self.settings = settings
-        tracer_provider = settings.tracer_provider or trace.get_tracer_provider()
-        meter_provider = settings.meter_provider or metrics.get_meter_provider()
-        self.tracer = tracer_provider.get_tracer(SCOPE, _version())
-        self.instruments = _instruments_for(meter_provider)
+        if settings.tracer_provider is None:
+            self.tracer = trace.get_tracer(SCOPE, _version())  # proxies a later global
+        else:
+            self.tracer = settings.tracer_provider.get_tracer(SCOPE, _version())
+        self.instruments = _instruments_for(settings.meter_provider)
         self._message_spans = settings.message_spans
 
     # -- key-service calls ------------------------------------------------------------
@@ -365,6 +433,19 @@ class OpenTelemetryObserver(Observer):
             f"{service} {operation}", kind=SpanKind.CLIENT, attributes=attributes
         )
         return _CallWatch(self, span, attributes, endpoint)
+
+    def refused(
+        self,
+        service: str,
+        operation: str,
+        *,
+        key_id: str,
+        region: str | None,
+        error: BaseException,
+    ) -> None:
+        watch = self.call(service, operation, key_id=key_id, region=region)
+        assert isinstance(watch, _CallWatch)
+        watch.finish(error, 0.0)
 
     def breaker_moved(
         self,
@@ -394,8 +475,8 @@ class OpenTelemetryObserver(Observer):
     # -- messages ---------------------------------------------------------------------
 
     def cache_lookup(self, cache: str, hit: bool) -> None:
-        span = trace.get_current_span()
-        if span.is_recording():
+        span = _MESSAGE_SPAN.get()
+        if span is not None and span.is_recording():
             span.set_attribute(f"aioenvelope.{cache}_cache.hit", hit)
 
     def message(self, operation: str, context: Mapping[str, str] | None) -> MessageWatch | None:

@@ -43,13 +43,20 @@ def log_failure(
     endpoint: str | None,
     *,
     shown_at: str | None = None,
+    unwrap: bool = False,
 ) -> None:
-    """One WARNING line for a failed key-service call: ``label``, operation, key, error
-    code (never the error's message: a service may echo what it was sent), and the same
-    as structured fields (``aioenvelope_endpoint``, ``_service``, ``_operation``,
+    """One line for a failed key-service call: ``label``, operation, key, error code
+    (never the error's message: a service may echo what it was sent), and the same as
+    structured fields (``aioenvelope_endpoint``, ``_service``, ``_operation``,
     ``_error_code``) for JSON log formatters. Not per message: a call is made on a cache
-    miss, and decrypt misses are rate-limited."""
-    logger.warning(
+    miss, and decrypt misses are rate-limited.
+
+    WARNING, except a service's refusal to unwrap (``unwrap`` and not transient) at
+    DEBUG: a message may carry data keys wrapped for keys this keyring may not use, and
+    decrypt tries them in turn, so that refusal is an answer, not a fault, and at
+    WARNING it would make a line per message. Outages are WARNING everywhere."""
+    logger.log(
+        logging.DEBUG if unwrap and not error.transient else logging.WARNING,
         "%s %s with key %s%s failed: %s",
         label,
         error.operation,

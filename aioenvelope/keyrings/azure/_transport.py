@@ -233,7 +233,13 @@ class AzureTransport:
                 operation, method, vault_url, path, key_id, body, deadline_at
             )
         except AzureKeyVaultError as exc:
-            log_failure(log, "Azure Key Vault", exc, urllib.parse.urlsplit(vault_url).netloc)
+            log_failure(
+                log,
+                "Azure Key Vault",
+                exc,
+                urllib.parse.urlsplit(vault_url).netloc,
+                unwrap=unwrap,
+            )
             record_verdict(
                 breaker,
                 SERVICE,

@@ -275,7 +275,9 @@ class GcpKmsTransport:
             self.calls[operation] += 1  # counted once sent, not its retries
             result = await self._attempts(operation, key_id, request, check, deadline_at)
         except GcpKmsError as exc:
-            log_failure(log, "Cloud KMS", exc, breaker_name.partition(" ")[2] or None)
+            log_failure(
+                log, "Cloud KMS", exc, breaker_name.partition(" ")[2] or None, unwrap=unwrap
+            )
             # Cut off by the close, or never sent (no credentials): no verdict.
             unasked = epoch != self._epoch or exc.error_code == "CredentialUnavailable"
             record_verdict(breaker, SERVICE, exc, unasked=unasked)

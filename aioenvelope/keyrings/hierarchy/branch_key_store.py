@@ -39,8 +39,10 @@ from ...errors import (
     BranchKeyIntegrityError,
     BranchKeyNotFoundError,
     BranchKeyStoreError,
+    CircuitOpenError,
     ConfigurationError,
     DynamoDBError,
+    KMSDecryptRateLimited,
     KMSError,
     KMSTimeoutError,
 )
@@ -625,12 +627,28 @@ class BranchKeyStore:
         asked first, so a fetch it would refuse takes no token."""
         self._check_open()
         runtime = self._kms.runtime
-        if runtime is not None:
-            for service, region in (("DynamoDB", self._ddb_region), ("KMS", self._kms_region)):
-                breaker = runtime.breaker(region)
+        if runtime is None:
+            return
+        # The call each check stands for, as telemetry names it: a refused fetch is seen
+        # as a refused span of the call it spared (the token is for the KMS Decrypt).
+        kms = ("aws-kms", "Decrypt", self.kms_key_id, self._kms_region)
+        checks = (
+            ("DynamoDB", ("dynamodb", "GetItem", self.table_name, self._ddb_region)),
+            ("KMS", kms),
+        )
+        spared = kms
+        try:
+            for service, call in checks:
+                spared = call
+                breaker = runtime.breaker(call[3])
                 if breaker is not None and breaker.refuses():
                     breaker.before_call(service)  # raises CircuitOpenError, no I/O
+            spared = kms
             await runtime.admit_remote_decrypt()
+        except (CircuitOpenError, KMSDecryptRateLimited) as exc:
+            name, operation, key_id, region = spared
+            runtime.observer.refused(name, operation, key_id=key_id, region=region, error=exc)
+            raise
 
     def _where(self, branch_key_id: str, version: str | None) -> str:
         shown = f"version {version} of " if version else "the active version of "

@@ -239,7 +239,7 @@ class VaultTransport:
                 operation, method, path, key_id, body, deadline_at, unwrap, breaker
             )
         except VaultError as exc:
-            log_failure(log, "Vault", exc, self.address, shown_at=self.shown_url)
+            log_failure(log, "Vault", exc, self.address, shown_at=self.shown_url, unwrap=unwrap)
             # Cut off by the close: no verdict.
             record_verdict(breaker, SERVICE, exc, unasked=epoch != self._epoch)
             raise

@@ -76,6 +76,11 @@ class CircuitBreaker:
             retry_after=retry_after,
         )
 
+    @property
+    def opened_by(self) -> str:
+        """The service whose failures opened the breaker (last opened, if closed)."""
+        return self._opened_by
+
     def refuses(self) -> bool:
         """Whether :meth:`before_call` would refuse any call now (open, before the reset
         timeout, or a probe in flight); no state changes. Lets a caller refuse early,

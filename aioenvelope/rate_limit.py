@@ -9,6 +9,7 @@ us spend; cache hits and keyrings that unwrap locally take none.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import anyio
@@ -16,6 +17,7 @@ import anyio
 from .config import RateLimit
 from .errors import KMSDecryptRateLimited
 from .stats import StatsRecorder
+from .telemetry import note_local_wait
 
 __all__ = ["TokenBucket"]
 
@@ -52,6 +54,11 @@ class TokenBucket:
                 f"Retry after {delay:.2f} s (HTTP 429)",
                 retry_after=delay,
             )
-        while delay > 0.0:
-            await anyio.sleep(delay)
-            delay = self._try_take()
+        started = time.perf_counter()
+        try:
+            while delay > 0.0:
+                await anyio.sleep(delay)
+                delay = self._try_take()
+        finally:
+            # Our wait, not the key service's latency: telemetry takes it out of the call.
+            note_local_wait(time.perf_counter() - started)

@@ -4,14 +4,13 @@ per-region circuit breakers, the decrypt rate limit and the telemetry observer."
 from __future__ import annotations
 
 import collections
-import time
 from collections.abc import Callable
 
 from .breaker import CLOSED, CircuitBreaker
 from .config import CircuitBreakerConfig, RateLimit
 from .rate_limit import TokenBucket
 from .stats import StatsRecorder
-from .telemetry import NULL_OBSERVER, Observer, note_local_wait
+from .telemetry import NULL_OBSERVER, Observer
 
 __all__ = ["Runtime"]
 
@@ -80,9 +79,4 @@ class Runtime:
         :class:`~aioenvelope.errors.KMSDecryptRateLimited`, or waits in ``wait=True`` mode.
         """
         if self._limiter is not None:
-            started = time.perf_counter()
-            try:
-                await self._limiter.take()
-            finally:
-                # In wait=True mode the wait is ours, not the service's latency.
-                note_local_wait(time.perf_counter() - started)
+            await self._limiter.take()

@@ -468,7 +468,7 @@ class OpenTelemetryObserver(Observer):
         span = trace.get_current_span()
         if span.is_recording():
             event = {"aioenvelope.circuit_breaker": name, "from": old, "to": new}
-            if error_code:
+            if error_code and new == OPEN:  # what opened it; not on probing or closing
                 event["error.type"] = error_code
             span.add_event("aioenvelope.circuit_breaker.transition", event)
 

@@ -639,9 +639,11 @@ class BranchKeyStore:
         spared = kms
         try:
             for service, call in checks:
-                spared = call
                 breaker = runtime.breaker(call[3])
                 if breaker is not None and breaker.refuses():
+                    # One region: one breaker for both. The span names the service that
+                    # opened it, as the error does.
+                    spared = dict(checks).get(breaker.opened_by, call)
                     breaker.before_call(service)  # raises CircuitOpenError, no I/O
             spared = kms
             await runtime.admit_remote_decrypt()

@@ -302,8 +302,48 @@ class _Stream:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(header={'known' if self.header else 'pending'})"
 
-    def _run(self) -> AsyncGenerator[bytes, None]:  # pragma: no cover - abstract
+    _watch: Callable[[], MessageWatch | None] | None = None
+    # Decryption learns the encryption context from the header; encryption's watch was
+    # given it when it started.
+    _context_from_header = False
+
+    def _run(self) -> AsyncGenerator[bytes, None]:
+        # Without telemetry, the body itself: no generator layer per chunk.
+        return self._body(None) if self._watch is None else self._watched(self._watch)
+
+    def _body(
+        self, watch: MessageWatch | None, counted: list[int] | None = None
+    ) -> AsyncGenerator[bytes, None]:  # pragma: no cover - abstract
+        """The stream itself; ``counted[0]``: plaintext bytes sealed or released so far,
+        for a telemetry watch (a list: an async generator returns nothing)."""
         raise NotImplementedError
+
+    async def _watched(
+        self, make_watch: Callable[[], MessageWatch | None]
+    ) -> AsyncGenerator[bytes, None]:
+        """The body inside a telemetry span, started at the first chunk asked for."""
+        watch = make_watch()
+        counted = [0]
+        error: BaseException | None = None
+        try:
+            async with aclosing(self._body(watch, counted)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if watch is not None:
+                header = self.header
+                watch.finish(
+                    suite_id=header.algorithm_suite.suite_id if header is not None else None,
+                    frames=self.frames,
+                    plaintext_bytes=counted[0],
+                    error=error,
+                    context=header.encryption_context
+                    if header is not None and self._context_from_header
+                    else None,
+                )
 
     @property
     def frames(self) -> int:
@@ -363,35 +403,7 @@ class EncryptingStream(_Stream):
         self._watch = watch
         super().__init__()
 
-    def _run(self) -> AsyncGenerator[bytes, None]:
-        # Without telemetry, the body itself: no generator layer per chunk.
-        return self._encrypt(None) if self._watch is None else self._watched(self._watch)
-
-    async def _watched(
-        self, make_watch: Callable[[], MessageWatch | None]
-    ) -> AsyncGenerator[bytes, None]:
-        """The body inside a telemetry span, started at the first chunk asked for."""
-        watch = make_watch()
-        total = [0]
-        error: BaseException | None = None
-        try:
-            async with aclosing(self._encrypt(watch, total)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            if watch is not None:
-                header = self.header
-                watch.finish(
-                    suite_id=header.algorithm_suite.suite_id if header is not None else None,
-                    frames=self.frames,
-                    plaintext_bytes=total[0],
-                    error=error,
-                )
-
-    async def _encrypt(
+    async def _body(
         self,
         watch: MessageWatch | None,
         sealed_bytes: list[int] | None = None,
@@ -478,6 +490,8 @@ class DecryptingStream(_Stream):
     If iteration raises, what came before is authentic but incomplete: discard it.
     """
 
+    _context_from_header = True
+
     def __init__(
         self,
         source: StreamSource,
@@ -496,36 +510,7 @@ class DecryptingStream(_Stream):
         self._watch = watch
         super().__init__()
 
-    def _run(self) -> AsyncGenerator[bytes, None]:
-        # Without telemetry, the body itself: no generator layer per chunk.
-        return self._decrypt(None) if self._watch is None else self._watched(self._watch)
-
-    async def _watched(
-        self, make_watch: Callable[[], MessageWatch | None]
-    ) -> AsyncGenerator[bytes, None]:
-        """The body inside a telemetry span, started at the first chunk asked for."""
-        watch = make_watch()
-        released = [0]
-        error: BaseException | None = None
-        try:
-            async with aclosing(self._decrypt(watch, released)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            if watch is not None:
-                header = self.header
-                watch.finish(
-                    suite_id=header.algorithm_suite.suite_id if header is not None else None,
-                    frames=self.frames,
-                    plaintext_bytes=released[0],
-                    error=error,
-                    context=header.encryption_context if header is not None else None,
-                )
-
-    async def _decrypt(
+    async def _body(
         self,
         watch: MessageWatch | None,
         released: list[int] | None = None,

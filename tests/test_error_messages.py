@@ -276,17 +276,6 @@ async def test_a_branch_key_store_s_dynamodb_call_keeps_the_connection_error(
     assert (info.value.error_code, info.value.transient) == ("EndpointConnectionError", True)
 
 
-@pytest.fixture
-def no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No AWS credentials anywhere botocore looks: environment, files, instance role."""
-    for name in list(os.environ):
-        if name.startswith("AWS_") and name not in ("AWS_DEFAULT_REGION", "AWS_REGION"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-
-
 @pytest.mark.usefixtures("no_credentials")
 async def test_missing_credentials_are_named_with_how_to_give_them(
     moto_kms: MotoKms, kms_key: KmsKey

@@ -20,9 +20,11 @@ conformance harnesses) and read back from the OpenTelemetry SDK's in-memory expo
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
+import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 
 import pytest
@@ -32,7 +34,8 @@ from fault_proxy import FaultProxy
 from keyring_harness import KeyringHarness
 from kms_server import REGION, KmsKey, MotoKms
 from moto_keyrings import moto_kms_keyring
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.trace import SpanKind, StatusCode
 from otel_support import Otel, attributes_of
 
@@ -43,6 +46,7 @@ from aioenvelope import (
     KmsKeyring,
     RateLimit,
     RawAesKeyring,
+    Telemetry,
     errors,
 )
 
@@ -420,6 +424,20 @@ def test_clients_made_before_and_after_the_global_providers_are_set_all_report()
     assert result["counted"] == 8
     assert result["reported"] == 8
     assert result["spans"] == ["aioenvelope.encrypt"] * 8 + ["request"]
+
+
+async def test_a_meter_provider_the_application_drops_is_not_kept_alive() -> None:
+    """Instruments are made once per meter provider and shared by its clients; a test
+    suite or an application that makes providers (one per tenant, per test) must get
+    each back when it lets go of it, not leak one per provider for the process's life."""
+    provider = MeterProvider(shutdown_on_exit=False)  # the SDK's atexit hook would keep it
+    settings = Telemetry(meter_provider=provider, tracer_provider=TracerProvider())
+    async with EnvelopeClient(RawAesKeyring("ns", "key", os.urandom(32)), telemetry=settings) as c:
+        await c.encrypt(PLAINTEXT)
+    dropped = weakref.ref(provider)
+    del provider, settings, c
+    gc.collect()
+    assert dropped() is None
 
 
 # -- the breaker gauge counts breakers -----------------------------------------------------------

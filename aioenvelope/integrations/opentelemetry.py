@@ -199,6 +199,8 @@ class _Instruments:
 # share instruments (the real meter keeps the first instruments of a name and ignores a
 # second set's callbacks).
 _INSTRUMENTS: weakref.WeakKeyDictionary[Any, _Instruments] = weakref.WeakKeyDictionary()
+# A provider that cannot be weakly referenced (``__slots__``) is kept, with its instruments.
+_PINNED_INSTRUMENTS: dict[int, tuple[Any, _Instruments]] = {}
 _GLOBAL_INSTRUMENTS: list[_Instruments] = []
 _INSTRUMENTS_LOCK = threading.Lock()
 
@@ -210,7 +212,14 @@ def _instruments_for(provider: Any) -> _Instruments:
             if not _GLOBAL_INSTRUMENTS:
                 _GLOBAL_INSTRUMENTS.append(_Instruments(metrics.get_meter(SCOPE, _version())))
             return _GLOBAL_INSTRUMENTS[0]
-        known = _INSTRUMENTS.get(provider)
+        try:
+            known = _INSTRUMENTS.get(provider)
+        except TypeError:
+            pinned = _PINNED_INSTRUMENTS.get(id(provider))
+            if pinned is None:
+                pinned = (provider, _Instruments(provider.get_meter(SCOPE, _version())))
+                _PINNED_INSTRUMENTS[id(provider)] = pinned
+            return pinned[1]
         if known is None:
             known = _INSTRUMENTS[provider] = _Instruments(provider.get_meter(SCOPE, _version()))
         return known

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 import aioboto3
-from kms_server import MotoKms
+from fault_proxy import FaultProxy
+from kms_server import KmsKey, MotoKms
 
 from aioenvelope import KmsDiscoveryKeyring, KmsKeyring
 
@@ -46,3 +47,10 @@ def moto_kms_discovery_keyring(moto_kms: MotoKms, **kwargs: Any) -> KmsDiscovery
 
 KmsKeyringFactory = Callable[..., KmsKeyring]
 """The ``make_kms_keyring`` fixture's type: ``make_kms_keyring(key, **kwargs)``."""
+
+
+def kms_via(proxy: FaultProxy, moto: MotoKms, key: KmsKey, **options: Any) -> KmsKeyring:
+    """A keyring for ``key`` whose calls go through the fault proxy in front of moto
+    (no start-up key check unless asked: tests count the calls they make)."""
+    options.setdefault("check_keys", False)
+    return moto_kms_keyring(moto, key.arn, endpoint_url=proxy.url, **options)

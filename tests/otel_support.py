@@ -20,7 +20,7 @@ from opentelemetry.trace import Tracer
 
 from aioenvelope import Telemetry
 
-__all__ = ["Otel", "attributes_of", "everything_recorded"]
+__all__ = ["Otel", "attributes_of", "everything_recorded", "id_of", "parent_of"]
 
 
 @dataclass
@@ -92,3 +92,15 @@ def everything_recorded(otel: Otel) -> Iterator[str]:
                 yield m.name
                 for point in m.data.data_points:
                     yield repr(dict(point.attributes or {}))
+
+
+def parent_of(span: ReadableSpan) -> int:
+    """The span ID of ``span``'s parent (it must have one)."""
+    assert span.parent is not None, f"{span.name} has no parent"
+    return int(span.parent.span_id)
+
+
+def id_of(span: ReadableSpan) -> int:
+    """``span``'s own span ID, to compare with a child's :func:`parent_of`."""
+    assert span.context is not None
+    return int(span.context.span_id)

@@ -21,17 +21,16 @@ from fake_clock import FakeClock
 from fault_proxy import FaultProxy
 from keyring_harness import WatchedKeyring, leaks
 from kms_server import KmsKey, MotoKms
-from moto_keyrings import moto_kms_keyring
+from moto_keyrings import kms_via, moto_kms_keyring
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
-from otel_support import Otel, attributes_of, everything_recorded
+from otel_support import Otel, attributes_of, everything_recorded, id_of, parent_of
 
 from aioenvelope import (
     AlgorithmSuite,
     BranchKeyStore,
     EnvelopeClient,
     HierarchicalKeyring,
-    KmsKeyring,
     RateLimit,
     RawAesKeyring,
     Telemetry,
@@ -48,24 +47,9 @@ def otel() -> Otel:
     return Otel()
 
 
-def kms_via(proxy: FaultProxy, moto: MotoKms, key: KmsKey, **options: object) -> KmsKeyring:
-    options.setdefault("check_keys", False)
-    return moto_kms_keyring(moto, key.arn, endpoint_url=proxy.url, **options)
-
-
 def only(spans: list[ReadableSpan], what: str) -> ReadableSpan:
     assert len(spans) == 1, f"{what}: {[s.name for s in spans]}"
     return spans[0]
-
-
-def parent_of(span: ReadableSpan) -> int:
-    assert span.parent is not None, f"{span.name} has no parent"
-    return int(span.parent.span_id)
-
-
-def id_of(span: ReadableSpan) -> int:
-    assert span.context is not None
-    return int(span.context.span_id)
 
 
 # -- a cache miss, a hit ------------------------------------------------------------------

@@ -33,17 +33,16 @@ from fake_clock import FakeClock
 from fault_proxy import FaultProxy
 from keyring_harness import KeyringHarness
 from kms_server import REGION, KmsKey, MotoKms
-from moto_keyrings import moto_kms_keyring
+from moto_keyrings import kms_via, moto_kms_keyring
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, StatusCode
-from otel_support import Otel, attributes_of
+from otel_support import Otel, attributes_of, id_of, parent_of
 
 from aioenvelope import (
     BranchKeyStore,
     EnvelopeClient,
     HierarchicalKeyring,
-    KmsKeyring,
     RateLimit,
     RawAesKeyring,
     Telemetry,
@@ -64,21 +63,6 @@ DYNAMODB_REGION = "eu-west-1"
 @pytest.fixture
 def otel() -> Otel:
     return Otel()
-
-
-def kms_via(proxy: FaultProxy, moto: MotoKms, key: KmsKey, **options: object) -> KmsKeyring:
-    options.setdefault("check_keys", False)
-    return moto_kms_keyring(moto, key.arn, endpoint_url=proxy.url, **options)
-
-
-def parent_of(span: ReadableSpan) -> int:
-    assert span.parent is not None, f"{span.name} has no parent"
-    return int(span.parent.span_id)
-
-
-def id_of(span: ReadableSpan) -> int:
-    assert span.context is not None
-    return int(span.context.span_id)
 
 
 def outcomes(otel: Otel, name: str) -> list[str]:

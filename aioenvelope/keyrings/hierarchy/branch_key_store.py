@@ -645,7 +645,6 @@ class BranchKeyStore:
                     # opened it, as the error does.
                     spared = dict(checks).get(breaker.opened_by, call)
                     breaker.before_call(service)  # raises CircuitOpenError, no I/O
-            spared = kms
             await runtime.admit_remote_decrypt()
         except (CircuitOpenError, KMSDecryptRateLimited) as exc:
             name, operation, key_id, region = spared

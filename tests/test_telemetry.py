@@ -224,8 +224,10 @@ async def test_a_rate_limited_decrypt_is_a_refused_span_and_counted_with_no_dura
 async def test_retries_are_counted_as_attempts_of_one_call(
     otel: Otel, moto_kms: MotoKms, kms_key: KmsKey, fault_proxy: FaultProxy
 ) -> None:
-    """Two throttled attempts then an answer: one span, three attempts, outcome ok."""
-    keyring = kms_via(fault_proxy, moto_kms, kms_key, max_attempts=3)
+    """Two throttled attempts then an answer: one span, three attempts, outcome ok.
+    A deadline well past botocore's jittered backoff (up to 1 s, then up to 2 s): the
+    default 2 s would cut the third attempt off in about one run in four."""
+    keyring = kms_via(fault_proxy, moto_kms, kms_key, max_attempts=3, deadline=10.0)
     async with EnvelopeClient(keyring, telemetry=otel.telemetry()) as client:
         fault_proxy.throttle_next(2, operation="GenerateDataKey")
         await client.encrypt(PLAINTEXT, encryption_context=CONTEXT)

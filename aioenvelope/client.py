@@ -16,10 +16,11 @@ import anyio.lowlevel
 from .coalesce import Coalescer
 from .config import CacheConfig, CircuitBreakerConfig, RateLimit
 from .errors import ConfigurationError
+from .format.body import LARGE_FRAME
 from .format.decryptor import MessageDecryptor
 from .format.encryption_context import PUBLIC_KEY_FIELD
 from .format.encryptor import MessageEncryptor
-from .format.header import MAX_FRAME_LENGTH, MessageHeader
+from .format.header import MAX_FRAME_LENGTH, ContentType, MessageHeader
 from .format.suites import AlgorithmSuite, CommitmentPolicy
 from .key_manager import KeyManager
 from .keyrings.base import Keyring
@@ -41,6 +42,7 @@ from .streams import (
     check_source,
     file_chunks,
     flat,
+    in_steps,
     save_stream,
 )
 from .telemetry import MessageWatch, Telemetry, build_observer
@@ -305,12 +307,20 @@ class EnvelopeClient:
         return message
 
     async def _seal(self, encryptor: MessageEncryptor, plaintext: _BytesLike) -> bytes:
-        """The whole message: in one call for small plaintexts; through the streaming
-        engine for large ones, so they get the same stepping and thread offload (and
-        give the loop the same breathing room)."""
+        """The whole message: in one call for small plaintexts; for large ones a step at
+        a time (:func:`~.streams.in_steps`: the loop breathes between steps, and slow
+        machines seal in a worker thread), straight into the message's own buffer; with
+        frames of 256 KiB or more, through the streaming engine, which seals those piece
+        by piece."""
         length = memoryview(plaintext).nbytes
-        if length < OFFLOAD_THRESHOLD:
-            message = encryptor.encrypt_all(plaintext)
+        if length < OFFLOAD_THRESHOLD or encryptor.header_value.frame_length < LARGE_FRAME:
+            if length < OFFLOAD_THRESHOLD:
+                message = encryptor.encrypt_all(plaintext)
+            else:
+                # Sealed in place into the message's own buffer, a step at a time.
+                whole = encryptor.encrypt_in_steps(plaintext)
+                await in_steps(whole.advance)
+                message = whole.message()
             stats = self._stats
             stats.messages_encrypted += 1
             stats.bytes_encrypted += length
@@ -478,7 +488,17 @@ class EnvelopeClient:
         self, ciphertext: _BytesLike, encryption_context: Mapping[str, str] | None
     ) -> tuple[DecryptResult, int]:
         """The message's plaintext and header, and how many frames it had."""
-        if memoryview(ciphertext).nbytes >= OFFLOAD_THRESHOLD:
+        decryptor = MessageDecryptor(max_encrypted_data_keys=self.max_encrypted_data_keys)
+        decryptor.receive_data(ciphertext)
+        decryptor.receive_eof()
+        parsed = decryptor.read_header()
+        assert parsed is not None  # at EOF an incomplete header raises instead
+        large = memoryview(ciphertext).nbytes >= OFFLOAD_THRESHOLD
+        header = parsed.header
+        if large and not (
+            header.content_type is ContentType.FRAMED and header.frame_length < LARGE_FRAME
+        ):
+            # Large frames or a non-framed body: opened piece by piece as a stream does.
             stream = DecryptingStream(
                 ciphertext,
                 partial(self._materials.decryption_plan, reproduced_context=encryption_context),
@@ -489,18 +509,19 @@ class EnvelopeClient:
             plaintext = await stream.read_all()
             assert stream.header is not None
             return DecryptResult(plaintext, stream.header), stream.frames
-        decryptor = MessageDecryptor(max_encrypted_data_keys=self.max_encrypted_data_keys)
-        decryptor.receive_data(ciphertext)
-        decryptor.receive_eof()
-        parsed = decryptor.read_header()
-        assert parsed is not None  # at EOF an incomplete header raises instead
-        plan = await self._materials.decryption_plan(parsed.header, encryption_context)
+        plan = await self._materials.decryption_plan(header, encryption_context)
         decryptor.begin_body(
             plan.data_key,
             required_encryption_context=plan.required_context,
             verifier=plan.verifier,
         )
-        plaintext = decryptor.read_all()
+        if large:
+            # Opened in place into the plaintext's own buffer, a step at a time.
+            whole = decryptor.read_all_in_steps()
+            await in_steps(whole.advance)
+            plaintext = whole.plaintext()
+        else:
+            plaintext = decryptor.read_all()
         stats = self._stats
         stats.messages_decrypted += 1
         stats.bytes_decrypted += len(plaintext)

@@ -50,6 +50,7 @@ __all__ = [
     "EncryptingStream",
     "StreamSource",
     "file_chunks",
+    "in_steps",
     "save_stream",
     "write_atomically",
     "write_atomically_at",
@@ -107,6 +108,10 @@ class _Pacer:
         self._slow: float | None = None  # a slow step's rate, until the next step says more
         self._piece = _MIN_PIECE  # see piece_size
 
+    def inline(self, cost: int) -> bool:
+        """Whether work on ``cost`` bytes should take under the budget on the loop."""
+        return cost / self._rate <= self._budget
+
     async def run(self, cost: int, fn: Callable[..., _T], *args: object) -> _T:
         """Run ``fn(*args)``; ``cost`` is the bytes it seals or opens (0 when it only
         buffers, which is always cheap: at most one step's copy)."""
@@ -135,7 +140,12 @@ class _Pacer:
         loop all the same: size it with :meth:`piece_size` instead."""
         start = time.perf_counter()
         result = fn(*args)
-        elapsed = time.perf_counter() - start
+        await self.learn(cost, time.perf_counter() - start)
+        return result
+
+    async def learn(self, cost: int, elapsed: float) -> None:
+        """Learn from an inline step that sealed or opened ``cost`` bytes in ``elapsed``
+        seconds of its own work, then let other tasks run."""
         if elapsed <= self._budget:
             self._piece = min(STEP, self._piece * 2)
         else:
@@ -153,7 +163,17 @@ class _Pacer:
                 # Two in a row are the work itself: believe the faster of the two.
                 self._rate, self._slow = max(measured, self._slow), None
         await anyio.lowlevel.checkpoint()  # let other tasks run between steps
-        return result
+
+
+async def in_steps(advance: Callable[[int], bool]) -> None:
+    """Call ``advance(n)`` until it returns True; each call seals or opens about ``n``
+    bytes, sized and placed (inline or in a worker thread) by a :class:`_Pacer`, as a
+    stream's steps are. For one-shot messages: the loop breathes between steps."""
+    pacer = _Pacer()
+    while True:
+        piece = pacer.piece_size()
+        if await pacer.run(piece, advance, piece):
+            return
 
 
 def _as_chunk(chunk: object) -> _BytesLike:
@@ -449,6 +469,21 @@ class EncryptingStream(_Stream):
                     continue
                 # The bytes this step seals: the whole frames it completes.
                 sealed = (encryptor.pending_bytes + size - 1) // frame_length * frame_length
+                if frame_length >= _SMALL_FRAME and pacer.inline(sealed):
+                    # Each frame handed out as soon as it is sealed, while it is still in
+                    # cache (sealing a step's frames first measured 0.65x raw AES-GCM
+                    # against 0.8x); only the sealing is timed, not the consumer.
+                    encryptor.feed(piece)
+                    elapsed = 0.0
+                    while True:
+                        start = time.perf_counter()
+                        frame = encryptor.next_frame()
+                        elapsed += time.perf_counter() - start
+                        if frame is None:
+                            break
+                        yield frame
+                    await pacer.learn(sealed, elapsed)
+                    continue
                 frames = await pacer.run(sealed, encryptor.update_frames, piece)
                 async with aclosing(_emitted(frames, frame_length, encryptor.recycle)) as chunks:
                     async for chunk in chunks:
@@ -559,6 +594,9 @@ class DecryptingStream(_Stream):
             pacer = _Pacer()
             ended = False
             backlog: collections.deque[_BytesLike] = collections.deque()
+            # Frames from 16 KiB up to large ones are handed out one by one (see below).
+            one_by_one = _SMALL_FRAME <= header.frame_length < LARGE_FRAME
+            counted = False  # the message, in stats
             while True:
                 if large:
                     parts, done = await pacer.run_inline(
@@ -567,18 +605,51 @@ class DecryptingStream(_Stream):
                 else:
                     buffered = decryptor.buffered_bytes
                     cost = buffered if ended else buffered // wire_frame * wire_frame
-                    parts, done = await pacer.run(cost, _drain, decryptor)
+                    if one_by_one and pacer.inline(cost):
+                        # Each frame's plaintext handed out as soon as it verified, while
+                        # it is still in cache (see EncryptingStream); only the opening
+                        # is timed, not the consumer.
+                        parts, done = [], False
+                        elapsed = 0.0
+                        while True:
+                            start = time.perf_counter()
+                            item = decryptor.next_plaintext()
+                            elapsed += time.perf_counter() - start
+                            if item is None:
+                                break
+                            if isinstance(item, EndOfMessage):
+                                done = True
+                                break
+                            assert isinstance(item, bytes)  # frames under LARGE_FRAME
+                            size = len(item)
+                            if stats is not None:
+                                stats.bytes_decrypted += size
+                                if decryptor.complete:  # the last: count it as before
+                                    stats.messages_decrypted += 1
+                                    counted = True
+                            if released is not None:
+                                released[0] += size
+                            if size:
+                                yield item
+                        if done:
+                            if stats is not None and not counted:
+                                stats.messages_decrypted += 1
+                            return
+                        await pacer.learn(cost, elapsed)
+                    else:
+                        parts, done = await pacer.run(cost, _drain, decryptor)
                 if parts and (stats is not None or released is not None):
                     size = sum(len(part) for part in parts)
                     if stats is not None:
                         stats.bytes_decrypted += size
                     if released is not None:
                         released[0] += size
-                if done and stats is not None:
+                if done and stats is not None and not counted:
                     stats.messages_decrypted += 1
-                async with aclosing(_emitted(parts, frame_length, decryptor.recycle)) as chunks:
-                    async for chunk in chunks:
-                        yield chunk
+                if parts:
+                    async with aclosing(_emitted(parts, frame_length, decryptor.recycle)) as chunks:
+                        async for chunk in chunks:
+                            yield chunk
                 if done:
                     return
                 if not backlog:

@@ -47,8 +47,10 @@ from ..errors import (
 )
 from ._cursor import Cursor, NeedMoreData
 from .body import (
+    AAD_TAIL_STRUCT,
     FINAL_FRAME_AAD,
     FRAME_AAD,
+    IV_STRUCT,
     LARGE_FRAME,
     MAX_FRAMES,
     MAX_NON_FRAMED_LENGTH,
@@ -59,12 +61,13 @@ from .body import (
     anonymous_buffer,
     body_aad,
     frame_iv,
+    unshared_bytes,
 )
 from .header import ContentType, HeaderReader, ParsedHeader, parse_header
 from .header_auth import authenticated_key
 from .signing import Verifier
 
-__all__ = ["END_OF_MESSAGE", "EndOfMessage", "MessageDecryptor"]
+__all__ = ["END_OF_MESSAGE", "EndOfMessage", "MessageDecryptor", "WholePlaintext"]
 
 _TAG = 16
 # AESGCM's one-shot calls take at most 2^31-1 bytes; a longer body is opened piece by
@@ -146,11 +149,21 @@ class MessageDecryptor:
         # A large frame that straddles chunks is opened piece by piece as they arrive
         # (see _continue_opening), never joined: no step does more than its piece's AES.
         self._opening: _Opening | None = None
+        # For the fast path of next_plaintext: the length of a regular frame that is
+        # opened in one call (0: none is), and its AAD up to the sequence number.
+        self._regular = 0
+        self._aad_head = b""
 
     @property
     def frames(self) -> int:
         """Frames opened and verified so far (0 for a non-framed body)."""
         return self._sequence - 1
+
+    @property
+    def complete(self) -> bool:
+        """Whether the whole message verified: the last plaintext is handed out (or was
+        empty) and :meth:`next_plaintext` has only :data:`END_OF_MESSAGE` left."""
+        return self._state is _State.DONE
 
     # -- input -----------------------------------------------------------------------
 
@@ -253,6 +266,9 @@ class MessageDecryptor:
             verifier.update(parsed.auth_tag)
         self._aead, self._verifier = aead, verifier
         self._state = _State.BODY
+        if header.content_type is ContentType.FRAMED and header.frame_length < LARGE_FRAME:
+            self._regular = header.frame_length
+            self._aad_head = header.message_id + FRAME_AAD
 
     # -- body ------------------------------------------------------------------------
 
@@ -265,6 +281,31 @@ class MessageDecryptor:
         and the input ended with no bytes after the message, so a forged, truncated or
         extended message never releases it.
         """
+        f = self._regular
+        if f and self._state is _State.BODY:
+            # Fast path: a regular frame wholly received, with the right sequence number
+            # and IV. Anything else (a final frame, a short or wrong one) takes the full
+            # path below, which reports it.
+            buf, start, seq = self._buf, self._pos, self._sequence
+            end = start + f + 32
+            if len(buf) >= end and seq < MAX_FRAMES:
+                found, iv = _REGULAR_PREFIX.unpack_from(buf, start)
+                if found == seq and iv == IV_STRUCT.pack(seq):
+                    assert self._aead is not None
+                    with memoryview(buf) as view:
+                        try:
+                            plaintext = self._aead.decrypt(
+                                iv,
+                                view[start + 16 : end],
+                                self._aad_head + AAD_TAIL_STRUCT.pack(seq, f),
+                            )
+                        except InvalidTag:
+                            raise _forged(seq) from None
+                        if self._verifier is not None:
+                            self._verifier.update(view[start:end])
+                    self._pos = end
+                    self._sequence = seq + 1
+                    return plaintext
         while True:
             state = self._state
             if state is _State.BODY:
@@ -312,6 +353,48 @@ class MessageDecryptor:
                 return b"".join(chunks)
             assert isinstance(item, (bytes, bytearray, mmap.mmap))  # EOF was given
             chunks.append(item)
+
+    def read_all_in_steps(self) -> WholePlaintext:
+        """:meth:`read_all` a step at a time, into the ``bytes`` it returns (see
+        :class:`WholePlaintext`). For a framed message with frames under 256 KiB whose
+        whole input came in one buffer, after :meth:`begin_body`."""
+        if not (self._eof and not self._queue and self._regular and self._state is _State.BODY):
+            raise ConfigurationError(
+                "read_all_in_steps() needs the whole input in one buffer, begin_body() "
+                "first, and frames under 256 KiB"
+            )
+        return WholePlaintext(self, len(self._buf) - self._pos)
+
+    def _open_regular_into(self, out: memoryview, pos: int, budget: int) -> int:
+        """Open regular frames wholly received into ``out`` from ``pos`` until about
+        ``budget`` bytes were written; returns where the plaintext ends. Stops early at
+        anything else (the final frame, a wrong prefix): the full path handles those.
+        ``out`` is never handed out before the whole message verified."""
+        f, aead = self._regular, self._aead
+        assert aead is not None
+        buf, start, seq = self._buf, self._pos, self._sequence
+        decrypt_into, verifier = aead.decrypt_into, self._verifier
+        aad_head, aad_tail = self._aad_head, AAD_TAIL_STRUCT.pack
+        iv_of, prefix_of = IV_STRUCT.pack, _REGULAR_PREFIX.unpack_from
+        last = len(buf) - f - 32  # where the last frame wholly received may start
+        stop = pos + max(budget, 1)
+        with memoryview(buf) as view:
+            while pos < stop and start <= last and seq < MAX_FRAMES:
+                found, iv = prefix_of(buf, start)
+                if found != seq or iv != iv_of(seq):
+                    break
+                end = start + f + 32
+                try:
+                    decrypt_into(
+                        iv, view[start + 16 : end], aad_head + aad_tail(seq, f), out[pos : pos + f]
+                    )
+                except InvalidTag:
+                    raise _forged(seq) from None
+                if verifier is not None:
+                    verifier.update(view[start:end])
+                start, pos, seq = end, pos + f, seq + 1
+                self._pos, self._sequence = start, seq
+        return pos
 
     # -- internals -------------------------------------------------------------------
 
@@ -608,3 +691,55 @@ class MessageDecryptor:
 
     def _after_body(self) -> _State:
         return _State.FOOTER if self._verifier is not None else _State.TRAILER
+
+
+class WholePlaintext:
+    """One message's plaintext opened straight into the ``bytes`` it is returned as, a
+    step at a time.
+
+    Why: the client opens a large message in pieces that each fit its loop budget (or
+    go to a worker thread), as a stream would, but without a stream's per-frame
+    ``bytes`` and the join of them all at the end. The buffer is sized by the ciphertext
+    that arrived (no frame's plaintext is longer than it on the wire), and handed out
+    only once the whole message verified: the final frame, the signature and the end of
+    the input (see :func:`~.body.unshared_bytes`).
+    """
+
+    __slots__ = ("_decryptor", "_out", "_pos", "_verified", "_view")
+
+    def __init__(self, decryptor: MessageDecryptor, capacity: int) -> None:
+        self._decryptor = decryptor
+        self._out = unshared_bytes(capacity)
+        self._view = self._out.getbuffer()
+        self._pos = 0
+        self._verified = False
+
+    def advance(self, budget: int) -> bool:
+        """Open about ``budget`` more bytes (at least one frame); True once the whole
+        message verified."""
+        decryptor, view = self._decryptor, self._view
+        start = self._pos
+        pos = decryptor._open_regular_into(view, start, budget)
+        while pos - start < budget:  # the final frame, footer and end, or their error
+            item = decryptor.next_plaintext()
+            if isinstance(item, EndOfMessage):
+                self._verified = True
+                break
+            assert item is not None  # the whole input is here: never waits
+            with memoryview(item) as plaintext:
+                view[pos : pos + len(plaintext)] = plaintext
+            pos += len(item)
+        self._pos = pos
+        return self._verified
+
+    def plaintext(self) -> bytes:
+        """The whole plaintext, once :meth:`advance` returned True. The buffer is handed
+        over, not copied: no view of it is left."""
+        if not self._verified:
+            raise ConfigurationError("plaintext() before advance() verified the message")
+        self._view.release()
+        out = self._out
+        out.truncate(self._pos)
+        plaintext = out.getvalue()
+        out.close()
+        return plaintext

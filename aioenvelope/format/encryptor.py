@@ -35,6 +35,7 @@ from .body import (
     anonymous_buffer,
     body_aad,
     frame_iv,
+    unshared_bytes,
 )
 from .derivation import derive_keys
 from .encryption_context import serialize_encryption_context
@@ -49,7 +50,7 @@ from .header import (
 from .signing import Signer
 from .suites import AlgorithmSuite
 
-__all__ = ["MessageEncryptor"]
+__all__ = ["MessageEncryptor", "WholeMessage"]
 
 _TAG = 16
 _REGULAR_OVERHEAD = 4 + 12 + _TAG
@@ -58,6 +59,7 @@ _MAX_SIGNATURE = 2 + 2 + 2 * 72  # footer length field plus the longest P-384 DE
 _FINAL_PREFIX = struct.Struct(">II12sI")
 _REGULAR_PREFIX = struct.Struct(">I12s")
 _HEADER_IV = bytes(12)
+_NOTHING = memoryview(b"")
 
 
 class MessageEncryptor:
@@ -118,7 +120,13 @@ class MessageEncryptor:
         self._signer = signer
         if signer is not None:
             signer.update(self.header)
-        self._pending = bytearray()
+        # Plaintext held back for a frame not yet known to be regular: a copy, or a view
+        # of an immutable ``bytes`` the caller gave (see feed).
+        self._pending: bytearray | memoryview = bytearray()
+        self._src = _NOTHING  # input fed and not yet sealed into frames (see next_frame)
+        self._src_pos = 0
+        self._src_immutable = False
+        self._aad_head = message_id + FRAME_AAD
         # Large frames gather their plaintext in reused buffers instead (see
         # _update_large): a growing bytearray reallocates and page-faults on every piece.
         self._fill: mmap.mmap | None = None
@@ -143,7 +151,7 @@ class MessageEncryptor:
         """Plaintext taken but not yet sealed (at most ``frame_length``): what the next
         frame, or :meth:`finalize_frames`, has left to seal."""
         if self._fill is None and self._sealing is None:
-            return len(self._pending)
+            return len(self._pending) + len(self._src) - self._src_pos
         sealing = self._sealing
         return self._filled + (sealing.remaining if sealing is not None else 0)
 
@@ -165,34 +173,93 @@ class MessageEncryptor:
         must carry the message's last 1..frame_length bytes. Whole frames are sealed
         straight from ``data`` (no copy); only a partial frame is copied and held.
         """
+        if self._frame_length >= LARGE_FRAME:
+            if self._finalized:
+                raise ConfigurationError("update() after finalize()")
+            return self._update_large(memoryview(data).cast("B"))
+        self.feed(data)
+        frames: list[Buffer] = []
+        while (frame := self.next_frame()) is not None:
+            frames.append(frame)
+        return frames
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Take plaintext to seal with :meth:`next_frame` (frames under 256 KiB only).
+
+        Feed again only once :meth:`next_frame` returned None: the stream seals and hands
+        out one frame at a time, so each frame's bytes are consumed while still in cache.
+        A tail held back (it may be the final frame) is copied, unless ``data`` is
+        immutable ``bytes`` (or a view of them), which is then held in place.
+        """
         if self._finalized:
             raise ConfigurationError("update() after finalize()")
-        src = memoryview(data).cast("B")
-        f = self._frame_length
-        if f >= LARGE_FRAME:
-            return self._update_large(src)
+        if self._frame_length >= LARGE_FRAME:
+            raise ConfigurationError("feed() is for frames under 256 KiB; use update_frames()")
+        if self._src_pos < len(self._src):
+            raise ConfigurationError("feed() before next_frame() sealed the previous input")
+        self._src = memoryview(data).cast("B")
+        self._src_pos = 0
+        self._src_immutable = isinstance(data, bytes) or (
+            isinstance(data, memoryview) and isinstance(data.obj, bytes)
+        )
+
+    def next_frame(self) -> bytes | None:
+        """The next regular frame of what was fed, sealed; None once the rest must wait.
+
+        The last ``frame_length`` bytes are always held back, because the final frame
+        must carry the message's last 1..frame_length bytes. Whole frames are sealed
+        straight from the input; only a partial frame is copied and held.
+        """
+        src, pos, f = self._src, self._src_pos, self._frame_length
+        left = len(src) - pos
         pending = self._pending
-        sources: list[bytes | bytearray | memoryview] = []
         if pending:
-            take = min(f - len(pending), len(src))
-            pending += src[:take]
-            src = src[take:]
-            if not src:
-                return []  # pending holds at most one frame: it may be the final one
-            sources.append(pending)  # full, and more follows: a regular frame
+            need = f - len(pending)
+            if left <= need:  # still at most one frame held: it may be the final one
+                if left:
+                    if not isinstance(pending, bytearray):
+                        pending = self._pending = bytearray(pending)
+                    pending += src[pos:]
+                self._src, self._src_pos = _NOTHING, 0
+                return None
+            if need:
+                if not isinstance(pending, bytearray):
+                    pending = bytearray(pending)
+                pending += src[pos : pos + need]
+                self._src_pos = pos + need
             self._pending = bytearray()
-        count = (len(src) - 1) // f if src else 0
-        sources.extend(src[i * f : (i + 1) * f] for i in range(count))
-        if src:
-            self._pending = bytearray(src[count * f :])
-        if not sources:
-            return []
-        self._check_frame_budget(self._sequence + len(sources))
-        frames: list[Buffer] = list(self._seal_regular_frames(sources))
+            return self._seal_frame(pending)  # full, and more follows: a regular frame
+        if left > f:
+            self._src_pos = pos + f
+            return self._seal_frame(src[pos : pos + f])
+        if left:
+            tail = src[pos:]
+            self._pending = tail if self._src_immutable else bytearray(tail)
+        self._src, self._src_pos = _NOTHING, 0
+        return None
+
+    def _seal_frame(self, chunk: bytearray | memoryview) -> bytes:
+        """One regular frame as its own ``bytes``, sealed in place after its prefix (see
+        :func:`~.body.unshared_bytes`: no copy of the body, no join). Lean: it runs once
+        per frame of a stream."""
+        seq = self._sequence
+        if seq >= MAX_FRAMES:  # a final frame must still follow this one
+            self._check_frame_budget(seq + 1)
+        iv = IV_STRUCT.pack(seq)
+        if nonce_log.observers:
+            nonce_log.sealing(self._key, iv)
+        n = len(chunk)
+        frame = unshared_bytes(n + _REGULAR_OVERHEAD)
+        with frame.getbuffer() as out:
+            _REGULAR_PREFIX.pack_into(out, 0, seq, iv)
+            self._aead.encrypt_into(
+                iv, chunk, self._aad_head + AAD_TAIL_STRUCT.pack(seq, n), out[16:]
+            )
+        self._sequence = seq + 1
+        sealed = frame.getvalue()
         if self._signer is not None:
-            for frame in frames:
-                self._signer.update(frame)
-        return frames
+            self._signer.update(sealed)
+        return sealed
 
     def _update_large(self, src: memoryview) -> list[Buffer]:
         """:meth:`update_frames` for large frames, doing AES over about what each call
@@ -265,6 +332,8 @@ class MessageEncryptor:
         for signing suites, the footer, as separate ``bytes``."""
         if self._finalized:
             raise ConfigurationError("finalize() called twice")
+        if self._src_pos < len(self._src):
+            raise ConfigurationError("finalize() before next_frame() sealed all input fed")
         self._finalized = True
         earlier = self._seal_remaining()  # the last regular frame, if still being sealed
         self._check_frame_budget(self._sequence)
@@ -295,8 +364,11 @@ class MessageEncryptor:
     # -- one shot ------------------------------------------------------------------
 
     def encrypt_all(self, plaintext: bytes | bytearray | memoryview) -> bytes:
-        """The whole message for ``plaintext``, sealed straight into one buffer."""
-        if self._finalized or self._pending or self._sequence != 1:
+        """The whole message for ``plaintext``, sealed straight into one buffer.
+
+        For small messages (the client's path under 1 MiB): one ``bytearray`` and one
+        copy out cost less here than :class:`WholeMessage`'s setup."""
+        if self._finalized or self._pending or self._src or self._sequence != 1:
             raise ConfigurationError("encrypt_all() needs a fresh encryptor")
         self._finalized = True
         src = memoryview(plaintext).cast("B")
@@ -309,12 +381,18 @@ class MessageEncryptor:
         out = bytearray(size + (_MAX_SIGNATURE if self._signer else 0))
         view = memoryview(out)
         view[:header_len] = self.header
-        pos = header_len
-        for i in range(regular):
-            pos = self._seal_regular(view, pos, src[i * f : (i + 1) * f])
+        pos = self._seal_regular_into(view, header_len, src, 0, regular * f)
         pos = self._seal_final(view, pos, src[regular * f :])
         view.release()
         return self._finish(out, header_len, pos)
+
+    def encrypt_in_steps(self, plaintext: bytes | bytearray | memoryview) -> WholeMessage:
+        """:meth:`encrypt_all` a step at a time, for large messages (see
+        :class:`WholeMessage`); the same bytes."""
+        if self._finalized or self.pending_bytes or self._sequence != 1:
+            raise ConfigurationError("encrypt_all() needs a fresh encryptor")
+        self._finalized = True
+        return WholeMessage(self, memoryview(plaintext).cast("B"))
 
     # -- internals -----------------------------------------------------------------
 
@@ -323,27 +401,6 @@ class MessageEncryptor:
             raise ConfigurationError(
                 "the plaintext needs more than 2^32-1 frames; use a larger frame_length"
             )
-
-    def _seal_regular_frames(self, chunks: list[bytes | bytearray | memoryview]) -> list[bytes]:
-        """Each chunk as one regular frame, its own ``bytes``: ``encrypt`` allocates the
-        ciphertext and the prefix join copies it while it is still in cache, which
-        measured faster than sealing a batch into one buffer and copying that out. The
-        loop is flat with its lookups hoisted: it runs once per frame of a stream."""
-        seq = self._sequence
-        encrypt = self._aead.encrypt
-        aad_head = self._message_id + FRAME_AAD
-        iv_of, aad_tail, prefix_of = IV_STRUCT.pack, AAD_TAIL_STRUCT.pack, _REGULAR_PREFIX.pack
-        frames = []
-        log, key = nonce_log.observers, self._key
-        for chunk in chunks:
-            iv = iv_of(seq)
-            if log:
-                nonce_log.sealing(key, iv)
-            aad = aad_head + aad_tail(seq, len(chunk))
-            frames.append(prefix_of(seq, iv) + encrypt(iv, chunk, aad))
-            seq += 1
-        self._sequence = seq
-        return frames
 
     def _seal_large_frame(self, chunk: memoryview) -> list[Buffer]:
         self._check_frame_budget(self._sequence + 1)
@@ -369,17 +426,29 @@ class MessageEncryptor:
         out: the next large frame is sealed into it (see :class:`FramePool`)."""
         self._pool.give(body)
 
-    def _seal_regular(self, out: memoryview, pos: int, chunk: memoryview) -> int:
+    def _seal_regular_into(
+        self, out: memoryview, pos: int, src: memoryview, start: int, stop: int
+    ) -> int:
+        """Seal ``src[start:stop]`` (whole frames) as regular frames into ``out`` from
+        ``pos``; returns where they end. Flat, with its lookups hoisted: it runs once per
+        frame of a large one-shot message."""
+        f = self._frame_length
         seq = self._sequence
-        iv = frame_iv(seq)
-        out[pos : pos + 16] = _REGULAR_PREFIX.pack(seq, iv)
-        pos += 16
-        end = pos + len(chunk) + _TAG
-        aad = body_aad(self._message_id, FRAME_AAD, seq, len(chunk))
-        nonce_log.sealing(self._key, iv)
-        self._aead.encrypt_into(iv, chunk, aad, out[pos:end])
-        self._sequence = seq + 1
-        return end
+        encrypt_into = self._aead.encrypt_into
+        aad_head, aad_tail = self._aad_head, AAD_TAIL_STRUCT.pack
+        iv_of, prefix_into = IV_STRUCT.pack, _REGULAR_PREFIX.pack_into
+        log, key = nonce_log.observers, self._key
+        for offset in range(start, stop, f):
+            iv = iv_of(seq)
+            if log:
+                nonce_log.sealing(key, iv)
+            prefix_into(out, pos, seq, iv)
+            body = pos + 16
+            pos = body + f + _TAG
+            encrypt_into(iv, src[offset : offset + f], aad_head + aad_tail(seq, f), out[body:pos])
+            seq += 1
+        self._sequence = seq
+        return pos
 
     def _seal_final(self, out: memoryview, pos: int, chunk: memoryview) -> int:
         seq = self._sequence
@@ -406,6 +475,92 @@ class MessageEncryptor:
             return bytes(view[:end])
         finally:
             view.release()
+
+
+class WholeMessage:
+    """One message sealed straight into the ``bytes`` it is returned as, a step at a time.
+
+    Why steps: the client seals a large message in pieces that each fit its loop budget
+    (or go to a worker thread), as a stream would, but without a stream's per-frame
+    ``bytes`` and the join of them all at the end: every frame is sealed in place into
+    the message's own buffer (see :func:`~.body.unshared_bytes`), each byte written once.
+    For signing suites each step's sealed bytes go to the signer as they are written.
+    """
+
+    __slots__ = (
+        "_done",
+        "_encryptor",
+        "_finished",
+        "_out",
+        "_pos",
+        "_signed",
+        "_src",
+        "_stop",
+        "_view",
+    )
+
+    def __init__(self, encryptor: MessageEncryptor, src: memoryview) -> None:
+        f, n = encryptor._frame_length, len(src)
+        regular = (n - 1) // f if n else 0
+        encryptor._check_frame_budget(regular + 1)
+        header = encryptor.header
+        size = len(header) + regular * (f + _REGULAR_OVERHEAD) + _FINAL_OVERHEAD + n
+        size -= regular * f
+        signed = encryptor._signer is not None
+        self._encryptor = encryptor
+        self._src = src
+        self._out = unshared_bytes(size + (_MAX_SIGNATURE if signed else 0))
+        self._view = self._out.getbuffer()
+        self._view[: len(header)] = header
+        self._pos = self._signed = len(header)
+        self._done = 0  # plaintext bytes sealed so far
+        self._finished = False
+        self._stop = regular * f  # where the regular frames end and the final one starts
+
+    @property
+    def remaining(self) -> int:
+        """Plaintext bytes not sealed yet."""
+        return len(self._src) - self._done
+
+    def advance(self, budget: int) -> bool:
+        """Seal about ``budget`` more plaintext bytes (at least one frame); True once the
+        whole body is sealed."""
+        if self._finished:
+            return True
+        encryptor, view = self._encryptor, self._view
+        f = encryptor._frame_length
+        stop = min(self._stop, self._done + max(f, budget - budget % f))
+        pos = encryptor._seal_regular_into(view, self._pos, self._src, self._done, stop)
+        self._done = stop
+        finished = stop == self._stop
+        if finished and not self._finished:
+            pos = encryptor._seal_final(view, pos, self._src[stop:])
+            self._done = len(self._src)
+            self._finished = True
+        if encryptor._signer is not None:
+            encryptor._signer.update(view[self._signed : pos])
+            self._signed = pos
+        self._pos = pos
+        return finished
+
+    def message(self) -> bytes:
+        """The message (the footer appended for signing suites), once :meth:`advance`
+        returned True. The buffer is handed over, not copied: no view of it is left."""
+        encryptor, end = self._encryptor, self._pos
+        if not self._finished:
+            raise ConfigurationError("message() before advance() sealed the whole body")
+        view = self._view
+        if encryptor._signer is not None:
+            signature = encryptor._signer.finalize()
+            footer = len(signature).to_bytes(2, "big") + signature
+            view[end : end + len(footer)] = footer
+            end += len(footer)
+        view.release()
+        out = self._out
+        out.truncate(end)
+        message = out.getvalue()
+        out.close()
+        return message
 
 
 class _LargeSeal:

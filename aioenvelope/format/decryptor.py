@@ -9,7 +9,8 @@ Push bytes in with :meth:`MessageDecryptor.receive_data` (and
 3. :meth:`next_plaintext` hands out one frame's plaintext at a time, each only after its
    tag verified. For signing suites the final frame is held until the signature
    verified, so a truncated or forged message never yields its last plaintext;
-4. :meth:`read_all` is the one-shot path: everything verified, or nothing.
+4. :meth:`read_all` is the one-shot path: everything verified, or nothing
+   (:meth:`read_all_in_steps` does it a step at a time, for large messages).
 
 Every error is one of :mod:`aioenvelope.errors`; nothing here blocks or awaits.
 

@@ -1,8 +1,9 @@
 """The sans-I/O message writer.
 
-Feed it plaintext, take bytes out: ``header`` first, then whatever ``update`` returns,
-then ``finalize()``. ``encrypt_all`` is the one-shot fast path and produces the same
-bytes for the same inputs. No I/O, no clock: the caller supplies the message ID, the
+Feed it plaintext, take bytes out: ``header`` first, then whatever ``update`` returns
+(or, frame by frame, ``feed`` then ``next_frame`` until None), then ``finalize()``.
+``encrypt_all`` (and ``encrypt_in_steps`` for large messages) is the one-shot fast path
+and produces the same bytes for the same inputs. No I/O, no clock: the caller supplies the message ID, the
 data key and the EDKs, which is also the seam that makes output reproducible in tests.
 """
 

@@ -20,6 +20,7 @@ import pytest
 from chunkers import agen, fixed_chunks
 from frame_layout import REGULAR_OVERHEAD, header_length
 from suites import COMMIT, COMMIT_SIGN
+from twin_encryptors import Twins
 
 from aioenvelope import AlgorithmSuite, EnvelopeClient, RawAesKeyring, errors
 from aioenvelope.format import nonce_log
@@ -161,3 +162,25 @@ async def test_every_frame_of_the_fast_paths_is_a_logged_seal_with_a_fresh_iv(
     assert len(message_seals) == len(sizes) + frames  # a header tag, then each frame
     assert len({key for key, _ in message_seals}) == len(sizes)
     assert [pair for pair, n in collections.Counter(seals).items() if n > 1] == []
+
+
+def test_the_encryptor_refuses_more_input_or_the_end_before_the_frames_fed_are_taken() -> None:
+    """``feed`` then ``next_frame`` until None: feeding again, or finalizing, while fed
+    plaintext is still unsealed would lose it (or seal it out of order), so both are
+    refused; once drained, the frames are those ``update_frames`` gives."""
+    twins = Twins(COMMIT, FRAME, CONTEXT)
+    data = os.urandom(3 * FRAME + 5)
+    pulled = twins.make()
+    pulled.feed(data)
+    with pytest.raises(errors.ConfigurationError):
+        pulled.feed(b"more")
+    with pytest.raises(errors.ConfigurationError):
+        pulled.finalize_frames()
+    frames = []
+    while (frame := pulled.next_frame()) is not None:
+        frames.append(frame)
+    pushed = twins.make()
+    assert frames == pushed.update_frames(data)
+    final = pulled.finalize_frames()
+    assert final == pushed.finalize_frames()
+    assert twins.read(b"".join([pulled.header, *frames, *final])) == data

@@ -21,7 +21,7 @@ from cachetools import TTLCache
 
 from .coalesce import Coalescer
 from .config import CacheConfig
-from .format.encryption_context import serialize_encryption_context, validate_user_context
+from .format.encryption_context import validate_user_context
 from .format.header import MessageHeader
 from .format.suites import AlgorithmSuite
 from .keyrings.base import DecryptionMaterials, _evolve
@@ -29,6 +29,7 @@ from .materials import (
     DecryptionPlan,
     DefaultMaterialsManager,
     EncryptionPlan,
+    decryption_context_bytes,
     merge_reproduced_context,
     verifier_for,
 )
@@ -226,24 +227,28 @@ class KeyManager:
         context, required = merge_reproduced_context(header, reproduced_context)
         verifier = verifier_for(header, context)
         suite = header.algorithm_suite
+        # Made once, with the cache key, and passed on to the keyring (the raw AES
+        # keyring's AAD); without a cache, only if the keyring asks for it.
+        serialized_context: bytes | None = None
 
         async def fetch() -> DecryptionMaterials:
             # The decrypt rate limit is charged per KMS call, inside the keyrings
             # (Runtime.admit_remote_decrypt): one miss can try many EDKs.
-            return await inner.decryption_materials(header, context, required)
+            return await inner.decryption_materials(header, context, required, serialized_context)
 
         cache = self._decrypt if suite.info.kdf_hash is not None else None
         if cache is None:
             # No cache, no sharing: every message makes its own call (the contract of
             # cache=None, e.g. for a per-message audit trail; never for identity KDFs).
             return DecryptionPlan(await fetch(), verifier)
+        serialized_context = decryption_context_bytes(header, context, required)
         key = _digest(
             self._partition,
             b"decrypt",
             suite.suite_id.to_bytes(2, "big"),
             *sorted(edk.serialize() for edk in header.encrypted_data_keys),
             b"context",
-            serialize_encryption_context(context),
+            serialized_context,
         )
         entry: _DecryptEntry | None = cache.get(key)
         if entry is not None:

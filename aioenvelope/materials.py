@@ -20,8 +20,12 @@ from .errors import (
     MessageLimitError,
     NoUsableKeyError,
 )
-from .format.encryption_context import PUBLIC_KEY_FIELD, validate_user_context
-from .format.header import MessageHeader
+from .format.encryption_context import (
+    PUBLIC_KEY_FIELD,
+    serialize_encryption_context,
+    validate_user_context,
+)
+from .format.header import MessageHeader, stored_context_bytes
 from .format.signing import Signer, Verifier
 from .format.suites import AlgorithmSuite, CommitmentPolicy
 from .keyrings.base import (
@@ -83,6 +87,8 @@ class DecryptionPlan:
     @property
     def required_context(self) -> dict[str, str]:
         required = self.materials.required_encryption_context_keys
+        if not required:  # the usual case: no comprehension over the context
+            return {}
         return {k: v for k, v in self.materials.encryption_context.items() if k in required}
 
 
@@ -168,14 +174,27 @@ class DefaultMaterialsManager:
             )
 
     async def decryption_materials(
-        self, header: MessageHeader, context: Mapping[str, str], required: frozenset[str]
+        self,
+        header: MessageHeader,
+        context: Mapping[str, str],
+        required: frozenset[str],
+        serialized_context: bytes | None = None,
     ) -> DecryptionMaterials:
-        """Ask the keyring for the data key (the part worth caching)."""
+        """Ask the keyring for the data key (the part worth caching).
+
+        ``serialized_context``, when given, must be :func:`decryption_context_bytes` of
+        the same arguments (a caller that needed it already passes it on). Else the
+        header's own bytes serve when they are that; nothing is serialized here that a
+        keyring might never ask for."""
         materials = DecryptionMaterials(
             algorithm_suite=header.algorithm_suite,
             encryption_context=context,
             required_encryption_context_keys=required,
         )
+        if serialized_context is None and not required:
+            serialized_context = header._serialized_context
+        if serialized_context is not None:
+            materials._known_serialization(serialized_context)
         try:
             result = await self.keyring.on_decrypt(materials, header.encrypted_data_keys)
         except NoUsableKeyError as exc:
@@ -198,6 +217,17 @@ def _name_the_message_keys(error: NoUsableKeyError, header: MessageHeader) -> No
     )
     if not error.args[0].endswith(tail):  # a keyring re-raising one error object
         error.args = (error.args[0].rstrip(".") + tail,)
+
+
+def decryption_context_bytes(
+    header: MessageHeader, context: Mapping[str, str], required: frozenset[str]
+) -> bytes:
+    """The serialization of ``context``, as :func:`merge_reproduced_context` made it
+    from ``header``: with no required pairs it holds just the header's pairs, whose
+    serialization the header usually has already (no per-message serialization)."""
+    if required:
+        return serialize_encryption_context(context)
+    return stored_context_bytes(header)
 
 
 def merge_reproduced_context(

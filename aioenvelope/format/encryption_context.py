@@ -16,6 +16,7 @@ __all__ = [
     "PUBLIC_KEY_FIELD",
     "RESERVED_PREFIX",
     "deserialize_encryption_context",
+    "read_context_in_order",
     "serialize_encryption_context",
     "validate_user_context",
 ]
@@ -84,6 +85,55 @@ def deserialize_encryption_context(data: bytes) -> dict[str, str]:
     if cursor.pos != len(data):
         raise MalformedMessageError("encryption context has bytes after its last entry")
     return context
+
+
+def read_context_in_order(data: bytes) -> tuple[dict[str, str], bytes | None] | None:
+    """The context a header's bytes hold, and those bytes again when they are what
+    :func:`serialize_encryption_context` makes of it (keys in strictly rising byte
+    order), else None in their place; None for bytes
+    :func:`deserialize_encryption_context` refuses, which then says why.
+
+    The header parser's one-pass path: on the small-message path the bytes it returns
+    spare a reader re-serializing the context (the raw AES keyring's AAD, the decrypt
+    cache key) for every message.
+    """
+    if not data:
+        return {}, data
+    size = len(data)
+    if size < 2:
+        return None
+    count = data[0] << 8 | data[1]
+    if count == 0:
+        return None
+    context: dict[str, str] = {}
+    pos = 2
+    previous = b""
+    in_order = True
+    for _ in range(count):
+        if pos + 2 > size:
+            return None
+        key_end = pos + 2 + (data[pos] << 8 | data[pos + 1])
+        if key_end + 2 > size:
+            return None
+        value_end = key_end + 2 + (data[key_end] << 8 | data[key_end + 1])
+        if value_end > size:
+            return None
+        key_bytes = data[pos + 2 : key_end]
+        try:
+            key = key_bytes.decode("utf-8")
+            value = data[key_end + 2 : value_end].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if key in context:
+            return None
+        if key_bytes <= previous:
+            in_order = False  # (an empty first key too: rare, and only slower)
+        previous = key_bytes
+        context[key] = value
+        pos = value_end
+    if pos != size:
+        return None
+    return context, (data if in_order else None)
 
 
 def validate_user_context(context: Mapping[str, str]) -> None:

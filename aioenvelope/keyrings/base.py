@@ -59,6 +59,12 @@ class _Materials:
         """The context as the message format serializes it (the raw AES keyring's AAD)."""
         return serialize_encryption_context(self.encryption_context)
 
+    def _known_serialization(self, serialized: bytes) -> None:
+        """Fill :attr:`serialized_encryption_context` with ``serialized``, which the
+        caller knows to be it (say, the very bytes of a message's header): spares the
+        per-message serialization. Only before the materials are handed to anyone."""
+        self.__dict__["serialized_encryption_context"] = serialized
+
     def with_data_key(self: _M, data_key: bytes) -> _M:
         if self.plaintext_data_key is not None:
             raise ValueError("these materials already have a data key")

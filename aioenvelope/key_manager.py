@@ -158,19 +158,25 @@ class KeyManager:
         required_encryption_context_keys: Set[str],
         plaintext_length: int | None,
     ) -> EncryptionPlan:
-        def fresh() -> Any:
-            return self.inner.encryption_plan(
+        inner = self.inner
+        cache, config = self._encrypt, self._config
+        if cache is None or config is None:  # no reuse: straight to the keyring
+            return await inner.encryption_plan(
                 encryption_context=encryption_context,
                 algorithm_suite=algorithm_suite,
                 required_encryption_context_keys=required_encryption_context_keys,
             )
 
-        cache, config = self._encrypt, self._config
-        suite = self.inner.choose_suite(algorithm_suite)
+        def fresh() -> Any:
+            return inner.encryption_plan(
+                encryption_context=encryption_context,
+                algorithm_suite=algorithm_suite,
+                required_encryption_context_keys=required_encryption_context_keys,
+            )
+
+        suite = inner.choose_suite(algorithm_suite)
         if (
-            cache is None
-            or config is None
-            or plaintext_length is None
+            plaintext_length is None
             or plaintext_length > config.max_bytes
             or suite.info.kdf_hash is None  # never reuse a key that is used directly
         ):

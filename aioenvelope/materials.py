@@ -64,6 +64,8 @@ class EncryptionPlan:
     def required_context(self) -> Mapping[str, str]:
         """The pairs authenticated through the header tag but not stored."""
         required = self.materials.required_encryption_context_keys
+        if not required:  # the usual case: no comprehension over the context
+            return {}
         return {k: v for k, v in self.materials.encryption_context.items() if k in required}
 
     @property
@@ -130,22 +132,21 @@ class DefaultMaterialsManager:
         required_encryption_context_keys: Set[str] = frozenset(),
     ) -> EncryptionPlan:
         validate_user_context(encryption_context)
-        missing = set(required_encryption_context_keys) - set(encryption_context)
-        if missing:
-            raise EncryptionContextError(
-                f"required encryption context keys {sorted(missing)!r} are not in the "
-                "encryption context"
-            )
+        if required_encryption_context_keys:
+            missing = set(required_encryption_context_keys) - set(encryption_context)
+            if missing:
+                raise EncryptionContextError(
+                    f"required encryption context keys {sorted(missing)!r} are not in the "
+                    "encryption context"
+                )
         suite = self.choose_suite(algorithm_suite)
         context = dict(encryption_context)
         signer = None
         if suite.signing:
             signer = Signer(suite)
             context[PUBLIC_KEY_FIELD] = signer.encoded_public_key
-        materials = EncryptionMaterials(
-            algorithm_suite=suite,
-            encryption_context=context,
-            required_encryption_context_keys=frozenset(required_encryption_context_keys),
+        materials = EncryptionMaterials._of_own_copy(
+            suite, context, frozenset(required_encryption_context_keys)
         )
         result = await self.keyring.on_encrypt(materials)
         if result.plaintext_data_key is None or not result.encrypted_data_keys:

@@ -83,10 +83,37 @@ class EncryptionMaterials(_Materials):
     plaintext_data_key: bytes | None = field(default=None, repr=False)
     required_encryption_context_keys: frozenset[str] = frozenset()
 
+    @classmethod
+    def _of_own_copy(
+        cls, suite: AlgorithmSuite, context: dict[str, str], required: frozenset[str]
+    ) -> EncryptionMaterials:
+        """Fresh materials over ``context``, a dict no one else holds (so no second
+        copy), without the dataclass ``__init__``: ~1 us less per message."""
+        new = object.__new__(cls)
+        new.__dict__.update(
+            algorithm_suite=suite,
+            encryption_context=MappingProxyType(context),
+            encrypted_data_keys=(),
+            plaintext_data_key=None,
+            required_encryption_context_keys=required,
+        )
+        return new
+
     def with_encrypted_data_key(self, edk: EncryptedDataKey) -> EncryptionMaterials:
         if not isinstance(edk, EncryptedDataKey):
             raise TypeError("edk must be an EncryptedDataKey")
         return _evolve(self, encrypted_data_keys=(*self.encrypted_data_keys, edk))
+
+    def _with_key_and_edk(self, data_key: bytes, edk: EncryptedDataKey) -> EncryptionMaterials:
+        """:meth:`with_data_key` then :meth:`with_encrypted_data_key` in one copy, for a
+        keyring that generated ``data_key`` (of the suite's length) and wrapped it."""
+        if self.plaintext_data_key is not None:
+            raise ValueError("these materials already have a data key")
+        return _evolve(
+            self,
+            plaintext_data_key=data_key,
+            encrypted_data_keys=(*self.encrypted_data_keys, edk),
+        )
 
     def generate_data_key(self) -> EncryptionMaterials:
         """Materials with a fresh random data key of the suite's length."""

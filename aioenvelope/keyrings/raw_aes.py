@@ -77,15 +77,17 @@ class RawAesKeyring(Keyring):
         return f"the raw AES keyring {shown_name(self.key_namespace)}/{shown_name(self.key_name)}"
 
     async def on_encrypt(self, materials: EncryptionMaterials) -> EncryptionMaterials:
-        if materials.plaintext_data_key is None:
-            materials = materials.generate_data_key()
-        assert materials.plaintext_data_key is not None
+        data_key = materials.plaintext_data_key
+        generated = data_key is None
+        if data_key is None:
+            data_key = os.urandom(materials.algorithm_suite.key_length)
         iv = os.urandom(_IV_LENGTH)  # random 96-bit IVs: sound for 2^32 wraps per key
-        nonce_log.report(self._fingerprint, iv)
-        wrapped = self._aead.encrypt(
-            iv, materials.plaintext_data_key, materials.serialized_encryption_context
-        )
+        if nonce_log.observers:
+            nonce_log.report(self._fingerprint, iv)
+        wrapped = self._aead.encrypt(iv, data_key, materials.serialized_encryption_context)
         edk = EncryptedDataKey(self.key_namespace, self._info_prefix + iv, wrapped)
+        if generated:  # one copy of the materials instead of two
+            return materials._with_key_and_edk(data_key, edk)
         return materials.with_encrypted_data_key(edk)
 
     async def on_decrypt(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from collections.abc import Callable, Hashable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from .materials import (
     DefaultMaterialsManager,
     EncryptionPlan,
     decryption_context_bytes,
+    decryption_plan_of,
     merge_reproduced_context,
     verifier_for,
 )
@@ -37,6 +39,8 @@ from .stats import StatsRecorder
 from .telemetry import Observer
 
 __all__ = ["KeyManager"]
+
+_U64 = struct.Struct(">Q")
 
 
 class _WipingTTLCache(TTLCache[Hashable, Any]):
@@ -105,11 +109,12 @@ class _EncryptEntry:
 
 
 def _digest(*parts: bytes) -> bytes:
-    h = hashlib.sha384()
+    """SHA-384 over the parts, each length-prefixed (no ambiguous joins). Joined first
+    and hashed in one call: per-part ``update`` calls were a microsecond a message."""
+    joined: list[bytes] = []
     for part in parts:
-        h.update(len(part).to_bytes(8, "big"))  # length-prefixed: no ambiguous joins
-        h.update(part)
-    return h.digest()
+        joined += (_U64.pack(len(part)), part)
+    return hashlib.sha384(b"".join(joined)).digest()
 
 
 class KeyManager:
@@ -220,33 +225,41 @@ class KeyManager:
     # -- decryption --------------------------------------------------------------------
 
     async def decryption_plan(
-        self, header: MessageHeader, reproduced_context: Mapping[str, str] | None
+        self,
+        header: MessageHeader,
+        reproduced_context: Mapping[str, str] | None,
+        *,
+        serialized_edk: bytes | None = None,
     ) -> DecryptionPlan:
+        """The data key (cached, coalesced or from the keyring) and verifier for
+        ``header``. ``serialized_edk``: the serialization of the header's one encrypted
+        data key, when the caller has it in hand (the decrypt cache key's input)."""
         inner = self.inner
         inner.check_policy(header)
         context, required = merge_reproduced_context(header, reproduced_context)
         verifier = verifier_for(header, context)
         suite = header.algorithm_suite
-        # Made once, with the cache key, and passed on to the keyring (the raw AES
-        # keyring's AAD); without a cache, only if the keyring asks for it.
-        serialized_context: bytes | None = None
-
-        async def fetch() -> DecryptionMaterials:
-            # The decrypt rate limit is charged per KMS call, inside the keyrings
-            # (Runtime.admit_remote_decrypt): one miss can try many EDKs.
-            return await inner.decryption_materials(header, context, required, serialized_context)
-
         cache = self._decrypt if suite.info.kdf_hash is not None else None
         if cache is None:
             # No cache, no sharing: every message makes its own call (the contract of
             # cache=None, e.g. for a per-message audit trail; never for identity KDFs).
-            return DecryptionPlan(await fetch(), verifier)
+            # The keyring asks for the serialized context only if it needs it.
+            return decryption_plan_of(
+                await inner.decryption_materials(header, context, required), verifier
+            )
+        # Made once, with the cache key, and passed on to the keyring (the raw AES
+        # keyring's AAD).
         serialized_context = decryption_context_bytes(header, context, required)
+        edks = header.encrypted_data_keys
+        if serialized_edk is None or len(edks) != 1:
+            sorted_edks = sorted(edk.serialize() for edk in edks)
+        else:
+            sorted_edks = [serialized_edk]  # one EDK: nothing to sort
         key = _digest(
             self._partition,
             b"decrypt",
             suite.suite_id.to_bytes(2, "big"),
-            *sorted(edk.serialize() for edk in header.encrypted_data_keys),
+            *sorted_edks,
             b"context",
             serialized_context,
         )
@@ -255,15 +268,19 @@ class KeyManager:
             self._stats.decrypt_cache_hits += 1
             if self._observer is not None:
                 self._observer.cache_lookup("decrypt", True)
-            return DecryptionPlan(entry.use(), verifier)
+            return decryption_plan_of(entry.use(), verifier)
         self._stats.decrypt_cache_misses += 1
         if self._observer is not None:
             self._observer.cache_lookup("decrypt", False)
 
         async def fetch_and_cache() -> DecryptionMaterials:
-            materials = await fetch()
+            # The decrypt rate limit is charged per KMS call, inside the keyrings
+            # (Runtime.admit_remote_decrypt): one miss can try many EDKs.
+            materials = await inner.decryption_materials(
+                header, context, required, serialized_context
+            )
             cache[key] = _DecryptEntry(materials)
             return materials
 
         materials = await self._coalescer.run(("decrypt", key), fetch_and_cache)
-        return DecryptionPlan(materials, verifier)
+        return decryption_plan_of(materials, verifier)

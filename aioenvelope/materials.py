@@ -87,10 +87,15 @@ class DecryptionPlan:
 
     @property
     def required_context(self) -> dict[str, str]:
-        required = self.materials.required_encryption_context_keys
-        if not required:  # the usual case: no comprehension over the context
-            return {}
-        return {k: v for k, v in self.materials.encryption_context.items() if k in required}
+        return required_pairs(self.materials)
+
+
+def required_pairs(materials: DecryptionMaterials) -> dict[str, str]:
+    """The pairs authenticated through the header tag but not stored in it."""
+    required = materials.required_encryption_context_keys
+    if not required:  # the usual case: no comprehension over the context
+        return {}
+    return {k: v for k, v in materials.encryption_context.items() if k in required}
 
 
 def decryption_plan_of(materials: DecryptionMaterials, verifier: Verifier | None) -> DecryptionPlan:

@@ -814,6 +814,12 @@ class OneFrameMessage:
         them, one after another, in the header's order."""
         return self._buf[self.edks_start : self.edks_end]
 
+    @property
+    def edks(self) -> tuple[bytes, int, int]:
+        """Where :attr:`serialized_edks` are, for a reader that slices them only if it
+        needs them (the decrypt cache key): the buffer, start and end."""
+        return self._buf, self.edks_start, self.edks_end
+
     def open(self, data_key: bytes | bytearray, required: Mapping[str, str]) -> bytes:
         """The plaintext, once the key commitment, the header tag (with the serialized
         ``required`` pairs appended, as :meth:`MessageDecryptor.begin_body` does) and

@@ -286,7 +286,12 @@ class KeyManager:
             buf, start, end = serialized_edks
             sorted_edks = [buf[start:end]]  # one EDK: nothing to sort
         key = self._decrypt_key(suite, sorted_edks, serialized_context)
-        entry: _DecryptEntry | None = cache.get(key)
+        try:
+            # One lookup (``get`` is ``in`` then ``[]``: two, each reading the clock);
+            # an expired entry raises KeyError as a missing one does.
+            entry: _DecryptEntry | None = cache[key]
+        except KeyError:
+            entry = None
         if entry is not None:
             self._stats.decrypt_cache_hits += 1
             if self._observer is not None:

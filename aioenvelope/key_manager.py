@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from collections.abc import Callable, Hashable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +22,9 @@ from cachetools import TTLCache
 
 from .coalesce import Coalescer
 from .config import CacheConfig
-from .format.encryption_context import validate_user_context
+from .format.encryption_context import PUBLIC_KEY_FIELD, validate_user_context
 from .format.header import MessageHeader
+from .format.signing import Verifier
 from .format.suites import AlgorithmSuite
 from .keyrings.base import DecryptionMaterials, _evolve
 from .materials import (
@@ -30,6 +32,7 @@ from .materials import (
     DefaultMaterialsManager,
     EncryptionPlan,
     decryption_context_bytes,
+    decryption_plan_of,
     merge_reproduced_context,
     verifier_for,
 )
@@ -37,6 +40,8 @@ from .stats import StatsRecorder
 from .telemetry import Observer
 
 __all__ = ["KeyManager"]
+
+_U64 = struct.Struct(">Q")
 
 
 class _WipingTTLCache(TTLCache[Hashable, Any]):
@@ -104,12 +109,14 @@ class _EncryptEntry:
         self.data_key[:] = bytes(len(self.data_key))
 
 
-def _digest(*parts: bytes) -> bytes:
-    h = hashlib.sha384()
-    for part in parts:
-        h.update(len(part).to_bytes(8, "big"))  # length-prefixed: no ambiguous joins
-        h.update(part)
-    return h.digest()
+def _prefixed(part: bytes) -> bytes:
+    return _U64.pack(len(part)) + part  # length-prefixed: no ambiguous joins
+
+
+_SUITE_PARTS = {
+    suite.suite_id: _prefixed(suite.suite_id.to_bytes(2, "big")) for suite in AlgorithmSuite
+}
+_CONTEXT_PART = _prefixed(b"context")
 
 
 class KeyManager:
@@ -133,6 +140,7 @@ class KeyManager:
         self._stats = stats
         partition = (cache.partition if cache else None) or os.urandom(16).hex()
         self._partition = partition.encode("utf-8")
+        self._decrypt_key_head = _prefixed(self._partition) + _prefixed(b"decrypt")
         self._encrypt: _WipingTTLCache | None = None
         self._decrypt: _WipingTTLCache | None = None
         if cache is not None:
@@ -225,51 +233,88 @@ class KeyManager:
 
     # -- decryption --------------------------------------------------------------------
 
+    def _decrypt_key(
+        self, suite: AlgorithmSuite, sorted_edks: list[bytes], serialized_context: bytes
+    ) -> bytes:
+        """SHA-384 over the length-prefixed parts: partition, b"decrypt", suite ID, the
+        sorted serialized EDKs, b"context", the serialized context. Joined and hashed in
+        one call (per-part ``update`` calls were a microsecond a message), the parts
+        that never change for this manager and suite prefixed once, not per message."""
+        parts = [self._decrypt_key_head, _SUITE_PARTS[suite.suite_id]]
+        for edk in sorted_edks:
+            parts += (_U64.pack(len(edk)), edk)
+        parts += (_CONTEXT_PART, _U64.pack(len(serialized_context)), serialized_context)
+        return hashlib.sha384(b"".join(parts)).digest()
+
     async def decryption_plan(
         self, header: MessageHeader, reproduced_context: Mapping[str, str] | None
     ) -> DecryptionPlan:
+        """The data key (cached, coalesced or from the keyring) and verifier for
+        ``header``."""
+        materials, verifier = await self.decryption_materials(header, reproduced_context)
+        return decryption_plan_of(materials, verifier)
+
+    async def decryption_materials(
+        self,
+        header: MessageHeader,
+        reproduced_context: Mapping[str, str] | None,
+        *,
+        serialized_edks: tuple[bytes, int, int] | None = None,
+    ) -> tuple[DecryptionMaterials, Verifier | None]:
+        """:meth:`decryption_plan`'s materials and verifier, without the plan object
+        (the one-frame path's, once per message). ``serialized_edks``: where the header's encrypted data keys are
+        serialized in the message (buffer, start, end), when the caller has them in hand:
+        with one EDK that is the decrypt cache key's input as it is, with no
+        serialization and nothing to sort."""
         inner = self.inner
-        inner.check_policy(header)
-        context, required = merge_reproduced_context(header, reproduced_context)
-        verifier = verifier_for(header, context)
         suite = header.algorithm_suite
-        # Made once, with the cache key, and passed on to the keyring (the raw AES
-        # keyring's AAD); without a cache, only if the keyring asks for it.
-        serialized_context: bytes | None = None
-
-        async def fetch() -> DecryptionMaterials:
-            # The decrypt rate limit is charged per KMS call, inside the keyrings
-            # (Runtime.admit_remote_decrypt): one miss can try many EDKs.
-            return await inner.decryption_materials(header, context, required, serialized_context)
-
+        if not suite.committing:  # committing suites pass every policy
+            inner.check_policy(header)
+        context, required = merge_reproduced_context(header, reproduced_context)
+        verifier = (
+            verifier_for(header, context)
+            if suite.signing or PUBLIC_KEY_FIELD in context  # else it is None
+            else None
+        )
         cache = self._decrypt if suite.info.kdf_hash is not None else None
         if cache is None:
             # No cache, no sharing: every message makes its own call (the contract of
             # cache=None, e.g. for a per-message audit trail; never for identity KDFs).
-            return DecryptionPlan(await fetch(), verifier)
+            # The keyring asks for the serialized context only if it needs it.
+            return await inner.decryption_materials(header, context, required), verifier
+        # Made once, with the cache key, and passed on to the keyring (the raw AES
+        # keyring's AAD).
         serialized_context = decryption_context_bytes(header, context, required)
-        key = _digest(
-            self._partition,
-            b"decrypt",
-            suite.suite_id.to_bytes(2, "big"),
-            *sorted(edk.serialize() for edk in header.encrypted_data_keys),
-            b"context",
-            serialized_context,
-        )
-        entry: _DecryptEntry | None = cache.get(key)
+        edks = header.encrypted_data_keys
+        if serialized_edks is None or len(edks) != 1:
+            sorted_edks = sorted(edk.serialize() for edk in edks)
+        else:
+            buf, start, end = serialized_edks
+            sorted_edks = [buf[start:end]]  # one EDK: nothing to sort
+        key = self._decrypt_key(suite, sorted_edks, serialized_context)
+        try:
+            # One lookup (``get`` is ``in`` then ``[]``: two, each reading the clock);
+            # an expired entry raises KeyError as a missing one does.
+            entry: _DecryptEntry | None = cache[key]
+        except KeyError:
+            entry = None
         if entry is not None:
             self._stats.decrypt_cache_hits += 1
             if self._observer is not None:
                 self._observer.cache_lookup("decrypt", True)
-            return DecryptionPlan(entry.use(), verifier)
+            return entry.use(), verifier
         self._stats.decrypt_cache_misses += 1
         if self._observer is not None:
             self._observer.cache_lookup("decrypt", False)
 
         async def fetch_and_cache() -> DecryptionMaterials:
-            materials = await fetch()
+            # The decrypt rate limit is charged per KMS call, inside the keyrings
+            # (Runtime.admit_remote_decrypt): one miss can try many EDKs.
+            materials = await inner.decryption_materials(
+                header, context, required, serialized_context
+            )
             cache[key] = _DecryptEntry(materials)
             return materials
 
         materials = await self._coalescer.run(("decrypt", key), fetch_and_cache)
-        return DecryptionPlan(materials, verifier)
+        return materials, verifier

@@ -32,6 +32,7 @@ from .keyrings.base import (
     DecryptionMaterials,
     EncryptionMaterials,
     Keyring,
+    _frozen,
     describe_encrypted_data_keys,
 )
 
@@ -88,10 +89,26 @@ class DecryptionPlan:
 
     @property
     def required_context(self) -> dict[str, str]:
-        required = self.materials.required_encryption_context_keys
-        if not required:  # the usual case: no comprehension over the context
-            return {}
-        return {k: v for k, v in self.materials.encryption_context.items() if k in required}
+        return required_pairs(self.materials)
+
+
+def required_pairs(materials: DecryptionMaterials) -> dict[str, str]:
+    """The pairs authenticated through the header tag but not stored in it."""
+    required = materials.required_encryption_context_keys
+    if not required:  # the usual case: no comprehension over the context
+        return {}
+    return {k: v for k, v in materials.encryption_context.items() if k in required}
+
+
+def decryption_plan_of(materials: DecryptionMaterials, verifier: Verifier | None) -> DecryptionPlan:
+    """``DecryptionPlan(materials, verifier)`` without the frozen dataclass's
+    per-field setattr (once per message decrypted; both fields are already checked)."""
+    plan: DecryptionPlan = object.__new__(DecryptionPlan)
+    plan.__dict__.update(materials=materials, verifier=verifier)
+    return plan
+
+
+_NOTHING_REQUIRED: frozenset[str] = frozenset()
 
 
 class DefaultMaterialsManager:
@@ -187,9 +204,14 @@ class DefaultMaterialsManager:
         the same arguments (a caller that needed it already passes it on). Else the
         header's own bytes serve when they are that; nothing is serialized here that a
         keyring might never ask for."""
-        materials = DecryptionMaterials(
+        # As DecryptionMaterials(...) makes them (its __post_init__ freezes the context:
+        # a read-only view, such as the header's own, is kept as it is), without the
+        # frozen dataclass's per-field setattr.
+        materials: DecryptionMaterials = object.__new__(DecryptionMaterials)
+        materials.__dict__.update(
             algorithm_suite=header.algorithm_suite,
-            encryption_context=context,
+            encryption_context=_frozen(context),
+            plaintext_data_key=None,
             required_encryption_context_keys=required,
         )
         if serialized_context is None and not required:
@@ -233,12 +255,14 @@ def decryption_context_bytes(
 
 def merge_reproduced_context(
     header: MessageHeader, reproduced: Mapping[str, str] | None
-) -> tuple[dict[str, str], frozenset[str]]:
+) -> tuple[Mapping[str, str], frozenset[str]]:
     """The decryption context: the stored pairs, plus reproduced pairs the header does not
-    store (those are required context, authenticated through the header tag)."""
+    store (those are required context, authenticated through the header tag).
+
+    When every reproduced pair is stored (the usual case) that is the header's own
+    read-only context, not a copy: nothing is built per message."""
     stored = header.encryption_context
-    context = dict(stored)
-    required: set[str] = set()
+    context: dict[str, str] | None = None
     for key, value in (reproduced or {}).items():
         if key in stored:
             if stored[key] != value:
@@ -246,9 +270,12 @@ def merge_reproduced_context(
                     f"encryption context value for key {key!r} does not match the message"
                 )
         else:
+            if context is None:
+                context = dict(stored)
             context[key] = value
-            required.add(key)
-    return context, frozenset(required)
+    if context is None:
+        return stored, _NOTHING_REQUIRED
+    return context, frozenset(context.keys() - stored.keys())
 
 
 def verifier_for(header: MessageHeader, context: Mapping[str, str]) -> Verifier | None:

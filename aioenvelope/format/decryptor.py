@@ -64,11 +64,27 @@ from .body import (
     frame_iv,
     unshared_bytes,
 )
-from .header import ContentType, HeaderReader, ParsedHeader, parse_header
-from .header_auth import authenticated_key
+from .encryption_context import serialize_encryption_context
+from .header import (
+    ContentType,
+    HeaderReader,
+    MessageHeader,
+    ParsedHeader,
+    parse_header,
+    read_plain_v2,
+)
+from .header_auth import authenticated_key, check_header
 from .signing import Verifier
+from .suites import AlgorithmSuite
 
-__all__ = ["END_OF_MESSAGE", "EndOfMessage", "MessageDecryptor", "WholePlaintext"]
+__all__ = [
+    "END_OF_MESSAGE",
+    "EndOfMessage",
+    "MessageDecryptor",
+    "OneFrameMessage",
+    "WholePlaintext",
+    "read_one_frame_message",
+]
 
 _TAG = 16
 # AESGCM's one-shot calls take at most 2^31-1 bytes; a longer body is opened piece by
@@ -78,6 +94,12 @@ _PIECE_MAX = 1 << 30
 _U32 = struct.Struct(">I")
 _REGULAR_PREFIX = struct.Struct(">I12s")
 _FINAL_PREFIX = struct.Struct(">II12sI")
+_ZERO_IV = b"\x00" * 12
+_FIRST_IV = frame_iv(1)
+_FIRST_FINAL_AAD_TAIL = FINAL_FRAME_AAD + AAD_TAIL_STRUCT.pack(1, 0)[:4]  # ... + seq 1
+_U64 = struct.Struct(">Q")
+# The one suite the one-frame path reads: the default, key-committing and unsigned.
+_ONE_FRAME_SUITE = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
 
 
 class _State(enum.Enum):
@@ -746,3 +768,104 @@ class WholePlaintext:
         plaintext = out.getvalue()
         out.close()
         return plaintext
+
+
+class OneFrameMessage:
+    """A whole message of the commonest small shape, read straight from its buffer: a
+    v2 header of the default suite (0x0478: key-committing, unsigned), then one final
+    frame (sequence number 1) that ends exactly where the input ends.
+
+    Why: for a 1 KiB message the state machine's bookkeeping (input queue, states,
+    per-frame checks, the header's copies) cost about as much as the cryptography.
+    Here the header and the frame are offsets into the caller's ``bytes``; the header
+    tag is checked over a view of it.
+
+    :func:`read_one_frame_message` makes one only for input the general reader would
+    read the same way; for anything else (another suite, v1, more frames, a non-framed
+    body, truncation, bytes after the message) it returns None and the caller runs
+    :class:`MessageDecryptor`, which reports what is wrong exactly as always. So every
+    failure here is one the general reader has too, with the same type and message:
+    the commitment, the header tag, the frame tag.
+    """
+
+    __slots__ = ("_body_end", "_buf", "_frame", "_header_end", "edks_end", "edks_start", "header")
+
+    def __init__(
+        self,
+        buf: bytes,
+        header: MessageHeader,
+        edks_start: int,
+        body_end: int,
+        header_end: int,
+    ) -> None:
+        self._buf = buf
+        self.header = header
+        #: Where the header's encrypted data keys are (their serialization, in place):
+        #: the decrypt cache key's input, with no re-serialization.
+        self.edks_start = edks_start
+        # Then come the content type (1), the frame length (4) and the suite data.
+        self.edks_end = body_end - 5 - len(header.suite_data)
+        self._body_end = body_end
+        self._header_end = header_end
+
+    @property
+    def serialized_edks(self) -> bytes:
+        """The header's encrypted data keys as :meth:`EncryptedDataKey.serialize` makes
+        them, one after another, in the header's order."""
+        return self._buf[self.edks_start : self.edks_end]
+
+    @property
+    def edks(self) -> tuple[bytes, int, int]:
+        """Where :attr:`serialized_edks` are, for a reader that slices them only if it
+        needs them (the decrypt cache key): the buffer, start and end."""
+        return self._buf, self.edks_start, self.edks_end
+
+    def open(self, data_key: bytes | bytearray, required: Mapping[str, str]) -> bytes:
+        """The plaintext, once the key commitment, the header tag (with the serialized
+        ``required`` pairs appended, as :meth:`MessageDecryptor.begin_body` does) and
+        then the frame's tag verified; :class:`AuthenticationError` otherwise."""
+        buf, body_end, header_end = self._buf, self._body_end, self._header_end
+        header = self.header
+        view = memoryview(buf)
+        if required:
+            authenticated: bytes | memoryview = buf[:body_end] + serialize_encryption_context(
+                required
+            )
+        else:
+            authenticated = view[:body_end]
+        _, aead = check_header(header, data_key, authenticated, _ZERO_IV, view[body_end:header_end])
+        length = len(buf) - header_end - 40  # final frame prefix (24) and tag (16)
+        try:
+            return aead.decrypt(
+                _FIRST_IV,
+                view[header_end + 24 :],
+                header.message_id + _FIRST_FINAL_AAD_TAIL + _U64.pack(length),
+            )
+        except InvalidTag:
+            raise _forged(1) from None
+
+
+def read_one_frame_message(buf: bytes, *, max_encrypted_data_keys: int) -> OneFrameMessage | None:
+    """``buf`` as a :class:`OneFrameMessage` if it is one, well-formed; None otherwise
+    (the caller then reads it with :class:`MessageDecryptor`). Reads each byte of the
+    header at most once and nothing of the frame but its 24-byte prefix."""
+    read = read_plain_v2(buf, 0, max_encrypted_data_keys)
+    if read is None:
+        return None
+    header, edks_start, body_end, header_end = read
+    if header.algorithm_suite is not _ONE_FRAME_SUITE or header.content_type is not (
+        ContentType.FRAMED
+    ):
+        return None
+    if len(buf) - header_end < 40:
+        return None
+    marker, seq, iv, length = _FINAL_PREFIX.unpack_from(buf, header_end)
+    if (
+        marker != SEQUENCE_NUMBER_END
+        or seq != 1
+        or iv != _FIRST_IV
+        or length > header.frame_length
+        or header_end + 40 + length != len(buf)
+    ):
+        return None
+    return OneFrameMessage(buf, header, edks_start, body_end, header_end)

@@ -25,6 +25,7 @@ __all__ = [
     "ParsedHeader",
     "header_body_bytes",
     "parse_header",
+    "read_plain_v2",
     "serialize_header_auth",
     "serialize_header_body",
     "stored_context_bytes",
@@ -39,6 +40,8 @@ _V2_TAIL = struct.Struct(">BI")
 # A v2 header up to its encryption context: version, suite, message ID, context length.
 _V2_HEAD = struct.Struct(">BH32sH")
 _V2_AUTH_IV = b"\x00" * 12
+# AlgorithmSuite.from_id without the classmethod call (one per message read).
+_SUITES_BY_ID = {suite.suite_id: suite for suite in AlgorithmSuite}
 MAX_FRAME_LENGTH = 2**31 - 1  # the ESDK's own bound (Python); fits every implementation
 
 
@@ -293,16 +296,41 @@ def _read_plain_v2(
 
     Why: the checked parser's per-field cursor calls were a third of a small message's
     decryption. This path only ever accepts: every check of :func:`_header_steps` is
-    made here too, and on the first one that fails the caller runs the checked parser
-    from the start, which raises its own error for the same byte. Each byte is read at
-    most twice, so hostile input still costs linear time, and nothing is allocated
-    before the bytes its length field announces are seen to be there.
+    made here too (:func:`read_plain_v2`), and on the first one that fails the caller
+    runs the checked parser from the start, which raises its own error for the same
+    byte.
+    """
+    read = read_plain_v2(buf, start, max_edks)
+    if read is None:
+        return None
+    header, _, body_end, header_end = read
+    return ParsedHeader(
+        header,
+        bytes(buf[start:body_end]),
+        _V2_AUTH_IV,
+        bytes(buf[body_end:header_end]),
+        header_end - start,
+    )
+
+
+def read_plain_v2(
+    buf: bytes | bytearray | memoryview, start: int, max_edks: int
+) -> tuple[MessageHeader, int, int, int] | None:
+    """A whole, well-formed v2 header from ``buf[start:]``: the header, where its
+    encrypted data keys start, where its body ends (the header tag follows) and where
+    the header ends; None for anything else, as :func:`_read_plain_v2` says.
+
+    Offsets rather than copies, so that a reader holding the whole message (the
+    one-frame path of :mod:`.decryptor`) authenticates the header in place. Each byte
+    is read at most twice (here, then by the checked parser if this gives way), so
+    hostile input still costs linear time, and nothing is allocated before the bytes
+    its length field announces are seen to be there.
     """
     end = len(buf)
     if end - start < _V2_HEAD.size or buf[start] != 2:
         return None
     _, suite_id, message_id, ec_length = _V2_HEAD.unpack_from(buf, start)
-    suite = AlgorithmSuite.from_id(suite_id)
+    suite = _SUITES_BY_ID.get(suite_id)
     if suite is None or suite.message_version != 2:
         return None
     pos = start + _V2_HEAD.size
@@ -316,9 +344,10 @@ def _read_plain_v2(
     (edk_count,) = _U16.unpack_from(buf, ec_end)
     if edk_count == 0 or edk_count > max_edks:
         return None
-    pos = ec_end + 2
+    edks_start = pos = ec_end + 2
     edks = []
     unpack_u16 = _U16.unpack_from
+    new = object.__new__
     for _ in range(edk_count):
         if pos + 2 > end:
             return None
@@ -338,11 +367,14 @@ def _read_plain_v2(
         pos = info_end + 2 + n
         if pos > end:
             return None
-        edks.append(
-            EncryptedDataKey(
-                provider_id, bytes(buf[id_end + 2 : info_end]), bytes(buf[info_end + 2 : pos])
-            )
+        # As EncryptedDataKey(...) makes it, without the frozen __init__'s setattrs.
+        edk = new(EncryptedDataKey)
+        edk.__dict__.update(
+            provider_id=provider_id,
+            provider_info=bytes(buf[id_end + 2 : info_end]),
+            ciphertext=bytes(buf[info_end + 2 : pos]),
         )
+        edks.append(edk)
     if pos + _V2_TAIL.size > end:
         return None
     content_type_byte, frame_length = _V2_TAIL.unpack_from(buf, pos)
@@ -362,7 +394,7 @@ def _read_plain_v2(
     # Made as MessageHeader(...) would make it, without the generated __init__'s
     # per-field frozen setattr and the context copy (the dict is this call's own): the
     # dataclass machinery was a quarter of this function.
-    header = object.__new__(MessageHeader)
+    header = new(MessageHeader)
     header.__dict__.update(
         version=2,
         algorithm_suite=suite,
@@ -375,13 +407,7 @@ def _read_plain_v2(
         header_length=header_end - start,
         _serialized_context=serialized_context,
     )
-    return ParsedHeader(
-        header,
-        bytes(buf[start:body_end]),
-        _V2_AUTH_IV,
-        bytes(buf[body_end:header_end]),
-        header_end - start,
-    )
+    return header, edks_start, body_end, header_end
 
 
 _Steps = Generator[int | ParsedHeader, None, None]

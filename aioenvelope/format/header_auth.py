@@ -10,9 +10,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ..errors import AuthenticationError
 from .derivation import check_commitment, derive_keys
 from .encryption_context import serialize_encryption_context
-from .header import ParsedHeader
+from .header import MessageHeader, ParsedHeader
 
-__all__ = ["authenticated_key"]
+__all__ = ["authenticated_key", "check_header"]
 
 
 def authenticated_key(
@@ -28,18 +28,39 @@ def authenticated_key(
     stored in the header; they are appended to the header-auth AAD. Opening only: a
     header is tagged once, by the encryptor that wrote it, and never re-tagged.
     """
-    header = parsed.header
+    required = serialize_encryption_context(required_encryption_context or {})
+    key, aead = check_header(
+        parsed.header,
+        data_key,
+        parsed.body_bytes + required if required else parsed.body_bytes,
+        parsed.auth_iv,
+        parsed.auth_tag,
+    )
+    return key, aead, required
+
+
+def check_header(
+    header: MessageHeader,
+    data_key: bytes | bytearray,
+    authenticated: bytes | memoryview,
+    auth_iv: bytes,
+    auth_tag: bytes | memoryview,
+) -> tuple[bytes, AESGCM]:
+    """:func:`authenticated_key`'s checks on the header tag's inputs as they are at
+    hand: ``authenticated`` is the header body followed by the serialized required
+    context (a view of a whole message's buffer when none is required, so the
+    one-frame path copies nothing). Returns the derived key's bytes and its AES-GCM.
+    """
     suite = header.algorithm_suite
     key, commitment = derive_keys(suite, bytes(data_key), header.message_id)
     if suite.committing:
         check_commitment(commitment, header.suite_data)
     aead = AESGCM(key)
-    required = serialize_encryption_context(required_encryption_context or {})
     try:
-        aead.decrypt(parsed.auth_iv, parsed.auth_tag, parsed.body_bytes + required)
+        aead.decrypt(auth_iv, auth_tag, authenticated)
     except InvalidTag:
         raise AuthenticationError(
             "header authentication failed: the header was changed, or the encryption "
             "context or data key is not the one it was written with"
         ) from None
-    return key, aead, required
+    return key, aead

@@ -12,7 +12,7 @@ from ..errors import ConfigurationError, NoUsableKeyError
 from ..format import nonce_log
 from ..format.header import EncryptedDataKey
 from ._naming import check_raw_names
-from .base import DecryptionMaterials, EncryptionMaterials, Keyring, shown_name
+from .base import DecryptionMaterials, EncryptionMaterials, Keyring, _evolve, shown_name
 
 __all__ = ["RawAesKeyring"]
 
@@ -112,7 +112,9 @@ class RawAesKeyring(Keyring):
                 data_key = self._aead.decrypt(info[-_IV_LENGTH:], edk.ciphertext, aad)
             except InvalidTag:
                 continue
-            return materials.with_data_key(data_key)
+            # ``with_data_key`` without its checks: the slot is empty (tested above) and
+            # the key has the suite's length (the ciphertext's length was).
+            return _evolve(materials, plaintext_data_key=data_key)
         why = (
             "wrong key, or the encryption context differs from the one used to encrypt"
             if matched

@@ -26,6 +26,7 @@ from aioenvelope.testing import EmbeddedAws, embedded_aws
 
 from .common import KIB, BenchError, Case, Reference, Runner, Settings, Subject, check
 from .esdk import ESDK_LABEL
+from .floor import CryptoFloor
 
 __all__ = ["collect"]
 
@@ -35,6 +36,8 @@ SUITE = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY  # the library's defau
 CACHE = CacheConfig()
 ESDK_CACHING_LABEL = f"{ESDK_LABEL} caching CMM"
 TARGET = 10.0
+WARM_FLOOR_LABEL = "crypto calls, key known (floor)"
+FLOOR_TARGET = 0.5  # issue 18: half the speed of the cryptography a warm message needs
 # Warm-up round trips after which neither side may call KMS again (else: not caching).
 WARM_CHECKS = 3
 
@@ -245,12 +248,27 @@ async def collect(settings: Settings, stack: AsyncExitStack) -> list[Case]:
         for _ in range(n):
             esdk.decrypt(esdk_blob)
 
+    # The warm floor: the calls a message needs once its data key is known (derive,
+    # commit, header tag, one frame), with no format code and no cache lookup.
+    floor = CryptoFloor(os.urandom(32), header_body_length=len(ours_blob) - 40 - KIB - 16)
+    floor_key = os.urandom(32)
+    floor_sealed = floor.encrypt_warm(floor_key, data)
+    check(floor.decrypt_warm(floor_key, floor_sealed) == data, "the warm floor lost data")
+
+    async def floor_encrypt(n: int) -> None:
+        for _ in range(n):
+            floor.encrypt_warm(floor_key, data)
+
+    async def floor_decrypt(n: int) -> None:
+        for _ in range(n):
+            floor.decrypt_warm(floor_key, floor_sealed)
+
     group = f"1 KiB 0x{SUITE.suite_id:04X} KMS, warm caches"
     tallies: list[tuple[str, KmsTally]] = []
     cases: list[Case] = []
-    for op, ours_run, esdk_run in (
-        ("encrypt", ours_encrypt, esdk_encrypt),
-        ("decrypt", ours_decrypt, esdk_decrypt),
+    for op, ours_run, esdk_run, floor_run in (
+        ("encrypt", ours_encrypt, esdk_encrypt, floor_encrypt),
+        ("decrypt", ours_decrypt, esdk_decrypt, floor_decrypt),
     ):
         ours_tally, esdk_tally = KmsTally("aioenvelope"), KmsTally(ESDK_CACHING_LABEL)
         tallies += [(f"{group} {op}", ours_tally), (f"{group} {op}", esdk_tally)]
@@ -260,6 +278,7 @@ async def collect(settings: Settings, stack: AsyncExitStack) -> list[Case]:
             _counted(esdk_run, lambda: esdk.kms_calls, esdk_tally),
             target=TARGET,
         )
-        cases.append(Case(group, op, "msg/s", 1, ours, (reference,)))
+        floor_reference = Reference(WARM_FLOOR_LABEL, floor_run, target=FLOOR_TARGET)
+        cases.append(Case(group, op, "msg/s", 1, ours, (reference, floor_reference)))
     stack.callback(_report, tallies)
     return cases

@@ -71,7 +71,7 @@ async def test_every_sealing_path_uses_each_key_and_iv_once(seals: SealLog, tmp_
             for _ in range(5):  # the same data key, reused
                 made.append((await client.encrypt(os.urandom(size)), size))
         made.append((await client.encrypt(os.urandom(1000), frame_length=64), 1000))
-        made.append((await client.encrypt(os.urandom(3 << 20)), 3 << 20))  # streaming engine
+        made.append((await client.encrypt(os.urandom(3 << 20)), 3 << 20))  # in place, in steps
         signed = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384
         made.append((await client.encrypt(b"signed" * 50, algorithm_suite=signed), 300))
         # Large frames in streams of unknown length: partial, exact and one-over ends.

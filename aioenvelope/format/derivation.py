@@ -16,6 +16,10 @@ __all__ = ["check_commitment", "derive_keys"]
 _SHA512 = hashes.SHA512()
 _DERIVE_LABEL = b"DERIVEKEY"
 _COMMIT_LABEL = b"COMMITKEY"
+# A committing suite's derivation info: its ID, then the label (made once, not per call).
+_DERIVE_INFO = {
+    suite: suite.suite_id.to_bytes(2, "big") + _DERIVE_LABEL for suite in AlgorithmSuite
+}
 
 
 def derive_keys(suite: AlgorithmSuite, data_key: bytes, message_id: bytes) -> tuple[bytes, bytes]:
@@ -25,13 +29,13 @@ def derive_keys(suite: AlgorithmSuite, data_key: bytes, message_id: bytes) -> tu
         raise AuthenticationError("the data key has the wrong length for the message's suite")
     if info.kdf_hash is None:
         return bytes(data_key), b""
-    suite_id = suite.suite_id.to_bytes(2, "big")
     if info.committing:
         # Extract once, expand twice, as the specification recommends.
         prk = HKDF.extract(_SHA512, message_id, data_key)
-        key = HKDFExpand(_SHA512, info.key_length, suite_id + _DERIVE_LABEL).derive(prk)
+        key = HKDFExpand(_SHA512, info.key_length, _DERIVE_INFO[suite]).derive(prk)
         commitment = HKDFExpand(_SHA512, 32, _COMMIT_LABEL).derive(prk)
         return key, commitment
+    suite_id = suite.suite_id.to_bytes(2, "big")
     hkdf = HKDF(info.kdf_hash(), info.key_length, salt=None, info=suite_id + message_id)
     return hkdf.derive(data_key), b""
 

@@ -491,7 +491,12 @@ class EnvelopeClient:
                     message.header, encryption_context, serialized_edks=message.edks
                 )
                 assert materials.plaintext_data_key is not None
-                plaintext = message.open(materials.plaintext_data_key, required_pairs(materials))
+                plaintext = message.open(
+                    materials.plaintext_data_key,
+                    required_pairs(materials)
+                    if materials.required_encryption_context_keys
+                    else _NO_CONTEXT,
+                )
                 stats = self._stats
                 stats.messages_decrypted += 1
                 stats.bytes_decrypted += len(plaintext)

@@ -26,7 +26,7 @@ from .format.encryption_context import PUBLIC_KEY_FIELD, validate_user_context
 from .format.header import MessageHeader
 from .format.signing import Verifier
 from .format.suites import AlgorithmSuite
-from .keyrings.base import DecryptionMaterials, _evolve
+from .keyrings.base import DecryptionMaterials
 from .materials import (
     DecryptionPlan,
     DefaultMaterialsManager,
@@ -42,6 +42,7 @@ from .telemetry import Observer
 __all__ = ["KeyManager"]
 
 _U64 = struct.Struct(">Q")
+_NO_KEYS: frozenset[str] = frozenset()
 
 
 class _WipingTTLCache(TTLCache[Hashable, Any]):
@@ -65,15 +66,24 @@ class _WipingTTLCache(TTLCache[Hashable, Any]):
 
 
 class _DecryptEntry:
-    __slots__ = ("data_key", "materials")
+    """A cached data key (a ``bytearray``, zeroed when the entry leaves the cache) and
+    the rest of its materials' fields; each use gets materials with its own ``bytes``
+    copy of the key."""
+
+    __slots__ = ("data_key", "fields")
 
     def __init__(self, materials: DecryptionMaterials) -> None:
         assert materials.plaintext_data_key is not None
         self.data_key = bytearray(materials.plaintext_data_key)
-        self.materials = _evolve(materials, plaintext_data_key=None)
+        self.fields = {**materials.__dict__, "plaintext_data_key": None}
 
     def use(self) -> DecryptionMaterials:
-        return _evolve(self.materials, plaintext_data_key=bytes(self.data_key))
+        # As _evolve(materials, plaintext_data_key=...) makes them, in one update.
+        materials: DecryptionMaterials = object.__new__(DecryptionMaterials)
+        fields = materials.__dict__
+        fields.update(self.fields)
+        fields["plaintext_data_key"] = bytes(self.data_key)
+        return materials
 
     def wipe(self) -> None:
         self.data_key[:] = bytes(len(self.data_key))
@@ -102,8 +112,10 @@ class _EncryptEntry:
         return True
 
     def plan_for_message(self) -> EncryptionPlan:
-        signer = self.plan.signer.fork() if self.plan.signer is not None else None
-        return EncryptionPlan(self.plan.materials, signer)
+        plan = self.plan
+        if plan.signer is None:
+            return plan  # frozen, materials and all: every message may share it
+        return EncryptionPlan(plan.materials, plan.signer.fork())
 
     def wipe(self) -> None:
         self.data_key[:] = bytes(len(self.data_key))
@@ -117,6 +129,9 @@ _SUITE_PARTS = {
     suite.suite_id: _prefixed(suite.suite_id.to_bytes(2, "big")) for suite in AlgorithmSuite
 }
 _CONTEXT_PART = _prefixed(b"context")
+# Decrypt cache keys up to this size (EDKs and context) are the bytes themselves; a KMS
+# EDK is about 200 bytes. See KeyManager._decrypt_key.
+_PLAIN_KEY_MAX_BYTES = 2048
 
 
 class KeyManager:
@@ -195,15 +210,22 @@ class KeyManager:
         # serialize_encryption_context still runs once per entry, when it is filled.
         try:
             key: Hashable = (
-                suite,
+                suite.suite_id,  # not the member: Enum.__hash__ is Python code
                 frozenset(encryption_context.items()),
-                frozenset(required_encryption_context_keys),
+                frozenset(required_encryption_context_keys)
+                if required_encryption_context_keys
+                else _NO_KEYS,
             )
         except TypeError:  # an unhashable value: let the inner manager explain it
             return await fresh()  # type: ignore[no-any-return]
         waited = False
         while True:
-            entry: _EncryptEntry | None = cache.get(key)
+            try:
+                # One lookup: ``get`` is ``in`` then ``[]``, each hashing the key and
+                # reading the clock; an expired entry raises KeyError as a missing one.
+                entry: _EncryptEntry | None = cache[key]
+            except KeyError:
+                entry = None
             if entry is not None and entry.try_use(self._clock(), plaintext_length, config):
                 if not waited:
                     self._stats.encrypt_cache_hits += 1
@@ -235,11 +257,22 @@ class KeyManager:
 
     def _decrypt_key(
         self, suite: AlgorithmSuite, sorted_edks: list[bytes], serialized_context: bytes
-    ) -> bytes:
-        """SHA-384 over the length-prefixed parts: partition, b"decrypt", suite ID, the
-        sorted serialized EDKs, b"context", the serialized context. Joined and hashed in
-        one call (per-part ``update`` calls were a microsecond a message), the parts
-        that never change for this manager and suite prefixed once, not per message."""
+    ) -> Hashable:
+        """The decrypt cache key: what identifies the data key a message's header asks
+        for (its suite, sorted serialized EDKs and serialized decryption context).
+
+        Usually those bytes themselves, in a tuple: the cache is this manager's own, and
+        a tuple of a few hundred bytes hashes in a tenth of the time SHA-384 takes (the
+        bytes of the context are the header's, whose hash Python keeps). Each part is its
+        own element, so no two inputs give one key. Past :data:`_PLAIN_KEY_MAX_BYTES` they
+        are digested instead (SHA-384 over the length-prefixed parts, the partition and
+        b"decrypt" first), so that an entry costs 48 bytes however large a message's EDKs
+        are; a digest (``bytes``) never equals a tuple."""
+        size = len(serialized_context)
+        for edk in sorted_edks:
+            size += len(edk)
+        if size <= _PLAIN_KEY_MAX_BYTES:
+            return (suite.suite_id, *sorted_edks, serialized_context)
         parts = [self._decrypt_key_head, _SUITE_PARTS[suite.suite_id]]
         for edk in sorted_edks:
             parts += (_U64.pack(len(edk)), edk)
@@ -284,14 +317,22 @@ class KeyManager:
             return await inner.decryption_materials(header, context, required), verifier
         # Made once, with the cache key, and passed on to the keyring (the raw AES
         # keyring's AAD).
-        serialized_context = decryption_context_bytes(header, context, required)
+        serialized_context = (None if required else header._serialized_context) or (
+            decryption_context_bytes(header, context, required)
+        )
         edks = header.encrypted_data_keys
-        if serialized_edks is None or len(edks) != 1:
-            sorted_edks = sorted(edk.serialize() for edk in edks)
-        else:
+        key: Hashable
+        if serialized_edks is not None and len(edks) == 1:
+            # One EDK in place in the message: nothing to serialize or sort, and a small
+            # key is _decrypt_key's tuple, made here without the call.
             buf, start, end = serialized_edks
-            sorted_edks = [buf[start:end]]  # one EDK: nothing to sort
-        key = self._decrypt_key(suite, sorted_edks, serialized_context)
+            if end - start + len(serialized_context) <= _PLAIN_KEY_MAX_BYTES:
+                key = (suite.suite_id, buf[start:end], serialized_context)
+            else:
+                key = self._decrypt_key(suite, [buf[start:end]], serialized_context)
+        else:
+            sorted_edks = sorted(edk.serialize() for edk in edks)
+            key = self._decrypt_key(suite, sorted_edks, serialized_context)
         try:
             # One lookup (``get`` is ``in`` then ``[]``: two, each reading the clock);
             # an expired entry raises KeyError as a missing one does.
@@ -316,5 +357,7 @@ class KeyManager:
             cache[key] = _DecryptEntry(materials)
             return materials
 
-        materials = await self._coalescer.run(("decrypt", key), fetch_and_cache)
+        # The partition, as before the key left it out: managers of one client (its
+        # re-encryption targets) share the coalescer.
+        materials = await self._coalescer.run(("decrypt", self._partition, key), fetch_and_cache)
         return materials, verifier

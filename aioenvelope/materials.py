@@ -124,7 +124,13 @@ class DefaultMaterialsManager:
         self.max_encrypted_data_keys = max_encrypted_data_keys
 
     def choose_suite(self, requested: AlgorithmSuite | None) -> AlgorithmSuite:
-        if self.commitment_policy is CommitmentPolicy.FORBID_ENCRYPT_ALLOW_DECRYPT:
+        policy = self.commitment_policy
+        if (
+            requested is DEFAULT_SUITE
+            and policy is not CommitmentPolicy.FORBID_ENCRYPT_ALLOW_DECRYPT
+        ):
+            return DEFAULT_SUITE  # the usual case, which every check below passes
+        if policy is CommitmentPolicy.FORBID_ENCRYPT_ALLOW_DECRYPT:
             raise CommitmentPolicyError(
                 "this client's policy FORBID_ENCRYPT_ALLOW_DECRYPT forbids key-committing "
                 "suites, and aioenvelope writes only those: use it to read legacy messages, "
@@ -180,7 +186,10 @@ class DefaultMaterialsManager:
                 f"the keyring produced {len(result.encrypted_data_keys)} encrypted data keys, "
                 f"more than max_encrypted_data_keys={self.max_encrypted_data_keys}"
             )
-        return EncryptionPlan(result, signer)
+        # As EncryptionPlan(...) makes it, without the frozen __init__'s setattrs.
+        plan: EncryptionPlan = object.__new__(EncryptionPlan)
+        plan.__dict__.update(materials=result, signer=signer)
+        return plan
 
     def check_policy(self, header: MessageHeader) -> None:
         suite = header.algorithm_suite
@@ -208,16 +217,17 @@ class DefaultMaterialsManager:
         # a read-only view, such as the header's own, is kept as it is), without the
         # frozen dataclass's per-field setattr.
         materials: DecryptionMaterials = object.__new__(DecryptionMaterials)
+        if serialized_context is None and not required:
+            serialized_context = header._serialized_context
         materials.__dict__.update(
             algorithm_suite=header.algorithm_suite,
             encryption_context=_frozen(context),
             plaintext_data_key=None,
             required_encryption_context_keys=required,
         )
-        if serialized_context is None and not required:
-            serialized_context = header._serialized_context
         if serialized_context is not None:
-            materials._known_serialization(serialized_context)
+            # As _known_serialization does (fills the cached property), without the call.
+            materials.__dict__["serialized_encryption_context"] = serialized_context
         try:
             result = await self.keyring.on_decrypt(materials, header.encrypted_data_keys)
         except NoUsableKeyError as exc:

@@ -149,3 +149,45 @@ async def test_reproduced_required_context_is_part_of_the_decrypt_cache_key(
         assert await client.decrypt(blob, encryption_context={"order": "1"}) == PLAINTEXT
         assert client.stats.decrypt_cache_hits == 1
     assert reader_keyring.kms_calls == {"Decrypt": 2}
+
+
+async def test_a_message_with_a_large_context_is_cached_under_a_digest(
+    keyring: KmsKeyring, reader_keyring: KmsKeyring
+) -> None:
+    """Past a few KiB of EDKs and context the cache key is a SHA-384 digest, not the
+    bytes (an entry costs 48 bytes however large the header): the second message under
+    the same data key and context is still a hit, and no key in the cache is large."""
+    context = {"tenant": "a", "notes": "n" * 5000}
+    first, second = await encrypt_messages(keyring, 2, context=context)
+    async with EnvelopeClient(reader_keyring) as client:
+        assert await client.decrypt(first, encryption_context=context) == payload(0)
+        assert await client.decrypt(second, encryption_context=context) == payload(1)
+        stats = client.stats
+        cache = client._materials._decrypt
+        assert cache is not None
+        assert len(cache) == 1
+        assert all(isinstance(key, bytes) and len(key) == 48 for key in cache)
+    assert reader_keyring.kms_calls == {"Decrypt": 1}
+    assert (stats.decrypt_cache_misses, stats.decrypt_cache_hits) == (1, 1)
+
+
+async def test_decrypt_cache_keys_never_join_parts_into_one(
+    reader_keyring: KmsKeyring,
+) -> None:
+    """Small cache keys are the header's bytes, each part its own element: EDKs and a
+    context whose concatenations are equal (or that move bytes from one part to the
+    next, or split one EDK in two) give different keys, large or small."""
+    from aioenvelope.format.suites import AlgorithmSuite
+
+    suite = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
+    async with EnvelopeClient(reader_keyring) as client:
+        key_of = client._materials._decrypt_key
+        for pad in (0, 3000):  # tuple keys, then digests
+            tail = b"x" * pad
+            keys = [
+                key_of(suite, [b"ab"], b"c" + tail),
+                key_of(suite, [b"a"], b"bc" + tail),
+                key_of(suite, [b"a", b"b"], b"c" + tail),
+                key_of(AlgorithmSuite.AES_256_GCM_IV12_TAG16_HKDF_SHA256, [b"ab"], b"c" + tail),
+            ]
+            assert len(set(keys)) == len(keys)

@@ -17,8 +17,9 @@ _SHA512 = hashes.SHA512()
 _DERIVE_LABEL = b"DERIVEKEY"
 _COMMIT_LABEL = b"COMMITKEY"
 # A committing suite's derivation info: its ID, then the label (made once, not per call).
+# Keyed by the ID: a member's hash is Python code (Enum.__hash__).
 _DERIVE_INFO = {
-    suite: suite.suite_id.to_bytes(2, "big") + _DERIVE_LABEL for suite in AlgorithmSuite
+    suite.suite_id: suite.suite_id.to_bytes(2, "big") + _DERIVE_LABEL for suite in AlgorithmSuite
 }
 
 
@@ -32,7 +33,7 @@ def derive_keys(suite: AlgorithmSuite, data_key: bytes, message_id: bytes) -> tu
     if info.committing:
         # Extract once, expand twice, as the specification recommends.
         prk = HKDF.extract(_SHA512, message_id, data_key)
-        key = HKDFExpand(_SHA512, info.key_length, _DERIVE_INFO[suite]).derive(prk)
+        key = HKDFExpand(_SHA512, info.key_length, _DERIVE_INFO[suite.suite_id]).derive(prk)
         commitment = HKDFExpand(_SHA512, 32, _COMMIT_LABEL).derive(prk)
         return key, commitment
     suite_id = suite.suite_id.to_bytes(2, "big")

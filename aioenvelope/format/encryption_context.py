@@ -27,13 +27,38 @@ MAX_SERIALIZED_SIZE = 0xFFFF
 _U16 = struct.Struct(">H")
 
 
+# Serializations made lately, by the context's pairs in its own order: a service encrypts
+# under the same few contexts again and again, and a lookup costs a fifth of serializing
+# (sorting, encoding, joining). Bounded in count and in the size of each serialization,
+# and emptied when full; a context seen once costs one insertion.
+_SERIALIZED: dict[tuple[tuple[str, str], ...], bytes] = {}
+_SERIALIZED_MAX = 256
+_SERIALIZED_MAX_BYTES = 1024
+
+
 def serialize_encryption_context(context: Mapping[str, str]) -> bytes:
     """Serialize as the ESDK does; raise EncryptionContextError when it cannot fit.
 
-    On the hot path of every message, hence the single pass and one join.
+    On the hot path of every message, hence the memo, the single pass and one join.
     """
     if not context:
         return b""
+    try:
+        pairs_key = tuple(context.items())
+        known = _SERIALIZED.get(pairs_key)
+    except TypeError:  # an unhashable key or value: serializing says what is wrong
+        return _serialize(context)
+    if known is not None:
+        return known
+    out = _serialize(context)
+    if len(out) <= _SERIALIZED_MAX_BYTES:
+        if len(_SERIALIZED) >= _SERIALIZED_MAX:
+            _SERIALIZED.clear()
+        _SERIALIZED[pairs_key] = out
+    return out
+
+
+def _serialize(context: Mapping[str, str]) -> bytes:
     try:
         pairs = sorted(
             (key.encode("utf-8"), value.encode("utf-8")) for key, value in context.items()

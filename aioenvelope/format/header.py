@@ -42,6 +42,14 @@ _V2_HEAD = struct.Struct(">BH32sH")
 _V2_AUTH_IV = b"\x00" * 12
 # AlgorithmSuite.from_id without the classmethod call (one per message read).
 _SUITES_BY_ID = {suite.suite_id: suite for suite in AlgorithmSuite}
+# Contexts read_plain_v2 read lately, by their bytes: a service reads the same few
+# contexts over and over, and their parse (UTF-8 decoding, order and duplicate checks, the
+# dict and its read-only view) was a quarter of the header's. The value is immutable (a
+# view over a dict no one else holds), so headers share it. Bounded in count and in the
+# size of each context, and emptied when full: hostile input churns it at O(1) a header.
+_READ_CONTEXTS: dict[bytes, tuple[Mapping[str, str], bytes | None]] = {}
+_READ_CONTEXTS_MAX = 256
+_READ_CONTEXT_MAX_BYTES = 1024
 MAX_FRAME_LENGTH = 2**31 - 1  # the ESDK's own bound (Python); fits every implementation
 
 
@@ -58,16 +66,34 @@ class EncryptedDataKey:
     provider_info: bytes
     ciphertext: bytes = field(repr=False)
 
+    @classmethod
+    def _of(cls, provider_id: str, provider_info: bytes, ciphertext: bytes) -> EncryptedDataKey:
+        """``EncryptedDataKey(...)`` without the frozen ``__init__``'s per-field setattr,
+        for a caller whose fields are already the right types (a keyring's own)."""
+        edk: EncryptedDataKey = object.__new__(cls)
+        edk.__dict__.update(
+            provider_id=provider_id, provider_info=provider_info, ciphertext=ciphertext
+        )
+        return edk
+
     def serialize(self) -> bytes:
+        """The EDK as the header holds it. Kept once made: a reused data key's EDK is
+        written into every message under it (the fields are frozen, so it never goes
+        stale; equality and ``repr`` look at the fields only)."""
+        known: bytes | None = self.__dict__.get("_serialized")
+        if known is not None:
+            return known
         pid = self.provider_id.encode("utf-8")
         info, blob = self.provider_info, self.ciphertext
         if max(len(pid), len(info), len(blob)) > 0xFFFF:
             raise ConfigurationError(
                 "an encrypted data key field is longer than the format's 65535 bytes"
             )
-        return b"".join(
+        out = b"".join(
             (_U16.pack(len(pid)), pid, _U16.pack(len(info)), info, _U16.pack(len(blob)), blob)
         )
+        self.__dict__["_serialized"] = out
+        return out
 
 
 @dataclass(frozen=True)
@@ -337,10 +363,18 @@ def read_plain_v2(
     ec_end = pos + ec_length
     if ec_end + 2 > end:
         return None
-    read = read_context_in_order(bytes(buf[pos:ec_end]))
-    if read is None:
-        return None
-    encryption_context, serialized_context = read
+    context_bytes = bytes(buf[pos:ec_end])
+    known = _READ_CONTEXTS.get(context_bytes)
+    if known is None:
+        read = read_context_in_order(context_bytes)
+        if read is None:
+            return None
+        known = (MappingProxyType(read[0]), read[1])
+        if ec_length <= _READ_CONTEXT_MAX_BYTES:
+            if len(_READ_CONTEXTS) >= _READ_CONTEXTS_MAX:
+                _READ_CONTEXTS.clear()
+            _READ_CONTEXTS[context_bytes] = known
+    encryption_context, serialized_context = known
     (edk_count,) = _U16.unpack_from(buf, ec_end)
     if edk_count == 0 or edk_count > max_edks:
         return None
@@ -399,7 +433,7 @@ def read_plain_v2(
         version=2,
         algorithm_suite=suite,
         message_id=message_id,
-        encryption_context=MappingProxyType(encryption_context),
+        encryption_context=encryption_context,
         encrypted_data_keys=tuple(edks),
         content_type=content_type,
         frame_length=frame_length,

@@ -56,6 +56,7 @@ class RawAesKeyring(Keyring):
         self._info_prefix = (
             key_name.encode("utf-8") + _TAG_BITS.to_bytes(4, "big") + _IV_LENGTH.to_bytes(4, "big")
         )
+        self._info_length = len(self._info_prefix) + _IV_LENGTH  # an EDK's provider info
 
     @classmethod
     def from_key_file(cls, path: str | os.PathLike[str]) -> RawAesKeyring:
@@ -85,7 +86,7 @@ class RawAesKeyring(Keyring):
         if nonce_log.observers:
             nonce_log.report(self._fingerprint, iv)
         wrapped = self._aead.encrypt(iv, data_key, materials.serialized_encryption_context)
-        edk = EncryptedDataKey(self.key_namespace, self._info_prefix + iv, wrapped)
+        edk = EncryptedDataKey._of(self.key_namespace, self._info_prefix + iv, wrapped)
         if generated:  # one copy of the materials instead of two
             return materials._with_key_and_edk(data_key, edk)
         return materials.with_encrypted_data_key(edk)
@@ -101,7 +102,7 @@ class RawAesKeyring(Keyring):
             info = edk.provider_info
             if (
                 edk.provider_id != self.key_namespace
-                or len(info) != len(self._info_prefix) + _IV_LENGTH
+                or len(info) != self._info_length
                 or not info.startswith(self._info_prefix)
                 or len(edk.ciphertext) != key_length + 16
             ):

@@ -7,6 +7,7 @@ from hypothesis import given
 from messages import encryption_contexts
 
 from aioenvelope.errors import EncryptionContextError, MalformedMessageError
+from aioenvelope.format import encryption_context as ec_module
 from aioenvelope.format.encryption_context import (
     deserialize_encryption_context,
     serialize_encryption_context,
@@ -82,3 +83,34 @@ def test_zero_count_with_bytes_is_refused() -> None:
 def test_malformed_context_raises_library_error(data: bytes) -> None:
     with pytest.raises(MalformedMessageError):
         deserialize_encryption_context(data)
+
+
+def test_a_memoized_serialization_is_the_same_for_every_order_of_the_pairs() -> None:
+    """Serializations are kept by the pairs in the caller's order; another order is
+    another memo entry with the same canonical bytes."""
+    first = serialize_encryption_context({"b": "2", "a": "1"})
+    again = serialize_encryption_context({"b": "2", "a": "1"})
+    other_order = serialize_encryption_context({"a": "1", "b": "2"})
+    assert first == again == other_order == bytes.fromhex("0002000161000131000162000132")
+
+
+def test_serialization_memo_stays_bounded_under_ten_thousand_distinct_contexts() -> None:
+    """Per-record contexts (or a caller's flood of them) empty the memo when it is full,
+    and every one still serializes to its own bytes."""
+    for n in range(10_000):
+        context = {"record": str(n)}
+        assert deserialize_encryption_context(serialize_encryption_context(context)) == context
+        assert len(ec_module._SERIALIZED) <= ec_module._SERIALIZED_MAX
+
+
+def test_refused_and_large_contexts_are_never_memoized() -> None:
+    """Only serializations that succeeded and fit the size bound are kept: a refused
+    context is refused again (not answered from the memo), a large one is kept nowhere."""
+    for _ in range(2):
+        with pytest.raises(EncryptionContextError):
+            serialize_encryption_context({"k": 1})  # type: ignore[dict-item]
+    large = {"k": "v" * (ec_module._SERIALIZED_MAX_BYTES + 1)}
+    assert deserialize_encryption_context(serialize_encryption_context(large)) == large
+    assert tuple(large.items()) not in ec_module._SERIALIZED
+    with pytest.raises(EncryptionContextError):
+        serialize_encryption_context({"k": ["unhashable"]})  # type: ignore[dict-item]

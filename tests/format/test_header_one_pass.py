@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aioenvelope.errors import MalformedMessageError, MessageLimitError
 from aioenvelope.format import AlgorithmSuite, ContentType
+from aioenvelope.format import header as header_module
 from aioenvelope.format._cursor import Cursor, NeedMoreData
 from aioenvelope.format.encryption_context import serialize_encryption_context
 from aioenvelope.format.header import (
@@ -92,3 +94,51 @@ def test_context_bytes_are_reused_only_when_they_are_the_serialization() -> None
     out_of_order = parse_header(bytes(buf), max_encrypted_data_keys=10).header
     assert dict(out_of_order.encryption_context) == {"a": "1", "b": "2"}
     assert stored_context_bytes(out_of_order) == ordered
+
+
+def test_headers_with_one_context_share_one_read_only_mapping() -> None:
+    """The reader keeps the contexts it read lately: a second header with the same
+    context bytes gets the same mapping, which no one can change."""
+    first = _read_plain_v2(_header_bytes({"tenant": "a", "record": "1"}), 0, 10)
+    second = _read_plain_v2(_header_bytes({"tenant": "a", "record": "1"}), 0, 10)
+    assert first is not None
+    assert second is not None
+    assert first.header.encryption_context is second.header.encryption_context
+    with pytest.raises(TypeError):
+        second.header.encryption_context["tenant"] = "b"  # type: ignore[index]
+    assert dict(first.header.encryption_context) == {"tenant": "a", "record": "1"}
+
+
+def test_context_memo_stays_bounded_under_ten_thousand_distinct_contexts() -> None:
+    """A stream of headers each with its own context (per-record contexts, or an
+    attacker's) empties the memo when full: it never holds more than its bound, and
+    each header still reads its own context."""
+    for n in range(10_000):
+        read = _read_plain_v2(_header_bytes({"record": str(n)}), 0, 10)
+        assert read is not None
+        assert read.header.encryption_context["record"] == str(n)
+        assert len(header_module._READ_CONTEXTS) <= header_module._READ_CONTEXTS_MAX
+
+
+def test_a_large_context_is_read_but_not_memoized() -> None:
+    """Contexts past the size bound are read each time and never kept, so the memo's
+    memory is bounded by its count times that size."""
+    big = {"blob": "x" * (header_module._READ_CONTEXT_MAX_BYTES + 1)}
+    read = _read_plain_v2(_header_bytes(big), 0, 10)
+    assert read is not None
+    assert dict(read.header.encryption_context) == big
+    assert serialize_encryption_context(big) not in header_module._READ_CONTEXTS
+
+
+def test_a_memoized_out_of_order_context_is_still_reserialized_in_order() -> None:
+    """The memo keeps 'not the serialization' (None) with an out-of-order context: a
+    second header with those bytes does not hand them to keyrings either."""
+    ordered = serialize_encryption_context({"a": "1", "b": "2"})
+    reversed_entries = b"\x00\x02" + ordered[2 + 6 :] + ordered[2 : 2 + 6]
+    start = 1 + 2 + 32 + 2
+    for _ in range(2):
+        buf = bytearray(_header_bytes({"a": "1", "b": "2"}))
+        buf[start : start + len(ordered)] = reversed_entries
+        read = _read_plain_v2(bytes(buf), 0, 10)
+        assert read is not None
+        assert stored_context_bytes(read.header) == ordered

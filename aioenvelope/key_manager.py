@@ -70,16 +70,17 @@ class _DecryptEntry:
     the rest of its materials' fields; each use gets materials with its own ``bytes``
     copy of the key."""
 
-    __slots__ = ("data_key", "fields")
+    __slots__ = ("data_key", "fields", "kind")
 
     def __init__(self, materials: DecryptionMaterials) -> None:
         assert materials.plaintext_data_key is not None
         self.data_key = bytearray(materials.plaintext_data_key)
         self.fields = {**materials.__dict__, "plaintext_data_key": None}
+        self.kind = type(materials)  # a keyring's own subclass stays one
 
     def use(self) -> DecryptionMaterials:
         # As _evolve(materials, plaintext_data_key=...) makes them, in one update.
-        materials: DecryptionMaterials = object.__new__(DecryptionMaterials)
+        materials: DecryptionMaterials = object.__new__(self.kind)
         fields = materials.__dict__
         fields.update(self.fields)
         fields["plaintext_data_key"] = bytes(self.data_key)
@@ -132,6 +133,9 @@ _CONTEXT_PART = _prefixed(b"context")
 # Decrypt cache keys up to this size (EDKs and context) are the bytes themselves; a KMS
 # EDK is about 200 bytes. See KeyManager._decrypt_key.
 _PLAIN_KEY_MAX_BYTES = 2048
+# ... and of at most this many EDKs: each is an object of its own (~40 bytes of overhead
+# even when empty), and a header may hold hundreds of tiny ones.
+_PLAIN_KEY_MAX_EDKS = 4
 
 
 class KeyManager:
@@ -216,7 +220,7 @@ class KeyManager:
                 if required_encryption_context_keys
                 else _NO_KEYS,
             )
-        except TypeError:  # an unhashable value: let the inner manager explain it
+        except Exception:  # a value that does not hash: let the inner manager explain it
             return await fresh()  # type: ignore[no-any-return]
         waited = False
         while True:
@@ -264,15 +268,17 @@ class KeyManager:
         Usually those bytes themselves, in a tuple: the cache is this manager's own, and
         a tuple of a few hundred bytes hashes in a tenth of the time SHA-384 takes (the
         bytes of the context are the header's, whose hash Python keeps). Each part is its
-        own element, so no two inputs give one key. Past :data:`_PLAIN_KEY_MAX_BYTES` they
-        are digested instead (SHA-384 over the length-prefixed parts, the partition and
-        b"decrypt" first), so that an entry costs 48 bytes however large a message's EDKs
-        are; a digest (``bytes``) never equals a tuple."""
-        size = len(serialized_context)
-        for edk in sorted_edks:
-            size += len(edk)
-        if size <= _PLAIN_KEY_MAX_BYTES:
-            return (suite.suite_id, *sorted_edks, serialized_context)
+        own element, so no two inputs give one key. Past :data:`_PLAIN_KEY_MAX_BYTES` (or
+        :data:`_PLAIN_KEY_MAX_EDKS` EDKs) they are digested instead (SHA-384
+        over the length-prefixed parts, the partition and b"decrypt" first), so that an
+        entry costs 48 bytes however large or many a message's EDKs are; a digest
+        (``bytes``) never equals a tuple."""
+        if len(sorted_edks) <= _PLAIN_KEY_MAX_EDKS:
+            size = len(serialized_context)
+            for edk in sorted_edks:
+                size += len(edk)
+            if size <= _PLAIN_KEY_MAX_BYTES:
+                return (suite.suite_id, *sorted_edks, serialized_context)
         parts = [self._decrypt_key_head, _SUITE_PARTS[suite.suite_id]]
         for edk in sorted_edks:
             parts += (_U64.pack(len(edk)), edk)

@@ -191,3 +191,20 @@ async def test_decrypt_cache_keys_never_join_parts_into_one(
                 key_of(AlgorithmSuite.AES_256_GCM_IV12_TAG16_HKDF_SHA256, [b"ab"], b"c" + tail),
             ]
             assert len(set(keys)) == len(keys)
+
+
+async def test_decrypt_cache_keys_of_many_edks_are_digests(
+    reader_keyring: KmsKeyring,
+) -> None:
+    """A header of hundreds of tiny EDKs stays under the size bound but would make a
+    tuple of hundreds of objects: more than a few EDKs are digested, 48 bytes a key."""
+    from aioenvelope.format.suites import AlgorithmSuite
+
+    suite = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
+    async with EnvelopeClient(reader_keyring) as client:
+        key_of = client._materials._decrypt_key
+        one = key_of(suite, [b"\x00" * 6], b"")
+        many = key_of(suite, [b"\x00" * 6] * 300, b"")
+    assert isinstance(one, tuple)
+    assert isinstance(many, bytes)
+    assert len(many) == 48

@@ -331,3 +331,19 @@ async def test_no_cache_gives_concurrent_decrypts_of_distinct_messages_their_own
         )
     assert plaintexts == [payload(i) for i in range(20)]
     assert reader_keyring.kms_calls == {"Decrypt": 20}
+
+
+@pytest.mark.parametrize("cache", [CacheConfig(), CacheConfig(reuse_data_keys=False), None])
+async def test_a_context_value_that_cannot_be_hashed_is_an_encryption_context_error(
+    keyring: KmsKeyring, cache: CacheConfig | None
+) -> None:
+    """Cache keys and memos hash the context first; a value whose hash raises (a
+    writable memoryview raises ValueError) is still reported as the library's error,
+    with no KMS call."""
+    async with EnvelopeClient(keyring, cache=cache) as client:
+        with pytest.raises(errors.EncryptionContextError):
+            await client.encrypt(
+                b"x",
+                encryption_context={"k": memoryview(bytearray(b"v"))},  # type: ignore[dict-item]
+            )
+    assert keyring.kms_calls == {}

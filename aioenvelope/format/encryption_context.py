@@ -46,12 +46,16 @@ def serialize_encryption_context(context: Mapping[str, str]) -> bytes:
     try:
         pairs_key = tuple(context.items())
         known = _SERIALIZED.get(pairs_key)
-    except TypeError:  # an unhashable key or value: serializing says what is wrong
+    except Exception:  # a key or value that does not hash: serializing says what is wrong
         return _serialize(context)
     if known is not None:
         return known
     out = _serialize(context)
-    if len(out) <= _SERIALIZED_MAX_BYTES:
+    if len(out) <= _SERIALIZED_MAX_BYTES and all(
+        type(key) is str and type(value) is str for key, value in pairs_key
+    ):
+        # Plain str only: a subclass hashes and compares as str but may encode as it
+        # likes, and its bytes must not answer for a plain str's.
         if len(_SERIALIZED) >= _SERIALIZED_MAX:
             _SERIALIZED.clear()
         _SERIALIZED[pairs_key] = out
@@ -162,9 +166,16 @@ def read_context_in_order(data: bytes) -> tuple[dict[str, str], bytes | None] | 
 
 
 def validate_user_context(context: Mapping[str, str]) -> None:
-    """Refuse reserved keys in a caller's context (encrypt side)."""
-    for key in context:
-        if isinstance(key, str) and key.startswith(RESERVED_PREFIX):
+    """Refuse a caller's context (encrypt side) with reserved keys, or keys or values
+    that are not str: before any keyring sends it to a key service (whose client would
+    fail on it in its own way) and before a cache key hashes it."""
+    for key, value in context.items():
+        if not (isinstance(key, str) and isinstance(value, str)):
+            raise EncryptionContextError(
+                f"encryption context keys and values must be str; the entry for {key!r} "
+                f"is a {type(key).__name__} key with a {type(value).__name__} value"
+            )
+        if key.startswith(RESERVED_PREFIX):
             raise EncryptionContextError(
                 f"encryption context key {key!r} uses the reserved prefix {RESERVED_PREFIX!r}; "
                 "choose another key name"

@@ -43,11 +43,11 @@ _V2_AUTH_IV = b"\x00" * 12
 # AlgorithmSuite.from_id without the classmethod call (one per message read).
 _SUITES_BY_ID = {suite.suite_id: suite for suite in AlgorithmSuite}
 # Contexts read_plain_v2 read lately, by their bytes: a service reads the same few
-# contexts over and over, and their parse (UTF-8 decoding, order and duplicate checks, the
-# dict and its read-only view) was a quarter of the header's. The value is immutable (a
-# view over a dict no one else holds), so headers share it. Bounded in count and in the
-# size of each context, and emptied when full: hostile input churns it at O(1) a header.
-_READ_CONTEXTS: dict[bytes, tuple[Mapping[str, str], bytes | None]] = {}
+# contexts over and over, and their parse (UTF-8 decoding, order and duplicate checks)
+# was a quarter of the header's. The dicts here are never handed out: each header gets
+# a read-only view of its own copy. Bounded in count and in the size of each context,
+# and emptied when full: hostile input churns it at O(1) a header.
+_READ_CONTEXTS: dict[bytes, tuple[dict[str, str], bytes | None]] = {}
 _READ_CONTEXTS_MAX = 256
 _READ_CONTEXT_MAX_BYTES = 1024
 MAX_FRAME_LENGTH = 2**31 - 1  # the ESDK's own bound (Python); fits every implementation
@@ -60,11 +60,22 @@ class ContentType(enum.IntEnum):
 
 @dataclass(frozen=True)
 class EncryptedDataKey:
-    """A data key wrapped by one keyring: who wrapped it, under what, and the blob."""
+    """A data key wrapped by one keyring: who wrapped it, under what, and the blob.
+
+    Frozen, and its byte fields are meant to be ``bytes``: :meth:`serialize` keeps the
+    serialization it makes (a reused data key's EDK goes into every message under it)."""
 
     provider_id: str
     provider_info: bytes
     ciphertext: bytes = field(repr=False)
+
+    def __getstate__(self) -> dict[str, object]:
+        """The fields only: the serialization :meth:`serialize` keeps is not pickled."""
+        return {
+            "provider_id": self.provider_id,
+            "provider_info": self.provider_info,
+            "ciphertext": self.ciphertext,
+        }
 
     @classmethod
     def _of(cls, provider_id: str, provider_info: bytes, ciphertext: bytes) -> EncryptedDataKey:
@@ -369,12 +380,16 @@ def read_plain_v2(
         read = read_context_in_order(context_bytes)
         if read is None:
             return None
-        known = (MappingProxyType(read[0]), read[1])
         if ec_length <= _READ_CONTEXT_MAX_BYTES:
             if len(_READ_CONTEXTS) >= _READ_CONTEXTS_MAX:
                 _READ_CONTEXTS.clear()
-            _READ_CONTEXTS[context_bytes] = known
-    encryption_context, serialized_context = known
+            _READ_CONTEXTS[context_bytes] = (dict(read[0]), read[1])
+        context, serialized_context = read
+    else:
+        # Each header's view is over its own copy: a view hands its dict to the other
+        # operand of ``|`` and ``==``, so a shared one could be changed for every header.
+        context, serialized_context = dict(known[0]), known[1]
+    encryption_context = MappingProxyType(context)
     (edk_count,) = _U16.unpack_from(buf, ec_end)
     if edk_count == 0 or edk_count > max_edks:
         return None

@@ -114,3 +114,23 @@ def test_refused_and_large_contexts_are_never_memoized() -> None:
     assert tuple(large.items()) not in ec_module._SERIALIZED
     with pytest.raises(EncryptionContextError):
         serialize_encryption_context({"k": ["unhashable"]})  # type: ignore[dict-item]
+
+
+def test_a_value_that_cannot_be_hashed_is_refused_as_an_encryption_context_error() -> None:
+    """The memo hashes the pairs first; a value whose hash raises anything (a writable
+    memoryview raises ValueError) is still refused by the serializer's own error."""
+    for value in (memoryview(bytearray(b"v")), ["list"]):
+        with pytest.raises(EncryptionContextError, match="must be str"):
+            serialize_encryption_context({"k": value})  # type: ignore[dict-item]
+
+
+def test_a_str_subclass_never_answers_for_a_plain_str() -> None:
+    """A str subclass hashes and compares as str but may encode as it likes: its
+    serialization is not memoized, so the plain str's is its own."""
+
+    class Weird(str):
+        def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+            return b"evil"
+
+    serialize_encryption_context({"tenant": Weird("t1")})
+    assert serialize_encryption_context({"tenant": "t1"}) == b"\x00\x01\x00\x06tenant\x00\x02t1"

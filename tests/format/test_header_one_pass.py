@@ -96,17 +96,25 @@ def test_context_bytes_are_reused_only_when_they_are_the_serialization() -> None
     assert stored_context_bytes(out_of_order) == ordered
 
 
-def test_headers_with_one_context_share_one_read_only_mapping() -> None:
-    """The reader keeps the contexts it read lately: a second header with the same
-    context bytes gets the same mapping, which no one can change."""
-    first = _read_plain_v2(_header_bytes({"tenant": "a", "record": "1"}), 0, 10)
-    second = _read_plain_v2(_header_bytes({"tenant": "a", "record": "1"}), 0, 10)
+def test_a_context_changed_through_one_headers_view_leaves_the_next_header_alone() -> None:
+    """The attack on a shared context: ``MappingProxyType`` hands its dict to the other
+    operand of ``|`` (``__ror__``), which can change it. Each header's view is over its
+    own copy, so the next header with the same context bytes still reads what its bytes
+    say (the reproduced-context check compares against that)."""
+
+    class Grab:
+        def __ror__(self, other: dict[str, str]) -> dict[str, str]:
+            other["tenant"] = "evil"
+            return other
+
+    first = _read_plain_v2(_header_bytes({"tenant": "t1"}), 0, 10)
     assert first is not None
+    first.header.encryption_context | Grab()  # type: ignore[operator]
+    second = _read_plain_v2(_header_bytes({"tenant": "t1"}), 0, 10)
     assert second is not None
-    assert first.header.encryption_context is second.header.encryption_context
+    assert dict(second.header.encryption_context) == {"tenant": "t1"}
     with pytest.raises(TypeError):
         second.header.encryption_context["tenant"] = "b"  # type: ignore[index]
-    assert dict(first.header.encryption_context) == {"tenant": "a", "record": "1"}
 
 
 def test_context_memo_stays_bounded_under_ten_thousand_distinct_contexts() -> None:

@@ -190,6 +190,40 @@ async def test_an_expired_branch_key_is_zeroed_at_the_next_use(
         assert bytearrays_holding(secret) == []
 
 
+async def test_each_cached_branch_key_is_zeroed_at_the_first_use_after_its_own_ttl(
+    make_branch_key_store: StoreFactory, branch_keys: tuple[str, str]
+) -> None:
+    """The keyring only walks its cache when a key may be due: with keys cached at
+    different times, each is still zeroed at the first message (encrypt or decrypt)
+    after its own TTL, and not before."""
+    secret_a = await active_key_bytes(make_branch_key_store, branch_keys[0])
+    secret_b = await active_key_bytes(make_branch_key_store, branch_keys[1])
+    clock = FakeClock()
+
+    def tenant(context: Mapping[str, str]) -> str:
+        return branch_keys[0] if context["t"] == "a" else branch_keys[1]
+
+    keyring = HierarchicalKeyring(make_branch_key_store(), branch_key_id_supplier=tenant, ttl=60.0)
+    async with EnvelopeClient(keyring, clock=clock) as client:
+        await client.encrypt(b"a", encryption_context={"t": "a"})
+        held_a = the_one_holding(secret_a)
+        clock.advance(30.0)
+        message_b = await client.encrypt(b"b", encryption_context={"t": "b"})
+        held_b = the_one_holding(secret_b)
+        clock.advance(29.0)  # t=59: both still live
+        await client.decrypt(message_b, encryption_context={"t": "b"})
+        assert not zeroed(held_a)
+        assert not zeroed(held_b)
+        clock.advance(2.0)  # t=61: a's TTL passed, b's not
+        await client.decrypt(message_b, encryption_context={"t": "b"})
+        assert zeroed(held_a)
+        assert not zeroed(held_b)
+        clock.advance(30.0)  # t=91: b's passed too
+        await client.encrypt(b"a", encryption_context={"t": "a"})  # a fetched again
+        assert zeroed(held_b)
+        assert bytearrays_holding(secret_b) == []
+
+
 async def test_a_branch_key_evicted_for_size_is_zeroed(
     make_branch_key_store: StoreFactory, branch_keys: tuple[str, str]
 ) -> None:

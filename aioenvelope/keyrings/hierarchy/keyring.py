@@ -7,6 +7,8 @@ number of data keys locally, so per-record encryption contexts cost no KMS call 
 from __future__ import annotations
 
 import inspect
+import math
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
@@ -18,7 +20,7 @@ from ...coalesce import Coalescer
 from ...errors import BranchKeyNotFoundError, ConfigurationError, NoUsableKeyError
 from ...format.header import EncryptedDataKey
 from ...stats import StatsRecorder
-from ..base import DecryptionMaterials, EncryptionMaterials, Keyring
+from ..base import DecryptionMaterials, EncryptionMaterials, Keyring, _evolve
 from . import wrapping
 from .branch_key_store import BranchKeyMaterials, BranchKeyStore
 
@@ -144,6 +146,7 @@ class HierarchicalKeyring(Keyring):
         # outlives the caches or hands out a zeroed key.
         self._hot_active: dict[str, tuple[BranchKeyMaterials, float]] = {}
         self._hot_versions: dict[tuple[str, str], tuple[BranchKeyMaterials, float]] = {}
+        self._expire_due = math.inf  # see _expire_if_due
         # Concurrent misses share one fetch, which belongs to no caller (a caller that
         # is cancelled leaves it running for the others). Replaced on attach by one
         # that counts waits in the client's stats.
@@ -242,12 +245,26 @@ class HierarchicalKeyring(Keyring):
         materials = await self.key_store.get_branch_key_version(branch_key_id, version)
         self._remember(materials)
 
+    def _expire_if_due(self) -> None:
+        """Expire (and so zero) branch keys whose TTL passed, as the first step of each
+        message: at the next use, not at the next insertion, which may never come
+        (cachetools expires lazily). Only when one may be due: ``_expire_due`` is the
+        earliest ``until`` of the cached keys, never later than their cache entries
+        expire, so ``expire()``, a walk through the cache's links, runs about once a TTL
+        instead of once a message."""
+        if self._clock() >= self._expire_due:
+            self._keys.expire()
+            self._expire_due = min(
+                (until for _, until in self._hot_versions.values()), default=math.inf
+            )
+
     def _remember(self, materials: BranchKeyMaterials) -> float:
         """Cache ``materials`` as their (ID, version), on the fast path too; returns
         when the fast path stops answering for them: the clock read before they entered
         ``_keys`` (monotonic), plus the TTL, so never after cachetools expires them.
         ``_forget`` drops them from the fast path the moment they leave ``_keys``."""
         until = self._now() + self._ttl
+        self._expire_due = min(self._expire_due, until)
         key = (materials.branch_key_id, materials.version)
         self._keys[key] = materials
         self._hot_versions[key] = (materials, until)
@@ -323,22 +340,34 @@ class HierarchicalKeyring(Keyring):
         return cached
 
     async def on_encrypt(self, materials: EncryptionMaterials) -> EncryptionMaterials:
-        # Expired branch keys leave (and are zeroed) at the next use, not at the next
-        # insertion, which may never come (cachetools expires lazily).
-        self._keys.expire()
-        branch_key_id = await self._branch_key_id_for(materials.encryption_context)
-        branch_key = await self._active_key(branch_key_id)
-        if materials.plaintext_data_key is None:
-            materials = materials.generate_data_key()
-        assert materials.plaintext_data_key is not None
-        ciphertext = wrapping.wrap_data_key(
-            branch_key.key,
-            branch_key_id,
-            branch_key.version,
-            materials.plaintext_data_key,
-            materials.serialized_encryption_context,  # cached: the header reuses it
+        self._expire_if_due()
+        branch_key_id = self.branch_key_id or await self._branch_key_id_for(
+            materials.encryption_context
         )
-        edk = EncryptedDataKey(wrapping.PROVIDER_ID, branch_key_id.encode("utf-8"), ciphertext)
+        # _active_key's fast path, without its coroutine: the hot entry, if still fresh.
+        hot = self._hot_active.get(branch_key_id)
+        if hot is not None and self._clock() < hot[1]:
+            branch_key = hot[0]
+            self._count(hit=True)
+        else:
+            branch_key = await self._active_key(branch_key_id)
+        data_key = materials.plaintext_data_key
+        generated = data_key is None
+        if data_key is None:
+            data_key = os.urandom(materials.algorithm_suite.key_length)
+        # No await from here on: the branch key cannot be wiped under us. Its length was
+        # checked when it was fetched; the ID and version bytes come from the memos.
+        id_bytes = wrapping._encoded_id(branch_key_id)
+        ciphertext = wrapping._seal(
+            branch_key.key,
+            id_bytes,
+            wrapping._parsed_version(branch_key.version),
+            data_key,
+            materials.serialized_encryption_context,  # kept: the header reuses it
+        )
+        edk = EncryptedDataKey._of(wrapping.PROVIDER_ID, id_bytes, ciphertext)
+        if generated:  # one copy of the materials instead of two
+            return materials._with_key_and_edk(data_key, edk)
         return materials.with_encrypted_data_key(edk)
 
     async def on_decrypt(
@@ -346,38 +375,59 @@ class HierarchicalKeyring(Keyring):
     ) -> DecryptionMaterials:
         if materials.plaintext_data_key is not None:
             return materials
-        self._keys.expire()
-        branch_key_id = await self._branch_key_id_for(materials.encryption_context)
-        wanted = branch_key_id.encode("utf-8")
+        self._expire_if_due()
+        branch_key_id = self.branch_key_id or await self._branch_key_id_for(
+            materials.encryption_context
+        )
+        wanted = wrapping._encoded_id(branch_key_id)
+        edk_length = wrapping.edk_length(materials.algorithm_suite.key_length)
         missing: BranchKeyNotFoundError | None = None
         named = 0
         for edk in encrypted_data_keys:
             if edk.provider_id != wrapping.PROVIDER_ID or edk.provider_info != wanted:
                 continue
             named += 1
-            if len(edk.ciphertext) != wrapping.edk_length(materials.algorithm_suite.key_length):
+            ciphertext = edk.ciphertext
+            if type(ciphertext) is not bytes:  # a caller's own EDK may hold a buffer
+                if not isinstance(ciphertext, (bytearray, memoryview)):
+                    continue
+                ciphertext = bytes(ciphertext)
+            if len(ciphertext) != edk_length:
                 continue  # malformed, or another suite's: not worth a fetch
-            try:
-                version = wrapping.branch_key_version_of(edk.ciphertext)
-                branch_key = await self._version_key(branch_key_id, version)
-                data_key = wrapping.unwrap_data_key(
-                    branch_key.key,
-                    branch_key_id,
-                    version,
-                    edk.ciphertext,
-                    materials.serialized_encryption_context,  # once, whatever the EDKs
-                    key_length=materials.algorithm_suite.key_length,
-                )
-            except NoUsableKeyError:
-                continue
-            except BranchKeyNotFoundError as exc:
-                # A version this table does not have (an EDK from another key store with
-                # the same branch key ID, or a changed version field): the next EDK may
-                # still open, as the MPL's keyring tries each in turn. Outages and
-                # integrity failures are raised at once.
-                missing = missing or exc
-                continue
-            return materials.with_data_key(data_key)
+            version_bytes = ciphertext[wrapping._VERSION_START : wrapping._CIPHERTEXT_START]
+            version = wrapping._version_string(version_bytes)
+            # _version_key's fast path, without its coroutine: the hot entry, if fresh.
+            hot = self._hot_versions.get((branch_key_id, version))
+            if hot is not None and self._clock() < hot[1]:
+                branch_key = hot[0]
+                self._count(hit=True)
+            else:
+                try:
+                    branch_key = await self._version_key(branch_key_id, version)
+                except NoUsableKeyError:
+                    continue
+                except BranchKeyNotFoundError as exc:
+                    # A version this table does not have (an EDK from another key store
+                    # with the same branch key ID, or a changed version field): the next
+                    # EDK may still open, as the MPL's keyring tries each in turn.
+                    # Outages and integrity failures are raised at once.
+                    missing = missing or exc
+                    continue
+            # No await since the branch key was found: it cannot have been wiped. The
+            # EDK has the suite's length and names this version (the key was looked up
+            # by it).
+            data_key = wrapping._open(
+                branch_key.key,
+                wanted,
+                version_bytes,
+                ciphertext,
+                materials.serialized_encryption_context,  # once, whatever the EDKs
+            )
+            if data_key is None:
+                continue  # the tag failed: another context, a changed EDK, another key
+            # with_data_key without its checks: the slot is empty (tested above) and the
+            # key has the suite's length (the EDK's length was).
+            return _evolve(materials, plaintext_data_key=data_key)
         if missing is not None:
             raise missing  # says which version of which branch key the table lacks
         # Raised, as the raw keyrings do: the default materials manager turns an

@@ -91,17 +91,6 @@ def _wrapping_key(branch_key: bytes | bytearray, salt: bytes) -> bytes:
     return kdf.derive(branch_key)  # a bytearray as is: no immutable copy of the key
 
 
-def _aad(
-    id_bytes: bytes, version_bytes: bytes, encryption_context: Mapping[str, str] | bytes
-) -> bytes:
-    serialized = (
-        encryption_context
-        if isinstance(encryption_context, bytes)
-        else serialize_encryption_context(encryption_context)
-    )
-    return b"".join((_LABEL, id_bytes, version_bytes, serialized))
-
-
 def _check_branch_key(branch_key: bytes | bytearray, branch_key_id: str) -> None:
     if not isinstance(branch_key, (bytes, bytearray)) or len(branch_key) != BRANCH_KEY_LENGTH:
         raise ConfigurationError(
@@ -184,12 +173,31 @@ def wrap_data_key(
     version_bytes = _version_bytes(branch_key_version)
     if not isinstance(data_key, (bytes, bytearray)) or len(data_key) not in _DATA_KEY_LENGTHS:
         raise ConfigurationError("a data key is 16, 24 or 32 bytes (bytes or bytearray)")
+    serialized = (
+        encryption_context
+        if isinstance(encryption_context, bytes)
+        else serialize_encryption_context(encryption_context)
+    )
+    return _seal(branch_key, id_bytes, version_bytes, data_key, serialized)
+
+
+def _seal(
+    branch_key: bytes | bytearray,
+    id_bytes: bytes,
+    version_bytes: bytes,
+    data_key: bytes | bytearray,
+    serialized_context: bytes,
+) -> bytes:
+    """:func:`wrap_data_key` once its arguments are known to be right: the keyring's
+    per-message path, whose branch key was checked when it was fetched, whose ID and
+    version bytes come from the memos here, and whose data key it drew itself."""
     salt_iv = os.urandom(SALT_LENGTH + IV_LENGTH)  # one draw: two random fields
     iv = salt_iv[_IV_START:]
     wrapping_key = _wrapping_key(branch_key, salt_iv[:_IV_START])
-    aad = _aad(id_bytes, version_bytes, encryption_context)
     nonce_log.sealing(wrapping_key, iv)
-    sealed = AESGCM(wrapping_key).encrypt(iv, data_key, aad)
+    sealed = AESGCM(wrapping_key).encrypt(
+        iv, data_key, b"".join((_LABEL, id_bytes, version_bytes, serialized_context))
+    )
     return b"".join((salt_iv, version_bytes, sealed))
 
 
@@ -256,16 +264,36 @@ def unwrap_data_key(
             f"{branch_key_id!r}, not version {branch_key_version}: fetch the version the "
             "EDK names"
         )
-    salt = edk[:_IV_START]
-    iv = edk[_IV_START:_VERSION_START]
-    wrapping_key = _wrapping_key(branch_key, salt)
-    aad = _aad(id_bytes, version_bytes, encryption_context)
-    try:
-        return AESGCM(wrapping_key).decrypt(iv, edk[_CIPHERTEXT_START:], aad)
-    except InvalidTag:
+    serialized = (
+        encryption_context
+        if isinstance(encryption_context, bytes)
+        else serialize_encryption_context(encryption_context)
+    )
+    data_key = _open(branch_key, id_bytes, version_bytes, edk, serialized)
+    if data_key is None:
         raise NoUsableKeyError(
             f"the {PROVIDER_ID} EDK does not authenticate under branch key "
             f"{branch_key_id!r} version {branch_key_version}: the encryption "
             "context differs from the one it was wrapped with, the EDK was changed, or it "
             "was wrapped under another branch key"
-        ) from None
+        )
+    return data_key
+
+
+def _open(
+    branch_key: bytes | bytearray,
+    id_bytes: bytes,
+    version_bytes: bytes,
+    edk: bytes,
+    serialized_context: bytes,
+) -> bytes | None:
+    """:func:`unwrap_data_key` once its arguments are known to be right (the EDK of the
+    suite's length, naming the version of ``branch_key``); None if the tag fails."""
+    wrapping_key = _wrapping_key(branch_key, edk[:_IV_START])
+    aad = b"".join((_LABEL, id_bytes, version_bytes, serialized_context))
+    try:
+        return AESGCM(wrapping_key).decrypt(
+            edk[_IV_START:_VERSION_START], edk[_CIPHERTEXT_START:], aad
+        )
+    except InvalidTag:
+        return None

@@ -477,30 +477,37 @@ class EnvelopeClient:
         if (
             type(ciphertext) is bytes
             and self._state == "open"
-            and self._observer is None
             and len(ciphertext) < OFFLOAD_THRESHOLD
         ):
-            # The small one-frame message, without decrypt_with_header's coroutine and
-            # result object (its checks are the ones above; see _open_one_frame).
+            # decrypt_with_header's checks hold (open, bytes): ask for a span as it does.
+            # With none (no telemetry, or telemetry that traces no such message), the small
+            # one-frame message goes without its coroutines and result object.
+            observer = self._observer
+            watch = observer.message("decrypt", encryption_context) if observer else None
+            if watch is not None:
+                return (
+                    await self._decrypt_watched(watch, ciphertext, encryption_context)
+                ).plaintext
             message = read_one_frame_message(
                 ciphertext, max_encrypted_data_keys=self.max_encrypted_data_keys
             )
-            if message is not None:
-                # _open_one_frame's steps, one coroutine fewer on the hot path.
-                materials, _ = await self._materials.decryption_materials(
-                    message.header, encryption_context, serialized_edks=message.edks
-                )
-                assert materials.plaintext_data_key is not None
-                plaintext = message.open(
-                    materials.plaintext_data_key,
-                    required_pairs(materials)
-                    if materials.required_encryption_context_keys
-                    else _NO_CONTEXT,
-                )
-                stats = self._stats
-                stats.messages_decrypted += 1
-                stats.bytes_decrypted += len(plaintext)
-                return plaintext
+            if message is None:
+                return (await self._open_message(ciphertext, encryption_context))[0].plaintext
+            # _open_one_frame's steps, one coroutine fewer on the hot path.
+            materials, _ = await self._materials.decryption_materials(
+                message.header, encryption_context, serialized_edks=message.edks
+            )
+            assert materials.plaintext_data_key is not None
+            plaintext = message.open(
+                materials.plaintext_data_key,
+                required_pairs(materials)
+                if materials.required_encryption_context_keys
+                else _NO_CONTEXT,
+            )
+            stats = self._stats
+            stats.messages_decrypted += 1
+            stats.bytes_decrypted += len(plaintext)
+            return plaintext
         result = await self.decrypt_with_header(ciphertext, encryption_context=encryption_context)
         return result.plaintext
 
@@ -514,6 +521,15 @@ class EnvelopeClient:
         watch = observer.message("decrypt", encryption_context) if observer else None
         if watch is None:
             return (await self._open_message(ciphertext, encryption_context))[0]
+        return await self._decrypt_watched(watch, ciphertext, encryption_context)
+
+    async def _decrypt_watched(
+        self,
+        watch: MessageWatch,
+        ciphertext: _BytesLike,
+        encryption_context: Mapping[str, str] | None,
+    ) -> DecryptResult:
+        """:meth:`decrypt_with_header` inside a telemetry span."""
         try:
             with watch.current():
                 result, frames = await self._open_message(ciphertext, encryption_context)

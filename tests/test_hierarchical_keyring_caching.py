@@ -171,16 +171,24 @@ async def test_a_branch_key_is_fetched_again_after_its_ttl(
 # -- wiping ---------------------------------------------------------------------------
 
 
+def two_tenant_keyring(
+    make_store: StoreFactory, branch_keys: tuple[str, str], *, ttl: float
+) -> HierarchicalKeyring:
+    """Context {"t": "a"} under the first branch key, anything else under the second."""
+
+    def tenant(context: Mapping[str, str]) -> str:
+        return branch_keys[0] if context["t"] == "a" else branch_keys[1]
+
+    return HierarchicalKeyring(make_store(), branch_key_id_supplier=tenant, ttl=ttl)
+
+
 async def test_an_expired_branch_key_is_zeroed_at_the_next_use(
     make_branch_key_store: StoreFactory, branch_keys: tuple[str, str]
 ) -> None:
     secret = await active_key_bytes(make_branch_key_store, branch_keys[0])
     clock = FakeClock()
 
-    def tenant(context: Mapping[str, str]) -> str:
-        return branch_keys[0] if context["t"] == "a" else branch_keys[1]
-
-    keyring = HierarchicalKeyring(make_branch_key_store(), branch_key_id_supplier=tenant, ttl=60.0)
+    keyring = two_tenant_keyring(make_branch_key_store, branch_keys, ttl=60.0)
     async with EnvelopeClient(keyring, clock=clock) as client:
         await client.encrypt(b"a", encryption_context={"t": "a"})
         held = the_one_holding(secret)
@@ -200,10 +208,7 @@ async def test_each_cached_branch_key_is_zeroed_at_the_first_use_after_its_own_t
     secret_b = await active_key_bytes(make_branch_key_store, branch_keys[1])
     clock = FakeClock()
 
-    def tenant(context: Mapping[str, str]) -> str:
-        return branch_keys[0] if context["t"] == "a" else branch_keys[1]
-
-    keyring = HierarchicalKeyring(make_branch_key_store(), branch_key_id_supplier=tenant, ttl=60.0)
+    keyring = two_tenant_keyring(make_branch_key_store, branch_keys, ttl=60.0)
     async with EnvelopeClient(keyring, clock=clock) as client:
         await client.encrypt(b"a", encryption_context={"t": "a"})
         held_a = the_one_holding(secret_a)

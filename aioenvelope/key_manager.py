@@ -210,7 +210,8 @@ class KeyManager:
             return await fresh()  # type: ignore[no-any-return]
         validate_user_context(encryption_context)
         # The cache is this client's own, and callers choose their contexts, so a plain
-        # hashable key will do here (the decrypt side digests: EDKs come from messages).
+        # hashable key will do here (the decrypt side's keys come from messages: see
+        # _decrypt_key).
         # serialize_encryption_context still runs once per entry, when it is filled.
         try:
             key: Hashable = (
@@ -323,9 +324,7 @@ class KeyManager:
             return await inner.decryption_materials(header, context, required), verifier
         # Made once, with the cache key, and passed on to the keyring (the raw AES
         # keyring's AAD).
-        serialized_context = (None if required else header._serialized_context) or (
-            decryption_context_bytes(header, context, required)
-        )
+        serialized_context = decryption_context_bytes(header, context, required)
         edks = header.encrypted_data_keys
         key: Hashable
         if serialized_edks is not None and len(edks) == 1:

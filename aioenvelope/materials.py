@@ -217,17 +217,16 @@ class DefaultMaterialsManager:
         # a read-only view, such as the header's own, is kept as it is), without the
         # frozen dataclass's per-field setattr.
         materials: DecryptionMaterials = object.__new__(DecryptionMaterials)
-        if serialized_context is None and not required:
-            serialized_context = header._serialized_context
         materials.__dict__.update(
             algorithm_suite=header.algorithm_suite,
             encryption_context=_frozen(context),
             plaintext_data_key=None,
             required_encryption_context_keys=required,
         )
+        if serialized_context is None and not required:
+            serialized_context = header._serialized_context
         if serialized_context is not None:
-            # As _known_serialization does (fills the cached property), without the call.
-            materials.__dict__["serialized_encryption_context"] = serialized_context
+            materials._known_serialization(serialized_context)
         try:
             result = await self.keyring.on_decrypt(materials, header.encrypted_data_keys)
         except NoUsableKeyError as exc:

@@ -344,10 +344,9 @@ class HierarchicalKeyring(Keyring):
         branch_key_id = self.branch_key_id or await self._branch_key_id_for(
             materials.encryption_context
         )
-        # _active_key's fast path, without its coroutine: the hot entry, if still fresh.
-        hot = self._hot_active.get(branch_key_id)
-        if hot is not None and self._clock() < hot[1]:
-            branch_key = hot[0]
+        # _active_key's first look, without its coroutine when the key is cached.
+        branch_key = self._cached_active(branch_key_id)
+        if branch_key is not None:
             self._count(hit=True)
         else:
             branch_key = await self._active_key(branch_key_id)
@@ -396,10 +395,9 @@ class HierarchicalKeyring(Keyring):
                 continue  # malformed, or another suite's: not worth a fetch
             version_bytes = ciphertext[wrapping._VERSION_START : wrapping._CIPHERTEXT_START]
             version = wrapping._version_string(version_bytes)
-            # _version_key's fast path, without its coroutine: the hot entry, if fresh.
-            hot = self._hot_versions.get((branch_key_id, version))
-            if hot is not None and self._clock() < hot[1]:
-                branch_key = hot[0]
+            # _version_key's first look, without its coroutine when the key is cached.
+            branch_key = self._cached_version(branch_key_id, version)
+            if branch_key is not None:
                 self._count(hit=True)
             else:
                 try:

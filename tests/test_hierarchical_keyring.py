@@ -207,3 +207,30 @@ async def test_an_edk_of_the_wrong_length_is_skipped_without_a_fetch(
         with pytest.raises(errors.EnvelopeError):
             await client.decrypt(longer)
     assert store.calls == {}
+
+
+async def test_a_callers_edk_holding_a_bytearray_is_unwrapped_like_bytes(
+    make_branch_key_store: StoreFactory, branch_keys: tuple[str, str]
+) -> None:
+    """Keyrings are public: a caller may hand ``on_decrypt`` an EDK whose ciphertext is
+    a bytearray or memoryview (EncryptedDataKey does not check). It opens to the same
+    data key as the bytes the message holds; anything else is passed over."""
+    from aioenvelope import EncryptedDataKey
+    from aioenvelope.keyrings.base import DecryptionMaterials
+
+    keyring = HierarchicalKeyring(make_branch_key_store(), branch_key_id=branch_keys[0])
+    async with EnvelopeClient(keyring) as client:
+        message = await client.encrypt(b"x", encryption_context={"r": "1"})
+        edk = inspect(message).encrypted_data_keys[0]
+        suite = AlgorithmSuite.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
+        found = []
+        for ciphertext in (edk.ciphertext, bytearray(edk.ciphertext), memoryview(edk.ciphertext)):
+            given = EncryptedDataKey(edk.provider_id, edk.provider_info, ciphertext)  # type: ignore[arg-type]
+            materials = await keyring.on_decrypt(DecryptionMaterials(suite, {"r": "1"}), [given])
+            found.append(materials.plaintext_data_key)
+        assert found[0] is not None
+        assert len(found[0]) == 32
+        assert found == [found[0]] * 3
+        odd = EncryptedDataKey(edk.provider_id, edk.provider_info, "not bytes")  # type: ignore[arg-type]
+        with pytest.raises(errors.NoUsableKeyError):
+            await keyring.on_decrypt(DecryptionMaterials(suite, {"r": "1"}), [odd])

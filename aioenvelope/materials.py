@@ -271,8 +271,12 @@ def merge_reproduced_context(
     When every reproduced pair is stored (the usual case) that is the header's own
     read-only context, not a copy: nothing is built per message."""
     stored = header.encryption_context
+    if reproduced is None or (type(reproduced) is dict and reproduced == stored):
+        # No pairs, or exactly the stored ones (the commonest call): one comparison in C
+        # instead of a loop. A plain dict only, so no caller code runs in the comparison.
+        return stored, _NOTHING_REQUIRED
     context: dict[str, str] | None = None
-    for key, value in (reproduced or {}).items():
+    for key, value in reproduced.items():
         if key in stored:
             if stored[key] != value:
                 raise EncryptionContextMismatchError(

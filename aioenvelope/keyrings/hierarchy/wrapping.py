@@ -91,6 +91,17 @@ def _wrapping_key(branch_key: bytes | bytearray, salt: bytes) -> bytes:
     return kdf.derive(branch_key)  # a bytearray as is: no immutable copy of the key
 
 
+def _serialized(encryption_context: Mapping[str, str] | bytes) -> bytes:
+    """The context as the AAD holds it: given serialized, or serialized now."""
+    if isinstance(encryption_context, bytes):
+        return encryption_context
+    return serialize_encryption_context(encryption_context)
+
+
+def _aad(id_bytes: bytes, version_bytes: bytes, serialized_context: bytes) -> bytes:
+    return b"".join((_LABEL, id_bytes, version_bytes, serialized_context))
+
+
 def _check_branch_key(branch_key: bytes | bytearray, branch_key_id: str) -> None:
     if not isinstance(branch_key, (bytes, bytearray)) or len(branch_key) != BRANCH_KEY_LENGTH:
         raise ConfigurationError(
@@ -173,11 +184,7 @@ def wrap_data_key(
     version_bytes = _version_bytes(branch_key_version)
     if not isinstance(data_key, (bytes, bytearray)) or len(data_key) not in _DATA_KEY_LENGTHS:
         raise ConfigurationError("a data key is 16, 24 or 32 bytes (bytes or bytearray)")
-    serialized = (
-        encryption_context
-        if isinstance(encryption_context, bytes)
-        else serialize_encryption_context(encryption_context)
-    )
+    serialized = _serialized(encryption_context)
     return _seal(branch_key, id_bytes, version_bytes, data_key, serialized)
 
 
@@ -196,7 +203,7 @@ def _seal(
     wrapping_key = _wrapping_key(branch_key, salt_iv[:_IV_START])
     nonce_log.sealing(wrapping_key, iv)
     sealed = AESGCM(wrapping_key).encrypt(
-        iv, data_key, b"".join((_LABEL, id_bytes, version_bytes, serialized_context))
+        iv, data_key, _aad(id_bytes, version_bytes, serialized_context)
     )
     return b"".join((salt_iv, version_bytes, sealed))
 
@@ -264,12 +271,7 @@ def unwrap_data_key(
             f"{branch_key_id!r}, not version {branch_key_version}: fetch the version the "
             "EDK names"
         )
-    serialized = (
-        encryption_context
-        if isinstance(encryption_context, bytes)
-        else serialize_encryption_context(encryption_context)
-    )
-    data_key = _open(branch_key, id_bytes, version_bytes, edk, serialized)
+    data_key = _open(branch_key, id_bytes, version_bytes, edk, _serialized(encryption_context))
     if data_key is None:
         raise NoUsableKeyError(
             f"the {PROVIDER_ID} EDK does not authenticate under branch key "
@@ -290,7 +292,7 @@ def _open(
     """:func:`unwrap_data_key` once its arguments are known to be right (the EDK of the
     suite's length, naming the version of ``branch_key``); None if the tag fails."""
     wrapping_key = _wrapping_key(branch_key, edk[:_IV_START])
-    aad = b"".join((_LABEL, id_bytes, version_bytes, serialized_context))
+    aad = _aad(id_bytes, version_bytes, serialized_context)
     try:
         return AESGCM(wrapping_key).decrypt(
             edk[_IV_START:_VERSION_START], edk[_CIPHERTEXT_START:], aad
